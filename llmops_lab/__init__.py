@@ -1,0 +1,30 @@
+"""llmops-lab: LLM inference optimisation, implemented from scratch and measured.
+
+Public entry points (kept stable): ``load_model``, ``load_tokenizer``, ``embedded_model_path``,
+``LlamaModel`` (``model(input_ids) -> logits``, ``model.generate(...)``), ``KVCache`` and
+``python -m llmops_lab.bench``.
+"""
+from .config import ModelConfig
+from .kv import KVCache
+from .loader import embedded_model_path, load_model, load_tokenizer, save_model
+from .model import LlamaModel
+
+__version__ = "0.1.0"
+__all__ = ["ModelConfig", "KVCache", "LlamaModel", "embedded_model_path", "load_model",
+           "load_tokenizer", "save_model", "generate_text"]
+
+
+def generate_text(model, tokenizer, prompt: str | list[str], **kwargs) -> str | list[str]:
+    """Tokenize, generate (``model.generate`` arguments) and decode the new text of each prompt."""
+    single = isinstance(prompt, str)
+    prompts = [prompt] if single else list(prompt)
+    if any(not p for p in prompts):
+        raise ValueError("empty prompt")
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    ids = enc["input_ids"].to(model.device)
+    mask = enc["attention_mask"].to(model.device) if len(prompts) > 1 else None
+    kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+    out = model.generate(ids, attention_mask=mask, **kwargs)
+    texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    return texts[0] if single else texts

@@ -1,0 +1,61 @@
+"""Two reference attention backends: the naive math and PyTorch's scaled_dot_product_attention.
+
+The naive one materialises the full [B, H, Sq, Sk] score matrix (Vaswani et al. 2017), which is
+exactly what flash attention avoids; SDPA dispatches to a fused kernel where it can.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be [B, H, S, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[-1] != k.shape[-1] or k.shape[-1] != v.shape[-1]:
+        raise ValueError(f"head dims differ: q {q.shape[-1]}, k {k.shape[-1]}, v {v.shape[-1]}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"key and value lengths differ: {k.shape[-2]} vs {v.shape[-2]}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+
+
+def naive_attention(q, k, v, mask=None, is_causal=False):
+    """softmax(Q K^T / sqrt(D)) V with the S x S score matrix in memory (fp32 softmax)."""
+    _check(q, k, v)
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:  # grouped-query: each KV head serves n_rep query heads
+        k = k.repeat_interleave(n_rep, dim=1)
+        v = v.repeat_interleave(n_rep, dim=1)
+    Sq, Sk = q.shape[-2], k.shape[-2]
+    scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])  # [B, H, Sq, Sk]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    elif is_causal:
+        causal = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device).tril(Sk - Sq)
+        scores = scores.masked_fill(~causal, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return (probs @ v.float()).to(q.dtype)
+
+
+def sdpa_attention(q, k, v, mask=None, is_causal=False):
+    """PyTorch's fused attention; it picks flash, memory-efficient, cuDNN or math by itself."""
+    _check(q, k, v)
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                          is_causal=is_causal and mask is None, enable_gqa=gqa)
+
+
+BACKENDS: dict[str, Callable] = {"naive": naive_attention, "sdpa": sdpa_attention}
+
+
+def get_backend(name_or_fn: str | Callable) -> Callable:
+    if callable(name_or_fn):
+        return name_or_fn
+    try:
+        return BACKENDS[name_or_fn]
+    except KeyError:
+        raise ValueError(f"unknown attention backend {name_or_fn!r}; known: {sorted(BACKENDS)}") from None

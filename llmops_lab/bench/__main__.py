@@ -1,0 +1,19 @@
+import argparse
+
+from . import format_table, run, suites
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m llmops_lab.bench",
+                                 description="Measure llmops-lab against its peers in the same run.")
+    ap.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
+    ap.add_argument("--out", help="folder for bench.json")
+    ap.add_argument("--only", nargs="*", choices=sorted(suites()), help="run only these suites")
+    ap.add_argument("--quick", action="store_true", help="small sizes: checks that the suite runs")
+    a = ap.parse_args(argv)
+    rows = run(a.device, a.out, a.only, a.quick)
+    print(format_table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Core bench: the machine's ceilings (copy bandwidth, GEMM FLOP/s) and decode speed against them.
+
+Decode at batch 1 reads every weight once per token, so tokens/s <= bandwidth / bytes per token
+(the decode roofline, ``formulas.decode_tokens_per_s_bound``). We report our runtime (eager, and
+static cache + CUDA graph) and transformers' ``generate`` on the same weights as fractions of the
+bound computed from the bandwidth measured in this run.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import measure, roofline
+from . import BenchContext, row
+
+
+def gemm_size(ctx: BenchContext) -> int:
+    return (8192 if ctx.device.type == "cuda" else 1024) // (4 if ctx.quick else 1)
+
+
+def hf_twin(model):
+    """transformers' LlamaForCausalLM holding the very same weight tensors as ``model``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = model.config.to_hf_dict()
+    hf_config = AutoConfig.for_model(**cfg)
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(hf_config, dtype=model.dtype)
+    state = dict(model.state_dict())
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    hf.load_state_dict(state, strict=False, assign=True)
+    if model.config.tie_word_embeddings:
+        hf.tie_weights()
+    return hf.to(model.device).eval()
+
+
+def decode_model(ctx: BenchContext):
+    if ctx.device.type == "cuda" and not ctx.quick:
+        from ..presets import random_model
+        return "llama-2-7b", random_model("llama-2-7b", device=ctx.device, dtype=torch.bfloat16)
+    from ..loader import load_model
+    return "embedded target", load_model("target", device=ctx.device, dtype=torch.float32)
+
+
+def decode_rows(ctx: BenchContext, bandwidth: float) -> list[dict]:
+    from ..fast_decode import StaticDecoder, generate_static
+    name, model = decode_model(ctx)
+    prompt_len, new = 16, (16 if ctx.quick else 128 if ctx.device.type == "cuda" else 64)
+    ids = torch.randint(3, model.config.vocab_size, (1, prompt_len), device=ctx.device,
+                        generator=torch.Generator(device=ctx.device).manual_seed(0))
+    bound = roofline.decode_bound(model, 1, prompt_len + new, bandwidth)
+    hf = hf_twin(model)
+    dec = StaticDecoder(model, 1, prompt_len + new)
+    runs = {
+        "ours, eager": lambda: model.generate(ids, max_new_tokens=new, stop_token_ids=()),
+        "ours, static cache" + (" + CUDA graph" if ctx.device.type == "cuda" else ""):
+            lambda: generate_static(model, ids, new, decoder=dec),
+        "transformers generate": lambda: hf.generate(ids, max_new_tokens=new, min_new_tokens=new,
+                                                     do_sample=False, pad_token_id=0),
+    }
+    outs, tps = {}, {}
+    with torch.inference_mode():
+        for label, fn in runs.items():
+            t = measure.time_fn(fn, warmup=1, repeats=3 if ctx.quick else 5, device=ctx.device)
+            outs[label], tps[label] = fn(), new / t.median
+    same = all(torch.equal(o[:, prompt_len:], outs["transformers generate"][:, prompt_len:]) for o in outs.values())
+    peer = tps["transformers generate"]
+    rows = [row("core", f"decode roofline, {name} b=1", bound, "tok/s", note="bandwidth / bytes per token")]
+    for label, v in tps.items():
+        target = None
+        if label.startswith("ours, static") and ctx.device.type == "cuda":
+            target = ">= 0.50 of roofline"
+        elif label == "ours, eager" and ctx.device.type == "cpu":
+            target = ">= 1.0x transformers"
+        rows.append(row("core", f"decode {label}", v, "tok/s", peer="transformers generate", peer_value=peer,
+                        target=target, roofline_fraction=v / bound, greedy_tokens_identical=same))
+    ctx.results["decode_tok_s"] = tps
+    return rows
+
+
+def run(ctx: BenchContext) -> list[dict]:
+    nbytes = (1 << 30 if ctx.device.type == "cuda" else 1 << 27) // (8 if ctx.quick else 1)
+    bw = roofline.copy_bandwidth(ctx.device, nbytes)
+    ctx.results["copy_bandwidth"] = bw
+    rows = [row("core", "copy bandwidth (read+write)", bw / 1e9, "GB/s")]
+    n = gemm_size(ctx)
+    for dtype in ([torch.bfloat16] if ctx.device.type == "cuda" else [torch.float32, torch.bfloat16]):
+        f = roofline.matmul_flops_per_s(ctx.device, n, dtype)
+        rows.append(row("core", f"GEMM {n}^3 {str(dtype).removeprefix('torch.')}", f / 1e12, "TFLOP/s"))
+    return rows + decode_rows(ctx, bw)

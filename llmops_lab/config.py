@@ -1,0 +1,137 @@
+"""ModelConfig: the shape of a Llama-family decoder, read from a Hugging Face config.json.
+
+Llama, Mistral and Qwen2 checkpoints share one architecture (RMSNorm, RoPE, grouped-query
+attention, SwiGLU); they differ only in a few fields (Qwen2's q/k/v biases, Mistral's sliding
+window, Llama 3's RoPE scaling), so one frozen dataclass covers them all.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    model_type: str = "llama"
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    name: str = field(default="", compare=False)
+
+    def __post_init__(self):
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"model_type {self.model_type!r} is not a Llama-family decoder; "
+                             f"supported: {SUPPORTED_MODEL_TYPES}")
+        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError("hidden_size must be divisible by num_attention_heads when head_dim is not given")
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+
+    @property
+    def n_rep(self) -> int:
+        """How many query heads share one KV head (1 = multi-head, >1 = grouped-query)."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        e = self.eos_token_id
+        if e is None:
+            return ()
+        return tuple(e) if isinstance(e, (list, tuple)) else (e,)
+
+    def num_parameters(self) -> int:
+        """Parameter count from the shapes alone (what the presets use; no weights needed)."""
+        d, f, L = self.hidden_size, self.intermediate_size, self.num_hidden_layers
+        q = self.num_attention_heads * self.head_dim
+        kv = self.num_key_value_heads * self.head_dim
+        attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.attention_bias else 0)
+        mlp = 3 * d * f
+        per_layer = attn + mlp + 2 * d
+        emb = self.vocab_size * d
+        head = 0 if self.tie_word_embeddings else self.vocab_size * d
+        return L * per_layer + emb + head + d
+
+    @classmethod
+    def from_hf_dict(cls, cfg: dict, name: str = "") -> "ModelConfig":
+        model_type = cfg.get("model_type", "llama")
+        # transformers 5 moved rope_theta/rope_scaling into rope_parameters; read both spellings.
+        rope = dict(cfg.get("rope_parameters") or {})
+        rope_theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+        scaling = cfg.get("rope_scaling") or None
+        if scaling is None and rope.get("rope_type", "default") != "default":
+            scaling = rope
+        if scaling is not None:
+            scaling = dict(scaling)
+            kind = scaling.get("rope_type", scaling.get("type", "default"))
+            if kind not in ("default", "linear", "llama3"):
+                raise ValueError(f"RoPE scaling {kind!r} is not supported (default, linear, llama3 are)")
+            if kind == "default":
+                scaling = None
+        sliding = cfg.get("sliding_window")
+        if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
+            sliding = None
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=cfg["num_attention_heads"],
+            num_key_value_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            head_dim=cfg.get("head_dim"),
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6 if model_type == "qwen2" else 1e-5),
+            rope_theta=float(rope_theta),
+            rope_scaling=scaling,
+            attention_bias=cfg.get("attention_bias", model_type == "qwen2"),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            sliding_window=sliding,
+            model_type=model_type,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=cfg.get("eos_token_id"),
+            name=name,
+        )
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.exists():
+            raise FileNotFoundError(f"no config.json at {path}")
+        return cls.from_hf_dict(json.loads(path.read_text()), name=path.parent.name)
+
+    def to_hf_dict(self) -> dict:
+        """The config.json transformers expects for this shape (LlamaConfig field names)."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("name", "sliding_window")}
+        d["architectures"] = {"llama": ["LlamaForCausalLM"], "mistral": ["MistralForCausalLM"],
+                              "qwen2": ["Qwen2ForCausalLM"]}[self.model_type]
+        if self.sliding_window is not None:
+            d["sliding_window"] = self.sliding_window
+        d["hidden_act"] = "silu"
+        d["mlp_bias"] = False
+        return d

@@ -1,0 +1,64 @@
+"""Quality metrics every technique is judged by: perplexity and draft/target greedy agreement.
+
+Perplexity is exp(mean next-token cross-entropy) over non-overlapping windows of held-out text;
+the agreement of two models' argmax along a continuation is the greedy acceptance rate alpha that
+speculative decoding's formulas take (Leviathan et al. 2023).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def encode(tokenizer, text: str) -> torch.Tensor:
+    """Token ids of ``text`` as a 1-D tensor, without special tokens."""
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+@torch.inference_mode()
+def perplexity(model, ids: torch.Tensor, window: int = 512, max_windows: int | None = None,
+               batch_size: int = 4) -> float:
+    """exp of the mean cross-entropy over consecutive windows of ``ids`` (1-D), each window scored
+    on its own (no context carried across windows)."""
+    if ids.dim() != 1 or len(ids) < 2:
+        raise ValueError("perplexity needs a 1-D tensor of at least 2 token ids")
+    window = min(window, model.config.max_position_embeddings, len(ids) - 1)
+    n = (len(ids) - 1) // window
+    if max_windows is not None:
+        n = min(n, max_windows)
+    chunks = torch.stack([ids[i * window: (i + 1) * window + 1] for i in range(n)]).to(model.device)
+    total, count = 0.0, 0
+    for b in range(0, n, batch_size):
+        x = chunks[b: b + batch_size]
+        logits = model(x[:, :-1])
+        total += F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum").item()
+        count += x[:, 1:].numel()
+    return math.exp(total / count)
+
+
+@torch.inference_mode()
+def greedy_agreement(target, draft, prompts: list[torch.Tensor], new_tokens: int = 64) -> dict:
+    """How often the draft's argmax equals the target's along the target's own greedy continuation.
+
+    Returns ``alpha`` (the fraction of positions that agree: the per-token acceptance rate of
+    greedy speculative decoding) and ``per_prompt`` rates.
+    """
+    rates = []
+    for p in prompts:
+        seq = target.generate(p[None].to(target.device), max_new_tokens=new_tokens, stop_token_ids=())
+        n = seq.shape[1] - p.numel()
+        t_pred = target(seq[:, :-1]).argmax(-1)[0, -n:]
+        d_pred = draft(seq[:, :-1].to(draft.device)).argmax(-1)[0, -n:].to(t_pred.device)
+        rates.append((t_pred == d_pred).float().mean().item())
+    return {"alpha": sum(rates) / len(rates), "per_prompt": rates}
+
+
+def held_out_prompts(tokenizer, text: str, n: int = 16, prompt_tokens: int = 32, seed: int = 0) -> list[torch.Tensor]:
+    """``n`` prompts of ``prompt_tokens`` tokens taken at seeded random places in ``text``, BOS first."""
+    ids = encode(tokenizer, text)
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - prompt_tokens, (n,), generator=g).tolist()
+    bos = tokenizer.bos_token_id
+    return [torch.cat([torch.tensor([bos]), ids[s: s + prompt_tokens - 1]]) for s in starts]

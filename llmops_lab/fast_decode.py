@@ -1,0 +1,97 @@
+"""Decoding at the speed of memory: a static KV cache and a CUDA graph around the decode step.
+
+At batch 1 a decode step reads every weight once and does little arithmetic, so its ceiling is
+memory bandwidth / bytes per token (the decode roofline). In eager PyTorch the hundreds of small
+kernel launches per step cost more than the reads on a fast GPU; capturing the step once in a CUDA
+graph (as gpt-fast does with torch.compile's "reduce-overhead") replays them with one launch. That
+needs static shapes: the cache is preallocated and the step attends over its whole buffer under a
+mask (``LlamaModel.decode_step_static``). On a CPU the same code runs eagerly.
+"""
+from __future__ import annotations
+
+import torch
+
+from .generation import check_sampling, sample
+from .kv import KVCache
+
+
+class StaticDecoder:
+    """Runs ``model.decode_step_static`` on fixed buffers; on CUDA, as a captured CUDA graph."""
+
+    def __init__(self, model, batch_size: int, max_seq_len: int, cuda_graph: bool | None = None):
+        self.model = model
+        dev = model.device
+        self.cache = KVCache.for_model(model, batch_size, max_seq_len)
+        self.tok = torch.zeros(batch_size, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(batch_size, dtype=torch.long, device=dev)   # cache slot of the new token
+        self.rope_pos = torch.zeros(batch_size, dtype=torch.long, device=dev)  # its RoPE position
+        self.key_mask = torch.ones(batch_size, max_seq_len, dtype=torch.bool, device=dev)
+        self.use_graph = dev.type == "cuda" if cuda_graph is None else cuda_graph
+        self.graph = None
+        self.logits = None
+
+    def _step(self):
+        return self.model.decode_step_static(self.tok, self.pos, self.cache, self.key_mask, self.rope_pos)
+
+    def _capture(self):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):  # warm up outside the graph (allocator, cuBLAS handles)
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step()
+
+    @torch.inference_mode()
+    def prefill(self, input_ids, attention_mask=None):
+        """Fill the cache with the prompt [B, S] the ordinary way; returns last-position logits."""
+        B, S = input_ids.shape
+        self.cache.reset()
+        self.key_mask.fill_(True)
+        if attention_mask is not None:
+            self.key_mask[:, :S] = attention_mask.bool()
+        logits = self.model(input_ids, cache=self.cache, attention_mask=attention_mask, last_only=True)
+        self.pos.fill_(S)
+        pads = (S - attention_mask.long().sum(-1)) if attention_mask is not None else 0
+        self.rope_pos.copy_(self.pos - pads)
+        return logits[:, -1]
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row [B] at the current positions; returns next-token logits [B, V]."""
+        self.tok.copy_(tokens[:, None])
+        if self.use_graph:
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+            out = self.logits
+        else:
+            out = self._step()
+        self.pos += 1
+        self.rope_pos += 1
+        return out[:, -1]
+
+
+@torch.inference_mode()
+def generate_static(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.0,
+                    top_k=None, top_p=None, attention_mask=None, generator=None,
+                    cuda_graph: bool | None = None, decoder: StaticDecoder | None = None) -> torch.Tensor:
+    """Like ``generation.generate`` without stop tokens (every row runs ``max_new_tokens``), on a
+    static cache; pass a ``decoder`` to reuse its captured graph across calls of the same shape."""
+    model.check_ids(input_ids)
+    check_sampling(temperature, top_k, top_p)
+    B, S = input_ids.shape
+    if max_new_tokens < 1 or S + max_new_tokens > model.config.max_position_embeddings:
+        raise ValueError(f"need 1 <= max_new_tokens and prompt + new tokens <= context "
+                         f"({S} + {max_new_tokens} > {model.config.max_position_embeddings})")
+    dec = decoder or StaticDecoder(model, B, S + max_new_tokens, cuda_graph)
+    logits = dec.prefill(input_ids, attention_mask)
+    out = [input_ids]
+    for i in range(max_new_tokens):
+        tok = sample(logits, temperature, top_k, top_p, generator)
+        out.append(tok[:, None])
+        if i < max_new_tokens - 1:
+            logits = dec.step(tok)
+    return torch.cat(out, 1)

@@ -1,0 +1,97 @@
+"""Autoregressive generation with a KV cache: greedy, temperature, top-k and top-p sampling.
+
+Prefill runs the whole prompt once and fills the cache; each decode step then feeds one token.
+Top-p is Holtzman et al. 2019 (nucleus sampling). ``logits_to_probs`` is the one place logits
+become a distribution, so speculative decoding can process target and draft identically.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .kv import KVCache
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                    top_p: float | None = None) -> torch.Tensor:
+    """Next-token distribution [..., V] after temperature, top-k and top-p (temperature > 0)."""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens ranked above it already reach top_p (the first always stays).
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
+        drop = drop_sorted.scatter(-1, idx, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits.softmax(-1)
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+           top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row from logits [B, V]; temperature 0 is argmax."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = logits_to_probs(logits, temperature, top_k, top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, stop_token_ids=None,
+             attention_mask: torch.Tensor | None = None, pad_token_id: int | None = None,
+             generator: torch.Generator | None = None, backend=None) -> torch.Tensor:
+    """Generate up to ``max_new_tokens`` after ``input_ids`` [B, S]; returns [B, S + n].
+
+    Batches of different lengths are left-padded with an ``attention_mask`` as in transformers.
+    A row stops at any of ``stop_token_ids`` (default: the config's eos ids; ``()`` for none) and
+    is filled with ``pad_token_id`` afterwards; generation also stops at the model's context.
+    """
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    model.check_ids(input_ids)
+    check_sampling(temperature, top_k, top_p)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    B, S = input_ids.shape
+    ctx = model.config.max_position_embeddings
+    if S >= ctx:
+        raise ValueError(f"prompt of {S} tokens leaves no room in the model's context of {ctx}")
+    if S + max_new_tokens > ctx:
+        warnings.warn(f"generation truncated at the model's context: {ctx - S} new tokens, not {max_new_tokens}")
+        max_new_tokens = ctx - S
+    stops = tuple(model.config.eos_token_ids if stop_token_ids is None else stop_token_ids)
+    if pad_token_id is None:
+        pad_token_id = stops[0] if stops else 0
+    device = input_ids.device
+    cache = KVCache.for_model(model, B, S + max_new_tokens)
+    mask = attention_mask.to(device) if attention_mask is not None else None
+
+    out = [input_ids]
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    stop_t = torch.tensor(stops, device=device) if stops else None
+    logits = model(input_ids, cache=cache, attention_mask=mask, backend=backend, last_only=True)[:, -1]
+    for step in range(max_new_tokens):
+        tok = sample(logits, temperature, top_k, top_p, generator)
+        tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
+        out.append(tok[:, None])
+        if stop_t is not None:
+            finished |= torch.isin(tok, stop_t)
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        logits = model(tok[:, None], cache=cache, attention_mask=mask, backend=backend)[:, -1]
+    return torch.cat(out, dim=1)

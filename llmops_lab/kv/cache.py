@@ -1,0 +1,61 @@
+"""KVCache: a contiguous, preallocated key/value cache (one [B, Hkv, S_max, D] buffer per layer).
+
+Its allocated bytes are exactly 2 x L x B x Hkv x D x S_max x sizeof(dtype): the KV-cache formula
+with batch and grouped-query heads in it (see ``formulas.kv_cache_bytes``).
+"""
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int,
+                 max_seq_len: int, dtype=torch.float32, device="cpu"):
+        if min(num_layers, batch_size, num_kv_heads, head_dim, max_seq_len) < 1:
+            raise ValueError("KVCache dimensions must all be >= 1")
+        shape = (batch_size, num_kv_heads, max_seq_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.batch_size, self.max_seq_len = batch_size, max_seq_len
+        self.length = 0  # tokens written so far (the same for every row; padding is masked)
+
+    @classmethod
+    def for_model(cls, model, batch_size: int, max_seq_len: int | None = None, dtype=None, device=None):
+        c = model.config
+        p = next(model.parameters())
+        return cls(c.num_hidden_layers, batch_size, c.num_key_value_heads, c.head_dim,
+                   max_seq_len or c.max_position_embeddings, dtype or p.dtype, device or p.device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start):
+        """Write k, v [B, Hkv, S, D] at positions start..start+S; return keys/values 0..start+S.
+
+        ``start`` may also be a LongTensor [B] of per-row positions for one new token (S = 1):
+        the static-shape decode step, which then attends over the whole buffer under a mask.
+        """
+        if torch.is_tensor(start):
+            rows = torch.arange(k.shape[0], device=k.device)
+            self.k[layer][rows, :, start] = k[:, :, 0]
+            self.v[layer][rows, :, start] = v[:, :, 0]
+            return self.k[layer], self.v[layer]
+        end = start + k.shape[2]
+        if end > self.max_seq_len:
+            raise ValueError(f"KV cache overflow: writing up to position {end} in a cache of {self.max_seq_len}")
+        if k.shape[0] != self.batch_size:
+            raise ValueError(f"batch of {k.shape[0]} rows does not match the cache's {self.batch_size}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def truncate(self, length: int) -> None:
+        """Forget every position >= length (speculative decoding rolls back rejected drafts)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of length {self.length} to {length}")
+        self.length = length
+
+    def reset(self) -> None:
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes actually allocated for keys and values."""
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)

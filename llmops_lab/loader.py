@@ -1,0 +1,117 @@
+"""Loading Hugging Face checkpoints (config.json + safetensors) into our runtime.
+
+Weights come only from safetensors files, never from pickles. A hub id is resolved through
+huggingface_hub where the network allows; the embedded models under ``data/models`` always work.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .model import LlamaModel, rope_inv_freq
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+EMBEDDED = ("target", "draft")
+
+
+def embedded_model_path(which: str = "target") -> Path:
+    """Folder of the embedded model ``"target"`` or ``"draft"`` (a Hugging Face Llama checkpoint)."""
+    if which not in EMBEDDED:
+        raise ValueError(f"embedded models are {EMBEDDED}, not {which!r}")
+    path = DATA_DIR / "models" / which
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"embedded model {which!r} is missing at {path}; "
+                                f"train it with `python -m llmops_lab.train`")
+    return path
+
+
+def resolve(path_or_id: str | Path) -> Path:
+    """A local folder as it is; ``"target"``/``"draft"`` as the embedded models; else a hub id."""
+    if str(path_or_id) in EMBEDDED:
+        return embedded_model_path(str(path_or_id))
+    p = Path(path_or_id).expanduser()
+    if p.exists():
+        return p
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(str(path_or_id), allow_patterns=[
+            "*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]))
+    except Exception as e:  # offline, unknown id, gated repo...
+        raise FileNotFoundError(f"{path_or_id!r} is neither a local folder nor a hub id that could be "
+                                f"fetched here ({type(e).__name__}: {e})") from e
+
+
+def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        bins = list(folder.glob("*.bin")) + list(folder.glob("*.pt"))
+        hint = " (only pickle files found; convert them to safetensors)" if bins else ""
+        raise FileNotFoundError(f"no safetensors weights in {folder}{hint}")
+    state = {}
+    for f in files:
+        state.update(load_file(str(folder / f)))
+    return state
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(path_or_id="target", device=None, dtype=None, backend="sdpa") -> LlamaModel:
+    """Load a Llama, Mistral or Qwen2 checkpoint into ``LlamaModel`` (eval mode).
+
+    device: default CUDA when present, else CPU. dtype: default the checkpoint's own.
+    """
+    folder = resolve(path_or_id)
+    config = ModelConfig.from_json(folder)
+    state = read_safetensors(folder)
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    with torch.device("meta"):
+        model = LlamaModel(config, backend=backend)
+    expected = set(model.state_dict())
+    missing, unexpected = expected - set(state), set(state) - expected
+    if config.tie_word_embeddings:
+        missing.discard("lm_head.weight")
+    if missing or unexpected:
+        raise ValueError(f"checkpoint at {folder} does not fit the config: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    device = torch.device(device) if device is not None else default_device()
+    model.inv_freq = rope_inv_freq(config)  # the buffer was built on the meta device
+    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    model.inv_freq = model.inv_freq.float()
+    return model.eval()
+
+
+def load_tokenizer(path_or_id="target"):
+    """The checkpoint's tokenizer through transformers (offline for local folders)."""
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(resolve(path_or_id)))
+
+
+def save_model(model: LlamaModel, folder: str | Path, extra_config: dict | None = None) -> Path:
+    """Write ``model`` as a Hugging Face checkpoint: config.json + model.safetensors."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = model.config.to_hf_dict()
+    cfg["dtype"] = str(model.dtype).removeprefix("torch.")
+    cfg.update(extra_config or {})
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder

@@ -1,0 +1,238 @@
+"""A Llama-family decoder in plain PyTorch: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Touvron et al. 2023 (Llama), Su et al. 2021 (RoPE), Ainslie et al. 2023 (GQA), Shazeer 2020
+(SwiGLU). Module and parameter names follow Hugging Face's LlamaForCausalLM, so a checkpoint's
+state dict loads as it is. The attention backend and the KV cache are passed in, not hidden:
+``model(ids, cache=KVCache.for_model(model, B), backend="naive")``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import get_backend
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32 as the reference does, then cast back before scaling.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/D), with linear or Llama-3 scaling when the config asks."""
+    D = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq.float()
+    kind = s.get("rope_type", s.get("type"))
+    if kind == "linear":
+        return (inv_freq / s["factor"]).float()
+    # llama3: leave high frequencies alone, divide low ones by factor, blend in between.
+    factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old_ctx = s.get("original_max_position_embeddings", 8192)
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_ctx / wavelen - lo) / (hi - lo)
+    scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
+    mid = (wavelen <= old_ctx / lo) & (wavelen >= old_ctx / hi)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return torch.where(mid, blended, scaled).float()
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, H, S, D]; cos, sin [B, S, D] (Hugging Face's half-split layout, not interleaved)."""
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        c = config
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, self.n_heads * self.head_dim, bias=c.attention_bias)
+        self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=c.attention_bias)
+        self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=c.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, cache, start, mask, is_causal, backend):
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, D]
+        k = self.k_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)     # [B, Hkv, S, D]
+        v = self.v_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v, start)
+        out = backend(q, k, v, mask, is_causal)                                       # [B, H, S, D]
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, *attn_args):
+        x = x + self.self_attn(self.input_layernorm(x), *attn_args)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """The stack between embeddings and LM head (``model.`` in Hugging Face's names)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+def build_mask(start: int, S: int, attention_mask, sliding_window, device):
+    """Boolean [B or 1, 1, S, start+S] mask (True = attend), or None for plain causal attention.
+
+    Query i sits at cache position start+i and sees keys at positions <= start+i that are not
+    padding (and, with a sliding window, no older than the window).
+    """
+    Sk = start + S
+    windowed = sliding_window is not None and Sk > sliding_window
+    if attention_mask is None and not windowed and start == 0:
+        return None
+    if attention_mask is None and not windowed and S == 1:
+        return None  # one new query sees every cached key
+    qpos = torch.arange(start, Sk, device=device)[:, None]
+    kpos = torch.arange(Sk, device=device)[None, :]
+    allowed = kpos <= qpos
+    if windowed:
+        allowed &= kpos > qpos - sliding_window
+    allowed = allowed[None, None]                                     # [1, 1, S, Sk]
+    if attention_mask is not None:
+        if attention_mask.shape[-1] != Sk:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {Sk}")
+        allowed = allowed & attention_mask.bool()[:, None, None, :]
+        # A padding query would see nothing at all; let it see itself so softmax stays finite.
+        allowed = allowed | (kpos == qpos)[None, None]
+    return allowed
+
+
+class LlamaModel(nn.Module):
+    """The whole causal LM: ``model(input_ids) -> logits`` of shape [B, S, vocab]."""
+
+    def __init__(self, config: ModelConfig, backend="sdpa"):
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.backend = get_backend(backend)
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    @property
+    def device(self):
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self):
+        return self.lm_head.weight.dtype
+
+    def rope(self, positions: torch.Tensor, dtype):
+        freqs = positions[..., None].float() * self.inv_freq            # [B, S, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def check_ids(self, input_ids: torch.Tensor) -> None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("empty input: input_ids has no tokens")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); got "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+
+    def forward(self, input_ids, positions=None, cache=None, attention_mask=None, backend=None,
+                last_only: bool = False):
+        """Logits for input_ids [B, S].
+
+        cache: a KVCache to read past keys/values from and append to (its ``length`` advances by S).
+        attention_mask: [B, cache.length + S] of 1/0 (0 = padding), as in transformers.
+        positions: [B, S] RoPE positions; by default counted from the mask (left padding) or
+        from the cache length.
+        last_only: compute logits for the last position only (decoding needs nothing else).
+        """
+        self.check_ids(input_ids)
+        B, S = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if start + S > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {start + S} tokens exceeds the model's context of "
+                             f"{self.config.max_position_embeddings}")
+        if positions is None:
+            if attention_mask is not None:
+                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -S:]
+            else:
+                positions = torch.arange(start, start + S, device=input_ids.device).expand(B, S)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rope(positions, x.dtype)
+        mask = build_mask(start, S, attention_mask, self.config.sliding_window, x.device)
+        is_causal = mask is None and S > 1
+        attn = get_backend(backend) if backend is not None else self.backend
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, start, mask, is_causal, attn)
+        if cache is not None:
+            cache.length = start + S
+        x = self.model.norm(x[:, -1:] if last_only else x)
+        return self.lm_head(x)
+
+    def decode_step_static(self, input_ids, pos, cache, attention_mask=None, positions=None):
+        """One decode step with static shapes, so it can be captured in a CUDA graph or compiled.
+
+        input_ids [B, 1] are written at cache slots ``pos`` [B]; the step attends over the cache's
+        whole buffer with a mask (slots <= pos that are not padding) instead of slicing it.
+        ``positions`` [B] are the RoPE positions (default ``pos``; less where a row is left-padded).
+        The caller tracks positions: ``cache.length`` is left alone.
+        """
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rope((pos if positions is None else positions)[:, None], x.dtype)
+        kpos = torch.arange(cache.max_seq_len, device=x.device)
+        mask = kpos[None, :] <= pos[:, None]                                  # [B, S_max]
+        if attention_mask is not None:
+            mask = mask & attention_mask.bool()
+        mask = mask[:, None, None, :]
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, pos, mask, False, self.backend)
+        return self.lm_head(self.model.norm(x))
+
+    def generate(self, input_ids, **kwargs):
+        """Autoregressive generation; see ``llmops_lab.generation.generate`` for the arguments."""
+        from .generation import generate
+        return generate(self, input_ids, **kwargs)

@@ -1,0 +1,95 @@
+"""Widgets: sliders and dropdowns that redraw a measurement plot in a notebook.
+
+A notebook cell stays one call::
+
+    widgets.interactive_plot(draw, bits=widgets.int_slider("bits", 2, 8, value=4))
+
+where ``draw(ax, bits)`` draws on a fresh Axes. ipywidgets is imported only when a helper is
+called, so the package imports (and its tests run) without it.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+_STYLE = {"description_width": "initial"}  # long descriptions are not cut off
+
+
+def _ipywidgets():
+    try:
+        import ipywidgets
+    except ImportError as err:
+        raise ImportError("the notebook helpers need ipywidgets: pip install ipywidgets") from err
+    return ipywidgets
+
+
+def int_slider(description: str, min: int, max: int, step: int = 1, value: int | None = None):
+    """An IntSlider that updates on release, since each value may rerun a measurement."""
+    return _ipywidgets().IntSlider(value=min if value is None else value, min=min, max=max,
+                                   step=step, description=description,
+                                   continuous_update=False, style=_STYLE)
+
+
+def float_slider(description: str, min: float, max: float, step: float | None = None,
+                 value: float | None = None):
+    """A FloatSlider; step defaults to a hundredth of the range."""
+    return _ipywidgets().FloatSlider(value=min if value is None else value, min=min, max=max,
+                                     step=(max - min) / 100 if step is None else step,
+                                     description=description, continuous_update=False,
+                                     style=_STYLE)
+
+
+def log_slider(description: str, min: float, max: float, value: float | None = None,
+               base: float = 10, step: float = 0.1):
+    """A FloatLogSlider over [min, max].
+
+    min and max are values, not exponents (FloatLogSlider's own min/max are exponents);
+    step is in exponents: ``log_slider("tokens", 1, 4096, base=2, step=1)`` gives powers of two.
+    """
+    if min <= 0 or max <= min:
+        raise ValueError(f"need 0 < min < max, got {min=} {max=}")
+    return _ipywidgets().FloatLogSlider(value=min if value is None else value, base=base,
+                                        min=math.log(min, base), max=math.log(max, base),
+                                        step=step, description=description,
+                                        continuous_update=False, style=_STYLE)
+
+
+def dropdown(description: str, options: Sequence | Mapping, value: Any = None):
+    """A Dropdown; options are a list of values or a {label: value} dict."""
+    options = dict(options) if isinstance(options, Mapping) else list(options)
+    if value is None:
+        value = next(iter(options.values())) if isinstance(options, dict) else options[0]
+    return _ipywidgets().Dropdown(options=options, value=value, description=description,
+                                  style=_STYLE)
+
+
+def interactive_plot(fn: Callable, **controls):
+    """Redraw ``fn(ax, **values)`` on a fresh figure whenever a control changes.
+
+    Args:
+        fn: draws on the Axes it is given; its keyword arguments are the control names.
+        controls: widgets by argument name; plain values are passed through unchanged.
+
+    Returns:
+        A VBox (controls above the plot) for the notebook to display.
+    """
+    ipw = _ipywidgets()
+    kwargs = {name: c if isinstance(c, ipw.ValueWidget) else ipw.fixed(c)
+              for name, c in controls.items()}
+
+    def draw(**values):
+        import matplotlib.pyplot as plt
+        from IPython.display import display
+
+        from llmops_lab.plots import new_figure
+        fig, ax = new_figure()
+        try:
+            fn(ax, **values)
+            display(fig)
+        finally:
+            plt.close(fig)  # one live figure per redraw, not one more per slider move
+
+    output = ipw.interactive_output(draw, kwargs)
+    visible = [c for c in kwargs.values() if isinstance(c, ipw.DOMWidget)]
+    return ipw.VBox([ipw.HBox(visible), output])

@@ -1,0 +1,87 @@
+"""The embedded tokenizer and target/draft pair: offline loading, and our runtime vs transformers."""
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import llmops_lab
+from llmops_lab import corpus
+from llmops_lab.evaluate import encode, held_out_prompts
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="module", params=["target", "draft"])
+def which(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return llmops_lab.load_tokenizer("target")
+
+
+def test_tokenizer_loads_offline_with_transformers(tokenizer):
+    tok = AutoTokenizer.from_pretrained(str(llmops_lab.embedded_model_path("target")))
+    text = "ROMEO. But soft, what light through yonder window breaks?"
+    ids = tok(text)["input_ids"]
+    assert ids[0] == tok.bos_token_id and len(tok) == 4096
+    assert tok.decode(ids, skip_special_tokens=True) == text
+
+
+def test_pair_shapes_match_the_brief():
+    t, d = (llmops_lab.load_model(w, device="cpu") for w in ("target", "draft"))
+    n = lambda m: sum(p.numel() for p in m.parameters())
+    assert 8e6 <= n(t) <= 30e6 and 1e6 <= n(d) <= 3e6
+    assert t.config.num_key_value_heads < t.config.num_attention_heads  # grouped-query attention
+    assert t.config.max_position_embeddings >= 1024
+    assert t.config.vocab_size == d.config.vocab_size
+
+
+@torch.no_grad()
+def test_logits_match_transformers(which, tokenizer):
+    ours = llmops_lab.load_model(which, device="cpu", dtype=torch.float32)
+    theirs = AutoModelForCausalLM.from_pretrained(str(llmops_lab.embedded_model_path(which)),
+                                                  dtype=torch.float32).eval()
+    ids = torch.cat([torch.tensor([0]), encode(tokenizer, corpus.read_slice("validation")[:4000])])[None, :512]
+    assert (ours(ids) - theirs(ids).logits).abs().max().item() < 1e-4
+
+
+def test_64_greedy_tokens_match_transformers(which, tokenizer):
+    ours = llmops_lab.load_model(which, device="cpu")
+    theirs = AutoModelForCausalLM.from_pretrained(str(llmops_lab.embedded_model_path(which)),
+                                                  dtype=torch.float32).eval()
+    prompts = held_out_prompts(tokenizer, corpus.read_slice("validation"), n=3, prompt_tokens=24)
+    # batch 1
+    a = ours.generate(prompts[0][None], max_new_tokens=64, stop_token_ids=())
+    b = theirs.generate(prompts[0][None], max_new_tokens=64, do_sample=False, eos_token_id=None, pad_token_id=2)
+    assert torch.equal(a, b)
+    # a left-padded batch of three prompts of different lengths
+    lengths = [24, 13, 6]
+    ids = torch.full((3, 24), tokenizer.pad_token_id)
+    mask = torch.zeros(3, 24, dtype=torch.long)
+    for i, (p, n) in enumerate(zip(prompts, lengths)):
+        ids[i, 24 - n:], mask[i, 24 - n:] = p[:n], 1
+    a = ours.generate(ids, attention_mask=mask, max_new_tokens=64, stop_token_ids=())
+    b = theirs.generate(ids, attention_mask=mask, max_new_tokens=64, do_sample=False, eos_token_id=None,
+                        pad_token_id=2)
+    assert torch.equal(a, b)
+
+
+def test_model_card_records_the_measurements():
+    card = json.loads((llmops_lab.loader.DATA_DIR / "models" / "card.json").read_text())
+    assert card["measured"]["greedy_acceptance"] >= 0.5, "a draft that rarely agrees teaches nothing"
+    for w in ("target", "draft"):
+        assert card["training"][w]["tokens_seen"] > 0 and card["measured"]["val_perplexity_1024"][w] > 1
+    text = (llmops_lab.loader.DATA_DIR / "models" / "README.md").read_text()
+    assert "python -m llmops_lab.train" in text and f"{card['measured']['greedy_acceptance']:.3f}" in text
+
+
+def test_generate_text_round_trip(tokenizer):
+    m = llmops_lab.load_model("target", device="cpu")
+    out = llmops_lab.generate_text(m, tokenizer, ["HAMLET.", "Enter"], max_new_tokens=8)
+    assert len(out) == 2 and all(isinstance(s, str) and s for s in out)
+    with pytest.raises(ValueError, match="empty"):
+        llmops_lab.generate_text(m, tokenizer, "", max_new_tokens=4)

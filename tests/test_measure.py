@@ -1,0 +1,128 @@
+"""Tests for llmops_lab.measure: timing statistics and measured (not computed) memory."""
+import time
+
+import pytest
+import torch
+
+from llmops_lab import measure
+from llmops_lab.measure import PeakMemory, Timing
+
+MB = 1 << 20
+
+
+def test_timing_statistics():
+    t = Timing([0.001 * i for i in range(1, 11)])  # 1..10 ms
+    assert t.median == pytest.approx(0.0055)
+    assert t.mean == pytest.approx(0.0055)
+    assert (t.min, t.max) == (0.001, 0.010)
+    assert t.p10 == pytest.approx(0.0019)
+    assert t.p90 == pytest.approx(0.0091)
+    assert t.spread == pytest.approx(t.p90 - t.p10)
+    assert t.stdev > 0
+    d = t.to_dict()
+    assert d["n"] == 10 and d["median"] == t.median and len(d["samples"]) == 10
+    assert str(t).startswith("5.5 ms ±") and "(median of 10)" in str(t)
+
+
+def test_timing_single_sample_and_empty():
+    assert Timing([2.0]).stdev == 0.0 and Timing([2.0]).spread == 0.0
+    assert "s ±" in str(Timing([2.0]))
+    with pytest.raises(ValueError):
+        Timing([])
+
+
+def test_time_fn_counts_warmup_and_repeats():
+    calls = []
+    t = measure.time_fn(lambda x, y=0: calls.append((x, y)), 1, y=2, warmup=3, repeats=5)
+    assert len(calls) == 8 and calls[0] == (1, 2)
+    assert len(t.samples) == 5 and all(s >= 0 for s in t.samples)
+
+
+def test_time_fn_measures_sleep():
+    t = measure.time_fn(time.sleep, 0.005, warmup=0, repeats=3)
+    assert 0.004 < t.median < 0.1
+
+
+def test_time_fn_min_time_repeats_more_but_is_capped():
+    t = measure.time_fn(time.sleep, 0.002, warmup=0, repeats=2, min_time_s=0.02)
+    assert 2 < len(t.samples) <= 20
+    t = measure.time_fn(lambda: None, warmup=0, repeats=2, min_time_s=10.0)
+    assert len(t.samples) == 20
+
+
+def test_time_fn_rejects_cuda_without_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    with pytest.raises(ValueError, match="cuda"):
+        measure.time_fn(lambda: None, device="cuda")
+
+
+def test_peak_memory_sees_a_4mb_tensor_and_returns_the_result():
+    x = torch.randn(256, 256)
+
+    def fn():
+        a = torch.empty(MB).fill_(1)  # 4 MB float32
+        return a.sum() + (x @ x).sum()  # plus a 256 KB matmul output
+
+    pm = measure.peak_memory(fn)
+    assert isinstance(pm, PeakMemory) and pm.method == "cpu-profiler"
+    assert 4 * MB + 256 * 1024 <= pm.peak_bytes <= 2 * (4 * MB + 256 * 1024)
+    assert pm.result == pytest.approx(MB + (x @ x).sum().item(), rel=1e-3)
+    assert "result" not in repr(pm)
+
+
+def test_peak_memory_sees_attention_scores_freed_inside_fn():
+    B, H, S, D = 1, 4, 384, 16
+    q, k = torch.randn(B, H, S, D), torch.randn(B, H, S, D)
+    scores_bytes = B * H * S * S * 4
+
+    def attention_sum():
+        scores = (q @ k.transpose(-1, -2)).softmax(-1)  # B, H, S, S; freed before returning
+        return scores.sum()
+
+    pm = measure.peak_memory(attention_sum)
+    assert scores_bytes <= pm.peak_bytes <= 2.5 * scores_bytes  # scores + softmax output
+    assert measure.peak_memory(lambda: torch.ones(1)).peak_bytes < scores_bytes // 100
+
+
+def test_peak_memory_ignores_what_existed_before():
+    keep = torch.ones(MB)
+    pm = measure.peak_memory(lambda t: t * 1, keep[:1024])
+    assert pm.peak_bytes < 64 * 1024
+
+
+@pytest.mark.gpu
+def test_time_and_peak_memory_on_cuda():
+    x = torch.randn(1024, 1024, device="cuda")
+    assert measure.time_fn(torch.mm, x, x, device="cuda").median > 0
+    pm = measure.peak_memory(lambda: torch.empty(MB, device="cuda"), device="cuda")
+    assert pm.method == "cuda-allocator" and pm.peak_bytes >= 4 * MB
+
+
+def test_tensor_and_module_bytes():
+    t = torch.zeros(100, 10)
+    assert measure.tensor_bytes(t) == 4000
+    assert measure.tensor_bytes(t[:10]) == 4000  # a view keeps its base's storage alive
+    emb = torch.nn.Embedding(50, 8)
+    head = torch.nn.Linear(8, 50, bias=False)
+    head.weight = emb.weight  # tied
+    model = torch.nn.Sequential(emb, head)
+    assert measure.parameter_count(model) == 400
+    assert measure.module_bytes(model) == 1600
+    model.register_buffer("packed", torch.zeros(64, dtype=torch.uint8))  # int4 pairs in uint8
+    model.register_buffer("packed_view", model.packed[:32])
+    assert measure.module_bytes(model) == 1664
+    assert measure.module_bytes(model, include_buffers=False) == 1600
+
+
+def test_meta_tensors_are_not_merged():
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    assert measure.module_bytes(model) == 2 * (16 + 4) * 4
+
+
+def test_bandwidth_and_tflops():
+    assert measure.bandwidth_gbs(2e9, 0.5) == 4.0
+    assert measure.tflops(3e12, 1.5) == 2.0
+    with pytest.raises(ValueError):
+        measure.bandwidth_gbs(1, 0)

@@ -1,0 +1,182 @@
+"""Our runtime against transformers: logits, greedy tokens, padding, families, bad input."""
+import dataclasses
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import llmops_lab
+from llmops_lab.config import ModelConfig
+from llmops_lab.kv import KVCache
+from llmops_lab.model import LlamaModel
+
+TINY = ModelConfig(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                   bos_token_id=0, eos_token_id=1)
+FAMILIES = {
+    "llama": TINY,
+    "llama-mha-tied": dataclasses.replace(TINY, num_key_value_heads=4, tie_word_embeddings=True),
+    "llama3-rope": dataclasses.replace(TINY, rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}),
+    "mistral-window": dataclasses.replace(TINY, model_type="mistral", sliding_window=16),
+    "qwen2-bias": dataclasses.replace(TINY, model_type="qwen2", attention_bias=True, tie_word_embeddings=True),
+}
+
+
+def random_checkpoint(config, folder):
+    torch.manual_seed(0)
+    m = LlamaModel(config)
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.08)
+    llmops_lab.save_model(m, folder, extra_config={"use_sliding_window": config.sliding_window is not None})
+    return folder
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def pair(request, tmp_path_factory):
+    folder = random_checkpoint(FAMILIES[request.param], tmp_path_factory.mktemp(request.param))
+    ours = llmops_lab.load_model(folder, device="cpu")
+    theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return ours, theirs
+
+
+def padded_batch(vocab, lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    S = max(lengths)
+    ids = torch.randint(3, vocab, (len(lengths), S), generator=g)
+    mask = torch.zeros(len(lengths), S, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, S - n:] = 1
+        ids[i, : S - n] = 2
+    return ids, mask
+
+
+@torch.no_grad()
+def test_logits_match_transformers(pair):
+    ours, theirs = pair
+    ids = torch.randint(0, ours.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    assert (ours(ids) - theirs(ids).logits).abs().max() < 1e-4
+
+
+@torch.no_grad()
+def test_padded_logits_match_transformers(pair):
+    ours, theirs = pair
+    ids, mask = padded_batch(ours.config.vocab_size, [30, 17, 9])
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    a, b = ours(ids, attention_mask=mask), theirs(ids, attention_mask=mask, position_ids=pos).logits
+    assert (a - b)[mask.bool()].abs().max() < 1e-4
+
+
+def test_greedy_tokens_match_transformers(pair):
+    ours, theirs = pair
+    ids, mask = padded_batch(ours.config.vocab_size, [12, 5])
+    a = ours.generate(ids, attention_mask=mask, max_new_tokens=40, stop_token_ids=())
+    b = theirs.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, eos_token_id=None,
+                        pad_token_id=2)
+    assert torch.equal(a, b)
+
+
+@torch.no_grad()
+def test_cache_decode_equals_full_forward(pair):
+    ours, _ = pair
+    ids = torch.randint(3, 320, (2, 24), generator=torch.Generator().manual_seed(3))
+    full = ours(ids)
+    cache = KVCache.for_model(ours, 2, 64)
+    steps = [ours(ids[:, :10], cache=cache)] + [ours(ids[:, i:i + 1], cache=cache) for i in range(10, 24)]
+    assert cache.length == 24
+    assert (torch.cat(steps, 1) - full).abs().max() < 1e-4
+
+
+@torch.no_grad()
+def test_naive_and_sdpa_backends_agree(pair):
+    ours, _ = pair
+    ids, mask = padded_batch(320, [20, 7])
+    a, b = ours(ids, attention_mask=mask, backend="naive"), ours(ids, attention_mask=mask, backend="sdpa")
+    assert (a - b)[mask.bool()].abs().max() < 1e-4
+
+
+def test_sampling_is_seeded_and_respects_top_k():
+    m = LlamaModel(TINY).eval()
+    ids = torch.tensor([[0, 5, 6, 7]])
+    run = lambda: m.generate(ids, max_new_tokens=20, temperature=0.9, top_k=1, stop_token_ids=(),
+                             generator=torch.Generator().manual_seed(0))
+    assert torch.equal(run(), m.generate(ids, max_new_tokens=20, stop_token_ids=()))  # top-1 = greedy
+    a = m.generate(ids, max_new_tokens=20, temperature=1.0, top_p=0.9, stop_token_ids=(),
+                   generator=torch.Generator().manual_seed(1))
+    b = m.generate(ids, max_new_tokens=20, temperature=1.0, top_p=0.9, stop_token_ids=(),
+                   generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+
+
+def test_stop_tokens_end_rows_and_pad():
+    m = LlamaModel(TINY).eval()
+    ids = torch.tensor([[0, 5, 6, 7], [0, 9, 9, 9]])
+    free = m.generate(ids, max_new_tokens=8, stop_token_ids=())
+    stop = int(free[0, 5])  # the second token row 0 produces
+    out = m.generate(ids, max_new_tokens=8, stop_token_ids=(stop,), pad_token_id=2)
+    row0 = out[0, 4:].tolist()
+    assert row0[: row0.index(stop) + 1] == free[0, 4: 4 + row0.index(stop) + 1].tolist()
+    assert all(t == 2 for t in row0[row0.index(stop) + 1:])
+
+
+@pytest.mark.parametrize("bad, match", [
+    (torch.zeros(1, 0, dtype=torch.long), "empty"),
+    (torch.tensor([[0, 5, 320]]), "token ids"),
+    (torch.tensor([[-1, 5]]), "token ids"),
+    (torch.zeros(1, 256, dtype=torch.long), "context"),
+])
+def test_bad_input_is_a_clear_error(bad, match):
+    m = LlamaModel(TINY).eval()
+    with pytest.raises(ValueError, match=match):
+        m.generate(bad, max_new_tokens=4)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=-1.0), "temperature"), (dict(top_k=0, temperature=1.0), "top_k"),
+    (dict(top_p=0.0, temperature=1.0), "top_p"), (dict(max_new_tokens=0), "max_new_tokens"),
+])
+def test_bad_sampling_arguments(kwargs, match):
+    m = LlamaModel(TINY).eval()
+    with pytest.raises(ValueError, match=match):
+        m.generate(torch.tensor([[0, 4]]), **kwargs)
+
+
+def test_generation_stops_at_context_with_a_warning():
+    m = LlamaModel(TINY).eval()
+    with pytest.warns(UserWarning, match="context"):
+        out = m.generate(torch.zeros(1, 250, dtype=torch.long), max_new_tokens=20, stop_token_ids=())
+    assert out.shape[1] == 256
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="multiple"):
+        dataclasses.replace(TINY, num_key_value_heads=3)
+    with pytest.raises(ValueError, match="Llama-family"):
+        ModelConfig.from_hf_dict({"model_type": "gpt2", "vocab_size": 1, "hidden_size": 4,
+                                  "intermediate_size": 4, "num_hidden_layers": 1, "num_attention_heads": 1})
+
+
+def test_loader_refuses_pickles_and_mismatched_checkpoints(tmp_path):
+    random_checkpoint(TINY, tmp_path)
+    (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        llmops_lab.load_model(tmp_path, device="cpu")
+    with pytest.raises(FileNotFoundError):
+        llmops_lab.load_model(tmp_path / "nowhere", device="cpu")
+
+
+@pytest.mark.parametrize("lengths", [[9], [14, 6, 11]])
+def test_static_decode_equals_dynamic_generate(lengths):
+    from llmops_lab.fast_decode import StaticDecoder, generate_static
+    torch.manual_seed(0)
+    m = LlamaModel(TINY).eval()
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.08)
+    ids, mask = padded_batch(TINY.vocab_size, lengths)
+    mask = mask if len(lengths) > 1 else None
+    want = m.generate(ids, attention_mask=mask, max_new_tokens=30, stop_token_ids=())
+    assert torch.equal(generate_static(m, ids, 30, attention_mask=mask), want)
+    dec = StaticDecoder(m, len(lengths), max(lengths) + 30)  # a reused decoder gives the same again
+    for _ in range(2):
+        assert torch.equal(generate_static(m, ids, 30, attention_mask=mask, decoder=dec), want)
