@@ -193,14 +193,16 @@ class LlamaModel(nn.Module):
         self.check_ids(input_ids)
         B, S = input_ids.shape
         start = cache.length if cache is not None else 0
-        if start + S > self.config.max_position_embeddings:
-            raise ValueError(f"sequence of {start + S} tokens exceeds the model's context of "
-                             f"{self.config.max_position_embeddings}")
         if positions is None:
             if attention_mask is not None:
                 positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -S:]
             else:
                 positions = torch.arange(start, start + S, device=input_ids.device).expand(B, S)
+        # Positions, not cache slots, are what the context limits (masked slots hold no token).
+        last = start + S if attention_mask is None else int(positions[:, -1].max()) + 1
+        if last > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {last} tokens exceeds the model's context of "
+                             f"{self.config.max_position_embeddings}")
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(positions, x.dtype)
         mask = build_mask(start, S, attention_mask, self.config.sliding_window, x.device)

@@ -36,11 +36,15 @@ SHAPES = {
     # ~8.1M parameters, grouped-query (8 query heads share 2 KV heads), 1024-token context.
     "target": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=8,
                    num_attention_heads=8, num_key_value_heads=2),
-    # ~1.8M parameters, same tokenizer.
-    "draft": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2),
+    # ~2.4M parameters, same tokenizer; shallow, because at these sizes a step's cost is mostly
+    # per-layer overhead, and the draft/target cost ratio c decides what speculation gains.
+    "draft": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=2,
+                  num_attention_heads=6, num_key_value_heads=2),
 }
-DEFAULTS = {"target": dict(steps=1200, lr=1.5e-3, batch=4), "draft": dict(steps=2000, lr=3e-3, batch=4)}
+DEFAULTS = {"target": dict(steps=1200, lr=1.5e-3, batch=4), "draft": dict(steps=1500, lr=3e-3, batch=4)}
+# The draft learns from the trained target's next-token distribution as well as from the text
+# (knowledge distillation, Hinton et al. 2015): what speculative decoding needs is agreement.
+DISTILL_WEIGHT = 0.5
 
 
 def model_config(which: str, vocab_size: int = VOCAB_SIZE) -> ModelConfig:
@@ -130,7 +134,7 @@ def load_state(run: Path, model, opt) -> tuple[int, list]:
 
 def train_model(which: str, steps: int, lr: float, batch: int, seq_len: int = 1024, seed: int = 0,
                 max_minutes: float | None = None, save_every: int = 100, eval_every: int = 250,
-                threads: int | None = None) -> dict:
+                threads: int | None = None, distill: bool | None = None) -> dict:
     from transformers import AutoTokenizer
     if threads:
         torch.set_num_threads(threads)
@@ -148,6 +152,11 @@ def train_model(which: str, steps: int, lr: float, batch: int, seq_len: int = 10
             torch.nn.init.normal_(p, std=std)
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    teacher = None
+    if distill if distill is not None else which == "draft":
+        from .loader import load_model
+        teacher = load_model("target", device=device).eval()
+        teacher.requires_grad_(False)
     run = RUNS / which
     run.mkdir(parents=True, exist_ok=True)
     step, log = (load_state(run, model, opt) if (run / "state.json").exists() else (0, []))
@@ -162,17 +171,22 @@ def train_model(which: str, steps: int, lr: float, batch: int, seq_len: int = 10
         x, y = next(data)
         with torch.autocast(device.type, dtype=torch.bfloat16):  # fp32 master weights, bf16 matmuls
             logits = model(x.to(device))
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten())
+        loss = ce = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten())
+        if teacher is not None:
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+                t_logp = teacher(x.to(device)).float().log_softmax(-1)
+            kl = F.kl_div(logits.float().log_softmax(-1), t_logp, log_target=True, reduction="batchmean") / seq_len
+            loss = (1 - DISTILL_WEIGHT) * ce + DISTILL_WEIGHT * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         elapsed = prior_seconds + time.time() - t0
-        entry = {"step": step + 1, "loss": loss.item(), "seconds": round(elapsed, 1)}
+        entry = {"step": step + 1, "loss": ce.item(), "seconds": round(elapsed, 1)}  # cross-entropy on the text
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             entry["val_loss"] = evaluate(model, val_stream, seq_len, max_windows=16)
         log.append(entry)
-        bar.set_postfix(loss=f"{loss.item():.3f}", val=entry.get("val_loss", ""))
+        bar.set_postfix(loss=f"{ce.item():.3f}", val=entry.get("val_loss", ""))
         out_of_time = max_minutes is not None and elapsed > max_minutes * 60
         if (step + 1) % save_every == 0 or step + 1 == steps or out_of_time:
             save_state(run, model, opt, step + 1, log)
@@ -188,7 +202,7 @@ def train_model(which: str, steps: int, lr: float, batch: int, seq_len: int = 10
     tok.save_pretrained(str(out))
     result = {"model": which, "parameters": sum(p.numel() for p in model.parameters()),
               "steps": n_steps, "planned_steps": steps, "batch": batch, "seq_len": seq_len, "lr": lr,
-              "seed": seed, "tokens_seen": n_steps * tokens_per_step, "train_loss": round(train_loss, 4),
+              "seed": seed, "distilled_from_target": teacher is not None, "tokens_seen": n_steps * tokens_per_step, "train_loss": round(train_loss, 4),
               "val_loss": round(val_loss, 4), "val_perplexity": round(math.exp(val_loss), 2),
               "seconds": log[-1]["seconds"], "hardware": hardware(), "torch": torch.__version__}
     (out / "training.json").write_text(json.dumps(result, indent=2) + "\n")

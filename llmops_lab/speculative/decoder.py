@@ -1,0 +1,224 @@
+"""Speculative decoding with a KV cache per model (Leviathan et al. 2023; Chen et al. 2023).
+
+Each step the draft proposes k tokens one at a time, the target scores all of them in one forward
+pass of k+1 tokens, and a prefix is accepted: draft token d is kept with probability
+min(1, p(d) / q(d)); the first rejected one is replaced by a sample from norm(max(0, p - q)); if all
+k are kept, a bonus token is drawn from the target's last distribution. The output is distributed
+exactly as the target's own samples. At temperature 0, p and q are one-hot and this reduces to
+"keep drafts while they equal the target's argmax", token-for-token identical to greedy decoding.
+
+Neither model ever re-reads the prefix: both keep their caches, and rejected drafts are rolled
+back. Rows of a batch accept different numbers of tokens; their cache slots stay aligned and the
+slots of a row's rejected drafts (and its left padding) are masked out, the same mechanism as
+padding, so positions and attention see only the row's own tokens.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..generation import check_sampling, logits_to_probs
+from ..kv import KVCache
+from ..measure import synchronize
+
+
+@dataclass
+class SpeculativeStats:
+    k: int
+    steps: int = 0
+    accepted: list = field(default_factory=list)       # per step and row: drafts accepted (0..k)
+    position_tries: list = None                         # per draft position: times it was verified
+    position_accepts: list = None                       # ... and accepted
+    draft_seconds: float = 0.0
+    target_seconds: float = 0.0
+
+    def __post_init__(self):
+        self.position_tries = [0] * self.k
+        self.position_accepts = [0] * self.k
+
+    @property
+    def alpha(self) -> float:
+        """Acceptance rate: accepted drafts / drafts verified (first rejection ends a step)."""
+        tries = sum(self.position_tries)
+        return sum(self.position_accepts) / tries if tries else float("nan")
+
+    @property
+    def alpha_per_position(self) -> list[float]:
+        return [a / t if t else float("nan") for a, t in zip(self.position_accepts, self.position_tries)]
+
+    @property
+    def mean_tokens_per_step(self) -> float:
+        """Tokens each row gains per target pass: accepted drafts + the corrected/bonus token."""
+        return sum(self.accepted) / len(self.accepted) + 1 if self.accepted else float("nan")
+
+    @property
+    def draft_time_per_step(self) -> float:
+        return self.draft_seconds / max(self.steps, 1)
+
+    @property
+    def target_time_per_step(self) -> float:
+        return self.target_seconds / max(self.steps, 1)
+
+    def to_dict(self) -> dict:
+        return {"k": self.k, "steps": self.steps, "alpha": self.alpha, "alpha_per_position": self.alpha_per_position,
+                "mean_tokens_per_step": self.mean_tokens_per_step, "draft_time_per_step": self.draft_time_per_step,
+                "target_time_per_step": self.target_time_per_step}
+
+
+def _probs(logits, temperature, top_k, top_p):
+    if temperature == 0:  # greedy: one-hot at the argmax, so min(1, p/q) is 1 exactly when they agree
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    return logits_to_probs(logits, temperature, top_k, top_p)
+
+
+def _draw(probs, generator):
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class _Lane:
+    """One model's cache and per-slot validity mask (what the row may attend to)."""
+
+    def __init__(self, model, batch_size: int, capacity: int):
+        self.model = model
+        self.cache = KVCache.for_model(model, batch_size, capacity)
+        self.valid = torch.zeros(batch_size, capacity, dtype=torch.long, device=model.device)
+        self.masked = batch_size > 1  # batch 1 never has holes: no mask needed
+
+    def feed(self, tokens, valid):
+        """Append tokens [B, S] (valid [B, S] marks real ones); returns logits [B, S, V]."""
+        start, S = self.cache.length, tokens.shape[1]
+        self.valid[:, start:start + S] = valid
+        mask = self.valid[:, :start + S] if self.masked or not bool(valid.all()) else None
+        if mask is not None:
+            self.masked = True
+        return self.model(tokens, cache=self.cache, attention_mask=mask)
+
+    def rollback(self, start: int, kept: torch.Tensor, written: int):
+        """Of ``written`` slots from ``start``, row b keeps the first kept[b]; the cache shrinks to
+        the longest row and the rest become holes."""
+        idx = torch.arange(written, device=kept.device)
+        self.valid[:, start:start + written] *= (idx[None, :] < kept[:, None]).long()
+        self.cache.truncate(start + int(kept.max()))
+        if int(kept.min()) != int(kept.max()):
+            self.masked = True
+
+
+class SpeculativeDecoder:
+    """``SpeculativeDecoder(target, draft, k).generate(ids, max_new_tokens)`` -> (tokens, stats)."""
+
+    def __init__(self, target, draft, k: int = 4):
+        if k < 1:
+            raise ValueError(f"k (draft tokens per step) must be >= 1, got {k}")
+        if target.config.vocab_size != draft.config.vocab_size:
+            raise ValueError(f"draft vocabulary ({draft.config.vocab_size}) differs from the target's "
+                             f"({target.config.vocab_size}): they must share a tokenizer")
+        self.target, self.draft, self.k = target, draft, k
+
+    def _time(self, fn, *args):
+        synchronize(self.target.device)
+        t0 = time.perf_counter()
+        out = fn(*args)
+        synchronize(self.target.device)
+        return out, time.perf_counter() - t0
+
+    @torch.inference_mode()
+    def generate(self, input_ids, max_new_tokens: int = 32, temperature: float = 0.0, top_k=None, top_p=None,
+                 attention_mask=None, generator=None, stop_token_ids=()):
+        """New tokens after a (left-padded) batch of prompts: returns ([B, S + max_new_tokens] with
+        ``pad`` 0 after a row's stop token, stats)."""
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        for m in (self.target, self.draft):
+            m.check_ids(input_ids)
+        check_sampling(temperature, top_k, top_p)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        B, S = input_ids.shape
+        ctx = min(self.target.config.max_position_embeddings, self.draft.config.max_position_embeddings)
+        n_prompt = attention_mask.sum(-1) if attention_mask is not None else torch.full((B,), S)
+        if int(n_prompt.max()) + max_new_tokens > ctx:
+            raise ValueError(f"prompt ({int(n_prompt.max())}) + max_new_tokens ({max_new_tokens}) exceeds the "
+                             f"context shared by target and draft ({ctx})")
+        k, dev = self.k, input_ids.device
+        prompt_valid = attention_mask.long().to(dev) if attention_mask is not None else torch.ones_like(input_ids)
+        capacity = S + (k + 1) * (max_new_tokens + 1)
+        tgt, dft = _Lane(self.target, B, capacity), _Lane(self.draft, B, capacity)
+        stats = SpeculativeStats(k)
+        # Invariant: each cache holds every committed token but the last one ("pending").
+        if S > 1:
+            tgt.feed(input_ids[:, :-1], prompt_valid[:, :-1])
+            dft.feed(input_ids[:, :-1], prompt_valid[:, :-1])
+        pending = input_ids[:, -1:]                  # [B, 1]: the last committed token of each row
+        carry = None                                 # drafts of rows that accepted all k (draft never saw d_k)
+        new = [[] for _ in range(B)]
+        done = torch.zeros(B, dtype=torch.bool)
+        stops = set(stop_token_ids or ())
+        while not bool(done.all()):
+            # 1. Draft k tokens autoregressively.
+            t0 = time.perf_counter()
+            if carry is not None:
+                d_in = torch.cat([carry[0], pending], 1)
+                d_valid = torch.cat([carry[1], torch.ones_like(pending)], 1)
+            else:
+                d_in, d_valid = pending, torch.ones_like(pending)
+            d_start = dft.cache.length
+            qs, drafts = [], []
+            logits = dft.feed(d_in, d_valid)[:, -1]
+            for j in range(k):
+                q = _probs(logits, temperature, top_k, top_p)
+                d = q.argmax(-1) if temperature == 0 else _draw(q, generator)
+                qs.append(q)
+                drafts.append(d)
+                if j < k - 1:
+                    logits = dft.feed(d[:, None], torch.ones_like(d[:, None]))[:, -1]
+            drafts = torch.stack(drafts, 1)           # [B, k]
+            synchronize(dev)
+            stats.draft_seconds += time.perf_counter() - t0
+            # 2. The target scores pending + k drafts in one pass.
+            t_start = tgt.cache.length
+            t_logits, dt = self._time(tgt.feed, torch.cat([pending, drafts], 1), torch.ones(B, k + 1, dtype=torch.long, device=dev))
+            stats.target_seconds += dt
+            p = _probs(t_logits, temperature, top_k, top_p)   # [B, k+1, V]
+            q = torch.stack(qs, 1)                            # [B, k, V]
+            # 3. Accept a prefix of the drafts, row by row.
+            pd = p[:, :k].gather(-1, drafts[..., None]).squeeze(-1)
+            qd = q.gather(-1, drafts[..., None]).squeeze(-1)
+            if temperature == 0:
+                ok = pd > 0
+            else:
+                u = torch.rand(B, k, generator=generator, device=dev)
+                ok = u < (pd / qd).clamp(max=1.0)
+            n_acc = torch.cumprod(ok.long(), 1).sum(1)        # [B] leading accepts
+            rows = torch.arange(B, device=dev)
+            residual = p[rows, n_acc.clamp(max=k - 1)] - q[rows, n_acc.clamp(max=k - 1)]
+            residual = residual.clamp(min=0)
+            fix_dist = torch.where((n_acc < k)[:, None], residual, p[rows, k])
+            fix_dist = fix_dist / fix_dist.sum(-1, keepdim=True).clamp(min=1e-20)
+            fix = fix_dist.argmax(-1) if temperature == 0 else _draw(fix_dist, generator)
+            # 4. Commit, record, roll back the caches to what each row kept.
+            stats.steps += 1
+            for b in range(B):
+                if done[b]:
+                    continue
+                a = int(n_acc[b])
+                stats.accepted.append(a)
+                for j in range(min(a + 1, k)):
+                    stats.position_tries[j] += 1
+                    stats.position_accepts[j] += int(j < a)
+                for tok in drafts[b, :a].tolist() + [int(fix[b])]:
+                    if len(new[b]) < max_new_tokens and not done[b]:
+                        new[b].append(tok)
+                        done[b] = tok in stops or len(new[b]) >= max_new_tokens
+            tgt.rollback(t_start, n_acc + 1, k + 1)            # pending + accepted drafts stay
+            dft.rollback(d_start, n_acc.clamp(max=k - 1) + d_in.shape[1], d_in.shape[1] + k - 1)
+            all_k = n_acc == k
+            carry = (drafts[:, -1:], all_k[:, None].long()) if bool(all_k.any()) else None
+            pending = fix[:, None]
+        width = max_new_tokens
+        out = torch.zeros(B, S + width, dtype=torch.long, device=dev)
+        out[:, :S] = input_ids
+        for b in range(B):
+            out[b, S:S + len(new[b])] = torch.tensor(new[b], dtype=torch.long)
+        return out, stats

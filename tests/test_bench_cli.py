@@ -1,0 +1,43 @@
+"""The bench suite and the CLI run end to end at small sizes (the GPU run is the real one)."""
+import json
+
+import torch
+
+from llmops_lab import bench, cli, formulas, roofline
+from llmops_lab.kv import KVCache
+from llmops_lab.loader import load_model
+
+
+def test_bench_quick_runs_and_writes_json(tmp_path):
+    rows = bench.run("cpu", tmp_path, quick=True)
+    names = {r["name"] for r in rows}
+    assert "copy bandwidth (read+write)" in names and any(n.startswith("GEMM") for n in names)
+    decode = [r for r in rows if r["name"].startswith("decode ours")]
+    assert decode and all(r["greedy_tokens_identical"] for r in decode)  # same weights, same tokens
+    assert all(r["value"] > 0 and r["ratio"] > 0 for r in decode)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert len(saved["rows"]) == len(rows) and saved["meta"]["quick"]
+    assert "ratio" in bench.format_table(rows)
+
+
+def test_cli_info_names_the_models(capsys):
+    cli.main(["info"])
+    out = capsys.readouterr().out
+    assert "torch" in out and "embedded target" in out
+
+
+def test_kv_cache_allocates_exactly_the_formula():
+    m = load_model("target", device="cpu")
+    c = m.config
+    for B, S in [(1, 64), (3, 100), (8, 1024)]:
+        cache = KVCache.for_model(m, B, S)
+        assert cache.nbytes == formulas.kv_cache_bytes(c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
+                                                       S, 4, B)
+
+
+def test_roofline_bound_grows_with_batch_and_is_finite():
+    m = load_model("target", device="cpu")
+    b1, b8 = (roofline.decode_bound(m, b, 64, 10e9) for b in (1, 8))
+    assert 0 < b1 < b8 < 8 * b1 + 1e-9
+    t = roofline.decode_throughput(m, 2, prompt_len=8, new_tokens=4, repeats=1)
+    assert t.median > 0

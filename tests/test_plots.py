@@ -1,0 +1,97 @@
+"""Tests for llmops_lab.plots and llmops_lab.widgets: measured-vs-formula figures and controls."""
+import matplotlib
+
+matplotlib.use("Agg")
+
+import ipywidgets  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from llmops_lab import plots, widgets  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def legend_texts(ax):
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_new_figure_shapes():
+    fig, ax = plots.new_figure()
+    assert isinstance(ax, matplotlib.axes.Axes)
+    fig, axes = plots.new_figure(ncols=3, nrows=2, width=2.0, height=1.5)
+    assert len(axes) == 6 and tuple(fig.get_size_inches()) == (6.0, 3.0)
+
+
+def test_measured_vs_formula_names_the_curve():
+    _, ax = plots.new_figure()
+    x = [4, 1, 2, 3]  # unsorted on purpose
+    out = plots.measured_vs_formula(ax, x, [8.2, 2.1, 3.9, 6.1], lambda n: 2 * n,
+                                    formula_name="2 n", xlabel="n", ylabel="bytes",
+                                    spread=[0.2, 0.1, 0.1, 0.3], logx=True)
+    assert out is ax
+    assert set(legend_texts(ax)) == {"measured", "2 n"}
+    line = next(l for l in ax.get_lines() if l.get_label() == "2 n")
+    np.testing.assert_allclose(line.get_ydata(), [2, 4, 6, 8])
+    assert "2 n" in [t.get_text() for t in ax.texts]  # the end-of-line label
+    assert ax.get_xscale() == "log" and ax.get_xlabel() == "n"
+
+
+def test_measured_vs_formula_several_formulas_and_values():
+    _, ax = plots.new_figure()
+    x = [2, 1]
+    plots.measured_vs_formula(ax, x, [3.0, 1.0], formulas={
+        "as written": lambda n: n, "corrected": [4.0, 2.0]})
+    assert {"measured", "as written", "corrected"} == set(legend_texts(ax))
+    corrected = next(l for l in ax.get_lines() if l.get_label() == "corrected")
+    np.testing.assert_allclose(corrected.get_ydata(), [2.0, 4.0])  # reordered with x
+
+
+def test_measured_vs_formula_errors():
+    _, ax = plots.new_figure()
+    with pytest.raises(ValueError, match="formula_name"):
+        plots.measured_vs_formula(ax, [1, 2], [1, 2], lambda n: n)
+    with pytest.raises(ValueError, match="values"):
+        plots.measured_vs_formula(ax, [1, 2], [1, 2], [1, 2, 3], formula_name="f")
+
+
+def test_bar_compare_against_reference():
+    _, ax = plots.new_figure()
+    out = plots.bar_compare(ax, ["naive", "fused"], [100.0, 250.0], ylabel="GB/s",
+                            reference=500.0, reference_label="measured ceiling")
+    assert out is ax and len(ax.patches) == 2
+    texts = [t.get_text() for t in ax.texts]
+    assert "250 (50%)" in texts
+    assert any("measured ceiling" in t for t in legend_texts(ax))
+
+
+def test_widget_helpers_return_widgets():
+    assert isinstance(widgets.int_slider("bits", 2, 8, value=4), ipywidgets.IntSlider)
+    assert isinstance(widgets.float_slider("p", 0.0, 1.0), ipywidgets.FloatSlider)
+    log = widgets.log_slider("tokens", 1, 4096, value=64, base=2, step=1)
+    assert isinstance(log, ipywidgets.FloatLogSlider) and (log.min, log.max) == (0, 12)
+    assert log.value == 64
+    menu = widgets.dropdown("dtype", {"fp16": 2, "int4": 0.5})
+    assert isinstance(menu, ipywidgets.Dropdown) and menu.value == 2
+
+
+def test_interactive_plot_redraws_on_change():
+    seen = []
+
+    def draw(ax, bits, label):
+        seen.append((bits, label))
+        ax.plot([0, 1], [bits, bits])
+
+    slider = widgets.int_slider("bits", 2, 8, value=4)
+    box = widgets.interactive_plot(draw, bits=slider, label="fixed")
+    assert isinstance(box, ipywidgets.VBox)
+    controls, output = box.children
+    assert controls.children == (slider,) and isinstance(output, ipywidgets.Output)
+    slider.value = 6
+    assert seen == [(4, "fixed"), (6, "fixed")]
+    assert plt.get_fignums() == []  # each redraw closes its figure

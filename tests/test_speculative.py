@@ -1,0 +1,134 @@
+"""Speculative decoding: lossless greedy, exact sampling distribution, batches, the document's bug."""
+import math
+
+import pytest
+import torch
+
+from llmops_lab.config import ModelConfig
+from llmops_lab.generation import logits_to_probs
+from llmops_lab.model import LlamaModel
+from llmops_lab.speculative import DocumentSpeculativeDecoder, SpeculativeDecoder
+
+CFG = ModelConfig(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  bos_token_id=0, eos_token_id=1)
+
+
+def tiny(seed, std=0.3, **kw):
+    torch.manual_seed(seed)
+    m = LlamaModel(ModelConfig(**{**CFG.__dict__, **kw})).eval()
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=std)
+    return m
+
+
+@pytest.fixture(scope="module")
+def pair():
+    # A draft that often but not always agrees: the target plus noise.
+    target = tiny(0)
+    draft = tiny(0)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(0.08 * torch.randn_like(p))
+    return target, draft
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 8])
+def test_greedy_is_identical_to_target_greedy(pair, k):
+    target, draft = pair
+    ids = torch.randint(2, 64, (1, 7), generator=torch.Generator().manual_seed(k))
+    want = target.generate(ids, max_new_tokens=40, stop_token_ids=())
+    got, stats = SpeculativeDecoder(target, draft, k).generate(ids, 40)
+    assert torch.equal(got, want)
+    assert 0 < stats.alpha < 1  # the test exercises both acceptance and rejection
+
+
+def test_padded_batch_rows_accept_differently_and_match_greedy(pair):
+    target, draft = pair
+    g = torch.Generator().manual_seed(5)
+    lengths = [9, 3, 6, 1]
+    ids = torch.full((4, 9), 2)
+    mask = torch.zeros(4, 9, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, 9 - n:] = torch.randint(2, 64, (n,), generator=g)
+        mask[i, 9 - n:] = 1
+    got, stats = SpeculativeDecoder(target, draft, 4).generate(ids, 33, attention_mask=mask)
+    for i, n in enumerate(lengths):
+        alone = target.generate(ids[i:i + 1, 9 - n:], max_new_tokens=33, stop_token_ids=())
+        assert got[i, 9:].tolist() == alone[0, n:].tolist(), f"row {i}"
+    per_step = stats.accepted
+    assert len(set(per_step)) > 1
+
+
+def test_identical_draft_accepts_everything(pair):
+    target, _ = pair
+    ids = torch.tensor([[0, 5, 9]])
+    got, stats = SpeculativeDecoder(target, target, 4).generate(ids, 20)
+    assert stats.alpha == 1.0 and stats.mean_tokens_per_step == 5
+    assert torch.equal(got, target.generate(ids, max_new_tokens=20, stop_token_ids=()))
+
+
+def chi2_critical(df, z=3.09):  # Wilson-Hilferty, upper 0.1% point
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+@torch.no_grad()
+def test_sampling_matches_the_target_distribution(pair):
+    """Thousands of rows of one prompt: the first two new tokens follow the target's distribution."""
+    target, draft = pair
+    temp, top_k, n = 0.9, 12, 6000
+    prompt = torch.tensor([[0, 7, 3, 11]])
+    out, stats = SpeculativeDecoder(target, draft, 3).generate(
+        prompt.expand(n, -1), 2, temperature=temp, top_k=top_k, generator=torch.Generator().manual_seed(0))
+    assert 0 < stats.alpha < 1
+    p1 = logits_to_probs(target(prompt)[0, -1], temp, top_k)          # first token
+    nxt = torch.cat([prompt.expand(64, -1), torch.arange(64)[:, None]], 1)
+    p2 = (p1[:, None] * logits_to_probs(target(nxt)[:, -1], temp, top_k)).sum(0)  # second, marginal
+    for probs, col in ((p1, out[:, 4]), (p2, out[:, 5])):
+        counts = torch.bincount(col, minlength=64).float()
+        expected = probs * n
+        assert counts[expected == 0].sum() == 0, "sampled a token the target gives probability 0"
+        keep = expected > 5
+        chi2 = (((counts - expected) ** 2 / expected)[keep]).sum().item()
+        assert chi2 < chi2_critical(int(keep.sum()) - 1), chi2
+
+
+def test_max_tokens_reached_mid_block_truncates(pair):
+    target, draft = pair
+    ids = torch.tensor([[0, 4, 4]])
+    got, _ = SpeculativeDecoder(target, target, 8).generate(ids, 5)   # 9 tokens per step, 5 wanted
+    assert got.shape == (1, 8) and torch.equal(got, target.generate(ids, max_new_tokens=5, stop_token_ids=()))
+
+
+def test_bad_input(pair):
+    target, draft = pair
+    with pytest.raises(ValueError, match="k"):
+        SpeculativeDecoder(target, draft, 0)
+    with pytest.raises(ValueError, match="vocabulary"):
+        SpeculativeDecoder(target, tiny(1, vocab_size=80), 2)
+    with pytest.raises(ValueError, match="context"):
+        SpeculativeDecoder(target, draft, 2).generate(torch.zeros(1, 250, dtype=torch.long), 10)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SpeculativeDecoder(target, draft, 2).generate(torch.zeros(1, 5, dtype=torch.long), 0)
+
+
+def test_document_decoder_departs_from_greedy_by_its_off_by_one(pair):
+    target, draft = pair
+
+    class Tok:  # the document's decoder only encodes and decodes
+        def encode(self, s, return_tensors=None):
+            return torch.tensor([[0] + [2 + ord(c) % 60 for c in s]])
+
+        def decode(self, ids):
+            return " ".join(map(str, ids.tolist()))
+
+    doc = DocumentSpeculativeDecoder(target, draft, Tok(), k=3)
+    ids = Tok().encode("abcde")
+    out, trace = doc.generate_ids(ids, max_tokens=40)
+    greedy = target.generate(ids, max_new_tokens=out.shape[1] - ids.shape[1], stop_token_ids=())
+    rejected = [s for s in trace if "appended" in s]
+    assert rejected, "the draft was never rejected: the test proves nothing"
+    wrong = [s for s in rejected if s["appended"] != s["target_would_append"]]
+    assert wrong and not torch.equal(out, greedy)
+    assert out.shape[1] >= 40  # counts the prompt in max_tokens and may overshoot it
+    assert isinstance(doc.generate("abc", max_tokens=12), str)
