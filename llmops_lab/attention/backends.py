@@ -55,7 +55,10 @@ BACKENDS: dict[str, Callable] = {"naive": naive_attention, "sdpa": sdpa_attentio
 def get_backend(name_or_fn: str | Callable) -> Callable:
     if callable(name_or_fn):
         return name_or_fn
+    if name_or_fn == "flash":  # imported on demand: it needs triton
+        from .triton_flash import flash_attention
+        return flash_attention
     try:
         return BACKENDS[name_or_fn]
     except KeyError:
-        raise ValueError(f"unknown attention backend {name_or_fn!r}; known: {sorted(BACKENDS)}") from None
+        raise ValueError(f"unknown attention backend {name_or_fn!r}; known: {sorted(BACKENDS) + ['flash']}") from None

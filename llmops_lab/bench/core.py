@@ -10,27 +10,12 @@ from __future__ import annotations
 import torch
 
 from .. import measure, roofline
+from ..peers import hf_twin
 from . import BenchContext, row
 
 
 def gemm_size(ctx: BenchContext) -> int:
     return (8192 if ctx.device.type == "cuda" else 1024) // (4 if ctx.quick else 1)
-
-
-def hf_twin(model):
-    """transformers' LlamaForCausalLM holding the very same weight tensors as ``model``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    cfg = model.config.to_hf_dict()
-    hf_config = AutoConfig.for_model(**cfg)
-    with torch.device("meta"):
-        hf = AutoModelForCausalLM.from_config(hf_config, dtype=model.dtype)
-    state = dict(model.state_dict())
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    hf.load_state_dict(state, strict=False, assign=True)
-    if model.config.tie_word_embeddings:
-        hf.tie_weights()
-    return hf.to(model.device).eval()
 
 
 def decode_model(ctx: BenchContext):

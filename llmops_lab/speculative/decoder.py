@@ -33,6 +33,7 @@ class SpeculativeStats:
     position_accepts: list = None                       # ... and accepted
     draft_seconds: float = 0.0
     target_seconds: float = 0.0
+    trace: list = field(default_factory=list)           # row 0, per step: drafts, accepted, fix
 
     def __post_init__(self):
         self.position_tries = [0] * self.k
@@ -204,6 +205,9 @@ class SpeculativeDecoder:
                     continue
                 a = int(n_acc[b])
                 stats.accepted.append(a)
+                if b == 0:
+                    stats.trace.append({"drafts": drafts[0].tolist(), "accepted": a, "fix": int(fix[0]),
+                                        "bonus": a == k})
                 for j in range(min(a + 1, k)):
                     stats.position_tries[j] += 1
                     stats.position_accepts[j] += int(j < a)

@@ -1,0 +1,199 @@
+"""A flash-attention forward kernel in Triton: the tiled online softmax of ``tiled.py`` on a GPU.
+
+Dao et al. 2022 / Dao 2023 (FlashAttention-2 loop order: queries outer, one program per query
+block and head). Each program keeps a BLOCK_M x D query tile and its running max, sum and output
+in registers and streams K/V tiles through them, so HBM traffic is Q, K, V read once per query
+block and O written once; the S x S score matrix never leaves the chip. Grouped-query heads read
+their shared KV head; causal runs the unmasked tiles first and only the diagonal band masked;
+a packed variable-length batch (``cu_seqlens``) serves prefill of many prompts in one launch.
+
+Reference: ``backends.naive_attention`` (reads Q, K once, writes and re-reads the B x H x S x S
+scores and probabilities, reads V: O(S^2) memory traffic). Runs on a CPU under TRITON_INTERPRET=1.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the package works without triton; only this backend needs it
+    triton = None
+
+
+def available() -> bool:
+    import os
+    return triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+if triton is not None:
+    @triton.jit
+    def _attend_tiles(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
+                      lo, hi, seq_k, causal_offset, qk_scale,
+                      MASKED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      UPCAST: tl.constexpr):
+        """Fold key/value tiles [lo, hi) into the running (acc, m, l); scores are in log2 units."""
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            in_k = offs_n < seq_k
+            k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=in_k[:, None], other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+            keep = in_k[None, :]
+            if MASKED:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            correction = tl.math.exp2(m_i - m_new)
+            l_i = l_i * correction + tl.sum(p, 1)
+            v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=in_k[:, None], other=0.0)
+            if UPCAST:
+                v = v.to(tl.float32)
+            acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+        return acc, m_i, l_i
+
+    @triton.jit
+    def flash_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr,
+                         stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+                         stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
+                         H, GROUP, seq_q_fixed, seq_k_fixed, qk_scale_log2,
+                         IS_CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         UPCAST: tl.constexpr):
+        pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+        b, h = pid_bh // H, pid_bh % H
+        h_kv = h // GROUP                                  # grouped-query: the KV head this head reads
+        if VARLEN:                                         # packed batch: sequence b is rows [start, end)
+            q_start, k_start = tl.load(cu_q_ptr + b), tl.load(cu_k_ptr + b)
+            seq_q = tl.load(cu_q_ptr + b + 1) - q_start
+            seq_k = tl.load(cu_k_ptr + b + 1) - k_start
+        else:
+            q_start, k_start, seq_q, seq_k = 0, 0, seq_q_fixed, seq_k_fixed
+        if pid_m * BLOCK_M >= seq_q:
+            return
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        in_q = offs_m < seq_q
+        q_base = q_ptr + b * stride_qb + h * stride_qh + q_start * stride_qs
+        k_base = k_ptr + b * stride_kb + h_kv * stride_kh + k_start * stride_ks
+        v_base = v_ptr + b * stride_vb + h_kv * stride_vh + k_start * stride_vs
+        q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=in_q[:, None], other=0.0)
+        if UPCAST:  # Triton's CPU interpreter computes bf16 dots wrongly; on a GPU this is off
+            q = q.to(tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        if IS_CAUSAL:
+            causal_offset = seq_k - seq_q                  # the last query sees the last key
+            # Tiles wholly below the diagonal need no mask; the band crossing it does.
+            band_lo = tl.maximum(pid_m * BLOCK_M + causal_offset, 0) // BLOCK_N * BLOCK_N
+            band_hi = tl.minimum((pid_m + 1) * BLOCK_M + causal_offset, seq_k)
+            acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, offs_m,
+                                          offs_d, 0, band_lo, seq_k, causal_offset, qk_scale_log2, False, BLOCK_N,
+                                          DOT_PRECISION, UPCAST)
+            acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, offs_m,
+                                          offs_d, band_lo, band_hi, seq_k, causal_offset, qk_scale_log2, True,
+                                          BLOCK_N, DOT_PRECISION, UPCAST)
+        else:
+            acc, m_i, l_i = _attend_tiles(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, offs_m,
+                                          offs_d, 0, seq_k, seq_k, 0, qk_scale_log2, False, BLOCK_N, DOT_PRECISION, UPCAST)
+        acc = acc / l_i[:, None]
+        o_base = o_ptr + b * stride_ob + h * stride_oh + q_start * stride_os
+        tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], acc.to(o_ptr.dtype.element_ty),
+                 mask=in_q[:, None])
+        # log-sum-exp of each row's scores, natural log (what a backward pass or a split-KV merge needs)
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+        tl.store(lse_ptr + pid_bh * seq_q_fixed + q_start + offs_m, lse, mask=in_q)
+
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+def _config(head_dim: int, dtype, interpret: bool):
+    if interpret:                                           # small tiles: the interpreter is slow
+        return 16, 16, 4, 1
+    if dtype == torch.float32:
+        return 64, 32, 4, 2
+    return (128, 64, 8, 3) if head_dim >= 128 else (128, 64, 4, 3)
+
+
+def _validate(q, k, v, is_causal):
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"flash attention supports {SUPPORTED_DTYPES} with q, k, v of one dtype; "
+                        f"got {q.dtype}, {k.dtype}, {v.dtype}")
+    D = q.shape[-1]
+    if k.shape[-1] != D or v.shape[-1] != D:
+        raise ValueError(f"head dims differ: q {D}, k {k.shape[-1]}, v {v.shape[-1]}")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim {D} not supported (one of {SUPPORTED_HEAD_DIMS})")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("the head dimension must be contiguous")
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+
+
+def flash_attention(q, k, v, mask=None, is_causal: bool = False, return_lse: bool = False):
+    """softmax(QK^T/sqrt(D))V with q [B, H, Sq, D], k/v [B, Hkv, Sk, D]; same signature as the
+    other attention backends (``mask`` must be None: causal is the only mask it applies)."""
+    if mask is not None:
+        raise ValueError("the flash kernel takes no explicit mask; use is_causal or another backend")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be [B, H, S, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    _validate(q, k, v, is_causal)
+    B, H, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"key and value shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if H % Hkv:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
+    if Sq == 0 or Sk == 0:
+        raise ValueError("empty sequence: attention needs at least one query and one key")
+    if is_causal and Sq > Sk:
+        raise ValueError(f"causal attention with more queries ({Sq}) than keys ({Sk}) leaves rows with no key")
+    o = torch.empty_like(q)
+    lse = torch.empty(B * H, Sq, device=q.device, dtype=torch.float32)
+    _launch(q, k, v, o, lse, B, H, Hkv, Sq, Sk, (q.stride(0), q.stride(1), q.stride(2)),
+            (k.stride(0), k.stride(1), k.stride(2)), (v.stride(0), v.stride(1), v.stride(2)),
+            (o.stride(0), o.stride(1), o.stride(2)), is_causal, None, None, Sq)
+    return (o, lse.view(B, H, Sq)) if return_lse else o
+
+
+def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, is_causal: bool = True):
+    """Packed variable-length batch: q [Tq, H, D], k/v [Tk, Hkv, D], sequence i is rows
+    cu_seqlens[i]:cu_seqlens[i+1] (int32, length B+1), as in flash-attn's varlen API."""
+    _validate(q, k, v, is_causal)
+    if q.dim() != 3 or k.dim() != 3:
+        raise ValueError("varlen inputs are packed [tokens, heads, head_dim]")
+    lens_q, lens_k = cu_seqlens_q.diff(), cu_seqlens_k.diff()
+    if len(lens_q) != len(lens_k) or bool((lens_q <= 0).any()) or bool((lens_k <= 0).any()):
+        raise ValueError("cu_seqlens must describe the same number of non-empty sequences")
+    if is_causal and bool((lens_q > lens_k).any()):
+        raise ValueError("causal attention with more queries than keys in some sequence")
+    B, H, Hkv = len(lens_q), q.shape[1], k.shape[1]
+    o = torch.empty_like(q)
+    lse = torch.empty(B * H, q.shape[0], device=q.device, dtype=torch.float32)
+    _launch(q, k, v, o, lse, B, H, Hkv, max_seqlen_q, 0, (0, q.stride(1), q.stride(0)),
+            (0, k.stride(1), k.stride(0)), (0, v.stride(1), v.stride(0)), (0, o.stride(1), o.stride(0)),
+            is_causal, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32), q.shape[0])
+    return o
+
+
+def _launch(q, k, v, o, lse, B, H, Hkv, Sq, Sk, sq, sk, sv, so, is_causal, cu_q, cu_k, lse_stride):
+    import os
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    D = q.shape[-1]
+    block_m, block_n, warps, stages = _config(D, q.dtype, interpret)
+    grid = (triton.cdiv(Sq, block_m), B * H)
+    flash_fwd_kernel[grid](
+        q, k, v, o, lse, cu_q if cu_q is not None else q, cu_k if cu_k is not None else q,
+        *sq, *sk, *sv, *so, H, H // Hkv, lse_stride if cu_q is not None else Sq, Sk,
+        (1.0 / math.sqrt(D)) * 1.4426950408889634,
+        IS_CAUSAL=is_causal, VARLEN=cu_q is not None, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=interpret and q.dtype == torch.bfloat16,
+        num_warps=warps, num_stages=stages)

@@ -1,0 +1,147 @@
+"""Measuring speculative decoding: speedup against k, temperature and batch, next to the formulas.
+
+Every prediction is fed measured inputs: alpha from the run's own acceptance statistics, c from
+timed single-token decode steps of each model, and the verify cost (a k+1-token target pass over
+a 1-token one) timed on the same cache. Nothing here prints.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import formulas, measure
+from ..kv import KVCache
+from .decoder import SpeculativeDecoder
+
+
+@torch.inference_mode()
+def step_time(model, tokens: int = 1, context: int = 64, batch_size: int = 1, repeats: int = 20) -> float:
+    """Median seconds of one cached forward of ``tokens`` new tokens after ``context`` cached ones."""
+    dev = model.device
+    cache = KVCache.for_model(model, batch_size, context + tokens)
+    ids = torch.randint(3, model.config.vocab_size, (batch_size, context + tokens), device=dev,
+                        generator=torch.Generator(device=dev).manual_seed(0))
+    model(ids[:, :context], cache=cache)
+
+    def once():
+        cache.truncate(context)
+        return model(ids[:, context:], cache=cache)
+    return measure.time_fn(once, warmup=3, repeats=repeats, device=dev).median
+
+
+def cost_ratio(target, draft, context: int = 64, batch_size: int = 1) -> float:
+    """c = T_draft / T_target for one decode step each (Leviathan et al.'s c)."""
+    return step_time(draft, 1, context, batch_size) / step_time(target, 1, context, batch_size)
+
+
+def verify_cost(target, k: int, context: int = 64, batch_size: int = 1) -> float:
+    """Time of the target's k+1-token verify pass in units of its 1-token decode step."""
+    return step_time(target, k + 1, context, batch_size) / step_time(target, 1, context, batch_size)
+
+
+def time_target(target, ids, new_tokens: int, repeats: int = 3, attention_mask=None) -> measure.Timing:
+    return measure.time_fn(lambda: target.generate(ids, max_new_tokens=new_tokens, stop_token_ids=(),
+                                                   attention_mask=attention_mask),
+                           warmup=1, repeats=repeats, device=target.device)
+
+
+def time_speculative(target, draft, ids, new_tokens: int, k: int, temperature: float = 0.0,
+                     repeats: int = 3, attention_mask=None, seed: int = 0):
+    dec = SpeculativeDecoder(target, draft, k)
+    last = {}
+
+    def run():
+        g = torch.Generator(device=ids.device).manual_seed(seed)
+        last["out"], last["stats"] = dec.generate(ids, new_tokens, temperature=temperature,
+                                                  attention_mask=attention_mask, generator=g)
+    t = measure.time_fn(run, warmup=1, repeats=repeats, device=target.device)
+    return t, last["out"], last["stats"]
+
+
+def time_assisted(hf_target, hf_draft, ids, new_tokens: int, repeats: int = 3, attention_mask=None):
+    """transformers' assisted generation (``generate(assistant_model=...)``), greedy."""
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=2,
+              assistant_model=hf_draft, attention_mask=attention_mask)
+    with torch.inference_mode():
+        out = hf_target.generate(ids, **kw)
+        t = measure.time_fn(lambda: hf_target.generate(ids, **kw), warmup=0, repeats=repeats, device=ids.device)
+    return t, out
+
+
+@torch.inference_mode()
+def compare_assisted(target, draft, ids, new_tokens: int = 64, k: int = 4, repeats: int = 3) -> dict:
+    """Ours, transformers' assisted generation on the same weights, and the target alone."""
+    from ..peers import hf_twin
+    hf_t, hf_d = hf_twin(target), hf_twin(draft)
+    t_ours, ours, _ = time_speculative(target, draft, ids, new_tokens, k, repeats=repeats)
+    t_hf, theirs = time_assisted(hf_t, hf_d, ids, new_tokens, repeats)
+    t_alone = time_target(target, ids, new_tokens, repeats)
+    return {"ours_s": t_ours.median, "assisted_s": t_hf.median, "target_s": t_alone.median,
+            "same_tokens": torch.equal(ours, theirs[:, : ours.shape[1]])}
+
+
+@torch.inference_mode()
+def distribution_test(target, draft, prompt, n: int = 2000, temperature: float = 0.8, top_k=None, top_p=None,
+                      k: int = 3, seed: int = 0) -> dict:
+    """Chi-square test of the first speculatively sampled token against the target's distribution
+    (``n`` rows of one prompt, decoded as one batch)."""
+    from ..generation import logits_to_probs
+    ids = prompt.reshape(1, -1).to(target.device)
+    out, st = SpeculativeDecoder(target, draft, k).generate(
+        ids.expand(n, -1), 1, temperature=temperature, top_k=top_k, top_p=top_p,
+        generator=torch.Generator(device=ids.device).manual_seed(seed))
+    probs = logits_to_probs(target(ids)[0, -1], temperature, top_k, top_p).double()
+    counts = torch.bincount(out[:, -1], minlength=probs.numel()).double().cpu()
+    expected = probs.cpu() * n
+    keep = expected >= 5                      # pool rare tokens into one cell, as the test requires
+    obs = torch.cat([counts[keep], counts[~keep].sum()[None]])
+    exp = torch.cat([expected[keep], expected[~keep].sum()[None]])
+    if exp[-1] < 5:
+        obs, exp = obs[:-1], exp[:-1]
+    chi2 = float(((obs - exp) ** 2 / exp).sum())
+    dof = len(obs) - 1
+    p_value = float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                            torch.tensor(chi2 / 2, dtype=torch.float64)))
+    return {"chi2": chi2, "dof": dof, "p_value": p_value, "alpha": st.alpha, "n": n,
+            "impossible_tokens": int(counts[expected == 0].sum())}
+
+
+def predictions(alpha: float, k: int, c: float, t_target: float, verify: float) -> dict:
+    """The document's formula, Leviathan et al.'s, and Leviathan's with the measured verify cost."""
+    return {
+        "as_written": formulas.speculative_speedup_as_written(t_target, c * t_target, alpha, k),
+        "leviathan": formulas.speculative_speedup(alpha, k, c),
+        "with_verify_cost": formulas.speculative_speedup_with_verify_cost(alpha, k, c, verify),
+    }
+
+
+def sweep_k(target, draft, ids, ks=(1, 2, 3, 4, 5, 6, 8), new_tokens: int = 64, temperature: float = 0.0,
+            repeats: int = 3, context: int = 64) -> list[dict]:
+    """Measured speedup over the target alone, per k, with the three predictions beside it."""
+    base = time_target(target, ids, new_tokens, repeats).median
+    t_step = step_time(target, 1, context)
+    c = step_time(draft, 1, context) / t_step
+    rows = []
+    for k in ks:
+        t, _, st = time_speculative(target, draft, ids, new_tokens, k, temperature, repeats)
+        v = step_time(target, k + 1, context) / t_step
+        rows.append({"k": k, "temperature": temperature, "alpha": st.alpha,
+                     "tokens_per_step": st.mean_tokens_per_step,
+                     "expected_tokens_per_step": formulas.expected_tokens_per_step(min(st.alpha, 1 - 1e-9), k),
+                     "speedup": base / t.median, "c": c, "verify_cost": v,
+                     "seconds": t.median, "target_seconds": base,
+                     **{f"predicted_{name}": val for name, val in predictions(st.alpha, k, c, t_step, v).items()}})
+    return rows
+
+
+def sweep_batch(target, draft, prompts_ids, batch_sizes=(1, 2, 4, 8), k: int = 4, new_tokens: int = 32,
+                repeats: int = 2) -> list[dict]:
+    """Speedup against batch size: the target's batched step gets cheaper per row, the draft's
+    relative cost and the verify cost grow, and rows wait for each other."""
+    rows = []
+    for B in batch_sizes:
+        ids = prompts_ids[:B]
+        base = time_target(target, ids, new_tokens, repeats).median
+        t, _, st = time_speculative(target, draft, ids, new_tokens, k, 0.0, repeats)
+        rows.append({"batch_size": B, "k": k, "alpha": st.alpha, "speedup": base / t.median,
+                     "target_tokens_per_s": B * new_tokens / base, "speculative_tokens_per_s": B * new_tokens / t.median})
+    return rows

@@ -1,0 +1,132 @@
+"""BlockManager invariants under random operation sequences (hypothesis), and its edge cases."""
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from llmops_lab.engine import BlockManager, NoFreeBlocksError, Sequence
+
+BS = 4
+
+
+class BlockManagerMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.bm = BlockManager(num_blocks=24, block_size=BS)
+        self.live: list[Sequence] = []
+
+    @rule(prompt=st.lists(st.integers(0, 3), min_size=1, max_size=14))
+    def add(self, prompt):
+        s = Sequence(prompt)
+        free_before = self.bm.num_free_blocks
+        if self.bm.can_allocate(s):
+            cached = self.bm.allocate(s)
+            assert len(s.block_table) == -(-len(prompt) // BS)
+            assert cached % BS == 0 and cached <= len(prompt)
+            self.live.append(s)
+        else:
+            with pytest.raises(NoFreeBlocksError):
+                self.bm.allocate(s)
+            assert self.bm.num_free_blocks == free_before and s.block_table == []
+
+    @precondition(lambda self: self.live)
+    @rule(i=st.integers(0, 100), tok=st.integers(0, 3))
+    def append(self, i, tok):
+        s = self.live[i % len(self.live)]
+        s.append_token(tok)
+        if self.bm.can_append(s):
+            shared = [self.bm.blocks[b].ref_count for b in s.block_table]
+            copy = self.bm.append_slot(s)
+            if copy is not None:
+                assert shared[-1] > 1 and copy[1] == s.block_table[-1]
+        else:
+            s.token_ids.pop()
+            with pytest.raises(NoFreeBlocksError):
+                s.append_token(tok)
+                self.bm.append_slot(s)
+            s.token_ids.pop()
+        assert len(s.block_table) == -(-len(s) // BS)
+
+    @precondition(lambda self: self.live)
+    @rule(i=st.integers(0, 100))
+    def fork(self, i):
+        parent = self.live[i % len(self.live)]
+        child = Sequence(parent.token_ids)
+        self.bm.fork(parent, child)
+        self.live.append(child)
+
+    @precondition(lambda self: self.live)
+    @rule(i=st.integers(0, 100))
+    def free(self, i):
+        s = self.live.pop(i % len(self.live))
+        self.bm.free(s)
+        with pytest.raises(RuntimeError, match="twice"):
+            self.bm.free(s)
+
+    @invariant()
+    def consistent(self):
+        self.bm.check_invariants(self.live)
+
+    def teardown(self):
+        for s in self.live:
+            self.bm.free(s)
+        self.bm.check_invariants([])
+        assert self.bm.num_free_blocks == len(self.bm.blocks), "blocks leaked"
+
+
+TestBlockManager = BlockManagerMachine.TestCase
+TestBlockManager.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+def test_prefix_cache_reuses_full_blocks_only():
+    bm = BlockManager(16, BS)
+    a = Sequence(list(range(10)))
+    bm.allocate(a)
+    b = Sequence(list(range(8)) + [99, 98, 97])
+    assert bm.allocate(b) == 8                       # two full blocks shared, the partial one not
+    assert b.block_table[:2] == a.block_table[:2] and b.block_table[2] != a.block_table[2]
+    bm.free(a)
+    bm.free(b)
+    c = Sequence(list(range(8)))                     # freed blocks stay cached until reused
+    assert bm.allocate(c) == 8
+    bm.check_invariants([c])
+
+
+def test_full_prefix_hit_exactly_at_a_block_boundary():
+    bm = BlockManager(8, BS)
+    a = Sequence(list(range(8)))
+    bm.allocate(a)
+    b = Sequence(list(range(8)))
+    assert bm.allocate(b) == 8 and b.block_table == a.block_table
+    b.append_token(5)                                # opens a fresh block: nothing shared is written
+    assert bm.append_slot(b) is None and b.block_table[:2] == a.block_table
+    bm.check_invariants([a, b])
+
+
+def test_copy_on_write_after_fork():
+    bm = BlockManager(8, BS)
+    p = Sequence([1, 2, 3, 4, 5, 6])                 # second block half full
+    bm.allocate(p)
+    c = Sequence(p.token_ids)
+    bm.fork(p, c)
+    c.append_token(7)
+    src, dst = bm.append_slot(c)
+    assert src == p.block_table[-1] and dst == c.block_table[-1] and src != dst
+    p.append_token(8)
+    assert bm.append_slot(p) is None                  # p now owns its block alone: no copy
+    bm.check_invariants([p, c])
+
+
+@pytest.mark.parametrize("bad", [0, 3, 12, -4])
+def test_block_size_must_be_a_power_of_two(bad):
+    with pytest.raises(ValueError, match="power of two"):
+        BlockManager(8, bad)
+
+
+def test_pool_exhaustion_is_a_signal_not_corruption():
+    bm = BlockManager(2, BS)
+    s = Sequence(list(range(12)))
+    assert not bm.can_allocate(s)
+    with pytest.raises(NoFreeBlocksError):
+        bm.allocate(s)
+    assert bm.num_free_blocks == 2 and s.block_table == []

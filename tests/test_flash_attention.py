@@ -1,0 +1,114 @@
+"""Flash attention: the tiled PyTorch algorithm and the Triton kernel against the naive reference.
+
+The kernel runs under TRITON_INTERPRET=1 on a CPU (set by scripts/test), at small sizes."""
+import os
+
+import pytest
+import torch
+
+from llmops_lab.attention import naive_attention
+from llmops_lab.attention import triton_flash
+from llmops_lab.attention.tiled import tiled_attention
+
+needs_triton = pytest.mark.skipif(not triton_flash.available(),
+                                  reason="needs CUDA or TRITON_INTERPRET=1 with triton installed")
+TOL = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+def qkv(B, H, Hkv, Sq, Sk, D, dtype=torch.float32, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda h, s: torch.randn(B, h, s, D, generator=g).to(device=device, dtype=dtype)
+    return mk(H, Sq), mk(Hkv, Sk), mk(Hkv, Sk)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("Sq, Sk, bm, bn", [(37, 37, 16, 8), (1, 50, 16, 16), (20, 45, 8, 16), (64, 64, 64, 64)])
+def test_tiled_equals_naive(causal, Sq, Sk, bm, bn):
+    q, k, v = qkv(2, 4, 2, Sq, Sk, 16)
+    want = naive_attention(q, k, v, is_causal=causal)
+    assert (tiled_attention(q, k, v, causal, bm, bn) - want).abs().max() < 1e-5
+
+
+def test_tiled_trace_records_running_statistics():
+    q, k, v = qkv(1, 1, 1, 8, 32, 16)
+    trace = []
+    tiled_attention(q, k, v, False, 8, 8, trace=trace)
+    assert len(trace) == 4 and all(b["sum"] >= a["sum"] * 0 for a, b in zip(trace, trace[1:]))
+    assert [t["max"] for t in trace] == sorted(t["max"] for t in trace)  # the running max never falls
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("B, H, Hkv, Sq, Sk, D", [
+    (2, 4, 2, 33, 33, 16),      # GQA, odd length
+    (1, 2, 2, 17, 40, 32),      # more keys than queries (queries aligned at the end)
+    (1, 4, 1, 1, 23, 64),       # one query (decode)
+])
+def test_kernel_matches_reference(dtype, causal, B, H, Hkv, Sq, Sk, D):
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = qkv(B, H, Hkv, Sq, Sk, D, dtype, device=dev)
+    want = naive_attention(q.float(), k.float(), v.float(), is_causal=causal)
+    got, lse = triton_flash.flash_attention(q, k, v, is_causal=causal, return_lse=True)
+    assert got.dtype == dtype and got.shape == q.shape
+    assert (got.float() - want).abs().max().item() < TOL[dtype]
+    assert torch.isfinite(lse).all()
+
+
+@needs_triton
+def test_kernel_head_dim_128_bf16():
+    q, k, v = qkv(1, 2, 1, 19, 19, 128, torch.bfloat16)
+    want = naive_attention(q.float(), k.float(), v.float(), is_causal=True)
+    assert (triton_flash.flash_attention(q, k, v, is_causal=True).float() - want).abs().max() < TOL[torch.bfloat16]
+
+
+@needs_triton
+def test_varlen_packed_batch_equals_each_sequence_alone():
+    lens = [5, 17, 9]
+    H, Hkv, D = 4, 2, 16
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(sum(lens), H, D, generator=g)
+    k = torch.randn(sum(lens), Hkv, D, generator=g)
+    v = torch.randn(sum(lens), Hkv, D, generator=g)
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+    out = triton_flash.flash_attention_varlen(q, k, v, cu, cu, max(lens), is_causal=True)
+    for i, n in enumerate(lens):
+        s, e = int(cu[i]), int(cu[i + 1])
+        want = naive_attention(q[s:e].transpose(0, 1)[None], k[s:e].transpose(0, 1)[None],
+                               v[s:e].transpose(0, 1)[None], is_causal=True)[0].transpose(0, 1)
+        assert (out[s:e] - want).abs().max() < 2e-4, i
+
+
+@pytest.mark.parametrize("fn", [tiled_attention, triton_flash.flash_attention])
+def test_bad_input_is_a_clear_error(fn):
+    q, k, v = qkv(1, 2, 2, 8, 8, 16)
+    with pytest.raises(ValueError, match="head dims"):
+        fn(q, k[..., :8], v)
+    with pytest.raises(ValueError, match="differ"):
+        fn(q, k, v[:, :, :5])
+    with pytest.raises(ValueError, match="empty"):
+        fn(q[:, :, :0], k, v)
+    if fn is triton_flash.flash_attention:
+        with pytest.raises(TypeError, match="supports"):
+            fn(q.double(), k.double(), v.double())
+        with pytest.raises(ValueError, match="head dim 24"):
+            fn(*qkv(1, 2, 2, 8, 8, 24))
+
+
+@needs_triton
+def test_flash_is_a_runtime_backend():
+    from llmops_lab.config import ModelConfig
+    from llmops_lab.kv import KVCache
+    from llmops_lab.model import LlamaModel
+    torch.manual_seed(0)
+    m = LlamaModel(ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
+    ids = torch.randint(0, 64, (2, 21))
+    with torch.no_grad():
+        assert (m(ids, backend="flash") - m(ids, backend="sdpa")).abs().max() < 1e-4
+        cache = KVCache.for_model(m, 2, 32)
+        m(ids[:, :20], cache=cache, backend="flash")
+        step = m(ids[:, 20:], cache=cache, backend="flash")          # decode: one query, all keys
+        assert (step[:, -1] - m(ids, backend="sdpa")[:, -1]).abs().max() < 1e-4
+        with pytest.raises(ValueError, match="mask"):
+            m(ids, attention_mask=torch.ones(2, 21, dtype=torch.long), backend="flash")
