@@ -78,8 +78,9 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)     # [B, Hkv, S, D]
         v = self.v_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v, start)
+        if cache is not None:  # a cache that selects what to keep by attention (H2O) also sees q
+            k, v = (cache.update(self.layer_idx, k, v, start, q=q) if getattr(cache, "needs_query", False)
+                    else cache.update(self.layer_idx, k, v, start))
         out = backend(q, k, v, mask, is_causal)                                       # [B, H, S, D]
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
