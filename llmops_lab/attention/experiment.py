@@ -84,7 +84,7 @@ def latency_row(name, fn, B, H, Hkv, S, D, dtype, device, causal=True, repeats=5
 
 
 def sweep(seq_lens, impls: dict, B=1, H=8, Hkv=8, D=64, dtype=torch.float32, device="cpu",
-          causal=True, memory=True, latency=True, max_naive_len: int | None = None) -> list[dict]:
+          causal=True, memory=True, latency=True, max_naive_len: int | None = None, repeats: int = 5) -> list[dict]:
     rows = []
     for S in seq_lens:
         for name, fn in impls.items():
@@ -94,6 +94,6 @@ def sweep(seq_lens, impls: dict, B=1, H=8, Hkv=8, D=64, dtype=torch.float32, dev
             if memory:
                 r.update(memory_row(name, fn, B, H, Hkv, S, D, dtype, device, causal))
             if latency:
-                r.update(latency_row(name, fn, B, H, Hkv, S, D, dtype, device, causal))
+                r.update(latency_row(name, fn, B, H, Hkv, S, D, dtype, device, causal, repeats))
             rows.append(r)
     return rows

@@ -11,6 +11,8 @@ def plot_tiles(ax_grid, ax_stats, trace: list[dict], n_q_blocks: int, n_k_blocks
     for i, t in enumerate(trace):
         order[t["q_block"], t["k_block"]] = i
     im = ax_grid.imshow(order, cmap="viridis")
+    ax_grid.set_xticks(range(n_k_blocks))
+    ax_grid.set_yticks(range(n_q_blocks))
     ax_grid.set_xlabel("key block")
     ax_grid.set_ylabel("query block")
     ax_grid.set_title("tiles computed (colour = step)")

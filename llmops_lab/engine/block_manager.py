@@ -125,7 +125,8 @@ class BlockManager:
                 if full:
                     self._register(b, h, toks)
             seq.block_table.append(b.block_id)
-        seq.last_hash = h
+            if full:                  # the chain continues from the last *full* block only
+                seq.last_hash = h
         return cached_tokens
 
     def _register(self, b: Block, h: int, toks: tuple) -> None:

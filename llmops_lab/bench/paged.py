@@ -1,0 +1,48 @@
+"""Paged attention bench: our Triton paged decode kernel against SDPA on a contiguous cache, same run.
+
+GPU: B=64 sequences of 4096 tokens, 32 query heads and 8 KV heads of dim 128, bf16, blocks of 16
+scattered over the pool. Targets: the kernel within 10% of SDPA's speed on the same keys and values
+held contiguously, and at least 80% of the copy bandwidth measured in this run (bytes read =
+every key and value once). The gather + SDPA reference shows what reading through a copy costs.
+On a CPU (or with --quick) only the PyTorch paths run, at small sizes.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import roofline
+from ..paged import experiment
+from . import BenchContext, row
+
+OURS, SDPA, GATHER = "ours: Triton paged decode", "SDPA, contiguous cache", "gather + SDPA (paged reference)"
+SHORT = {OURS: "ours (Triton paged)", SDPA: "SDPA contiguous", GATHER: "gather+SDPA"}
+
+
+def run(ctx: BenchContext) -> list[dict]:
+    gpu = ctx.device.type == "cuda"
+    if gpu and not ctx.quick:
+        B, H, Hkv, S, D, dtype = 64, 32, 8, 4096, 128, torch.bfloat16
+    else:
+        B, H, Hkv, S, D, dtype = 4, 8, 2, 256, 64, (torch.bfloat16 if gpu else torch.float32)
+    block_size = 16
+    bw = ctx.results.get("copy_bandwidth")
+    if bw is None:
+        bw = roofline.copy_bandwidth(ctx.device, (1 << 30 if gpu else 1 << 27) // (8 if ctx.quick else 1))
+        ctx.results["copy_bandwidth"] = bw
+    res = experiment.decode_attention_latencies(B, H, Hkv, S, D, block_size, dtype, ctx.device,
+                                                repeats=5 if ctx.quick else 50, kernel=gpu)
+    nbytes = experiment.kv_bytes_read(B, Hkv, S, D, dtype)
+    gbps = {name: nbytes / r["timing"].median / 1e9 for name, r in res.items()}
+    label = f"B={B} S={S}"                       # shapes and block size: the module docstring
+    rows = [row("paged", f"{label}: {SHORT[name]} time", r["timing"].median * 1e6, "µs", max_err=r["max_err"])
+            for name, r in res.items()]
+    for name in (OURS, GATHER):
+        if name in res:
+            ours = gpu and name == OURS
+            rows.append(row("paged", f"{label}: {SHORT[name]} vs SDPA", gbps[name], "GB/s", peer="SDPA contiguous",
+                            peer_value=gbps[SDPA], target=">= 0.9x" if ours else None))
+            rows.append(row("paged", f"{label}: {SHORT[name]} bandwidth", gbps[name], "GB/s",
+                            peer="copy bandwidth", peer_value=bw / 1e9, target=">= 0.80x" if ours else None))
+    rows.append(row("paged", f"{label}: SDPA contiguous bandwidth", gbps[SDPA], "GB/s", peer="copy bandwidth",
+                    peer_value=bw / 1e9))
+    return rows

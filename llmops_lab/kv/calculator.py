@@ -1,0 +1,116 @@
+"""KV-memory calculator: how many tokens, blocks and sequences fit on a GPU.
+
+vLLM (Kwon et al. 2023) sizes its KV cache at start-up: of the GPU's memory it takes the fraction
+``gpu_memory_utilization``, subtracts the weights and the peak activation memory of a profiling
+run, and cuts the rest into blocks of ``block_size`` tokens. It then logs "# GPU blocks", the "GPU
+KV cache size" in tokens and the "Maximum concurrency for N tokens per request". This module
+does that sum for any ``ModelConfig`` with the formulas of ``llmops_lab.formulas``; activation
+memory is an input (``activation_bytes``), since here nothing is profiled.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import formulas
+from ..config import ModelConfig
+
+# Total memory of common GPUs in bytes, as torch.cuda reports it (binary GiB, as sold: "80GB" = 80 GiB).
+GPU_MEMORY = {"H100 80GB": 80 * 2**30, "H200 141GB": 141 * 2**30, "A100 80GB": 80 * 2**30,
+              "A100 40GB": 40 * 2**30, "L4 24GB": 24 * 2**30, "RTX 4090 24GB": 24 * 2**30}
+
+
+@dataclass(frozen=True)
+class KVBudget:
+    """The result of ``kv_cache_budget``: bytes in, tokens, blocks and sequences out."""
+
+    model: str
+    gpu_memory_bytes: float
+    gpu_memory_utilization: float
+    weight_bytes: float
+    activation_bytes: float
+    kv_bytes_available: float     # gpu x utilization - weights - activations
+    bytes_per_token: float        # 2 x L x n_kv_heads x d_head x sizeof(dtype)
+    block_size: int
+    num_gpu_blocks: int           # whole blocks that fit
+    max_model_len: int
+
+    @property
+    def bytes_per_block(self) -> float:
+        return self.bytes_per_token * self.block_size
+
+    @property
+    def num_tokens(self) -> int:
+        """Token slots in the whole blocks: vLLM's "GPU KV cache size"."""
+        return self.num_gpu_blocks * self.block_size
+
+    @property
+    def blocks_per_sequence(self) -> int:
+        """Blocks one sequence of ``max_model_len`` tokens needs: ceil(max_model_len / block_size)."""
+        return formulas.num_blocks(self.max_model_len, self.block_size)
+
+    @property
+    def max_concurrency(self) -> float:
+        """Sequences of ``max_model_len`` tokens that fit at once, fractional, as vLLM logs it."""
+        return self.num_gpu_blocks / self.blocks_per_sequence
+
+    @property
+    def max_num_seqs(self) -> int:
+        """Whole sequences of ``max_model_len`` tokens that fit at once."""
+        return self.num_gpu_blocks // self.blocks_per_sequence
+
+    def log_line(self) -> str:
+        """vLLM's start-up lines, with these numbers."""
+        return (f"# GPU blocks: {self.num_gpu_blocks:,}; GPU KV cache size: {self.num_tokens:,} tokens; "
+                f"Maximum concurrency for {self.max_model_len:,} tokens per request: {self.max_concurrency:.2f}x")
+
+
+def kv_cache_budget(config: ModelConfig | str, gpu_memory_bytes: float, gpu_memory_utilization: float = 0.9,
+                    dtype_bytes: float = 2, block_size: int = 16, weight_bytes: float | None = None,
+                    activation_bytes: float = 0, max_model_len: int | None = None) -> KVBudget:
+    """What fits in a GPU's KV cache.
+
+    Args:
+        config: a ``ModelConfig`` or a preset name (``llmops_lab.presets``).
+        gpu_memory_bytes: the GPU's total memory, in bytes.
+        gpu_memory_utilization: the fraction of it the engine may use (vLLM's default 0.9).
+        dtype_bytes: bytes per cached element (2 for fp16/bf16, 1 for an fp8 or int8 KV cache).
+        block_size: tokens per KV block.
+        weight_bytes: memory of the weights; default ``config.num_parameters() x dtype_bytes``.
+        activation_bytes: peak activation memory of a forward pass (vLLM profiles it).
+        max_model_len: the per-request length for the concurrency figure; default the model's context.
+
+    Returns:
+        KVBudget. Raises ValueError when the weights and activations leave no room for one block.
+    """
+    if isinstance(config, str):
+        from ..presets import get_preset
+        config = get_preset(config)
+    if not 0 < gpu_memory_utilization <= 1:
+        raise ValueError(f"gpu_memory_utilization must lie in (0, 1], got {gpu_memory_utilization}")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    if gpu_memory_bytes <= 0 or dtype_bytes <= 0 or activation_bytes < 0:
+        raise ValueError("gpu_memory_bytes and dtype_bytes must be > 0 and activation_bytes >= 0")
+    if weight_bytes is None:
+        weight_bytes = formulas.weight_bytes(config, 8 * dtype_bytes)
+    max_model_len = max_model_len or config.max_position_embeddings
+    if max_model_len < 1:
+        raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")
+    available = gpu_memory_bytes * gpu_memory_utilization - weight_bytes - activation_bytes
+    per_token = formulas.kv_cache_bytes_per_token(config, dtype_bytes)
+    blocks = int(max(available, 0) // (per_token * block_size))
+    if blocks < 1:
+        usable = formulas.to_gb(gpu_memory_bytes * gpu_memory_utilization)
+        raise ValueError(f"no room for the KV cache: {usable:.2f} GB usable, "
+                         f"{formulas.to_gb(weight_bytes + activation_bytes):.2f} GB of weights and "
+                         f"activations; one block needs {per_token * block_size:,.0f} bytes more")
+    return KVBudget(model=config.name, gpu_memory_bytes=gpu_memory_bytes,
+                    gpu_memory_utilization=gpu_memory_utilization, weight_bytes=weight_bytes,
+                    activation_bytes=activation_bytes, kv_bytes_available=available,
+                    bytes_per_token=per_token, block_size=block_size, num_gpu_blocks=blocks,
+                    max_model_len=max_model_len)
+
+
+def concurrency_curve(config: ModelConfig | str, max_model_lens, **kwargs) -> list[float]:
+    """``max_concurrency`` of ``kv_cache_budget`` at each max_model_len (the widget's curve)."""
+    return [kv_cache_budget(config, max_model_len=n, **kwargs).max_concurrency for n in max_model_lens]

@@ -1,0 +1,96 @@
+"""int8 KV cache: keys and values stored as 8-bit integers with one scale per token and head.
+
+Symmetric absmax quantization (Jacob et al. 2018) along the head dimension: each cached vector
+x [D] is stored as q = round(x / Delta) in -127..127 with Delta = max|x| / 127
+(``formulas.quant_step_symmetric(max|x|, 8)``), so |x - q Delta| <= Delta / 2
+(``formulas.quant_error_bound_symmetric``). One scale per token and head, as in KIVI (Liu et al.
+2024) for values and in vLLM's per-token int8 KV; keys have outlier channels that per-channel
+scales would handle better (KIVI), which this simple per-token scheme gives up for simplicity.
+Attention runs on the dequantized tensors: the cache saves memory, not arithmetic.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import formulas
+from .sliding_window import model_dims
+
+QMAX = 127  # int8 codes -127..127; -128 is left unused so the grid is symmetric
+
+
+def quantize_per_token(x: torch.Tensor, scale_dtype=torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (int8 codes [..., D], scales [..., 1] in scale_dtype), absmax over D."""
+    xf = x.float()
+    tiny = torch.finfo(scale_dtype).tiny  # an all-zero vector still gets a usable scale
+    scale = (xf.abs().amax(-1, keepdim=True) / QMAX).clamp(min=tiny).to(scale_dtype)
+    # Rounding against the stored (rounded) scale keeps the error within half of that scale.
+    q = (xf / scale.float()).round().clamp(-QMAX, QMAX).to(torch.int8)
+    return q, scale
+
+
+def dequantize_per_token(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    return (q.float() * scale.float()).to(dtype)
+
+
+def quantized_kv_cache_bytes(num_layers: int, num_kv_heads: int, head_dim: int, seq_len: int,
+                             bits: int = 8, scale_bytes: float = 2, batch_size: int = 1) -> float:
+    """Bytes of a KV cache quantized per token and head: 2 x L x B x Hkv x s x (D x b/8 + scale_bytes).
+
+    The ``formulas.kv_cache_bytes`` layout with each D-vector stored in b bits plus one scale;
+    int8 with fp16 scales and D = 128: 130 bytes per vector against 256 in fp16 (1.97x smaller).
+    """
+    per_vector = head_dim * bits / 8 + scale_bytes
+    return formulas.kv_cache_bytes(num_layers, num_kv_heads, 1, seq_len, per_vector, batch_size)
+
+
+class Int8KVCache:
+    """A contiguous cache like ``KVCache`` (same layout, any chunk size) holding int8 codes + scales.
+
+    ``update`` returns the dequantized keys/values 0..start+S in ``dtype``; ``nbytes`` counts the
+    int8 codes and the scales actually allocated (``quantized_kv_cache_bytes``).
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int,
+                 max_seq_len: int, dtype=torch.float32, device="cpu", scale_dtype=torch.float16,
+                 context_len: int | None = None):
+        if min(num_layers, batch_size, num_kv_heads, head_dim, max_seq_len) < 1:
+            raise ValueError("cache dimensions must all be >= 1")
+        if context_len is not None and max_seq_len > context_len:
+            raise ValueError(f"max_seq_len of {max_seq_len} exceeds the model's context of {context_len}")
+        shape = (batch_size, num_kv_heads, max_seq_len, head_dim)
+        codes = lambda: [torch.zeros(shape, dtype=torch.int8, device=device) for _ in range(num_layers)]
+        scales = lambda: [torch.zeros(shape[:3] + (1,), dtype=scale_dtype, device=device)
+                          for _ in range(num_layers)]
+        self.k, self.v, self.k_scale, self.v_scale = codes(), codes(), scales(), scales()
+        self.dtype, self.scale_dtype = dtype, scale_dtype
+        self.batch_size, self.max_seq_len = batch_size, max_seq_len
+        self.length = 0
+
+    @classmethod
+    def for_model(cls, model, batch_size: int, max_seq_len: int | None = None, dtype=None, device=None,
+                  scale_dtype=torch.float16):
+        dims = model_dims(model, dtype, device, evicts=False)
+        return cls(batch_size=batch_size, max_seq_len=max_seq_len or dims["context_len"],
+                   scale_dtype=scale_dtype, **dims)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start):
+        """Quantize k, v [B, Hkv, S, D] into positions start..start+S; return 0..start+S dequantized."""
+        if torch.is_tensor(start):
+            raise ValueError("Int8KVCache does not support the static-shape decode step (per-row start)")
+        end = start + k.shape[2]
+        if end > self.max_seq_len:
+            raise ValueError(f"KV cache overflow: writing up to position {end} in a cache of {self.max_seq_len}")
+        if k.shape[0] != self.batch_size:
+            raise ValueError(f"batch of {k.shape[0]} rows does not match the cache's {self.batch_size}")
+        for codes, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            codes[layer][:, :, start:end], scales[layer][:, :, start:end] = quantize_per_token(x, self.scale_dtype)
+        return (dequantize_per_token(self.k[layer][:, :, :end], self.k_scale[layer][:, :, :end], k.dtype),
+                dequantize_per_token(self.v[layer][:, :, :end], self.v_scale[layer][:, :, :end], v.dtype))
+
+    def reset(self) -> None:
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated: int8 codes plus one scale per token and head, for keys and values."""
+        return sum(t.numel() * t.element_size() for t in self.k + self.v + self.k_scale + self.v_scale)

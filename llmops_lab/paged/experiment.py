@@ -1,0 +1,138 @@
+"""Measuring paged attention: decode-attention latency and bandwidth, and a model's decode step.
+
+Kernel level: the same keys and values held twice, contiguous [B, Hkv, S, D] and paged in blocks
+scattered at random over the pool (a fragmented pool, the case paging exists for); SDPA reads the
+first, the gather reference and our Triton kernel the second. Bytes read by one decode call are
+2 x B x Hkv x S x D x sizeof (every key and value once), so bandwidth = bytes / time.
+Model level: seconds per greedy decode step of the runtime with the contiguous ``KVCache`` against
+the ``PagedKVCache`` (prefill excluded).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import measure
+from ..attention import sdpa_attention
+from ..kv import KVCache
+from . import triton_paged
+from .attention import gather_kv, paged_attention
+from .cache import PagedKVCache
+
+
+def paged_inputs(lens, H: int, Hkv: int, D: int, block_size: int, dtype=torch.float32, device="cpu",
+                 seed: int = 0, spare_blocks: int = 3):
+    """Random q [B, H, D] and pools whose blocks are handed to the sequences in shuffled order.
+
+    Returns:
+        (q, k_pool, v_pool, block_tables [B, max_blocks] int32, context_lens [B] int32).
+    """
+    g = torch.Generator().manual_seed(seed)
+    need = [-(-n // block_size) for n in lens]
+    num_blocks = sum(need) + spare_blocks
+    pool = lambda: torch.randn(num_blocks, Hkv, block_size, D, generator=g).to(device=device, dtype=dtype)
+    k_pool, v_pool = pool(), pool()
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    tables = torch.zeros(len(lens), max(need), dtype=torch.int32)
+    for b, n in enumerate(need):
+        tables[b, :n] = torch.tensor([order.pop() for _ in range(n)], dtype=torch.int32)
+    q = torch.randn(len(lens), H, D, generator=g).to(device=device, dtype=dtype)
+    return q, k_pool, v_pool, tables.to(device), torch.tensor(lens, dtype=torch.int32, device=device)
+
+
+def contiguous_and_paged(B: int, H: int, Hkv: int, context: int, D: int, block_size: int,
+                         dtype=torch.bfloat16, device="cpu", seed: int = 0) -> dict:
+    """One decode batch's q and KV, held contiguous (k, v) and paged (k_pool, v_pool, block_tables)."""
+    if context % block_size:
+        raise ValueError(f"context {context} must be a multiple of block_size {block_size} here")
+    g = torch.Generator(device=device).manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g, device=device, dtype=dtype)
+    q, k, v = rand(B, H, D), rand(B, Hkv, context, D), rand(B, Hkv, context, D)
+    nb = context // block_size
+    perm = torch.randperm(B * nb, generator=g, device=device)   # block j of row b lives at perm[b*nb + j]
+
+    def to_pool(x):
+        pool = torch.empty(B * nb, Hkv, block_size, D, device=device, dtype=dtype)
+        pool[perm] = x.view(B, Hkv, nb, block_size, D).transpose(1, 2).reshape(B * nb, Hkv, block_size, D)
+        return pool
+
+    return dict(q=q, k=k, v=v, k_pool=to_pool(k), v_pool=to_pool(v),
+                block_tables=perm.view(B, nb).to(torch.int32),
+                context_lens=torch.full((B,), context, dtype=torch.int32, device=device))
+
+
+def kv_bytes_read(B: int, Hkv: int, context: int, D: int, dtype) -> int:
+    """Bytes one decode-attention call must read: every key and value of every sequence once."""
+    return 2 * B * Hkv * context * D * torch.empty((), dtype=dtype).element_size()
+
+
+def decode_attention_latencies(B: int, H: int, Hkv: int, context: int, D: int, block_size: int = 16,
+                               dtype=torch.bfloat16, device="cpu", repeats: int = 20,
+                               kernel: bool | None = None) -> dict:
+    """Timings of one decode-attention call: SDPA on the contiguous cache, gather + SDPA on the
+    paged one, and (on a GPU, or when ``kernel``) our Triton paged kernel; with the max error of
+    each against SDPA's output.
+
+    Returns:
+        {name: {"timing": Timing, "max_err": float}}
+    """
+    x = contiguous_and_paged(B, H, Hkv, context, D, block_size, dtype, device)
+    q4 = x["q"][:, :, None]
+    impls = {
+        "SDPA, contiguous cache": lambda: sdpa_attention(q4, x["k"], x["v"])[:, :, 0],
+        "gather + SDPA (paged reference)": lambda: sdpa_attention(
+            q4, gather_kv(x["k_pool"], x["block_tables"], context),
+            gather_kv(x["v_pool"], x["block_tables"], context))[:, :, 0],
+    }
+    if kernel if kernel is not None else torch.device(device).type == "cuda":
+        impls["ours: Triton paged decode"] = lambda: triton_paged.paged_decode(
+            x["q"], x["k_pool"], x["v_pool"], x["block_tables"], x["context_lens"], max_context_len=context)
+    ref = impls["SDPA, contiguous cache"]().float()
+    res = {}
+    for name, fn in impls.items():
+        err = (fn().float() - ref).abs().max().item()
+        res[name] = {"timing": measure.time_fn(fn, warmup=3, repeats=repeats, device=device), "max_err": err}
+    return res
+
+
+def decode_step_latency(model, batch_size: int = 4, context: int = 256, block_size: int = 16,
+                        new_tokens: int = 8, repeats: int = 3, attentions=None) -> dict:
+    """Seconds per greedy decode step after a prompt of ``context`` tokens, with the contiguous
+    ``KVCache`` and with the paged cache in each mode of ``attentions`` (default: gather, plus the
+    Triton kernel on a GPU). Each repeat prefills untimed, then times ``new_tokens`` steps.
+
+    Returns:
+        {name: Timing of seconds per step}; tokens/s is batch_size / median.
+    """
+    dev = model.device
+    g = torch.Generator(device=dev).manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (batch_size, context), device=dev, generator=g)
+    if attentions is None:
+        attentions = ["gather"] + (["kernel"] if dev.type == "cuda" and triton_paged.available(dev) else [])
+
+    def contiguous():
+        cache = KVCache.for_model(model, batch_size, context + new_tokens)
+        return cache, model(ids, cache=cache, last_only=True)[:, -1], None
+
+    def paged(attention):
+        cache = PagedKVCache.for_model(model, batch_size, block_size=block_size, attention=attention)
+        cache.add_prompts(ids)
+        return cache, model(ids, cache=cache, backend=paged_attention, last_only=True)[:, -1], paged_attention
+
+    def steps(cache, logits, backend):
+        for _ in range(new_tokens):
+            tok = logits.argmax(-1)
+            if backend is not None:
+                cache.append_tokens(tok)
+            logits = model(tok[:, None], cache=cache, backend=backend)[:, -1]
+
+    setups = {"contiguous KVCache": contiguous}
+    for att in attentions:
+        setups["paged, Triton kernel" if att == "kernel" else "paged, gather + SDPA"] = lambda att=att: paged(att)
+    out = {}
+    with torch.inference_mode():
+        for label, setup in setups.items():
+            steps(*setup())                                   # warm-up
+            samples = [measure.time_fn(steps, *setup(), warmup=0, repeats=1, device=dev).median / new_tokens
+                       for _ in range(repeats)]
+            out[label] = measure.Timing(samples)
+    return out

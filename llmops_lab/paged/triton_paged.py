@@ -1,0 +1,217 @@
+"""A paged decode-attention kernel in Triton: one new query per sequence, keys read through its block table.
+
+Kwon et al. 2023 (PagedAttention, vLLM) for the paged layout; Dao et al. 2023 (Flash-Decoding) for
+splitting a long context over several programs and merging their partial results by log-sum-exp.
+
+Each program owns one (sequence, KV head, split): it loads the GROUP query heads that share that
+KV head as one [GROUP_PAD, D] tile, then walks its range of the context BLOCK_N tokens at a time.
+Each token's slot is looked up in the block table (block_tables[b, pos // BLOCK_SIZE]) and its K/V
+row is loaded straight from the pool, so nothing is gathered into a contiguous copy, and each
+K/V byte is read from memory once for the whole group of query heads, which is what makes decode
+reach the bandwidth limit with grouped-query attention. With several splits each program stores
+its normalised partial output and log-sum-exp; a second small kernel merges them.
+
+Reference: ``attention.paged_decode_reference`` gathers every block into a contiguous
+[B, Hkv, S, D] copy first (reads the KV once, writes it once, reads it again: 3x the kernel's
+traffic), then runs the naive softmax. Runs on a CPU under TRITON_INTERPRET=1 at small sizes.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the package works without triton; only this kernel needs it
+    triton = None
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available(device: str | torch.device | None = None) -> bool:
+    """Whether the kernel can run on ``device`` (default: CUDA if present): a GPU, or the interpreter."""
+    if triton is None:
+        return False
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return dev.type == "cuda" or _interpret()
+
+
+if triton is not None:
+    @triton.jit
+    def paged_decode_kernel(q_ptr, k_pool_ptr, v_pool_ptr, block_tables_ptr, context_lens_ptr, o_ptr, lse_ptr,
+                            stride_qb, stride_qh, stride_kn, stride_kh, stride_ks, stride_vn, stride_vh, stride_vs,
+                            stride_btb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                            tokens_per_split, qk_scale_log2,
+                            GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                            BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                            UPCAST: tl.constexpr):
+        b, h_kv, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        context_len = tl.load(context_lens_ptr + b)
+        lo = split * tokens_per_split
+        hi = tl.minimum(lo + tokens_per_split, context_len)
+        offs_g = tl.arange(0, GROUP_PAD)                   # the query heads sharing this KV head
+        offs_d = tl.arange(0, HEAD_DIM)
+        in_g = offs_g < GROUP
+        heads = h_kv * GROUP + offs_g
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=in_g[:, None], other=0.0)
+        if UPCAST:  # Triton's CPU interpreter computes bf16 dots wrongly; on a GPU this is off
+            q = q.to(tl.float32)
+        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        table = block_tables_ptr + b * stride_btb
+        k_head = k_pool_ptr + h_kv * stride_kh
+        v_head = v_pool_ptr + h_kv * stride_vh
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            in_n = offs_n < hi
+            # The page-table walk: logical position -> physical block, offset inside it.
+            block = tl.load(table + offs_n // BLOCK_SIZE, mask=in_n, other=0).to(tl.int64)
+            slot = offs_n % BLOCK_SIZE
+            k = tl.load(k_head + block[:, None] * stride_kn + slot[:, None] * stride_ks + offs_d[None, :],
+                        mask=in_n[:, None], other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2  # [GROUP_PAD, BLOCK_N]
+            s = tl.where(in_n[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            correction = tl.math.exp2(m_i - m_new)
+            l_i = l_i * correction + tl.sum(p, 1)
+            v = tl.load(v_head + block[:, None] * stride_vn + slot[:, None] * stride_vs + offs_d[None, :],
+                        mask=in_n[:, None], other=0.0)
+            if UPCAST:
+                v = v.to(tl.float32)
+            acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+        # An empty split (context shorter than its start) leaves l = 0: output 0, lse -inf, weight 0.
+        nonempty = l_i > 0
+        acc = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+        lse = tl.where(nonempty, (m_i + tl.math.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+        tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :],
+                 acc.to(o_ptr.dtype.element_ty), mask=in_g[:, None])
+        tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=in_g)
+
+    @triton.jit
+    def merge_splits_kernel(o_part_ptr, lse_part_ptr, o_ptr, lse_ptr, num_splits, H,
+                            stride_pb, stride_ph, stride_ps, stride_ob, stride_oh,
+                            HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr):
+        """out = sum_s exp(lse_s - lse) o_s with lse = log sum_s exp(lse_s): the softmax over all
+        keys, rebuilt from each split's softmax over its own keys."""
+        pid = tl.program_id(0)
+        b, h = pid // H, pid % H
+        offs_s = tl.arange(0, SPLITS_PAD)
+        offs_d = tl.arange(0, HEAD_DIM)
+        in_s = offs_s < num_splits
+        lse_s = tl.load(lse_part_ptr + pid * num_splits + offs_s, mask=in_s, other=float("-inf"))
+        m = tl.max(lse_s, 0)                               # finite: split 0 always holds a key
+        w = tl.math.exp(lse_s - m)
+        o_s = tl.load(o_part_ptr + b * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
+                      mask=in_s[:, None], other=0.0)
+        total = tl.sum(w, 0)
+        out = tl.sum(w[:, None] * o_s, 0) / total
+        tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty))
+        tl.store(lse_ptr + pid, m + tl.math.log(total))
+
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+BLOCK_N = 64          # tokens per loop step (several 16-token blocks); 16 under the interpreter
+
+
+def _check(q, k_pool, v_pool, block_tables, context_lens):
+    if q.dim() != 3:
+        raise ValueError(f"q must be [B, H, D] (one query per sequence), got {tuple(q.shape)}")
+    if k_pool.dim() != 4 or k_pool.shape != v_pool.shape:
+        raise ValueError(f"pools must be [num_blocks, Hkv, block_size, D] and equal; got "
+                         f"{tuple(k_pool.shape)}, {tuple(v_pool.shape)}")
+    B, H, D = q.shape
+    _, Hkv, block_size, Dk = k_pool.shape
+    if Dk != D:
+        raise ValueError(f"head dims differ: q {D}, pool {Dk}")
+    if H % Hkv:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
+    if block_size < 1 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 1, got {block_size}")
+    if block_tables.dim() != 2 or block_tables.shape[0] != B or context_lens.shape != (B,):
+        raise ValueError(f"block_tables must be [B, max_blocks] and context_lens [B] for B={B}; got "
+                         f"{tuple(block_tables.shape)}, {tuple(context_lens.shape)}")
+
+
+def paged_decode(q, k_pool, v_pool, block_tables, context_lens, num_splits: int | None = None,
+                 max_context_len: int | None = None, return_lse: bool = False):
+    """Decode attention over a paged KV cache, on a GPU (or the Triton interpreter).
+
+    Args:
+        q: [B, H, D], the one new query of each sequence.
+        k_pool, v_pool: [num_blocks, Hkv, block_size, D].
+        block_tables: [B, max_blocks] int32, physical block of each logical block (extra entries
+            beyond a sequence's length are never read).
+        context_lens: [B] int32, keys each sequence attends to (>= 1).
+        num_splits: programs per (sequence, KV head) along the context; None picks enough to fill
+            the GPU. Splitting needs ``max_context_len`` (else it is read from context_lens).
+
+    Returns:
+        [B, H, D] in q's dtype (and the natural-log log-sum-exp [B, H] with ``return_lse``).
+    """
+    _check(q, k_pool, v_pool, block_tables, context_lens)
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    if q.dtype not in SUPPORTED_DTYPES or k_pool.dtype != q.dtype or v_pool.dtype != q.dtype:
+        raise TypeError(f"paged decode supports {SUPPORTED_DTYPES}, with q and pools of one dtype")
+    B, H, D = q.shape
+    Hkv, block_size = k_pool.shape[1], k_pool.shape[2]
+    if D & (D - 1) or D < 16:
+        raise ValueError(f"head dim {D} not supported: the kernel needs a power of two >= 16")
+    if q.stride(-1) != 1 or k_pool.stride(-1) != 1 or v_pool.stride(-1) != 1:
+        raise ValueError("the head dimension must be contiguous")
+    interpret = _interpret()
+    block_n = 16 if interpret else BLOCK_N
+    if num_splits is None:
+        num_splits = _default_splits(q.device, B * Hkv, max_context_len, block_n)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    if num_splits == 1:
+        tokens_per_split = 1 << 30
+    else:
+        if max_context_len is None:
+            max_context_len = int(context_lens.max())
+        tokens_per_split = triton.cdiv(triton.cdiv(max_context_len, num_splits), block_n) * block_n
+    block_tables = block_tables.to(torch.int32)
+    context_lens = context_lens.to(torch.int32)
+    out = torch.empty_like(q)
+    lse = torch.empty(B, H, device=q.device, dtype=torch.float32)
+    if num_splits == 1:  # write the final output directly
+        o_part, lse_part = out[:, :, None], lse[:, :, None]
+    else:
+        o_part = torch.empty(B, H, num_splits, D, device=q.device, dtype=torch.float32)
+        lse_part = torch.empty(B, H, num_splits, device=q.device, dtype=torch.float32)
+    group = H // Hkv
+    paged_decode_kernel[(B, Hkv, num_splits)](
+        q, k_pool, v_pool, block_tables, context_lens, o_part, lse_part,
+        q.stride(0), q.stride(1), *k_pool.stride()[:3], *v_pool.stride()[:3], block_tables.stride(0),
+        o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
+        tokens_per_split, (1.0 / math.sqrt(D)) * 1.4426950408889634,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_SIZE=block_size,
+        BLOCK_N=block_n, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST=interpret and q.dtype == torch.bfloat16, num_warps=4, num_stages=1 if interpret else 3)
+    if num_splits > 1:
+        merge_splits_kernel[(B * H,)](o_part, lse_part, out, lse, num_splits, H,
+                                      o_part.stride(0), o_part.stride(1), o_part.stride(2),
+                                      out.stride(0), out.stride(1),
+                                      HEAD_DIM=D, SPLITS_PAD=triton.next_power_of_2(num_splits))
+    return (out, lse) if return_lse else out
+
+
+def _default_splits(device, programs: int, max_context_len: int | None, block_n: int) -> int:
+    """Enough splits for about two programs per SM, each over at least four tiles of the context."""
+    if torch.device(device).type != "cuda" or max_context_len is None:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = triton.cdiv(2 * sms, programs)
+    return max(1, min(want, max_context_len // (4 * block_n), 64))

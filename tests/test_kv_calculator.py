@@ -1,0 +1,73 @@
+"""The KV-memory calculator against numbers worked by hand."""
+import pytest
+
+from llmops_lab.config import ModelConfig
+from llmops_lab.kv import kv_cache_budget
+from llmops_lab.kv.calculator import concurrency_curve
+
+SMALL = ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, name="small")
+
+
+def test_small_model_by_hand():
+    # 2 x L 2 x Hkv 2 x D 4 x 2 bytes = 64 bytes/token; 10000 x 0.5 - 1000 = 4000 bytes; 4000 // 256 = 15 blocks.
+    b = kv_cache_budget(SMALL, 10_000, 0.5, dtype_bytes=2, block_size=4, weight_bytes=1000, max_model_len=10)
+    assert b.bytes_per_token == 64 and b.bytes_per_block == 256
+    assert b.kv_bytes_available == 4000 and b.num_gpu_blocks == 15 and b.num_tokens == 60
+    assert b.blocks_per_sequence == 3 and b.max_concurrency == 5.0 and b.max_num_seqs == 5
+    assert "# GPU blocks: 15" in b.log_line() and "5.00x" in b.log_line()
+
+
+def test_activations_and_partial_blocks():
+    # 4000 - 300 = 3700 bytes -> 14 blocks (3584 bytes), 56 tokens; a 64-token request needs 16 blocks.
+    b = kv_cache_budget(SMALL, 10_000, 0.5, block_size=4, weight_bytes=1000, activation_bytes=300)
+    assert b.num_gpu_blocks == 14 and b.num_tokens == 56
+    assert b.max_model_len == 64 and b.blocks_per_sequence == 16
+    assert b.max_concurrency == 14 / 16 and b.max_num_seqs == 0
+
+
+def test_llama_2_7b_on_an_80_gib_gpu():
+    # Weights: 6,738,415,616 parameters x 2 bytes = 13,476,831,232 bytes (default from the config).
+    # 80 GiB x 0.9 = 77,309,411,328; minus weights = 63,832,580,096 bytes for the KV cache.
+    # A token: 2 x 32 x 32 x 128 x 2 = 524,288 bytes; a 16-token block 8,388,608 bytes -> 7,609 blocks.
+    b = kv_cache_budget("llama-2-7b", 80 * 2**30, 0.9, dtype_bytes=2, block_size=16)
+    assert b.weight_bytes == 13_476_831_232
+    assert b.kv_bytes_available == pytest.approx(63_832_580_096)
+    assert b.bytes_per_token == 524_288 and b.num_gpu_blocks == 7_609 and b.num_tokens == 121_744
+    # 4096 tokens = 256 blocks per request: 7609 / 256 = 29.72x.
+    assert b.max_concurrency == pytest.approx(29.72, abs=5e-3) and b.max_num_seqs == 29
+
+
+def test_grouped_query_attention_fits_more():
+    # Llama-2-70B with 8 KV heads against the document's 64: 8x fewer bytes per token, so with the same
+    # weights and memory 8x more blocks (to within a block's rounding).
+    kw = dict(gpu_memory_bytes=4 * 80 * 2**30, weight_bytes=140e9, block_size=16)
+    gqa, mha = kv_cache_budget("llama-2-70b", **kw), kv_cache_budget("doc-70b-as-written", **kw)
+    assert mha.bytes_per_token == 8 * gqa.bytes_per_token
+    assert mha.num_gpu_blocks * 8 <= gqa.num_gpu_blocks < (mha.num_gpu_blocks + 1) * 8
+
+
+def test_concurrency_falls_with_request_length():
+    curve = concurrency_curve(SMALL, [4, 8, 16], gpu_memory_bytes=10_000, gpu_memory_utilization=0.5,
+                              block_size=4, weight_bytes=1000)
+    assert curve == [15.0, 7.5, 3.75]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(gpu_memory_utilization=0.0), "gpu_memory_utilization"),
+    (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"),
+    (dict(block_size=0), "block_size"),
+    (dict(block_size=2.5), "block_size"),
+    (dict(weight_bytes=4900), "no room"),
+    (dict(gpu_memory_bytes=-1), "gpu_memory_bytes"),
+])
+def test_bad_input(kwargs, match):
+    args = dict(gpu_memory_bytes=10_000, gpu_memory_utilization=0.5, block_size=4, weight_bytes=1000)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        kv_cache_budget(SMALL, **args)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset"):
+        kv_cache_budget("llama-9-1t", 80 * 2**30)

@@ -1,0 +1,227 @@
+"""Compressing KV caches: exact while the sequence fits, bounded memory after, H2O against a naive twin."""
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from llmops_lab import formulas
+from llmops_lab.config import ModelConfig
+from llmops_lab.kv import (DocumentSlidingWindowCache, HeavyHitterKVCache, Int8KVCache, KVCache, SinkKVCache,
+                           SlidingWindowKVCache, document_sliding_window_update, quantized_kv_cache_bytes)
+from llmops_lab.kv.quantized import dequantize_per_token, quantize_per_token
+from llmops_lab.model import LlamaModel
+
+TINY = ModelConfig(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+L, HKV, D = 2, 2, 16
+
+FACTORIES = {  # each holds 32 tokens
+    "sliding": lambda m, B: SlidingWindowKVCache.for_model(m, B, 32),
+    "sinks": lambda m, B: SinkKVCache.for_model(m, B, 28, num_sinks=4),
+    "h2o": lambda m, B: HeavyHitterKVCache.for_model(m, B, heavy_size=12, recent_size=20),
+}
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = LlamaModel(TINY).eval()
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.08)
+    return m
+
+
+def ids_for(B, T, seed=1):
+    return torch.randint(3, TINY.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def decode(model, ids, cache, prefix):
+    steps = [model(ids[:, :prefix], cache=cache)]
+    steps += [model(ids[:, t:t + 1], cache=cache) for t in range(prefix, ids.shape[1])]
+    return torch.cat(steps, 1)
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+@pytest.mark.parametrize("B, prefix, T", [(1, 5, 32), (3, 13, 32), (2, 32, 32), (2, 1, 23)])
+def test_exact_while_the_sequence_fits(model, name, B, prefix, T):
+    ids = ids_for(B, T)
+    cache = FACTORIES[name](model, B)
+    out = decode(model, ids, cache, prefix)
+    assert cache.length == T
+    assert (out - model(ids)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+@pytest.mark.parametrize("prefix", [7, 32, 45])  # before, exactly at and past the budget
+def test_memory_bounded_after_the_budget(model, name, prefix):
+    B, T = 2, 70
+    cache = FACTORIES[name](model, B)
+    before = cache.nbytes
+    decode(model, ids_for(B, T), cache, prefix)
+    assert cache.length == T and cache.nbytes == before
+    held = cache.update(0, *[torch.zeros(B, HKV, 1, D)] * 2, T, q=torch.zeros(B, 4, 1, D))[0] \
+        if name == "h2o" else cache.update(0, *[torch.zeros(B, HKV, 1, D)] * 2, T)[0]
+    assert held.shape[2] == 32
+    kv = formulas.kv_cache_bytes(L, HKV, D, 32, 4, B)
+    assert cache.nbytes == (kv + L * B * HKV * 32 * 4 if name == "h2o" else kv)  # H2O adds fp32 scores
+
+
+@pytest.mark.parametrize("cls, kwargs", [(SlidingWindowKVCache, dict(window_size=32)),
+                                         (SinkKVCache, dict(window_size=24, num_sinks=3))])
+@pytest.mark.parametrize("prefix", [1, 10, 27, 50])
+def test_ring_holds_exactly_the_kept_positions(model, cls, kwargs, prefix):
+    B, T = 2, 61
+    ids = ids_for(B, T, seed=4)
+    full, ring = KVCache.for_model(model, B, T), cls.for_model(model, B, **kwargs)
+    decode(model, ids, full, prefix)
+    decode(model, ids, ring, prefix)
+    keep = ring.kept_positions(T)
+    assert len(keep) == ring.capacity
+    # Layer 0's keys depend only on the token and its position; deeper ones differ once tokens are dropped.
+    assert torch.equal(ring.k[0][:, :, ring.slot(keep)], full.k[0][:, :, keep])
+    assert torch.equal(ring.v[0][:, :, ring.slot(keep)], full.v[0][:, :, keep])
+
+
+@torch.no_grad()
+def test_sliding_window_equals_mistral_sliding_window_attention(model):
+    # Decoding through a W-token window is Mistral's sliding-window attention (prompt shorter than W).
+    windowed = LlamaModel(dataclasses.replace(TINY, model_type="mistral", sliding_window=16)).eval()
+    windowed.load_state_dict(model.state_dict())
+    ids = ids_for(2, 60)
+    out = decode(model, ids, SlidingWindowKVCache.for_model(model, 2, 16), prefix=9)
+    assert (out - windowed(ids)).abs().max() < 1e-4
+
+
+@torch.no_grad()
+def test_h2o_without_heavy_hitters_is_a_sliding_window(model):
+    ids = ids_for(2, 60)
+    a = decode(model, ids, HeavyHitterKVCache.for_model(model, 2, heavy_size=0, recent_size=16), prefix=30)
+    b = decode(model, ids, SlidingWindowKVCache.for_model(model, 2, 16), prefix=30)
+    assert (a - b).abs().max() < 1e-5
+
+
+def h2o_reference(q, k, heavy, recent, prefix):
+    """Naive H2O over full-length tensors: which positions each (row, KV head) holds at the end."""
+    B, H, T, Dh = q.shape
+    Hkv = k.shape[1]
+    kk = k.repeat_interleave(H // Hkv, 1)
+    alive = torch.zeros(B, Hkv, T, dtype=torch.bool)
+    score = torch.zeros(B, Hkv, T)
+
+    def add_weights(qi, visible):  # qi [B, H, D]; visible [B, Hkv, T]
+        s = torch.einsum("bhd,bhtd->bht", qi, kk) / math.sqrt(Dh)
+        s = s.masked_fill(~visible.repeat_interleave(H // Hkv, 1), float("-inf"))
+        score.add_(s.softmax(-1).view(B, Hkv, H // Hkv, T).sum(2))
+
+    for i in range(prefix):
+        add_weights(q[:, :, i], (torch.arange(T) <= i).expand(B, Hkv, T))
+    alive[..., :prefix] = True
+    for b in range(B):
+        for h in range(Hkv):
+            if prefix > heavy + recent:
+                old = prefix - recent
+                top = score[b, h, :old].topk(heavy).indices
+                alive[b, h, :old] = False
+                alive[b, h, top] = True
+    for t in range(prefix, T):
+        for b in range(B):
+            for h in range(Hkv):
+                pos = alive[b, h].nonzero()[:, 0]
+                if len(pos) == heavy + recent:
+                    cand = pos[: len(pos) - (recent - 1)]
+                    alive[b, h, cand[score[b, h, cand].argmin()]] = False
+        alive[..., t] = True
+        add_weights(q[:, :, t], alive)
+    return alive
+
+
+@pytest.mark.parametrize("heavy, recent, prefix", [(5, 3, 4), (5, 3, 20), (4, 1, 9), (0, 6, 12), (6, 6, 12)])
+def test_h2o_keeps_what_the_naive_reference_keeps(heavy, recent, prefix):
+    B, H, T = 2, 4, 40
+    g = torch.Generator().manual_seed(heavy * 100 + prefix)
+    q, k = torch.randn(B, H, T, D, generator=g) * 2, torch.randn(B, HKV, T, D, generator=g)
+    cache = HeavyHitterKVCache(1, B, HKV, D, heavy, recent)
+    cache.update(0, k[:, :, :prefix], k[:, :, :prefix], 0, q=q[:, :, :prefix])
+    for t in range(prefix, T):
+        cache.update(0, k[:, :, t:t + 1], k[:, :, t:t + 1], t, q=q[:, :, t:t + 1])
+    alive = h2o_reference(q, k, heavy, recent, prefix)
+    for b in range(B):
+        for h in range(HKV):
+            assert torch.equal(cache.k[0][b, h], k[b, h, alive[b, h]])
+
+
+def test_int8_round_trip_within_half_a_step():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 50, 64, generator=g) * torch.logspace(-3, 2, 50)[:, None]
+    x[0, 0, 0] = 0.0
+    q, scale = quantize_per_token(x, torch.float32)
+    err = (dequantize_per_token(q, scale) - x).abs()
+    assert q.dtype == torch.int8 and int(q.abs().max()) <= 127
+    assert (err <= scale / 2 * (1 + 1e-6)).all()
+    bound = formulas.quant_error_bound_symmetric(float(x[1, 1, 7].abs().max()), 8)
+    assert float(err[1, 1, 7].max()) <= bound * (1 + 1e-6)
+    q16, s16 = quantize_per_token(x)  # fp16 scales: still within half of the stored step
+    assert ((dequantize_per_token(q16, s16) - x).abs() <= s16.float() / 2 * (1 + 1e-3) + 1e-7).all()
+
+
+@torch.no_grad()
+def test_int8_cache_decodes_close_to_the_full_cache_in_less_memory(model):
+    ids = ids_for(2, 40)
+    cache = Int8KVCache.for_model(model, 2, 64)
+    out = decode(model, ids, cache, prefix=10)
+    assert (out - model(ids)).abs().max() < 2e-2
+    assert cache.nbytes == quantized_kv_cache_bytes(L, HKV, D, 64, 8, 2, batch_size=2)
+    assert cache.nbytes < KVCache.for_model(model, 2, 64).nbytes / 3
+
+
+def test_document_update_only_slices_what_it_is_handed():
+    history = torch.randn(1, 2, 10, 4)
+    k, _ = document_sliding_window_update(history, history, 4)
+    assert torch.equal(k, history[..., -4:, :]) and k.untyped_storage().nbytes() == history.nbytes
+    one, _ = document_sliding_window_update(history[..., -1:, :], history[..., -1:, :], 4)
+    assert one.shape[-2] == 1  # a decode step sees only itself: nothing was stored
+
+
+@torch.no_grad()
+def test_document_class_in_the_runtime_forgets_the_prompt(model):
+    ids = ids_for(1, 20)
+    out = decode(model, ids, DocumentSlidingWindowCache(8), prefix=6)
+    assert (out[:, :6] - model(ids)[:, :6]).abs().max() < 1e-4
+    assert (out[:, 6:] - model(ids)[:, 6:]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda m: SlidingWindowKVCache.for_model(m, 1, 257), "exceeds the model's context"),
+    (lambda m: SlidingWindowKVCache.for_model(m, 1, 0), "window_size must be >= 1"),
+    (lambda m: SinkKVCache.for_model(m, 1, 250, num_sinks=8), "exceeds the model's context"),
+    (lambda m: SinkKVCache.for_model(m, 1, 8, num_sinks=-1), "num_sinks"),
+    (lambda m: HeavyHitterKVCache.for_model(m, 1, 8, 0), "recent_size must be >= 1"),
+    (lambda m: HeavyHitterKVCache.for_model(m, 1, 200, 100), "exceeds the model's context"),
+    (lambda m: Int8KVCache.for_model(m, 1, 300), "exceeds the model's context"),
+    (lambda m: SlidingWindowKVCache.for_model(
+        LlamaModel(dataclasses.replace(TINY, model_type="mistral", sliding_window=16)), 1, 8), "own sliding window"),
+])
+def test_bad_configuration_is_a_clear_error(model, make, match):
+    with pytest.raises(ValueError, match=match):
+        make(model)
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_chunked_prefill_and_wrong_batch_are_refused(model, name):
+    cache = FACTORIES[name](model, 2)
+    model(ids_for(2, 8), cache=cache)
+    with pytest.raises(ValueError, match="chunked prefill"):
+        model(ids_for(2, 4), cache=cache)
+    with pytest.raises(ValueError, match="batch"):
+        model(ids_for(3, 1), cache=cache)
+    with pytest.raises(ValueError, match="static-shape"):
+        cache.update(0, torch.zeros(2, HKV, 1, D), torch.zeros(2, HKV, 1, D), torch.tensor([3, 4]),
+                     **({"q": torch.zeros(2, 4, 1, D)} if name == "h2o" else {}))
+
+
+def test_h2o_needs_the_queries():
+    cache = HeavyHitterKVCache(1, 1, HKV, D, 4, 4)
+    with pytest.raises(ValueError, match="queries"):
+        cache.update(0, torch.zeros(1, HKV, 3, D), torch.zeros(1, HKV, 3, D), 0)

@@ -1,0 +1,299 @@
+"""PagedAttention: the Triton decode kernel against the gather reference, the paged cache against the
+contiguous one token for token (block boundaries, prefix-cache hits, copy-on-write), and bad input.
+
+The kernel runs under TRITON_INTERPRET=1 on a CPU (set by scripts/test), at small sizes."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import llmops_lab
+from llmops_lab.attention import naive_attention
+from llmops_lab.config import ModelConfig
+from llmops_lab.engine import BlockManager, NoFreeBlocksError, Sequence
+from llmops_lab.model import LlamaModel
+from llmops_lab.paged import (PagedKVCache, gather_kv, paged_attention, paged_decode_reference,
+                              paged_generate, paged_prefill_reference, store_kv, triton_paged)
+from llmops_lab.paged.cache import blocks_for_step
+from llmops_lab.paged.experiment import paged_inputs
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+needs_kernel = pytest.mark.skipif(not triton_paged.available(DEV), reason="needs CUDA or TRITON_INTERPRET=1")
+# The tiny model runs on the CPU, where the kernel runs only under the interpreter.
+ATTENTION = ["gather", pytest.param("kernel", marks=pytest.mark.skipif(
+    not triton_paged.available("cpu"), reason="needs TRITON_INTERPRET=1"))]
+TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
+TINY = ModelConfig(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                   bos_token_id=0, eos_token_id=1)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    m = LlamaModel(TINY).eval()
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.08)
+    return m
+
+
+def prompt(B, S, seed=0):
+    return torch.randint(2, TINY.vocab_size, (B, S), generator=torch.Generator().manual_seed(seed))
+
+
+# -- kernel against reference -------------------------------------------------------------------
+@needs_kernel
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("H, Hkv, D, block_size, lens", [
+    (8, 2, 32, 4, [37]),                 # GQA, odd length
+    (4, 4, 16, 8, [8, 16, 24]),          # lengths exactly at block boundaries
+    (8, 1, 16, 16, [1, 17, 50, 33]),     # batch of different lengths, one token, MQA
+])
+def test_kernel_matches_gather_reference(num_splits, H, Hkv, D, block_size, lens):
+    q, kp, vp, tables, ctx = paged_inputs(lens, H, Hkv, D, block_size, torch.float32, DEV)
+    want, want_lse = paged_decode_reference(q, kp, vp, tables, ctx, return_lse=True)
+    got, lse = triton_paged.paged_decode(q, kp, vp, tables, ctx, num_splits=num_splits, return_lse=True)
+    assert (got - want).abs().max() < 2e-5 and (lse - want_lse).abs().max() < 2e-5
+
+
+@needs_kernel
+def test_kernel_bf16_more_splits_than_tiles():
+    q, kp, vp, tables, ctx = paged_inputs([5, 40], 8, 2, 64, 16, torch.bfloat16, DEV)
+    want = paged_decode_reference(q.float(), kp.float(), vp.float(), tables, ctx)
+    got = triton_paged.paged_decode(q, kp, vp, tables, ctx, num_splits=8)   # most splits are empty
+    assert got.dtype == torch.bfloat16 and (got.float() - want).abs().max() < 3e-2
+
+
+def test_reference_equals_attention_on_the_contiguous_cache():
+    lens = [13, 32]
+    q, kp, vp, tables, ctx = paged_inputs(lens, 4, 2, 16, 8, torch.float32, DEV)
+    out = paged_decode_reference(q, kp, vp, tables, ctx)
+    for b, n in enumerate(lens):
+        k, v = gather_kv(kp, tables[b:b + 1], n), gather_kv(vp, tables[b:b + 1], n)
+        assert (out[b] - naive_attention(q[b:b + 1, :, None], k, v)[0, :, 0]).abs().max() < 1e-5
+
+
+def test_store_then_gather_round_trips_and_skips_negative_slots():
+    kp, vp = torch.zeros(4, 2, 4, 8), torch.zeros(4, 2, 4, 8)
+    k, v = torch.randn(6, 2, 8), torch.randn(6, 2, 8)
+    table = torch.tensor([[3, 1]])
+    slots = torch.tensor([12, 13, 14, 15, 4, -1])            # positions 0..4 in blocks 3, 1; one skipped
+    store_kv(k, v, kp, vp, slots)
+    got = gather_kv(kp, table, 5)[0].transpose(0, 1)         # [5, Hkv, D]
+    assert torch.equal(got, k[:5]) and torch.equal(gather_kv(vp, table, 5)[0].transpose(0, 1), v[:5])
+    assert kp[1, :, 1:].abs().sum() == 0                     # nothing written for the -1 slot
+
+
+def test_prefill_reference_is_causal_attention_over_the_context():
+    q, kp, vp, tables, ctx = paged_inputs([21, 21], 4, 2, 16, 8, torch.float32, DEV)
+    qs = torch.randn(2, 4, 5, 16, device=DEV)                 # the last 5 positions of each row
+    got = paged_prefill_reference(qs, kp, vp, tables, ctx)
+    k, v = gather_kv(kp, tables, 21), gather_kv(vp, tables, 21)
+    assert (got - naive_attention(qs, k, v, is_causal=True)).abs().max() < 1e-5
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_kernel_matches_gather_reference(dtype):
+    from llmops_lab.paged.triton_prefill import paged_prefill
+    q, kp, vp, tables, ctx = paged_inputs([21, 40], 4, 2, 16, 8, dtype, DEV)
+    qs = torch.randn(2, 4, 19, 16, device=DEV).to(dtype)     # the last 19 positions of each row
+    want = paged_prefill_reference(qs.float(), kp.float(), vp.float(), tables, ctx)
+    assert (paged_prefill(qs, kp, vp, tables, ctx).float() - want).abs().max() < TOL[dtype]
+
+
+# -- the paged cache in the runtime --------------------------------------------------------------
+CONTIGUOUS = {}
+
+
+@pytest.mark.parametrize("attention", ATTENTION)
+@pytest.mark.parametrize("S, block_size", [(7, 8), (8, 8), (16, 4), (17, 8)])
+def test_greedy_paged_equals_contiguous(tiny, attention, S, block_size):
+    ids = prompt(2, S)
+    if S not in CONTIGUOUS:                                   # the contiguous run, once per prompt
+        CONTIGUOUS[S] = tiny.generate(ids, max_new_tokens=8, stop_token_ids=())
+    cache = PagedKVCache.for_model(tiny, 2, num_blocks=16, block_size=block_size)
+    got = paged_generate(tiny, ids, 8, cache=cache, attention=attention)
+    assert torch.equal(got, CONTIGUOUS[S])
+    cache.check()
+    cache.release()
+    assert cache.num_free_blocks == 16
+
+
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_full_prefix_hit_allocates_no_prompt_blocks(tiny, attention):
+    ids = prompt(1, 16, seed=3)                              # exactly two blocks of 8
+    cache = PagedKVCache.for_model(tiny, 2, num_blocks=12, block_size=8)
+    first = paged_generate(tiny, ids, 6, cache=cache, attention=attention)
+    free = cache.num_free_blocks
+    assert cache.add_prompts(ids) == 15                       # every block cached; the last token reruns
+    assert cache.num_free_blocks == free and cache.block_manager.prefix_hits == 2
+    cache.release()
+    second = paged_generate(tiny, ids, 6, cache=cache, attention=attention)
+    assert torch.equal(first, second) and torch.equal(first, tiny.generate(ids, max_new_tokens=6, stop_token_ids=()))
+    assert cache.block_tables()[0][:2] == cache.live[0].block_table[:2]
+    cache.check()
+
+
+def test_partial_prefix_hit_and_identical_rows_in_one_batch(tiny):
+    ids = torch.cat([prompt(1, 12, seed=4)] * 2)              # row 1 finds row 0's full block
+    cache = PagedKVCache.for_model(tiny, 2, num_blocks=12, block_size=8)
+    got = paged_generate(tiny, ids, 5, cache=cache, attention="gather")
+    assert cache.block_manager.prefix_hits == 1 and cache.cached_tokens == [0, 8]
+    assert torch.equal(got, tiny.generate(ids, max_new_tokens=5, stop_token_ids=()))
+
+
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_copy_on_write_after_fork(tiny, attention):
+    ids = prompt(1, 11, seed=5)                               # last block (of 8) half full: shared
+    cache = PagedKVCache.for_model(tiny, 2, num_blocks=8, block_size=8, attention=attention)
+    with torch.no_grad():
+        assert cache.add_prompts(ids) == 0
+        tiny(ids, cache=cache, backend=paged_attention)
+        cache.fork(2)
+        shared = cache.block_tables()
+        assert shared[0] == shared[1] and cache.ref_counts()[shared[0][1]] == 2
+        seqs = [ids[0].tolist(), ids[0].tolist()]
+        for step, toks in enumerate([(7, 9), (20, 20), (5, 6)]):
+            cache.append_tokens(list(toks))
+            if step == 0:                                     # the first writer copied the shared block
+                assert cache.block_tables()[0][1] != cache.block_tables()[1][1]
+            logits = tiny(torch.tensor(toks)[:, None], cache=cache, backend=paged_attention)[:, -1]
+            for r in range(2):
+                seqs[r].append(toks[r])
+                want = tiny(torch.tensor([seqs[r]]))[0, -1]
+                assert (logits[r] - want).abs().max() < 1e-4, (step, r)
+    cache.check()
+
+
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_parallel_samples_share_the_prompt(tiny, attention):
+    ids = prompt(1, 20, seed=6)
+    cache = PagedKVCache.for_model(tiny, 3, num_blocks=16, block_size=8)
+    out = paged_generate(tiny, ids, 6, cache=cache, n=3, temperature=1.0, attention=attention,
+                         generator=torch.Generator().manual_seed(0))
+    assert out.shape == (3, 26) and all(torch.equal(r[:20], ids[0]) for r in out)
+    tables = cache.block_tables()
+    assert tables[0][:2] == tables[1][:2] == tables[2][:2]  # full prompt blocks stored once
+    assert len({t[2] for t in tables}) == 3                   # the partial one copied on write
+    assert all(n == 3 for b, n in cache.ref_counts().items() if b in tables[0][:2])
+    cache.check()
+
+
+def test_embedded_target_greedy_paged_equals_contiguous():
+    try:
+        model = llmops_lab.load_model("target")
+    except FileNotFoundError:
+        pytest.skip("embedded target not trained yet")
+    ids = torch.tensor([[0] + list(range(40, 55))])          # 16 tokens: exactly one block
+    want = model.generate(ids, max_new_tokens=6, stop_token_ids=())
+    assert torch.equal(paged_generate(model, ids, 6, block_size=16, num_blocks=4), want)
+
+
+# -- bad input -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [0, 3, 24])
+def test_block_size_must_be_a_power_of_two(tiny, bad):
+    with pytest.raises(ValueError, match="power of two"):
+        PagedKVCache.for_model(tiny, 1, num_blocks=8, block_size=bad)
+    kp = torch.zeros(4, 2, bad or 1, 16)
+    if bad:
+        with pytest.raises(ValueError, match="power of two"):
+            triton_paged.paged_decode(torch.zeros(1, 4, 16), kp, kp, torch.zeros(1, 1, dtype=torch.int32),
+                                      torch.ones(1, dtype=torch.int32))
+
+
+def test_outgrowing_the_pool_is_a_signal_not_corruption(tiny):
+    cache = PagedKVCache.for_model(tiny, 1, num_blocks=2, block_size=4)
+    with pytest.raises(NoFreeBlocksError):                    # a 9-token prompt needs 3 blocks
+        cache.add_prompts(prompt(1, 9))
+    with pytest.raises(NoFreeBlocksError):                    # all rows or none
+        cache.add_prompts(prompt(2, 5))
+    assert cache.num_free_blocks == 2 and not cache.live
+    with pytest.raises(NoFreeBlocksError):                    # 6 + 3 tokens: the third block is refused
+        paged_generate(tiny, prompt(1, 6), 4, cache=cache, attention="gather")
+    s = cache.seqs[0]
+    assert len(s) == 8 and len(s.block_table) == 2            # the refused token was never appended
+    cache.check()
+    pools = [p.clone() for p in cache.k_pools]
+    with pytest.raises(NoFreeBlocksError):
+        cache.append_tokens([3])
+    assert len(s) == 8 and all(torch.equal(a, b) for a, b in zip(pools, cache.k_pools))
+
+
+def test_freeing_twice_is_an_error(tiny):
+    cache = PagedKVCache.for_model(tiny, 1, num_blocks=4, block_size=4)
+    cache.add_prompts(prompt(1, 6))
+    s = cache.seqs[0]
+    cache.free(s)
+    with pytest.raises(RuntimeError, match="twice"):
+        cache.free(s)
+    assert cache.num_free_blocks == 4
+
+
+def test_forward_without_slots_is_refused(tiny):
+    cache = PagedKVCache.for_model(tiny, 1, num_blocks=4, block_size=4)
+    cache.add_prompts(prompt(1, 6))
+    with pytest.raises(ValueError, match="add_prompts/append_tokens"):
+        tiny(prompt(1, 7), cache=cache)
+
+
+def test_prefix_hash_chain_survives_a_partial_last_block():
+    """Regression: a prompt ending in a partial block broke the hash chain, so a later prompt that
+    merely *started* with that block's tokens was served another context's KV."""
+    bm = BlockManager(8, 4)
+    a = Sequence([1, 2, 3, 4, 5, 6])
+    bm.allocate(a)
+    for t in (7, 8):
+        a.append_token(t)
+        bm.append_slot(a)
+    c = Sequence([5, 6, 7, 8, 9])                            # same tokens as a's block 1, at position 0
+    assert bm.allocate(c) == 0 and c.block_table[0] != a.block_table[1]
+    d = Sequence([1, 2, 3, 4, 5, 6, 7, 8, 1])               # the true prefix still hits both blocks
+    assert bm.allocate(d) == 8 and d.block_table[:2] == a.block_table
+
+
+@settings(max_examples=60, deadline=None)
+@given(lens=st.lists(st.integers(1, 12), min_size=1, max_size=4), forks=st.lists(st.integers(0, 3), max_size=4),
+       steps=st.integers(1, 6))
+def test_blocks_for_step_is_exactly_what_a_step_takes(lens, forks, steps):
+    bm = BlockManager(64, 4)
+    seqs = []
+    for n in lens:
+        s = Sequence(list(range(n)))
+        bm.allocate(s)
+        seqs.append(s)
+    for i in forks:                                           # parallel samples share blocks
+        child = Sequence(seqs[i % len(seqs)].token_ids)
+        bm.fork(seqs[i % len(seqs)], child)
+        seqs.append(child)
+    for _ in range(steps):
+        need, free = blocks_for_step(bm, seqs), bm.num_free_blocks
+        for s in seqs:
+            s.append_token(1)
+            bm.append_slot(s)
+        assert free - bm.num_free_blocks == need
+    bm.check_invariants(seqs)
+
+
+def test_simulated_memory_agrees_with_the_formulas():
+    from llmops_lab.paged import simulate
+    reqs = simulate.sample_requests(200, max_len=512, seed=1)
+    assert all(1 <= r.prompt_len and 1 <= r.output_len and r.total <= 512 for r in reqs)
+    for bs in (1, 16, 64):
+        r = simulate.memory_report(reqs, 512, bs, when="during")
+        assert r["reserved_tokens"]["paged"] == r["paged_formula_tokens"]
+        assert abs(r["waste"]["paged"] - r["waste_formula"]["paged"]) < 1e-12
+        assert r["waste"]["paged"] < r["waste"]["contiguous, oracle"] < r["waste"]["contiguous, max length"]
+    share = simulate.parallel_sampling_blocks(10, [3, 5, 9], block_size=4)   # prompt: 2 full + 1 partial block
+    assert share == {"shared_blocks": 2 + 2 + 2 + 3, "copies": 2, "separate_blocks": 4 + 4 + 5}  # 13, 15, 19 tokens
+
+
+def test_a_refused_batch_leaves_no_uncomputed_block_in_the_prefix_cache(tiny):
+    cache = PagedKVCache.for_model(tiny, 2, num_blocks=3, block_size=4)
+    ids = torch.cat([prompt(1, 8, seed=7), prompt(1, 8, seed=8)])      # 2 + 2 blocks, 3 free
+    with pytest.raises(NoFreeBlocksError):
+        cache.add_prompts(ids)
+    assert not cache.block_manager.cached and cache.num_free_blocks == 3
+    out = paged_generate(tiny, ids[:1], 3, cache=cache, attention="gather")
+    assert cache.block_manager.prefix_hits == 0
+    assert torch.equal(out, tiny.generate(ids[:1], max_new_tokens=3, stop_token_ids=()))
