@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 def encode(tokenizer, text: str) -> torch.Tensor:
     """Token ids of ``text`` as a 1-D tensor, without special tokens."""
-    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    return torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
 
 
 @torch.inference_mode()

@@ -74,7 +74,7 @@ def token_stream(texts: list[str], tokenizer) -> torch.Tensor:
     """All works as one 1-D stream: <s> work </s> <s> work </s> ..."""
     ids = []
     for t in texts:
-        ids.extend(tokenizer(t)["input_ids"] + [tokenizer.eos_token_id])
+        ids.extend(tokenizer(t, verbose=False)["input_ids"] + [tokenizer.eos_token_id])
     return torch.tensor(ids, dtype=torch.int32)
 
 
@@ -216,7 +216,8 @@ def train_model(which: str, steps: int, lr: float, batch: int, seq_len: int = 10
 def hardware() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    from .device import capabilities
+    return f"{capabilities()['device_name']} ({platform.machine()}), {torch.get_num_threads()} threads"
 
 
 def main(argv=None):

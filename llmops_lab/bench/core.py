@@ -39,7 +39,7 @@ def decode_rows(ctx: BenchContext, bandwidth: float) -> list[dict]:
         "ours, eager": lambda: model.generate(ids, max_new_tokens=new, stop_token_ids=()),
         "ours, static cache" + (" + CUDA graph" if ctx.device.type == "cuda" else ""):
             lambda: generate_static(model, ids, new, decoder=dec),
-        "transformers generate": lambda: hf.generate(ids, max_new_tokens=new, min_new_tokens=new,
+        "transformers generate": lambda: hf.generate(ids, max_new_tokens=new, eos_token_id=None,
                                                      do_sample=False, pad_token_id=0),
     }
     outs, tps = {}, {}

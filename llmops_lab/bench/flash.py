@@ -18,7 +18,7 @@ def run(ctx: BenchContext) -> list[dict]:
         B, H, D, dtype, lens = 4, 32, 128, torch.bfloat16, (1024, 4096, 16384)
     else:
         B, H, D, dtype, lens = 1, 8, 64, (torch.bfloat16 if gpu else torch.float32), (256, 512)
-    impls = experiment.implementations(ctx.device)
+    impls = experiment.implementations(ctx.device, include_triton=gpu)  # the interpreter is for tests, not timing
     if gpu:
         impls = {k: v for k, v in impls.items() if k in ("ours (Triton)", "SDPA flash", "SDPA cudnn", "flash-attn")}
     rows = []

@@ -18,16 +18,17 @@ def run(ctx: BenchContext) -> list[dict]:
     from ..speculative import experiment
     tok = load_tokenizer("target")
     target, draft = (load_model(w, device=ctx.device, dtype=torch.float32) for w in ("target", "draft"))
-    ids = held_out_prompts(tok, corpus.read_slice("validation"), n=1, prompt_tokens=32)[0][None].to(ctx.device)
+    prompts = held_out_prompts(tok, corpus.read_slice("validation"), n=2 if ctx.quick else 8, prompt_tokens=32)
     new = 32 if ctx.quick else 128
     ks = (2, 4) if ctx.quick else (1, 2, 3, 4, 5, 6, 8)
-    rows_k = experiment.sweep_k(target, draft, ids, ks=ks, new_tokens=new, repeats=2 if ctx.quick else 5)
+    rows_k = experiment.sweep_k(target, draft, prompts, ks=ks, new_tokens=new, repeats=1 if ctx.quick else 3)
     best = max(rows_k, key=lambda r: r["speedup"])
-    peer = experiment.compare_assisted(target, draft, ids, new_tokens=new, k=best["k"], repeats=2 if ctx.quick else 5)
+    peer = experiment.compare_assisted(target, draft, prompts, new_tokens=new, k=best["k"],
+                                       repeats=1 if ctx.quick else 3)
     out = [row("spec", f"k={r['k']} speedup vs target alone", r["speedup"], "x", alpha=r["alpha"], c=r["c"],
                verify_cost=r["verify_cost"], predicted_leviathan=r["predicted_leviathan"],
                predicted_with_verify_cost=r["predicted_with_verify_cost"]) for r in rows_k]
-    out.append(row("spec", f"best k={best['k']}: ours vs target alone", 1 / peer["ours_s"], "runs/s",
+    out.append(row("spec", f"best k={best['k']}: ours vs target alone, {len(prompts)} prompts", 1 / peer["ours_s"], "runs/s",
                    peer="target alone (ours, greedy)", peer_value=1 / peer["target_s"], target=">= 1.5x"))
     out.append(row("spec", f"best k={best['k']}: ours vs assisted", 1 / peer["ours_s"], "runs/s",
                    peer="transformers assisted", peer_value=1 / peer["assisted_s"], target=">= 1.0x",

@@ -68,10 +68,30 @@ class SpeculativeStats:
                 "target_time_per_step": self.target_time_per_step}
 
 
-def _probs(logits, temperature, top_k, top_p):
-    if temperature == 0:  # greedy: one-hot at the argmax, so min(1, p/q) is 1 exactly when they agree
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    return logits_to_probs(logits, temperature, top_k, top_p)
+def _verify(t_logits, drafts, qs, temperature, top_k, top_p, generator):
+    """Accepted draft count per row [B] and the token each row adds after them [B].
+
+    Sampling: keep draft d with probability min(1, p(d)/q(d)); the first rejected one is replaced
+    by a draw from norm(max(0, p - q)), and after k accepted drafts a bonus token is drawn from p.
+    Greedy is the same rule with one-hot p and q, which reduces to comparing argmaxes.
+    """
+    B, k = drafts.shape
+    rows = torch.arange(B, device=drafts.device)
+    if temperature == 0:
+        t_tok = t_logits.argmax(-1)                                          # [B, k+1]
+        n_acc = torch.cumprod((drafts == t_tok[:, :k]).long(), 1).sum(1)
+        return n_acc, t_tok[rows, n_acc]
+    p = logits_to_probs(t_logits, temperature, top_k, top_p)                # [B, k+1, V]
+    q = torch.stack(qs, 1)                                                   # [B, k, V]
+    pd = p[:, :k].gather(-1, drafts[..., None]).squeeze(-1)
+    qd = q.gather(-1, drafts[..., None]).squeeze(-1)
+    u = torch.rand(B, k, generator=generator, device=drafts.device)
+    n_acc = torch.cumprod((u < (pd / qd).clamp(max=1.0)).long(), 1).sum(1)  # leading accepts
+    at = n_acc.clamp(max=k - 1)
+    residual = (p[rows, at] - q[rows, at]).clamp(min=0)
+    dist = torch.where((n_acc < k)[:, None], residual, p[rows, k])
+    dist = dist / dist.sum(-1, keepdim=True).clamp(min=1e-20)
+    return n_acc, _draw(dist, generator)
 
 
 def _draw(probs, generator):
@@ -87,14 +107,15 @@ class _Lane:
         self.valid = torch.zeros(batch_size, capacity, dtype=torch.long, device=model.device)
         self.masked = batch_size > 1  # batch 1 never has holes: no mask needed
 
-    def feed(self, tokens, valid):
-        """Append tokens [B, S] (valid [B, S] marks real ones); returns logits [B, S, V]."""
+    def feed(self, tokens, valid, last_only: bool = False):
+        """Append tokens [B, S] (valid [B, S] marks real ones); returns logits [B, S, V]
+        (or [B, 1, V] with ``last_only``)."""
         start, S = self.cache.length, tokens.shape[1]
         self.valid[:, start:start + S] = valid
         mask = self.valid[:, :start + S] if self.masked or not bool(valid.all()) else None
         if mask is not None:
             self.masked = True
-        return self.model(tokens, cache=self.cache, attention_mask=mask)
+        return self.model(tokens, cache=self.cache, attention_mask=mask, last_only=last_only)
 
     def rollback(self, start: int, kept: torch.Tensor, written: int):
         """Of ``written`` slots from ``start``, row b keeps the first kept[b]; the cache shrinks to
@@ -166,14 +187,16 @@ class SpeculativeDecoder:
                 d_in, d_valid = pending, torch.ones_like(pending)
             d_start = dft.cache.length
             qs, drafts = [], []
-            logits = dft.feed(d_in, d_valid)[:, -1]
+            logits = dft.feed(d_in, d_valid, last_only=True)[:, -1]
             for j in range(k):
-                q = _probs(logits, temperature, top_k, top_p)
-                d = q.argmax(-1) if temperature == 0 else _draw(q, generator)
-                qs.append(q)
+                if temperature == 0:
+                    d = logits.argmax(-1)
+                else:
+                    qs.append(logits_to_probs(logits, temperature, top_k, top_p))
+                    d = _draw(qs[-1], generator)
                 drafts.append(d)
                 if j < k - 1:
-                    logits = dft.feed(d[:, None], torch.ones_like(d[:, None]))[:, -1]
+                    logits = dft.feed(d[:, None], torch.ones_like(d[:, None]), last_only=True)[:, -1]
             drafts = torch.stack(drafts, 1)           # [B, k]
             synchronize(dev)
             stats.draft_seconds += time.perf_counter() - t0
@@ -181,23 +204,7 @@ class SpeculativeDecoder:
             t_start = tgt.cache.length
             t_logits, dt = self._time(tgt.feed, torch.cat([pending, drafts], 1), torch.ones(B, k + 1, dtype=torch.long, device=dev))
             stats.target_seconds += dt
-            p = _probs(t_logits, temperature, top_k, top_p)   # [B, k+1, V]
-            q = torch.stack(qs, 1)                            # [B, k, V]
-            # 3. Accept a prefix of the drafts, row by row.
-            pd = p[:, :k].gather(-1, drafts[..., None]).squeeze(-1)
-            qd = q.gather(-1, drafts[..., None]).squeeze(-1)
-            if temperature == 0:
-                ok = pd > 0
-            else:
-                u = torch.rand(B, k, generator=generator, device=dev)
-                ok = u < (pd / qd).clamp(max=1.0)
-            n_acc = torch.cumprod(ok.long(), 1).sum(1)        # [B] leading accepts
-            rows = torch.arange(B, device=dev)
-            residual = p[rows, n_acc.clamp(max=k - 1)] - q[rows, n_acc.clamp(max=k - 1)]
-            residual = residual.clamp(min=0)
-            fix_dist = torch.where((n_acc < k)[:, None], residual, p[rows, k])
-            fix_dist = fix_dist / fix_dist.sum(-1, keepdim=True).clamp(min=1e-20)
-            fix = fix_dist.argmax(-1) if temperature == 0 else _draw(fix_dist, generator)
+            n_acc, fix = _verify(t_logits, drafts, qs, temperature, top_k, top_p, generator)
             # 4. Commit, record, roll back the caches to what each row kept.
             stats.steps += 1
             for b in range(B):

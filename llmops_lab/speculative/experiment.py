@@ -59,7 +59,7 @@ def time_speculative(target, draft, ids, new_tokens: int, k: int, temperature: f
 
 def time_assisted(hf_target, hf_draft, ids, new_tokens: int, repeats: int = 3, attention_mask=None):
     """transformers' assisted generation (``generate(assistant_model=...)``), greedy."""
-    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=2,
+    kw = dict(max_new_tokens=new_tokens, eos_token_id=None, do_sample=False, pad_token_id=2,
               assistant_model=hf_draft, attention_mask=attention_mask)
     with torch.inference_mode():
         out = hf_target.generate(ids, **kw)
@@ -68,15 +68,22 @@ def time_assisted(hf_target, hf_draft, ids, new_tokens: int, repeats: int = 3, a
 
 
 @torch.inference_mode()
-def compare_assisted(target, draft, ids, new_tokens: int = 64, k: int = 4, repeats: int = 3) -> dict:
-    """Ours, transformers' assisted generation on the same weights, and the target alone."""
+def compare_assisted(target, draft, prompts, new_tokens: int = 64, k: int = 4, repeats: int = 3) -> dict:
+    """Ours, transformers' assisted generation on the same weights, and the target alone: seconds
+    summed over ``prompts`` (one [1, S] tensor or a list), each decoded at batch 1."""
     from ..peers import hf_twin
+    prompts = [prompts] if torch.is_tensor(prompts) else list(prompts)
     hf_t, hf_d = hf_twin(target), hf_twin(draft)
-    t_ours, ours, _ = time_speculative(target, draft, ids, new_tokens, k, repeats=repeats)
-    t_hf, theirs = time_assisted(hf_t, hf_d, ids, new_tokens, repeats)
-    t_alone = time_target(target, ids, new_tokens, repeats)
-    return {"ours_s": t_ours.median, "assisted_s": t_hf.median, "target_s": t_alone.median,
-            "same_tokens": torch.equal(ours, theirs[:, : ours.shape[1]])}
+    res = {"ours_s": 0.0, "assisted_s": 0.0, "target_s": 0.0, "same_tokens": True}
+    for p in prompts:
+        p = p.reshape(1, -1).to(target.device)
+        t_ours, ours, _ = time_speculative(target, draft, p, new_tokens, k, repeats=repeats)
+        t_hf, theirs = time_assisted(hf_t, hf_d, p, new_tokens, repeats)
+        res["ours_s"] += t_ours.median
+        res["assisted_s"] += t_hf.median
+        res["target_s"] += time_target(target, p, new_tokens, repeats).median
+        res["same_tokens"] &= torch.equal(ours, theirs[:, : ours.shape[1]])
+    return res
 
 
 @torch.inference_mode()
@@ -114,22 +121,33 @@ def predictions(alpha: float, k: int, c: float, t_target: float, verify: float) 
     }
 
 
-def sweep_k(target, draft, ids, ks=(1, 2, 3, 4, 5, 6, 8), new_tokens: int = 64, temperature: float = 0.0,
+def sweep_k(target, draft, prompts, ks=(1, 2, 3, 4, 5, 6, 8), new_tokens: int = 64, temperature: float = 0.0,
             repeats: int = 3, context: int = 64) -> list[dict]:
-    """Measured speedup over the target alone, per k, with the three predictions beside it."""
-    base = time_target(target, ids, new_tokens, repeats).median
+    """Measured speedup over the target alone, per k, with the three predictions beside it.
+
+    ``prompts``: one [1, S] tensor or a list of them, decoded one at a time (batch 1); times are
+    summed over the prompts and alpha pooled over all their draft positions.
+    """
+    prompts = [prompts] if torch.is_tensor(prompts) else list(prompts)
+    prompts = [p.reshape(1, -1).to(target.device) for p in prompts]
+    base = sum(time_target(target, p, new_tokens, repeats).median for p in prompts)
     t_step = step_time(target, 1, context)
     c = step_time(draft, 1, context) / t_step
     rows = []
     for k in ks:
-        t, _, st = time_speculative(target, draft, ids, new_tokens, k, temperature, repeats)
+        seconds, acc, tries, tokens, steps = 0.0, 0, 0, 0, 0
+        for p in prompts:
+            t, _, st = time_speculative(target, draft, p, new_tokens, k, temperature, repeats)
+            seconds += t.median
+            acc, tries = acc + sum(st.position_accepts), tries + sum(st.position_tries)
+            tokens, steps = tokens + sum(st.accepted) + len(st.accepted), steps + len(st.accepted)
+        alpha = acc / tries
         v = step_time(target, k + 1, context) / t_step
-        rows.append({"k": k, "temperature": temperature, "alpha": st.alpha,
-                     "tokens_per_step": st.mean_tokens_per_step,
-                     "expected_tokens_per_step": formulas.expected_tokens_per_step(min(st.alpha, 1 - 1e-9), k),
-                     "speedup": base / t.median, "c": c, "verify_cost": v,
-                     "seconds": t.median, "target_seconds": base,
-                     **{f"predicted_{name}": val for name, val in predictions(st.alpha, k, c, t_step, v).items()}})
+        rows.append({"k": k, "temperature": temperature, "alpha": alpha, "tokens_per_step": tokens / steps,
+                     "expected_tokens_per_step": formulas.expected_tokens_per_step(min(alpha, 1 - 1e-9), k),
+                     "speedup": base / seconds, "c": c, "verify_cost": v, "seconds": seconds,
+                     "target_seconds": base, "n_prompts": len(prompts),
+                     **{f"predicted_{name}": val for name, val in predictions(alpha, k, c, t_step, v).items()}})
     return rows
 
 
