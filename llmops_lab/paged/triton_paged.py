@@ -43,6 +43,41 @@ def available(device: str | torch.device | None = None) -> bool:
 
 if triton is not None:
     @triton.jit
+    def _paged_tiles(acc, m_i, l_i, q, table, k_head, v_head, stride_kn, stride_ks, stride_vn, stride_vs,
+                     offs_d, q_pos, lo, hi, qk_scale_log2, CAUSAL: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """Fold the keys/values of positions [lo, hi), found through the block table, into the
+        running (acc, max, sum) of an online softmax; scores in log2 units. Shared by the decode
+        and prefill kernels; CAUSAL masks keys after each query's position q_pos."""
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            in_n = offs_n < hi
+            # The page-table walk: logical position -> physical block, offset inside it.
+            block = tl.load(table + offs_n // BLOCK_SIZE, mask=in_n, other=0).to(tl.int64)
+            slot = offs_n % BLOCK_SIZE
+            k = tl.load(k_head + block[:, None] * stride_kn + slot[:, None] * stride_ks + offs_d[None, :],
+                        mask=in_n[:, None], other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2  # [rows, BLOCK_N]
+            keep = in_n[None, :]
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= q_pos[:, None])
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # a row that sees no key yet
+            p = tl.math.exp2(s - m_safe[:, None])
+            correction = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * correction + tl.sum(p, 1)
+            v = tl.load(v_head + block[:, None] * stride_vn + slot[:, None] * stride_vs + offs_d[None, :],
+                        mask=in_n[:, None], other=0.0)
+            if UPCAST:
+                v = v.to(tl.float32)
+            acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+        return acc, m_i, l_i
+
+    @triton.jit
     def paged_decode_kernel(q_ptr, k_pool_ptr, v_pool_ptr, block_tables_ptr, context_lens_ptr, o_ptr, lse_ptr,
                             stride_qb, stride_qh, stride_kn, stride_kh, stride_ks, stride_vn, stride_vh, stride_vs,
                             stride_btb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
@@ -67,28 +102,9 @@ if triton is not None:
         table = block_tables_ptr + b * stride_btb
         k_head = k_pool_ptr + h_kv * stride_kh
         v_head = v_pool_ptr + h_kv * stride_vh
-        for start_n in range(lo, hi, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            in_n = offs_n < hi
-            # The page-table walk: logical position -> physical block, offset inside it.
-            block = tl.load(table + offs_n // BLOCK_SIZE, mask=in_n, other=0).to(tl.int64)
-            slot = offs_n % BLOCK_SIZE
-            k = tl.load(k_head + block[:, None] * stride_kn + slot[:, None] * stride_ks + offs_d[None, :],
-                        mask=in_n[:, None], other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2  # [GROUP_PAD, BLOCK_N]
-            s = tl.where(in_n[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.math.exp2(s - m_new[:, None])
-            correction = tl.math.exp2(m_i - m_new)
-            l_i = l_i * correction + tl.sum(p, 1)
-            v = tl.load(v_head + block[:, None] * stride_vn + slot[:, None] * stride_vs + offs_d[None, :],
-                        mask=in_n[:, None], other=0.0)
-            if UPCAST:
-                v = v.to(tl.float32)
-            acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+        acc, m_i, l_i = _paged_tiles(acc, m_i, l_i, q, table, k_head, v_head, stride_kn, stride_ks, stride_vn,
+                                     stride_vs, offs_d, offs_g, lo, hi, qk_scale_log2, False, BLOCK_SIZE, BLOCK_N,
+                                     DOT_PRECISION, UPCAST)
         # An empty split (context shorter than its start) leaves l = 0: output 0, lse -inf, weight 0.
         nonempty = l_i > 0
         acc = acc / tl.where(nonempty, l_i, 1.0)[:, None]

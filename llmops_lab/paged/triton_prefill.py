@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from .triton_paged import _check, _interpret, triton
+from .triton_paged import _check, _interpret, _paged_tiles, triton
 
 if triton is not None:
     import triton.language as tl
@@ -46,28 +46,9 @@ if triton is not None:
         k_head = k_pool_ptr + (h // GROUP) * stride_kh
         v_head = v_pool_ptr + (h // GROUP) * stride_vh
         hi = tl.minimum(context_len - seq_q + (pid_m + 1) * BLOCK_M, context_len)  # causal: no key after the last query
-        for start_n in range(0, hi, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            in_n = offs_n < hi
-            block = tl.load(table + offs_n // BLOCK_SIZE, mask=in_n, other=0).to(tl.int64)
-            slot = offs_n % BLOCK_SIZE
-            k = tl.load(k_head + block[:, None] * stride_kn + slot[:, None] * stride_ks + offs_d[None, :],
-                        mask=in_n[:, None], other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2  # [BLOCK_M, BLOCK_N]
-            s = tl.where(in_n[None, :] & (offs_n[None, :] <= q_pos[:, None]), s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # padding query rows see no key yet
-            p = tl.math.exp2(s - m_safe[:, None])
-            correction = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * correction + tl.sum(p, 1)
-            v = tl.load(v_head + block[:, None] * stride_vn + slot[:, None] * stride_vs + offs_d[None, :],
-                        mask=in_n[:, None], other=0.0)
-            if UPCAST:
-                v = v.to(tl.float32)
-            acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+        acc, m_i, l_i = _paged_tiles(acc, m_i, l_i, q, table, k_head, v_head, stride_kn, stride_ks, stride_vn,
+                                     stride_vs, offs_d, q_pos, 0, hi, qk_scale_log2, True, BLOCK_SIZE, BLOCK_N,
+                                     DOT_PRECISION, UPCAST)
         acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
                  acc.to(o_ptr.dtype.element_ty), mask=in_q[:, None])
