@@ -13,6 +13,7 @@ from llmops_lab.attention.tiled import tiled_attention
 needs_triton = pytest.mark.skipif(not triton_flash.available(),
                                   reason="needs CUDA or TRITON_INTERPRET=1 with triton installed")
 TOL = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # kernels: a GPU, or the interpreter on CPU tensors
 
 
 def qkv(B, H, Hkv, Sq, Sk, D, dtype=torch.float32, seed=0, device="cpu"):
@@ -46,8 +47,7 @@ def test_tiled_trace_records_running_statistics():
     (1, 4, 1, 1, 23, 64),       # one query (decode)
 ])
 def test_kernel_matches_reference(dtype, causal, B, H, Hkv, Sq, Sk, D):
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    q, k, v = qkv(B, H, Hkv, Sq, Sk, D, dtype, device=dev)
+    q, k, v = qkv(B, H, Hkv, Sq, Sk, D, dtype, device=DEV)
     want = naive_attention(q.float(), k.float(), v.float(), is_causal=causal)
     got, lse = triton_flash.flash_attention(q, k, v, is_causal=causal, return_lse=True)
     assert got.dtype == dtype and got.shape == q.shape
@@ -57,7 +57,7 @@ def test_kernel_matches_reference(dtype, causal, B, H, Hkv, Sq, Sk, D):
 
 @needs_triton
 def test_kernel_head_dim_128_bf16():
-    q, k, v = qkv(1, 2, 1, 19, 19, 128, torch.bfloat16)
+    q, k, v = qkv(1, 2, 1, 19, 19, 128, torch.bfloat16, device=DEV)
     want = naive_attention(q.float(), k.float(), v.float(), is_causal=True)
     assert (triton_flash.flash_attention(q, k, v, is_causal=True).float() - want).abs().max() < TOL[torch.bfloat16]
 
@@ -67,10 +67,10 @@ def test_varlen_packed_batch_equals_each_sequence_alone():
     lens = [5, 17, 9]
     H, Hkv, D = 4, 2, 16
     g = torch.Generator().manual_seed(1)
-    q = torch.randn(sum(lens), H, D, generator=g)
-    k = torch.randn(sum(lens), Hkv, D, generator=g)
-    v = torch.randn(sum(lens), Hkv, D, generator=g)
-    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+    q = torch.randn(sum(lens), H, D, generator=g).to(DEV)
+    k = torch.randn(sum(lens), Hkv, D, generator=g).to(DEV)
+    v = torch.randn(sum(lens), Hkv, D, generator=g).to(DEV)
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=DEV)
     out = triton_flash.flash_attention_varlen(q, k, v, cu, cu, max(lens), is_causal=True)
     for i, n in enumerate(lens):
         s, e = int(cu[i]), int(cu[i + 1])
@@ -81,7 +81,7 @@ def test_varlen_packed_batch_equals_each_sequence_alone():
 
 @pytest.mark.parametrize("fn", [tiled_attention, triton_flash.flash_attention])
 def test_bad_input_is_a_clear_error(fn):
-    q, k, v = qkv(1, 2, 2, 8, 8, 16)
+    q, k, v = qkv(1, 2, 2, 8, 8, 16, device=DEV)
     with pytest.raises(ValueError, match="head dims"):
         fn(q, k[..., :8], v)
     with pytest.raises(ValueError, match="differ"):
@@ -102,8 +102,8 @@ def test_flash_is_a_runtime_backend():
     from llmops_lab.model import LlamaModel
     torch.manual_seed(0)
     m = LlamaModel(ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
-    ids = torch.randint(0, 64, (2, 21))
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval().to(DEV)
+    ids = torch.randint(0, 64, (2, 21), device=DEV)
     with torch.no_grad():
         assert (m(ids, backend="flash") - m(ids, backend="sdpa")).abs().max() < 1e-4
         cache = KVCache.for_model(m, 2, 32)
@@ -111,4 +111,4 @@ def test_flash_is_a_runtime_backend():
         step = m(ids[:, 20:], cache=cache, backend="flash")          # decode: one query, all keys
         assert (step[:, -1] - m(ids, backend="sdpa")[:, -1]).abs().max() < 1e-4
         with pytest.raises(ValueError, match="mask"):
-            m(ids, attention_mask=torch.ones(2, 21, dtype=torch.long), backend="flash")
+            m(ids, attention_mask=torch.ones(2, 21, dtype=torch.long, device=DEV), backend="flash")
