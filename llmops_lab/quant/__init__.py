@@ -1,4 +1,8 @@
 """Weight quantization: round-to-nearest, GPTQ, AWQ, bitsandbytes and GGUF, on one weight format."""
+from .packing import pack_codes, pack_int4, unpack_codes, unpack_int4
+from .quant_linear import QuantLinear, quantize
+from .rtn import check_error_bound, quantize_rtn
 from .weights import QuantizedWeight
 
-__all__ = ["QuantizedWeight"]
+__all__ = ["QuantizedWeight", "QuantLinear", "quantize", "quantize_rtn", "check_error_bound",
+           "pack_int4", "unpack_int4", "pack_codes", "unpack_codes"]
