@@ -16,3 +16,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def random_llama():
+    """A factory: ``random_llama(config)`` is a LlamaModel with seeded N(0, 0.08^2) weights, in eval mode."""
+    from llmops_lab.model import LlamaModel
+
+    def make(config, std: float = 0.08, seed: int = 0):
+        torch.manual_seed(seed)
+        m = LlamaModel(config).eval()
+        for p in m.parameters():
+            torch.nn.init.normal_(p, std=std)
+        return m
+    return make

@@ -24,12 +24,8 @@ FACTORIES = {  # each holds 32 tokens
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    m = LlamaModel(TINY).eval()
-    for p in m.parameters():
-        torch.nn.init.normal_(p, std=0.08)
-    return m
+def model(random_llama):
+    return random_llama(TINY)
 
 
 def ids_for(B, T, seed=1):

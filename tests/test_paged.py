@@ -11,7 +11,6 @@ import llmops_lab
 from llmops_lab.attention import naive_attention
 from llmops_lab.config import ModelConfig
 from llmops_lab.engine import BlockManager, NoFreeBlocksError, Sequence
-from llmops_lab.model import LlamaModel
 from llmops_lab.paged import (PagedKVCache, gather_kv, paged_attention, paged_decode_reference,
                               paged_generate, paged_prefill_reference, store_kv, triton_paged)
 from llmops_lab.paged.cache import blocks_for_step
@@ -29,12 +28,8 @@ TINY = ModelConfig(vocab_size=320, hidden_size=64, intermediate_size=160, num_hi
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    m = LlamaModel(TINY).eval()
-    for p in m.parameters():
-        torch.nn.init.normal_(p, std=0.08)
-    return m
+def tiny(random_llama):
+    return random_llama(TINY)
 
 
 def prompt(B, S, seed=0):
