@@ -1,7 +1,6 @@
 """The bench suite and the CLI run end to end at small sizes (the GPU run is the real one)."""
 import json
 
-import torch
 
 from llmops_lab import bench, cli, formulas, roofline
 from llmops_lab.kv import KVCache

@@ -1,7 +1,6 @@
 """Flash attention: the tiled PyTorch algorithm and the Triton kernel against the naive reference.
 
 The kernel runs under TRITON_INTERPRET=1 on a CPU (set by scripts/test), at small sizes."""
-import os
 
 import pytest
 import torch
