@@ -30,6 +30,18 @@ def available() -> bool:
 
 if triton is not None:
     @triton.jit
+    def online_softmax_step(acc, m_i, l_i, s, v, DOT_PRECISION: tl.constexpr):
+        """Fold one tile of scores s [rows, n] (log2 units, masked = -inf) and its values v [n, D]
+        into the running output acc, max m and sum l; rows that have seen no key stay at zero."""
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        correction = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * correction + tl.sum(p, 1)
+        acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        return acc, m_new, l_i
+
+    @triton.jit
     def _attend_tiles(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
                       lo, hi, seq_k, causal_offset, qk_scale,
                       MASKED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -46,15 +58,10 @@ if triton is not None:
             if MASKED:
                 keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
             s = tl.where(keep, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.math.exp2(s - m_new[:, None])
-            correction = tl.math.exp2(m_i - m_new)
-            l_i = l_i * correction + tl.sum(p, 1)
             v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=in_k[:, None], other=0.0)
             if UPCAST:
                 v = v.to(tl.float32)
-            acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+            acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, DOT_PRECISION)
         return acc, m_i, l_i
 
     @triton.jit

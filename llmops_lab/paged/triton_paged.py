@@ -25,6 +25,8 @@ import torch
 try:
     import triton
     import triton.language as tl
+
+    from ..attention.triton_flash import online_softmax_step
 except ImportError:  # the package works without triton; only this kernel needs it
     triton = None
 
@@ -64,17 +66,11 @@ if triton is not None:
             if CAUSAL:
                 keep = keep & (offs_n[None, :] <= q_pos[:, None])
             s = tl.where(keep, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # a row that sees no key yet
-            p = tl.math.exp2(s - m_safe[:, None])
-            correction = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * correction + tl.sum(p, 1)
             v = tl.load(v_head + block[:, None] * stride_vn + slot[:, None] * stride_vs + offs_d[None, :],
                         mask=in_n[:, None], other=0.0)
             if UPCAST:
                 v = v.to(tl.float32)
-            acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+            acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, DOT_PRECISION)
         return acc, m_i, l_i
 
     @triton.jit
