@@ -11,11 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import triton_dequant
 from .packing import pack_codes, unpack_codes
 from .rtn import quantize_rtn
 from .weights import QuantizedWeight
 
 METHODS = ("rtn",)
+KERNEL_MAX_TOKENS = 64      # the fused kernel serves decode batches; larger ones are compute-bound
+KERNELS = ("auto", "triton", "torch")
 
 
 class QuantLinear(nn.Module):
@@ -24,10 +27,10 @@ class QuantLinear(nn.Module):
     ``qweight`` is uint8 [out, in/2] at 4 bits (two codes per byte), int8 [out, in] otherwise (see
     ``packing``). ``scales`` and ``zeros`` are [out, n_groups] in ``scale_dtype`` (fp16 by default;
     RTN zero points are integers and exact in fp16). The forward pass dequantizes the whole weight
-    and calls ``F.linear``: the plain PyTorch path, right on a CPU and a reference for any kernel.
-
-    TODO (later work, issue 3): a fused dequantize-matmul Triton kernel for small batches on GPU,
-    which reads the packed codes once instead of materialising the float weight.
+    and calls ``F.linear``: the plain PyTorch path, right on a CPU and for large batches. On CUDA,
+    up to ``KERNEL_MAX_TOKENS`` tokens go through the fused Triton kernel (``triton_dequant``),
+    which reads the packed codes directly and never materialises the float weight. ``kernel``:
+    "auto" (that rule), "triton" (always the kernel: tests under TRITON_INTERPRET=1) or "torch".
     """
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None,
@@ -39,6 +42,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.sym = qw.bits, qw.group_size, qw.sym
         self.dtype = dtype                                  # the compute dtype of the forward pass
+        self.kernel = "auto"
         self.register_buffer("qweight", pack_codes(qw.codes, qw.bits, qw.sym))
         self.register_buffer("scales", qw.scales.to(scale_dtype).contiguous())
         self.register_buffer("zeros", qw.zeros.to(scale_dtype).contiguous())
@@ -59,10 +63,8 @@ class QuantLinear(nn.Module):
 
         Same numbers as ``QuantizedWeight.dequantize``, broadcast per group instead of repeated.
         """
-        codes = unpack_codes(self.qweight, self.bits, self.sym).float()      # [O, I]
-        O, G = self.scales.shape
-        w = (codes.view(O, G, -1) - self.zeros.float()[..., None]) * self.scales.float()[..., None]
-        return w.view(O, -1).to(dtype or self.dtype)
+        return triton_dequant.dequantize_stored(self.qweight, self.scales, self.zeros, self.bits, self.sym,
+                                                dtype or self.dtype)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -74,7 +76,23 @@ class QuantLinear(nn.Module):
         """Measured storage of the buffers (codes, scales, zeros, bias) in bytes."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
+    def uses_kernel(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` runs the fused kernel (see the class docstring)."""
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
+        if self.kernel == "torch":
+            return False
+        if self.kernel == "triton":
+            if not triton_dequant.available(x.device):
+                raise RuntimeError(f"the Triton kernel cannot run on {x.device} (needs CUDA or TRITON_INTERPRET=1)")
+            return True
+        return (x.is_cuda and x.numel() // self.in_features <= KERNEL_MAX_TOKENS
+                and triton_dequant.available(x.device))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:      # x [..., in] -> [..., out]
+        if self.uses_kernel(x):
+            return triton_dequant.dequant_matmul(x, self.qweight, self.scales, self.zeros, self.bits,
+                                                 self.group_size, self.sym, self.bias)
         return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:

@@ -1,0 +1,210 @@
+"""A fused dequantize-matmul kernel in Triton: y = x @ dequant(W)^T reading the packed codes directly.
+
+What it teaches: at decode (a handful of tokens, M = 1..64) a linear layer is memory-bound, so its
+time is the bytes of the weight it reads. A weight-only quantized layer only pays off if the kernel
+reads the 4-bit (or 8-bit) codes and their per-group scales and turns them into floats in
+registers, tile by tile, without ever writing the float weight back to memory (the idea behind
+GPTQ's and AWQ's CUDA kernels, Frantar et al. 2022, Lin et al. 2023, and gpt-fast's int4 path).
+
+The naive reference, ``QuantLinear``'s PyTorch path, for W [N, K] at 4 bits with fp16 activations:
+
+    w = dequantize(codes, scales, zeros)   # reads N*K/2 bytes of codes, writes N*K*2 bytes of fp16
+    y = x @ w.T                            # reads the N*K*2 bytes again (+ x, y: M*(K+N)*2)
+
+so about 4.5 bytes per weight move, 9x the 0.5 the codes take (and more than the 2 bytes of an fp16
+layer: the naive path is slower than not quantizing). This kernel moves N*K/2 bytes of codes plus
+N*K/group_size*2 (*2 with zero points) bytes of scales (and zeros), about 0.53 bytes per weight at
+group size 128: the 4x saving over fp16 that decode speed can reach.
+
+One program computes a BLOCK_M x BLOCK_N tile of y and walks K in BLOCK_K steps: it loads a
+[BLOCK_N, BLOCK_K/2] tile of packed bytes, splits each byte into its low and high nibble
+(interleaved back into column order), subtracts the zero point and multiplies by the group's scale
+in fp32, casts to the activation dtype and accumulates x_tile @ w_tile^T with ``tl.dot`` in fp32.
+With few rows (decode) there are few output tiles, so K can be split over ``SPLIT_K`` programs that
+add their partial sums atomically into an fp32 output. 8-bit (and 2, 3, 5-7-bit) codes are stored
+one per int8 and take the same path without the unpacking. Storage layout: ``packing``.
+
+Runs on a CPU under TRITON_INTERPRET=1 at small sizes (tests/test_quant_kernel.py).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .packing import storage_offset, unpack_codes
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the package works without triton; only this kernel needs it
+    triton = None
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available(device: str | torch.device | None = None) -> bool:
+    """True where the kernel can run on ``device``'s tensors: CUDA, or the interpreter on a CPU."""
+    if triton is None:
+        return False
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type == "cuda":
+        return torch.cuda.is_available()
+    if dev is not None and dev.type == "cpu":
+        return _interpret()
+    return torch.cuda.is_available() or _interpret()
+
+
+# ---- the reference ----------------------------------------------------------------------------
+
+def dequantize_stored(qweight, scales, zeros, bits: int, sym: bool, dtype=torch.float32) -> torch.Tensor:
+    """The float weight [N, K] of stored codes: scales * (codes - zeros), in fp32 then cast."""
+    codes = unpack_codes(qweight, bits, sym).float()                       # [N, K]
+    N, G = scales.shape
+    w = (codes.view(N, G, -1) - zeros.float()[..., None]) * scales.float()[..., None]
+    return w.view(N, -1).to(dtype)
+
+
+def dequant_matmul_reference(x, qweight, scales, zeros, bits: int, group_size: int, sym: bool, bias=None):
+    """x [M, K] @ dequant(W)^T (+ bias) the naive way: unpack, materialise W [N, K], matmul."""
+    w = dequantize_stored(qweight, scales, zeros, bits, sym, x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+# ---- the kernel -------------------------------------------------------------------------------
+
+if triton is not None:
+    @triton.jit
+    def dequant_matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+                              M, N, K, K_PER_SPLIT,
+                              stride_xm, stride_xk, stride_qn, stride_qk, stride_sn, stride_sg,
+                              stride_ym, stride_yn,
+                              GROUP_SIZE: tl.constexpr, OFFSET: tl.constexpr, PACKED: tl.constexpr,
+                              HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, ONE_GROUP_PER_TILE: tl.constexpr,
+                              SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_m, in_n = offs_m < M, offs_n < N
+        k_lo = pid_k * K_PER_SPLIT                             # K_PER_SPLIT is a multiple of BLOCK_K
+        k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            in_k = offs_k < k_hi
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=in_m[:, None] & in_k[None, :], other=0.0)             # [BM, BK]
+            if PACKED:   # two 4-bit codes per byte, column 2j in the low nibble of byte j
+                offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+                raw = tl.load(q_ptr + offs_n[:, None] * stride_qn + offs_b[None, :] * stride_qk,
+                              mask=in_n[:, None] & (offs_b < k_hi // 2)[None, :], other=0).to(tl.int32)
+                codes = tl.interleave(raw & 0xF, raw >> 4)                          # [BN, BK]
+            else:        # one code per int8
+                codes = tl.load(q_ptr + offs_n[:, None] * stride_qn + offs_k[None, :] * stride_qk,
+                                mask=in_n[:, None] & in_k[None, :], other=0).to(tl.int32)
+            w = (codes + OFFSET).to(tl.float32)
+            if ONE_GROUP_PER_TILE:   # the whole K tile lies in one group: one scale per row
+                g = k0 // GROUP_SIZE
+                s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=in_n, other=0.0).to(tl.float32)[:, None]
+                if HAS_ZEROS:
+                    z = tl.load(z_ptr + offs_n * stride_sn + g * stride_sg, mask=in_n, other=0.0).to(tl.float32)[:, None]
+            else:                    # groups narrower than the tile, or not aligned to it
+                g = offs_k // GROUP_SIZE
+                mask_s = in_n[:, None] & in_k[None, :]
+                s = tl.load(s_ptr + offs_n[:, None] * stride_sn + g[None, :] * stride_sg, mask=mask_s,
+                            other=0.0).to(tl.float32)
+                if HAS_ZEROS:
+                    z = tl.load(z_ptr + offs_n[:, None] * stride_sn + g[None, :] * stride_sg, mask=mask_s,
+                                other=0.0).to(tl.float32)
+            if HAS_ZEROS:
+                w = w - z
+            w = w * s                                    # [BN, BK]; 0 outside the weight (s = 0 there)
+            if UPCAST:   # Triton's CPU interpreter computes bf16 dots wrongly; on a GPU this is off
+                x = x.to(tl.float32)
+            else:
+                w = w.to(x.dtype)
+            acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            if pid_k == 0:           # one split adds the bias
+                acc += tl.load(b_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)[None, :]
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+        mask_y = in_m[:, None] & in_n[None, :]
+        if SPLIT_K == 1:
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
+        else:                        # y is fp32 and zeroed: partial sums over K add up
+            tl.atomic_add(y_ptrs, acc, mask=mask_y)
+
+
+# ---- the wrapper ------------------------------------------------------------------------------
+
+def _config(M: int, N: int, K: int, group_size: int, device: torch.device, interpret: bool):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages): one hand-picked default."""
+    if interpret:                                   # small tiles: the interpreter is slow
+        return 16, 16, 32, 1, 4, 1
+    block_m = 16 if M <= 16 else 32 if M <= 32 else 64
+    block_k = 128 if group_size % 128 == 0 or group_size >= K else max(32, min(128, group_size))
+    block_n = 64
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    # Decode has few output tiles: split K until there are about two programs per SM, keeping at
+    # least 4 K tiles per program so each still streams a useful run of codes.
+    split_k = max(1, min(triton.cdiv(2 * sms, tiles), K // (4 * block_k)))
+    return block_m, block_n, block_k, split_k, 4, 3
+
+
+def dequant_matmul(x, qweight, scales, zeros, bits: int, group_size: int, sym: bool, bias=None,
+                   split_k: int | None = None) -> torch.Tensor:
+    """y [..., N] = x [..., K] @ dequant(W)^T + bias with W stored as in ``QuantLinear``.
+
+    Args:
+        qweight: uint8 [N, K/2] at 4 bits, int8 [N, K] otherwise (``packing.pack_codes``).
+        scales, zeros: [N, K/group_size] (fp16 by default); zeros are ignored when ``sym``.
+        split_k: programs sharing one output tile's K range (None: the default config's choice).
+    """
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    K = x.shape[-1]
+    N, G = scales.shape
+    packed = bits == 4
+    if qweight.shape != (N, K // 2 if packed else K) or G * group_size != K or zeros.shape != scales.shape:
+        raise ValueError(f"x [..., {K}] does not match qweight {tuple(qweight.shape)}, scales "
+                         f"{tuple(scales.shape)}, zeros {tuple(zeros.shape)} at {bits} bits, group_size {group_size}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"activations must be fp16, bf16 or fp32, got {x.dtype}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)                                           # [M, K]
+    M = x2.shape[0]
+    interpret = _interpret()
+    block_m, block_n, block_k, auto_split, warps, stages = _config(M, N, K, group_size, x.device, interpret)
+    split_k = auto_split if split_k is None else split_k
+    k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
+    split_k = triton.cdiv(K, k_per_split)                          # no empty splits
+    y = (torch.empty if split_k == 1 else torch.zeros)(M, N, device=x.device,
+                                                       dtype=x.dtype if split_k == 1 else torch.float32)
+    if M == 0:
+        return y.to(x.dtype).reshape(*lead, N)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), split_k)
+    dequant_matmul_kernel[grid](
+        x2, qweight, scales, zeros, bias if bias is not None else scales, y,
+        M, N, K, k_per_split, x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1),
+        scales.stride(0), scales.stride(1), y.stride(0), y.stride(1),
+        GROUP_SIZE=group_size, OFFSET=storage_offset(bits, sym), PACKED=packed, HAS_ZEROS=not sym,
+        HAS_BIAS=bias is not None, ONE_GROUP_PER_TILE=group_size % block_k == 0 or group_size == K,
+        SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        UPCAST=interpret and x.dtype == torch.bfloat16, num_warps=warps, num_stages=stages)
+    return y.to(x.dtype).reshape(*lead, N)
+
+
+def bytes_moved(M: int, N: int, K: int, bits: int, group_size: int, sym: bool, act_bytes: int = 2,
+                scale_bytes: int = 2) -> dict[str, int]:
+    """Bytes the kernel and the naive reference move for one call (the docstring's arithmetic)."""
+    codes = N * K // 2 if bits == 4 else N * K
+    meta = N * (K // group_size) * scale_bytes * (1 if sym else 2)
+    io = (M * K + M * N) * act_bytes
+    return {"kernel": codes + meta + io, "reference": codes + meta + 2 * N * K * act_bytes + io,
+            "float": N * K * act_bytes + io}

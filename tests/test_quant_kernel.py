@@ -1,0 +1,117 @@
+"""The fused dequantize-matmul Triton kernel against the naive reference (unpack, dequantize, matmul):
+odd shapes and exact block boundaries, group sizes 16/32/64/128 and per channel, sym and asym, 4 and
+8 bits (and 3), bias, batch 1 and more, split-K; QuantLinear routes through it.
+
+The kernel runs under TRITON_INTERPRET=1 on a CPU (set by scripts/test), at small sizes."""
+import pytest
+import torch
+
+from llmops_lab.quant import QuantLinear, quantize
+from llmops_lab.quant.packing import pack_codes
+from llmops_lab.quant.rtn import quantize_rtn
+from llmops_lab.quant.triton_dequant import (available, bytes_moved, dequant_matmul,
+                                             dequant_matmul_reference)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"   # a GPU, or the interpreter on CPU tensors
+needs_kernel = pytest.mark.skipif(not available(DEV), reason="needs CUDA or TRITON_INTERPRET=1")
+
+
+def stored(N, K, bits, group_size, sym, seed=0):
+    """Random weight [N, K] quantized by RTN, in QuantLinear's storage: (qweight, scales, zeros, g)."""
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(seed))
+    qw = quantize_rtn(w, bits=bits, group_size=group_size, sym=sym)
+    return (pack_codes(qw.codes, bits, sym).to(DEV), qw.scales.half().to(DEV), qw.zeros.half().to(DEV),
+            qw.group_size)
+
+
+def check(M, N, K, bits, group_size, sym, bias, split_k=None, dtype=torch.float32, tol=1e-5):
+    q, s, z, g = stored(N, K, bits, group_size, sym)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(M, K, generator=gen).to(DEV, dtype)
+    b = torch.randn(N, generator=gen).to(DEV) if bias else None
+    got = dequant_matmul(x, q, s, z, bits, g, sym, b, split_k=split_k)
+    want = dequant_matmul_reference(x.float(), q, s, z, bits, g, sym, b)   # fp32 reference
+    assert got.shape == (M, N) and got.dtype == dtype
+    err = (got.float() - want).abs().max().item()
+    assert err <= tol * want.abs().max().item(), (err, want.abs().max().item())
+
+
+@needs_kernel
+@pytest.mark.parametrize("M", [1, 5])
+@pytest.mark.parametrize("N, K", [(37, 96), (16, 64), (50, 160)])   # odd N; K a block multiple or not
+@pytest.mark.parametrize("bits, group_size, sym", [(4, 32, False), (4, 32, True), (4, -1, False),
+                                                    (8, -1, True), (8, 32, False)])
+def test_kernel_matches_reference(M, N, K, bits, group_size, sym):
+    check(M, N, K, bits, group_size, sym, bias=M > 1)
+
+
+@needs_kernel
+@pytest.mark.parametrize("group_size", [16, 32, 64, 128, None])    # 16: several groups per K tile
+@pytest.mark.parametrize("bits, sym", [(4, False), (4, True), (8, True), (3, False)])
+def test_kernel_group_sizes(group_size, bits, sym):
+    check(3, 24, 256, bits, group_size, sym, bias=True)
+
+
+@needs_kernel
+@pytest.mark.parametrize("split_k", [2, 3, 8])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_split_k_adds_partial_sums(split_k, bits):
+    check(4, 40, 224, bits, 32, False, bias=True, split_k=split_k)   # 224 = 7 K tiles: uneven splits
+
+
+@needs_kernel
+def test_odd_in_features_per_channel_int8():
+    check(2, 9, 100, 8, None, False, bias=False)                      # K not a multiple of anything
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
+def test_half_activations(dtype, tol):
+    check(6, 48, 128, 4, 64, False, bias=True, dtype=dtype, tol=tol)
+
+
+@needs_kernel
+def test_quant_linear_routes_through_kernel():
+    lin = torch.nn.Linear(96, 40, bias=True)
+    q = QuantLinear.from_linear(lin, quantize_rtn(lin.weight.detach(), bits=4, group_size=32)).to(DEV)
+    x = torch.randn(2, 3, 96, device=DEV)                            # [B, S, in]: 6 tokens
+    q.kernel = "torch"
+    want = q(x)
+    q.kernel = "triton"
+    assert q.uses_kernel(x)
+    assert torch.allclose(q(x), want, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_quantized_model_same_logits_with_kernel(random_llama):
+    from llmops_lab.config import ModelConfig
+    cfg = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    m = quantize(random_llama(cfg), bits=4, group_size=32, progress=False).to(DEV)
+    ids = torch.randint(0, 128, (2, 5), device=DEV)
+    want = m(ids)
+    for mod in m.modules():
+        if isinstance(mod, QuantLinear):
+            mod.kernel = "triton"
+    assert torch.allclose(m(ids), want, atol=1e-4, rtol=1e-4)
+
+
+def test_auto_uses_plain_path_on_cpu_and_checks_the_choice():
+    lin = torch.nn.Linear(64, 8)
+    q = QuantLinear.from_linear(lin, quantize_rtn(lin.weight.detach(), bits=4, group_size=32))
+    assert not q.uses_kernel(torch.randn(1, 64))                      # CPU: PyTorch path
+    q.kernel = "fast"
+    with pytest.raises(ValueError, match="kernel must be"):
+        q(torch.randn(1, 64))
+
+
+@needs_kernel
+def test_shape_mismatch_is_a_clear_error():
+    q, s, z, g = stored(16, 64, 4, 32, False)
+    with pytest.raises(ValueError, match="does not match"):
+        dequant_matmul(torch.randn(1, 96, device=DEV), q, s, z, 4, g, False)
+
+
+def test_kernel_moves_fewer_bytes_than_float_and_reference():
+    b = bytes_moved(1, 4096, 4096, bits=4, group_size=128, sym=False)
+    assert b["kernel"] < b["float"] / 3.5 < b["reference"]          # ~0.53 vs 2 vs 4.5 bytes per weight
