@@ -182,7 +182,7 @@ class LlamaModel(nn.Module):
                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")
 
     def forward(self, input_ids, positions=None, cache=None, attention_mask=None, backend=None,
-                last_only: bool = False):
+                last_only: bool = False, logits_indices=None):
         """Logits for input_ids [B, S].
 
         cache: a KVCache to read past keys/values from and append to (its ``length`` advances by S).
@@ -190,6 +190,12 @@ class LlamaModel(nn.Module):
         positions: [B, S] RoPE positions; by default counted from the mask (left padding) or
         from the cache length.
         last_only: compute logits for the last position only (decoding needs nothing else).
+        logits_indices: positions of the sequence dimension to compute logits for (a packed batch
+        of many sequences samples at the end of each).
+
+        A cache whose ``packed`` is true holds several sequences flattened into one row
+        (``input_ids`` [1, T], ``positions`` given per token): the attention backend it comes with
+        reads its own per-sequence metadata, so no mask is built here.
         """
         self.check_ids(input_ids)
         B, S = input_ids.shape
@@ -199,22 +205,29 @@ class LlamaModel(nn.Module):
                 positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -S:]
             else:
                 positions = torch.arange(start, start + S, device=input_ids.device).expand(B, S)
+        packed = getattr(cache, "packed", False)
+        if packed and positions is None:
+            raise ValueError("a packed batch needs explicit positions")
         # Positions, not cache slots, are what the context limits (masked slots hold no token).
-        last = start + S if attention_mask is None else int(positions[:, -1].max()) + 1
+        last = int(positions.max()) + 1 if packed else (
+            start + S if attention_mask is None else int(positions[:, -1].max()) + 1)
         if last > self.config.max_position_embeddings:
             raise ValueError(f"sequence of {last} tokens exceeds the model's context of "
                              f"{self.config.max_position_embeddings}")
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(positions, x.dtype)
-        mask = build_mask(start, S, attention_mask, self.config.sliding_window, x.device)
-        is_causal = mask is None and S > 1
+        mask = None if packed else build_mask(start, S, attention_mask, self.config.sliding_window, x.device)
+        is_causal = mask is None and S > 1 and not packed
         attn = get_backend(backend) if backend is not None else self.backend
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache, start, mask, is_causal, attn)
         if cache is not None:
             cache.length = start + S
-        x = self.model.norm(x[:, -1:] if last_only else x)
-        return self.lm_head(x)
+        if logits_indices is not None:
+            x = x[:, logits_indices]
+        elif last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x))
 
     def decode_step_static(self, input_ids, pos, cache, attention_mask=None, positions=None):
         """One decode step with static shapes, so it can be captured in a CUDA graph or compiled.

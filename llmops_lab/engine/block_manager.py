@@ -7,6 +7,11 @@ block_size - 1 slots per sequence are wasted. Blocks are reference-counted: fork
 them writes into it (copy-on-write). Full blocks are registered under a hash of their tokens and
 of everything before them (prefix caching): a later sequence with the same prefix reuses them.
 
+With ``track_computed`` (the continuous-batching engine, whose prefills run in chunks over several
+steps) a newly filled block is a prefix-cache hit only once ``mark_computed`` says its keys and
+values are in the pool; without it a block counts as soon as it is allocated, which is right when
+the whole batch is computed in the forward that follows (``PagedKVCache``).
+
 Plain Python bookkeeping, no tensors: the model runner performs the copies this class asks for.
 """
 from __future__ import annotations
@@ -36,7 +41,8 @@ def block_hash(token_ids, prefix_hash: int | None) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 track_computed: bool = False):
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         if block_size < 1 or block_size & (block_size - 1):
@@ -47,6 +53,8 @@ class BlockManager:
         self.cached: dict[int, int] = {}      # hash -> block id, for full blocks
         self.prefix_caching = enable_prefix_caching
         self.prefix_hits = 0                  # blocks reused from the cache, for the notebooks
+        self.track_computed = track_computed
+        self.pending: set[int] = set()        # full blocks whose KV is not written yet (track_computed)
 
     # -- pool ------------------------------------------------------------------------------------
     @property
@@ -64,6 +72,7 @@ class BlockManager:
         if b.hash is not None:                # evict: its old content is about to be overwritten
             if self.cached.get(b.hash) == block_id:
                 del self.cached[b.hash]
+            self.pending.discard(block_id)
             b.hash, b.token_ids = None, ()
         b.ref_count = 1
         return b
@@ -93,7 +102,7 @@ class BlockManager:
             toks = seq.token_ids[i * self.block_size:(i + 1) * self.block_size]
             h = block_hash(toks, h)
             bid = self.cached.get(h)
-            if bid is None or self.blocks[bid].token_ids != tuple(toks):
+            if bid is None or bid in self.pending or self.blocks[bid].token_ids != tuple(toks):
                 break
             hits += self.blocks[bid].ref_count > 0
         return hits
@@ -112,7 +121,7 @@ class BlockManager:
             full = len(toks) == self.block_size
             h = block_hash(toks, h) if full else None
             bid = self.cached.get(h) if (full and self.prefix_caching and hit_run) else None
-            if bid is not None and self.blocks[bid].token_ids == toks:
+            if bid is not None and bid not in self.pending and self.blocks[bid].token_ids == toks:
                 b = self.blocks[bid]
                 if b.ref_count == 0:
                     self.free_ids.remove(bid)
@@ -133,6 +142,15 @@ class BlockManager:
         b.hash, b.token_ids = h, toks
         if self.prefix_caching:
             self.cached[h] = b.block_id
+            if self.track_computed:
+                self.pending.add(b.block_id)
+
+    def mark_computed(self, seq: Sequence, num_tokens: int) -> None:
+        """The KV of seq's first num_tokens tokens is in the pool: its full blocks among them become
+        prefix-cache hits for later sequences (with ``track_computed``)."""
+        if self.pending:
+            for bid in seq.block_table[:num_tokens // self.block_size]:
+                self.pending.discard(bid)
 
     def can_append(self, seq: Sequence) -> bool:
         """Whether seq's newest token (appended to seq.token_ids, not yet given a slot) can get

@@ -1,0 +1,92 @@
+"""LLM: offline batched generation with vLLM's interface, on our continuous-batching engine.
+
+The documents' snippet runs with only its import changed (and a model that exists here)::
+
+    from llmops_lab.engine import LLM, SamplingParams
+    llm = LLM(model="target", gpu_memory_utilization=0.9, max_num_batched_tokens=8192,
+              max_num_seqs=256, block_size=16)
+    outputs = llm.generate(["Explain quantum computing", "What is machine learning?"],
+                           SamplingParams(temperature=0.7, max_tokens=256))
+
+``model`` is a folder, a hub id (only where the network allows), ``"target"``/``"draft"``, an
+already loaded ``LlamaModel``, or None for the embedded target.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+from tqdm.auto import tqdm
+
+from .config import EngineConfig
+from .llm_engine import LLMEngine
+from .outputs import CompletionOutput, RequestMetrics, RequestOutput
+from .sampling_params import SamplingParams
+
+_ENGINE_KEYS = {f.name for f in dataclasses.fields(EngineConfig)}
+
+
+class LLM:
+    def __init__(self, model=None, tokenizer=None, dtype=None, device=None, **engine_args):
+        unknown = set(engine_args) - _ENGINE_KEYS
+        if unknown:
+            raise TypeError(f"LLM got unknown arguments {sorted(unknown)}; it accepts model, tokenizer, "
+                            f"dtype, device and {sorted(_ENGINE_KEYS)}")
+        from ..loader import load_model, load_tokenizer
+        if model is None or isinstance(model, str):
+            name = model or "target"
+            model_obj = load_model(name, device=device, dtype=_dtype(dtype))
+            if tokenizer is None:
+                tokenizer = load_tokenizer(name)
+        else:
+            model_obj = model
+        if isinstance(tokenizer, str):
+            tokenizer = load_tokenizer(tokenizer)
+        self.engine = LLMEngine(model_obj, tokenizer, EngineConfig(**engine_args))
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Outputs in the order of ``prompts`` (strings, or lists of token ids). A bad request gets
+        an output whose ``error`` says why (with a warning); the others run."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
+        eng = self.engine
+        results: dict[str, RequestOutput] = {}
+        order = []
+        for i, (p, sp) in enumerate(zip(prompts, params)):
+            rid = f"llm-{id(self)}-{len(eng.requests)}-{i}"
+            order.append(rid)
+            try:
+                eng.add_request(rid, p, sp)
+            except ValueError as e:
+                warnings.warn(f"prompt {i} refused: {e}")
+                results[rid] = _failed(rid, p, str(e))
+        bar = tqdm(total=len(order), desc="generate", disable=not use_tqdm)
+        bar.update(len(results))
+        while eng.has_unfinished_requests():
+            for out in eng.step():
+                results[out.request_id] = out
+                eng.release(out.request_id)
+                bar.update(1)
+        bar.close()
+        return [results[r] for r in order]
+
+
+def _failed(rid, prompt, msg) -> RequestOutput:
+    return RequestOutput(rid, prompt if isinstance(prompt, str) else None,
+                         [] if isinstance(prompt, str) else list(prompt),
+                         [CompletionOutput(0, "", [], "error")], True, RequestMetrics(0.0), msg)
+
+
+def _dtype(dtype):
+    if dtype is None or dtype == "auto":
+        return None
+    import torch
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype

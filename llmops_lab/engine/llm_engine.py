@@ -1,0 +1,296 @@
+"""LLMEngine: continuous batching (iteration-level scheduling) on the paged KV cache.
+
+``add_request`` queues a prompt, ``step`` runs one iteration (the scheduler picks prefill chunks
+and decodes, the model runner computes them in one packed forward pass, new tokens are sampled,
+finished sequences are retired and their blocks freed at once), ``abort`` cancels a request at any
+point. Bad input is refused at ``add_request`` with a clear error and leaves the engine untouched; a
+request that can never fit in the pool is finished with an error while the others go on.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+
+import torch
+
+from ..generation import logits_to_probs
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .model_runner import ModelRunner, kv_bytes_per_block
+from .outputs import CompletionOutput, RequestMetrics, RequestOutput
+from .sampling_params import SamplingParams, stop_reason
+from .scheduler import Scheduler
+from .sequence import Sequence, SequenceStatus
+
+
+def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """One token from one row of logits [V] under params (argmax when greedy)."""
+    if params.greedy:
+        return int(logits.argmax())
+    probs = logits_to_probs(logits[None], params.temperature, params.top_k_or_none, params.top_p_or_none)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class _Request:
+    __slots__ = ("request_id", "prompt", "prompt_token_ids", "params", "seqs", "metrics", "forked",
+                 "generators", "error")
+
+    def __init__(self, request_id, prompt, ids, params, arrival):
+        self.request_id, self.prompt, self.prompt_token_ids, self.params = request_id, prompt, ids, params
+        self.seqs: list[Sequence] = []
+        self.metrics = RequestMetrics(arrival)
+        self.forked = params.n == 1
+        self.generators: list[torch.Generator | None] = []
+        self.error: str | None = None
+
+
+def num_kv_blocks(model, config: EngineConfig, max_model_len: int) -> int:
+    """How many KV blocks the pool gets: given outright, from a byte budget, or (CUDA) what is
+    left of ``gpu_memory_utilization`` of the GPU after the weights and the activation peak of a
+    full step, measured; on a CPU ``gpu_memory_utilization`` of ``cpu_kv_cache_space_gib``, capped at
+    what ``max_num_seqs`` full-length sequences could ever use."""
+    if config.num_kv_blocks is not None:
+        return config.num_kv_blocks
+    per_block = kv_bytes_per_block(model, config.block_size)
+    if config.kv_cache_memory_bytes is not None:
+        budget = config.kv_cache_memory_bytes
+    elif model.device.type == "cuda":
+        budget = _cuda_kv_budget(model, config, max_model_len)
+    else:
+        budget = config.gpu_memory_utilization * config.cpu_kv_cache_space_gib * 2**30
+        cap = config.max_num_seqs * math.ceil(max_model_len / config.block_size)
+        budget = min(budget, cap * per_block)
+    n = int(budget // per_block)
+    if n < 1:
+        raise ValueError(f"no room for a single KV block of {per_block} bytes (budget {budget:.0f} bytes)")
+    return n
+
+
+@torch.inference_mode()
+def _cuda_kv_budget(model, config: EngineConfig, max_model_len: int) -> float:
+    """Bytes for KV: utilization x total, less what others and the weights use and the activation
+    peak of one step of max_num_batched_tokens tokens (measured by running it on a scratch pool)."""
+    torch.cuda.synchronize()
+    n = min(config.max_num_batched_tokens, max_model_len)
+    scratch = ModelRunner(model, math.ceil(n / config.block_size), config.block_size)
+    seq = Sequence([0] * n)
+    seq.block_table = list(range(math.ceil(n / config.block_size)))
+    from .scheduler import ScheduledBatch
+    batch = ScheduledBatch()
+    batch.add(seq, n)
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    scratch.execute(batch)
+    activation_peak = torch.cuda.max_memory_allocated() - base
+    del scratch
+    free, total = torch.cuda.mem_get_info()
+    used_now = total - free
+    return total * config.gpu_memory_utilization - used_now - activation_peak
+
+
+class LLMEngine:
+    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = config = config or EngineConfig()
+        ctx = model.config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > ctx:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context of {ctx}")
+        self.max_model_len = config.max_model_len or ctx
+        blocks = num_kv_blocks(model, config, self.max_model_len)
+        self.block_manager = BlockManager(blocks, config.block_size, config.enable_prefix_caching,
+                                          track_computed=True)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.runner = ModelRunner(model, blocks, config.block_size)
+        self.requests: dict[str, _Request] = {}
+        self.eos_ids = set(model.config.eos_token_ids)
+        self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
+        self.step_stats: list[dict] = []      # one row per step: time, batch, tokens, blocks in use
+        self._ids = itertools.count()
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return len(self.block_manager.blocks)
+
+    # -- requests ---------------------------------------------------------------------------------
+    def add_request(self, request_id: str | None, prompt, params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> str:
+        """Queue a prompt (text, or a list of token ids). Raises ValueError for bad input; the
+        engine is left as it was."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        ids = self._encode(prompt)
+        V = self.model.config.vocab_size
+        if not ids:
+            raise ValueError(f"request {request_id}: empty prompt")
+        if min(ids) < 0 or max(ids) >= V:
+            raise ValueError(f"request {request_id}: token ids must lie in [0, {V})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"request {request_id}: prompt of {len(ids)} tokens leaves no room in "
+                             f"max_model_len {self.max_model_len}")
+        need = math.ceil(len(ids) / self.config.block_size)
+        if need > self.num_kv_blocks:
+            raise ValueError(f"request {request_id}: the prompt alone needs {need} KV blocks, the whole "
+                             f"pool has {self.num_kv_blocks}")
+        if not self.config.enable_chunked_prefill and len(ids) > self.config.max_num_batched_tokens:
+            raise ValueError(f"request {request_id}: a prompt of {len(ids)} tokens exceeds "
+                             f"max_num_batched_tokens {self.config.max_num_batched_tokens} without chunked prefill")
+        if params.stop:
+            self._check_stop_strings(params.stop)
+        arrival = time.perf_counter() if arrival_time is None else arrival_time
+        req = _Request(request_id, prompt if isinstance(prompt, str) else None, ids, params, arrival)
+        seq = Sequence(ids, sampling_params=params, request_id=request_id, arrival_time=arrival)
+        req.seqs.append(seq)
+        req.generators.append(self._generator(params, 0))
+        self.requests[request_id] = req
+        self.scheduler.add(seq)
+        return request_id
+
+    def _encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer; pass token ids instead")
+            return list(self.tokenizer(prompt).input_ids) if prompt else []
+        if torch.is_tensor(prompt):
+            prompt = prompt.flatten().tolist()
+        return [int(t) for t in prompt]
+
+    def _check_stop_strings(self, stops) -> None:
+        if self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; use stop_token_ids instead")
+        for s in stops:
+            ids = self.tokenizer(s, add_special_tokens=False).input_ids
+            if self.tokenizer.decode(ids) != s:
+                raise ValueError(f"stop string {s!r} cannot appear in this tokenizer's output "
+                                 f"(it decodes back as {self.tokenizer.decode(ids)!r})")
+
+    def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
+        if params.seed is None:
+            return None
+        return torch.Generator(device="cpu").manual_seed(params.seed * 1_000_003 + index)
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request wherever it is (queued, prefilling, decoding); its blocks are freed."""
+        req = self.requests.get(str(request_id))
+        if req is None:
+            raise KeyError(f"no request {request_id!r}")
+        now = time.perf_counter()
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+                seq.finish_time = now
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- one iteration ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run one packed forward, sample, retire. Returns the requests that finished."""
+        t0 = time.perf_counter()
+        batch = self.scheduler.schedule()
+        touched = {s.request_id for s in batch.failed}
+        for s in batch.failed:
+            s.finish_time = t0
+        if batch.seqs:
+            logits = self.runner.execute(batch)
+            now = time.perf_counter()
+            row = 0
+            for seq, n in zip(batch.seqs, batch.num_tokens):
+                if seq.scheduled_time is None:
+                    seq.scheduled_time = t0
+                seq.num_computed_tokens += n
+                self.block_manager.mark_computed(seq, seq.num_computed_tokens)
+                if seq.num_computed_tokens == len(seq):
+                    self._sample(seq, logits[row], now)
+                    touched.add(seq.request_id)
+                    row += 1
+            self.step_stats.append({
+                "t_start": t0, "t_end": now, "num_seqs": len(batch),
+                "num_tokens": batch.total_tokens,
+                "num_decode": sum(1 for n, s in zip(batch.num_tokens, batch.seqs) if n == 1),
+                "blocks_in_use": self.num_kv_blocks - self.block_manager.num_free_blocks,
+                "num_waiting": len(self.scheduler.waiting), "num_preempted": len(batch.preempted)})
+        return [self._output(self.requests[r]) for r in touched if self._finished(self.requests[r])]
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor, now: float) -> None:
+        req = self.requests[seq.request_id]
+        p = req.params
+        if not req.forked:                    # n > 1: the prompt's blocks are shared, copy-on-write
+            req.forked = True
+            for i in range(1, p.n):
+                child = Sequence(seq.token_ids, sampling_params=p, request_id=req.request_id,
+                                 arrival_time=seq.arrival_time)
+                self.block_manager.fork(seq, child)
+                for a in ("num_computed_tokens", "num_slotted_tokens", "num_cached_tokens", "scheduled_time"):
+                    setattr(child, a, getattr(seq, a))
+                child.status = SequenceStatus.RUNNING
+                self.scheduler.running.append(child)
+                req.seqs.append(child)
+                req.generators.append(self._generator(p, i))
+                self._sample_one(req, child, logits, now)
+        self._sample_one(req, seq, logits, now)
+
+    def _sample_one(self, req: _Request, seq: Sequence, logits: torch.Tensor, now: float) -> None:
+        tok = sample_token(logits, req.params, req.generators[req.seqs.index(seq)] or self.generator)
+        seq.append_token(tok)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        reason, why = self._stop(seq, tok)
+        if reason is not None:
+            seq.stop_reason = why
+            self.scheduler.finish(seq, reason)
+            seq.finish_time = now
+
+    def _stop(self, seq: Sequence, tok: int):
+        return stop_reason(seq, tok, self.eos_ids, self.max_model_len, self.tokenizer)
+
+    # -- outputs ----------------------------------------------------------------------------------
+    @staticmethod
+    def _finished(req: _Request) -> bool:
+        """All its sequences are done (a request that failed before forking has just the one)."""
+        return all(s.is_finished for s in req.seqs) and (
+            req.forked or req.seqs[0].finish_reason in ("error", "abort"))
+
+    def _text(self, seq: Sequence) -> str:
+        if self.tokenizer is None:
+            return ""
+        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        if isinstance(seq.stop_reason, str):
+            text = text[:text.find(seq.stop_reason)]
+        return text
+
+    def _output(self, req: _Request) -> RequestOutput:
+        m = req.metrics
+        seqs = req.seqs
+        firsts = [s.first_token_time for s in seqs if s.first_token_time is not None]
+        scheduled = [s.scheduled_time for s in seqs if s.scheduled_time is not None]
+        m.first_scheduled_time = min(scheduled) if scheduled else None
+        m.first_token_time = min(firsts) if firsts else None
+        done = all(s.is_finished for s in seqs)
+        m.finish_time = max(s.finish_time for s in seqs) if done else None
+        m.num_output_tokens = seqs[0].num_completion_tokens
+        errors = [s.error for s in seqs if s.error]
+        outs = [CompletionOutput(i, self._text(s), s.output_token_ids, s.finish_reason, s.stop_reason,
+                                 s.num_preemptions) for i, s in enumerate(seqs)]
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, done, m,
+                             errors[0] if errors else None)
+
+    def get_output(self, request_id: str) -> RequestOutput:
+        return self._output(self.requests[str(request_id)])
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished request (its output was collected)."""
+        req = self.requests[str(request_id)]
+        if not all(s.is_finished for s in req.seqs):
+            raise RuntimeError(f"request {request_id} is still running: abort it first")
+        del self.requests[str(request_id)]
+
+    def check(self) -> None:
+        """Block-manager invariants over every sequence holding blocks."""
+        live = [s for s in self.scheduler.running]
+        self.block_manager.check_invariants(live)

@@ -1,0 +1,80 @@
+"""ModelRunner: the one part of the engine that touches tensors.
+
+It owns the KV pools (one K and one V pool per layer, [num_blocks, Hkv, block_size, D]), turns a
+``ScheduledBatch`` into one packed forward pass (token ids, RoPE positions, slot mapping, block
+tables, context lengths: built on the host in plain Python, moved to the device once), performs the
+copy-on-write block copies the block manager asked for, and returns the logits of the sequences
+that sample this step (those whose every known token is now computed).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..paged.varlen import PackedBatch, packed_paged_attention
+from .scheduler import ScheduledBatch
+
+
+def kv_bytes_per_block(model, block_size: int, dtype: torch.dtype | None = None) -> int:
+    c = model.config
+    itemsize = torch.empty((), dtype=dtype or model.dtype).element_size()
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * block_size * c.head_dim * itemsize
+
+
+class ModelRunner:
+    def __init__(self, model, num_blocks: int, block_size: int):
+        self.model = model
+        self.block_size = block_size
+        c, dev, dt = model.config, model.device, model.dtype
+        shape = (num_blocks, c.num_key_value_heads, block_size, c.head_dim)
+        self.k_pools = [torch.zeros(shape, dtype=dt, device=dev) for _ in range(c.num_hidden_layers)]
+        self.v_pools = [torch.zeros(shape, dtype=dt, device=dev) for _ in range(c.num_hidden_layers)]
+        self.use_kernels = dev.type == "cuda"
+
+    @property
+    def kv_nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k_pools + self.v_pools)
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], device=self.model.device)
+        dst = torch.tensor([d for _, d in copies], device=self.model.device)
+        for pool in self.k_pools + self.v_pools:
+            pool[dst] = pool[src]
+
+    def prepare(self, batch: ScheduledBatch):
+        """Host-side metadata of the packed forward: (ids, positions, PackedBatch, logits rows)."""
+        bs = self.block_size
+        ids, pos, slots, qstart, ctx, sample_at, tables = [], [], [], [0], [], [], []
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            a = seq.num_computed_tokens
+            b = a + n
+            ids += seq.token_ids[a:b]
+            pos += range(a, b)
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs if p >= seq.num_cached_tokens else -1 for p in range(a, b)]
+            qstart.append(qstart[-1] + n)
+            ctx.append(b)
+            tables.append(table)
+            if b == len(seq):                       # every known token computed: sample the next
+                sample_at.append(qstart[-1] - 1)
+        width = max(len(t) for t in tables)
+        dev = self.model.device
+        meta = PackedBatch(
+            self.k_pools, self.v_pools,
+            slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
+            query_start=qstart, context_lens=ctx,
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32).to(dev),
+            sliding_window=self.model.config.sliding_window, use_kernels=self.use_kernels)
+        return (torch.tensor([ids], device=dev), torch.tensor([pos], device=dev), meta,
+                torch.tensor(sample_at, dtype=torch.long, device=dev))
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Run the step; logits [num_sampling, vocab] (fp32) for the sequences that sample, in
+        batch order."""
+        self.copy_blocks(batch.copies)
+        ids, pos, meta, sample_at = self.prepare(batch)
+        logits = self.model(ids, positions=pos, cache=meta, backend=packed_paged_attention,
+                            logits_indices=sample_at)
+        return logits[0].float()

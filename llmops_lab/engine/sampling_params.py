@@ -1,0 +1,82 @@
+"""SamplingParams: how one request is decoded, with vLLM's field names and defaults.
+
+``SamplingParams(temperature=0.7, max_tokens=256)`` means what it means in vLLM: temperature 0 is
+greedy, ``top_k`` of 0 or -1 and ``top_p`` of 1 switch those filters off, ``n`` samples share the
+prompt's KV blocks, ``stop`` strings end a completion (and are cut from its text), ``ignore_eos``
+keeps going past the end-of-sequence token (benchmarks use it to fix output lengths).
+Validated on construction: a bad value is an error here, never a silent change of behaviour.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    max_tokens: int = 16
+    min_tokens: int = 0
+    stop: tuple[str, ...] | list[str] | str | None = None
+    stop_token_ids: tuple[int, ...] | list[int] | None = None
+    ignore_eos: bool = False
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self):
+        def bad(msg):
+            raise ValueError(f"SamplingParams: {msg}")
+        if not isinstance(self.n, int) or self.n < 1:
+            bad(f"n must be an integer >= 1, got {self.n!r}")
+        if self.temperature < 0:
+            bad(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            bad(f"top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            bad(f"top_k must be -1, 0 (off) or a positive integer, got {self.top_k!r}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
+            bad(f"min_tokens must lie in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        if any(not isinstance(s, str) or not s for s in stop):
+            bad(f"stop must be non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", stop)
+        ids = tuple(self.stop_token_ids or ())
+        if any(not isinstance(t, int) or t < 0 for t in ids):
+            bad(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        object.__setattr__(self, "stop_token_ids", ids)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def top_k_or_none(self) -> int | None:
+        return self.top_k if self.top_k > 0 else None
+
+    @property
+    def top_p_or_none(self) -> float | None:
+        return self.top_p if self.top_p < 1 else None
+
+
+def stop_reason(seq, tok: int, eos_ids, max_model_len: int, tokenizer=None):
+    """Why seq (whose newest token is tok) ends now: ("stop", the token or string),
+    ("length", None), or (None, None) to go on. Shared by the engine and the static baseline."""
+    p = seq.sampling_params
+    n_out = seq.num_completion_tokens
+    if n_out >= p.min_tokens:
+        if not p.ignore_eos and tok in eos_ids:
+            return "stop", tok
+        if tok in p.stop_token_ids:
+            return "stop", tok
+        if p.stop:
+            text = tokenizer.decode(seq.output_token_ids)
+            for s in p.stop:
+                if s in text:
+                    return "stop", s
+    if n_out >= p.max_tokens or len(seq) >= max_model_len:
+        return "length", None
+    return None, None

@@ -1,0 +1,87 @@
+"""Static batching in the same runtime: the baseline continuous batching is measured against.
+
+Requests are taken in arrival order, up to ``batch_size`` at a time; the batch is left-padded,
+prefilled together on a contiguous KV cache, and decoded step by step until its *last* row is done.
+Rows that finished early keep occupying their slot (their steps are computed and thrown away) and no
+new request can join: every request of the batch is answered when the batch ends. This is what the
+documents' throughput formula N * T_out / (max(L_i) * T_token) describes.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..kv import KVCache
+from .llm_engine import sample_token
+from .outputs import CompletionOutput, RequestMetrics, RequestOutput
+from .sampling_params import SamplingParams, stop_reason
+from .sequence import Sequence
+
+
+@torch.inference_mode()
+def run_static_batch(model, prompts: list[list[int]], params: list[SamplingParams],
+                     arrivals: list[float] | None = None, request_ids: list[str] | None = None,
+                     tokenizer=None, generator: torch.Generator | None = None, pad_token_id: int = 0):
+    """Run one static batch; returns (outputs, steps) where steps are per-step stat rows."""
+    B = len(prompts)
+    if B == 0:
+        raise ValueError("an empty batch")
+    dev, ctx = model.device, model.config.max_position_embeddings
+    now = time.perf_counter()
+    arrivals = arrivals or [now] * B
+    request_ids = request_ids or [str(i) for i in range(B)]
+    seqs = [Sequence(p, sampling_params=sp, request_id=r, arrival_time=a)
+            for p, sp, r, a in zip(prompts, params, request_ids, arrivals)]
+    S = max(len(p) for p in prompts)
+    new = min(max(sp.max_tokens for sp in params), ctx - S)
+    if new < 1:
+        raise ValueError(f"a prompt of {S} tokens leaves no room in the model's context of {ctx}")
+    ids = torch.full((B, S), pad_token_id, dtype=torch.long)
+    mask = torch.zeros(B, S + new, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, S - len(p):] = torch.tensor(p)
+        mask[b, S - len(p):] = 1
+    ids, mask = ids.to(dev), mask.to(dev)
+    mask[:, S:] = 1
+    cache = KVCache.for_model(model, B, S + new)
+    eos = set(model.config.eos_token_ids)
+    gen = generator or torch.Generator(device="cpu").manual_seed(0)
+    t0 = time.perf_counter()
+    logits = model(ids, cache=cache, attention_mask=mask[:, :S], last_only=True)[:, -1].float()
+    steps = [{"t_start": t0, "t_end": time.perf_counter(), "num_seqs": B, "num_active": B,
+              "num_tokens": int(mask[:, :S].sum())}]
+    done = [False] * B
+    for step in range(new):
+        t = time.perf_counter()
+        nxt = []
+        for b, s in enumerate(seqs):
+            if done[b]:
+                nxt.append(s.token_ids[-1])          # a finished row still runs: padding work
+                continue
+            tok = sample_token(logits[b], s.sampling_params, gen)
+            s.append_token(tok)
+            nxt.append(tok)
+            if s.first_token_time is None:
+                s.first_token_time = t
+            reason, why = stop_reason(s, tok, eos, ctx, tokenizer)
+            if reason is not None:
+                done[b], s.finish_reason, s.stop_reason = True, reason, why
+        if all(done):
+            break
+        active = B - sum(done)
+        logits = model(torch.tensor(nxt, device=dev)[:, None], cache=cache,
+                       attention_mask=mask[:, :cache.length + 1])[:, -1].float()
+        steps.append({"t_start": t, "t_end": time.perf_counter(), "num_seqs": B, "num_active": active,
+                      "num_tokens": B})
+    end = time.perf_counter()
+    outs = []
+    for s in seqs:
+        s.finish_reason = s.finish_reason or "length"
+        s.scheduled_time, s.finish_time = t0, end            # answered when the batch ends
+        m = RequestMetrics(s.arrival_time, t0, s.first_token_time, end, s.num_completion_tokens)
+        text = tokenizer.decode(s.output_token_ids, skip_special_tokens=True) if tokenizer else ""
+        outs.append(RequestOutput(s.request_id, None, s.prompt_token_ids,
+                                  [CompletionOutput(0, text, s.output_token_ids, s.finish_reason,
+                                                    s.stop_reason)], True, m))
+    return outs, steps

@@ -1,0 +1,173 @@
+"""Workloads for the batching experiments, and running one through the engine or the static baseline.
+
+A workload is a list of ``WorkloadRequest``: prompt tokens (windows of the held-out text), sampling
+parameters (greedy, ``ignore_eos`` so output lengths are exactly what was drawn) and an arrival
+offset in seconds (Poisson arrivals at a given rate, or all at once). ``run_continuous`` and
+``run_static`` replay it in real time (a request is not seen before its arrival; an idle server
+sleeps until the next one) and return a ``RunResult`` with per-request and per-step rows.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import EngineConfig
+from .llm_engine import LLMEngine
+from .sampling_params import SamplingParams
+from .static import run_static_batch
+
+
+@dataclass
+class WorkloadRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival: float = 0.0              # seconds after the run starts
+
+
+def output_lengths(n: int, mean: float, spread: float, max_len: int, seed: int = 0) -> list[int]:
+    """n output lengths with the given mean and spread: log-normal with sigma = spread (0 = all
+    equal), clipped to [1, max_len]. A spread of 1 gives a max/mean of about 4-6 over 64 draws."""
+    rng = random.Random(seed)
+    mu = math.log(mean) - spread ** 2 / 2
+    return [max(1, min(max_len, round(rng.lognormvariate(mu, spread)))) for _ in range(n)]
+
+
+def make_workload(tokens: list[int], n: int, prompt_len: tuple[int, int] = (8, 64), mean_output: float = 64,
+                  spread: float = 1.0, max_output: int = 512, arrival_rate: float = math.inf,
+                  seed: int = 0, temperature: float = 0.0) -> list[WorkloadRequest]:
+    """n requests whose prompts are random windows of ``tokens`` (e.g. the held-out text)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    lo, hi = prompt_len
+    if not 1 <= lo <= hi or hi >= len(tokens):
+        raise ValueError(f"prompt_len {prompt_len} must satisfy 1 <= lo <= hi < len(tokens)={len(tokens)}")
+    if arrival_rate <= 0:
+        raise ValueError(f"arrival_rate must be > 0 (inf = all at once), got {arrival_rate}")
+    rng = random.Random(seed + 1)
+    outs = output_lengths(n, mean_output, spread, max_output, seed)
+    t, reqs = 0.0, []
+    for i, out in enumerate(outs):
+        plen = rng.randint(lo, hi)
+        start = rng.randrange(0, len(tokens) - plen)
+        if math.isfinite(arrival_rate):
+            t += rng.expovariate(arrival_rate)
+        reqs.append(WorkloadRequest(f"r{i}", tokens[start:start + plen],
+                                    SamplingParams(temperature=temperature, max_tokens=out, ignore_eos=True,
+                                                   seed=seed + i), t))
+    return reqs
+
+
+@dataclass
+class RunResult:
+    name: str
+    requests: list[dict] = field(default_factory=list)   # one row per request: times and lengths
+    steps: list[dict] = field(default_factory=list)      # one row per model step
+    makespan: float = 0.0
+    outputs: dict = field(default_factory=dict)          # request id -> output token ids
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(r["n_out"] for r in self.requests)
+
+    @property
+    def throughput(self) -> float:
+        """Output tokens per second over the whole run."""
+        return self.output_tokens / self.makespan
+
+    def mean(self, key: str) -> float:
+        vals = [r[key] for r in self.requests if r.get(key) is not None]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    def percentile(self, key: str, q: float) -> float:
+        vals = sorted(r[key] for r in self.requests if r.get(key) is not None)
+        return vals[min(len(vals) - 1, int(q / 100 * len(vals)))] if vals else float("nan")
+
+    def summary(self) -> dict:
+        return {"name": self.name, "requests": len(self.requests), "output_tokens": self.output_tokens,
+                "makespan_s": self.makespan, "throughput_tok_s": self.throughput,
+                "mean_ttft_s": self.mean("ttft"), "mean_tpot_s": self.mean("tpot"),
+                "mean_e2e_s": self.mean("e2e"), "p90_e2e_s": self.percentile("e2e", 90),
+                "mean_batch": (sum(s["num_seqs"] for s in self.steps) / len(self.steps)) if self.steps else 0.0}
+
+
+def _row(out, t0: float) -> dict:
+    m = out.metrics
+    rel = (lambda x: None if x is None else x - t0)
+    return {"request_id": out.request_id, "arrival": rel(m.arrival_time), "start": rel(m.first_scheduled_time),
+            "first_token": rel(m.first_token_time), "finish": rel(m.finish_time),
+            "n_in": len(out.prompt_token_ids), "n_out": len(out.outputs[0].token_ids),
+            "ttft": m.ttft, "tpot": m.tpot, "e2e": m.e2e, "finish_reason": out.outputs[0].finish_reason,
+            "preemptions": out.outputs[0].num_preemptions}
+
+
+def _wait_until(t: float) -> None:
+    d = t - time.perf_counter()
+    if d > 0:
+        time.sleep(d)
+
+
+def run_continuous(model, workload: list[WorkloadRequest], config: EngineConfig | None = None,
+                   tokenizer=None, progress: bool = True, name: str = "continuous") -> RunResult:
+    """Replay the workload through a fresh ``LLMEngine`` in real time."""
+    engine = LLMEngine(model, tokenizer, config or EngineConfig())
+    pending = sorted(workload, key=lambda r: r.arrival)
+    res, i = RunResult(name), 0
+    bar = tqdm(total=len(pending), desc=name, disable=not progress)
+    t0 = time.perf_counter()
+    while i < len(pending) or engine.has_unfinished_requests():
+        now = time.perf_counter()
+        while i < len(pending) and t0 + pending[i].arrival <= now:
+            r = pending[i]
+            engine.add_request(r.request_id, r.prompt_token_ids, r.params, arrival_time=t0 + r.arrival)
+            i += 1
+        if not engine.has_unfinished_requests():
+            _wait_until(t0 + pending[i].arrival)
+            continue
+        for out in engine.step():
+            res.requests.append(_row(out, t0))
+            res.outputs[out.request_id] = out.outputs[0].token_ids
+            engine.release(out.request_id)
+            bar.update(1)
+    res.makespan = time.perf_counter() - t0
+    bar.close()
+    res.steps = [dict(s, t_start=s["t_start"] - t0, t_end=s["t_end"] - t0) for s in engine.step_stats]
+    res.engine = engine
+    return res
+
+
+def run_static(model, workload: list[WorkloadRequest], batch_size: int, tokenizer=None,
+               progress: bool = True, name: str = "static") -> RunResult:
+    """Replay the workload with static batching: whenever the server is idle it takes up to
+    ``batch_size`` requests that have arrived and runs them to the end of the longest."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    pending = sorted(workload, key=lambda r: r.arrival)
+    res, i = RunResult(name), 0
+    bar = tqdm(total=len(pending), desc=name, disable=not progress)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    t0 = time.perf_counter()
+    while i < len(pending):
+        _wait_until(t0 + pending[i].arrival)
+        now = time.perf_counter()
+        j = i
+        while j < len(pending) and j - i < batch_size and t0 + pending[j].arrival <= now:
+            j += 1
+        batch = pending[i:j]
+        outs, steps = run_static_batch(model, [r.prompt_token_ids for r in batch], [r.params for r in batch],
+                                       [t0 + r.arrival for r in batch], [r.request_id for r in batch],
+                                       tokenizer, gen)
+        for out in outs:
+            res.requests.append(_row(out, t0))
+            res.outputs[out.request_id] = out.outputs[0].token_ids
+        res.steps += [dict(s, t_start=s["t_start"] - t0, t_end=s["t_end"] - t0) for s in steps]
+        bar.update(len(batch))
+        i = j
+    res.makespan = time.perf_counter() - t0
+    bar.close()
+    return res

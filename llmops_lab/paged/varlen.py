@@ -1,0 +1,106 @@
+"""Attention over a packed (flattened) batch of sequences on the paged KV cache.
+
+Continuous batching runs prefill chunks and decodes of many sequences in one forward pass: their
+tokens are concatenated into one row of T tokens, with no padding (Yu et al. 2022, Orca's
+selective batching; vLLM's varlen metadata). The linear layers see [1, T, d] and do not care whose
+token is whose; only attention does. ``PackedBatch`` carries that knowledge, passed explicitly
+to the model as its ``cache``: where each token's K/V goes (``slot_mapping``), which tokens belong
+to which sequence (``query_start``), how long each sequence's context is, and its block table.
+
+Sequences computing one token (decodes) are attended together in one call (the Triton paged decode
+kernel on a GPU); each prefill chunk attends causally to its sequence's cached context plus itself
+(the Triton paged prefill kernel on a GPU). On a CPU, and with a sliding window, the references
+gather the blocks and run SDPA.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..attention import sdpa_attention
+from .attention import gather_kv, store_kv
+
+
+@dataclass
+class PackedBatch:
+    """A packed batch's attention metadata and the pools it writes to; the model's ``cache``."""
+
+    k_pools: list[torch.Tensor]       # per layer [num_blocks, Hkv, block_size, D]
+    v_pools: list[torch.Tensor]
+    slot_mapping: torch.Tensor        # [T] int64: pool slot of each token (-1: already cached, skip)
+    query_start: list[int]            # [B + 1]: sequence b's tokens are query_start[b]:query_start[b+1]
+    context_lens: list[int]           # [B]: tokens of context each sequence attends to, itself included
+    block_tables: torch.Tensor        # [B, max_blocks] int32, padded with 0
+    sliding_window: int | None = None
+    use_kernels: bool = False         # Triton kernels (CUDA) or the gather references
+    packed = True
+    length = 0                        # the model reads cache.length as the start; unused when packed
+
+    def __post_init__(self):
+        B = len(self.context_lens)
+        q = self.query_start
+        self.decode_rows = [b for b in range(B) if q[b + 1] - q[b] == 1]
+        self.prefill_rows = [b for b in range(B) if q[b + 1] - q[b] > 1]
+        dev = self.slot_mapping.device
+        self._decode_tokens = torch.tensor([q[b] for b in self.decode_rows], dtype=torch.long, device=dev)
+        self._lens = torch.tensor(self.context_lens, dtype=torch.int32, device=dev)
+        self._layer = None
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start=None):
+        """Store the batch's new keys and values k, v [1, Hkv, T, D] into their slots; attention then
+        reads the pool of this layer (returned as both 'keys' and 'values')."""
+        store_kv(k[0].transpose(0, 1), v[0].transpose(0, 1), self.k_pools[layer], self.v_pools[layer],
+                 self.slot_mapping)
+        self._layer = layer
+        return self, self
+
+    # -- attention --------------------------------------------------------------------------------
+    def attend(self, q: torch.Tensor) -> torch.Tensor:
+        """q [1, H, T, D] -> [1, H, T, D]: every token attends to its own sequence's context."""
+        kp, vp = self.k_pools[self._layer], self.v_pools[self._layer]
+        out = torch.empty_like(q)
+        if self.decode_rows:
+            qd = q[0][:, self._decode_tokens].transpose(0, 1)                   # [Bd, H, D]
+            out[0][:, self._decode_tokens] = self._decode(qd, kp, vp).transpose(0, 1)
+        for b in self.prefill_rows:
+            s, e = self.query_start[b], self.query_start[b + 1]
+            out[:, :, s:e] = self._prefill(q[:, :, s:e], kp, vp, b)
+        return out
+
+    def _decode(self, q, kp, vp):
+        rows = self.decode_rows
+        tables, lens = self.block_tables[rows], self._lens[rows]
+        L = max(self.context_lens[b] for b in rows)
+        if self.use_kernels and self.sliding_window is None:
+            from .triton_paged import paged_decode
+            return paged_decode(q, kp, vp, tables, lens, max_context_len=L)
+        k, v = gather_kv(kp, tables, L), gather_kv(vp, tables, L)             # [Bd, Hkv, L, D]
+        kpos = torch.arange(L, device=q.device)[None, :]
+        valid = kpos < lens[:, None]
+        if self.sliding_window is not None:
+            valid &= kpos >= lens[:, None] - self.sliding_window
+        return sdpa_attention(q[:, :, None], k, v, mask=valid[:, None, None, :])[:, :, 0]
+
+    def _prefill(self, q, kp, vp, b):
+        ctx, n = self.context_lens[b], q.shape[2]
+        table = self.block_tables[b:b + 1]
+        if self.use_kernels and self.sliding_window is None:
+            from .triton_prefill import paged_prefill
+            return paged_prefill(q, kp, vp, table, self._lens[b:b + 1])
+        k, v = gather_kv(kp, table, ctx), gather_kv(vp, table, ctx)           # [1, Hkv, ctx, D]
+        if ctx == n and self.sliding_window is None:
+            return sdpa_attention(q, k, v, is_causal=True)
+        qpos = torch.arange(ctx - n, ctx, device=q.device)[:, None]
+        kpos = torch.arange(ctx, device=q.device)[None, :]
+        allowed = kpos <= qpos
+        if self.sliding_window is not None:
+            allowed &= kpos > qpos - self.sliding_window
+        return sdpa_attention(q, k, v, mask=allowed[None, None])
+
+
+def packed_paged_attention(q, k, v, mask=None, is_causal=False):
+    """The runtime backend for a ``PackedBatch`` cache (its ``update`` returned the batch itself)."""
+    if not isinstance(k, PackedBatch):
+        raise TypeError("packed_paged_attention runs with a PackedBatch as the model's cache")
+    return k.attend(q)

@@ -1,0 +1,222 @@
+"""The continuous-batching engine: greedy outputs equal each prompt run alone, whatever the arrival
+order, batch mix, chunking and preemptions; blocks all come back; bad input is refused per request."""
+import random
+
+import pytest
+import torch
+
+from llmops_lab.config import ModelConfig
+from llmops_lab.engine import LLM, EngineConfig, LLMEngine, SamplingParams, Scheduler, Sequence
+from llmops_lab.engine.block_manager import BlockManager
+from llmops_lab.engine.static import run_static_batch
+from llmops_lab.engine.workload import make_workload, run_continuous, run_static
+from llmops_lab.generation import generate
+
+TINY = ModelConfig(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                   bos_token_id=0, eos_token_id=1)
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(random_llama):
+    return random_llama(TINY)
+
+
+def prompts(n, lo=1, hi=40, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(2, TINY.vocab_size) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def alone(model, p, n):
+    return generate(model, torch.tensor([p]), max_new_tokens=n, stop_token_ids=())[0, len(p):].tolist()
+
+
+def run_all(engine, reqs, shuffle_seed=None, add_every=0):
+    """Feed (id, prompt, params) into engine, optionally a few at a time between steps."""
+    reqs = list(reqs)
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(reqs)
+    outs, i = {}, 0
+    while i < len(reqs) or engine.has_unfinished_requests():
+        for _ in range(len(reqs) if not add_every else add_every):
+            if i < len(reqs):
+                engine.add_request(*reqs[i])
+                i += 1
+        for o in engine.step():
+            outs[o.request_id] = o
+        engine.check()
+    return outs
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(max_num_seqs=16, max_num_batched_tokens=512),                    # whole prompts, big batches
+    dict(max_num_seqs=3, max_num_batched_tokens=7),                       # tiny chunks, few seats
+    dict(max_num_seqs=16, max_num_batched_tokens=64, num_kv_blocks=12),   # pool runs dry: preemption
+    dict(max_num_seqs=8, max_num_batched_tokens=33, block_size=1),
+    dict(max_num_seqs=8, max_num_batched_tokens=64, enable_prefix_caching=False, block_size=4),
+])
+def test_greedy_equals_alone(tiny, cfg):
+    cfg = {"block_size": 8, **cfg}
+    ps = prompts(12, seed=1)
+    ps[5] = ps[3][:17] + ps[5]                      # shared prefixes: prefix-cache hits
+    ps[7] = list(ps[3])
+    lens = [1 + (i * 7) % 23 for i in range(len(ps))]
+    eng = LLMEngine(tiny, config=EngineConfig(**cfg))
+    reqs = [(str(i), p, SamplingParams(max_tokens=n, **GREEDY)) for i, (p, n) in enumerate(zip(ps, lens))]
+    outs = run_all(eng, reqs, shuffle_seed=3, add_every=2)
+    for i, (p, n) in enumerate(zip(ps, lens)):
+        assert outs[str(i)].outputs[0].token_ids == alone(tiny, p, n), f"request {i}"
+    assert eng.block_manager.num_free_blocks == eng.num_kv_blocks
+    if cfg.get("num_kv_blocks") == 12:
+        assert eng.scheduler.num_preemptions > 0
+
+
+def test_chunked_prefill_interleaves_decodes(tiny):
+    eng = LLMEngine(tiny, config=EngineConfig(max_num_seqs=4, max_num_batched_tokens=16, block_size=8))
+    eng.add_request("short", prompts(1, 3, 3)[0], SamplingParams(max_tokens=30, **GREEDY))
+    eng.step()
+    eng.add_request("long", prompts(1, 200, 200, seed=4)[0], SamplingParams(max_tokens=2, **GREEDY))
+    decodes_during_prefill = 0
+    while eng.requests["long"].seqs[0].num_computed_tokens < 200:
+        eng.step()
+        decodes_during_prefill += eng.step_stats[-1]["num_decode"]
+        assert eng.step_stats[-1]["num_tokens"] <= 16
+    assert decodes_during_prefill >= 10            # the short request kept decoding every step
+
+
+def test_parallel_sampling_shares_prompt_blocks(tiny):
+    eng = LLMEngine(tiny, config=EngineConfig(block_size=4, num_kv_blocks=64))
+    p = prompts(1, 10, 10)[0]                      # 2 full blocks + a partial one
+    eng.add_request("a", p, SamplingParams(n=3, temperature=1.0, max_tokens=5, seed=7))
+    eng.step()                                     # prefill, fork, first tokens
+    seqs = eng.requests["a"].seqs
+    assert len(seqs) == 3
+    assert seqs[0].block_table[:2] == seqs[1].block_table[:2] == seqs[2].block_table[:2]
+    assert all(eng.block_manager.blocks[b].ref_count == 3 for b in seqs[0].block_table[:2])
+    outs = run_all(eng, [])
+    out = eng.get_output("a") if not outs else outs["a"]
+    assert len(out.outputs) == 3 and all(len(o.token_ids) == 5 for o in out.outputs)
+    assert eng.block_manager.num_free_blocks == eng.num_kv_blocks
+
+
+def test_greedy_n_samples_identical(tiny):
+    eng = LLMEngine(tiny, config=EngineConfig(block_size=4))
+    p = prompts(1, 9, 9)[0]
+    out = run_all(eng, [("a", p, SamplingParams(n=2, max_tokens=6, **GREEDY))])["a"]
+    assert out.outputs[0].token_ids == out.outputs[1].token_ids == alone(tiny, p, 6)
+
+
+def test_abort_frees_blocks(tiny):
+    eng = LLMEngine(tiny, config=EngineConfig(block_size=4, num_kv_blocks=40))
+    for i, p in enumerate(prompts(4, 10, 20)):
+        eng.add_request(str(i), p, SamplingParams(max_tokens=50, **GREEDY))
+    for _ in range(3):
+        eng.step()
+    eng.abort("1")
+    eng.abort("3")
+    assert eng.get_output("1").outputs[0].finish_reason == "abort"
+    eng.check()
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert eng.block_manager.num_free_blocks == eng.num_kv_blocks
+    with pytest.raises(KeyError):
+        eng.abort("nope")
+
+
+def test_load_1000_requests(tiny):
+    """1000 random requests through a small pool: none lost, every block back at the end."""
+    rng = random.Random(0)
+    eng = LLMEngine(tiny, config=EngineConfig(block_size=8, num_kv_blocks=48, max_num_seqs=32,
+                                              max_num_batched_tokens=256))
+    reqs = [(str(i), p, SamplingParams(max_tokens=rng.randint(1, 6), **GREEDY))
+            for i, p in enumerate(prompts(1000, 1, 60, seed=5))]
+    outs = run_all(eng, reqs, add_every=25)
+    assert len(outs) == 1000
+    assert all(len(o.outputs[0].token_ids) == r[2].max_tokens for o, r in zip((outs[r[0]] for r in reqs), reqs))
+    assert eng.block_manager.num_free_blocks == eng.num_kv_blocks
+
+
+def test_request_too_big_for_pool_fails_alone(tiny):
+    eng = LLMEngine(tiny, config=EngineConfig(block_size=4, num_kv_blocks=6, max_num_seqs=4))
+    eng.add_request("big", prompts(1, 20, 20)[0], SamplingParams(max_tokens=40, **GREEDY))  # 60 > 24 slots
+    eng.add_request("ok", prompts(1, 3, 3, seed=2)[0], SamplingParams(max_tokens=4, **GREEDY))
+    outs = run_all(eng, [])
+    assert outs["big"].outputs[0].finish_reason == "error" and "too small" in outs["big"].error
+    assert outs["ok"].outputs[0].finish_reason == "length" and len(outs["ok"].outputs[0].token_ids) == 4
+    assert eng.block_manager.num_free_blocks == 6
+
+
+@pytest.mark.parametrize("prompt, params, match", [
+    ([], SamplingParams(), "empty prompt"),
+    ([5, 10_000], SamplingParams(), "token ids"),
+    (list(range(2, 258)), SamplingParams(), "leaves no room"),
+    (list(range(2, 100)) * 2, SamplingParams(), "whole pool"),
+    ([5, 6], SamplingParams(stop=["x"]), "tokenizer"),
+])
+def test_bad_requests_refused(tiny, prompt, params, match):
+    eng = LLMEngine(tiny, config=EngineConfig(block_size=4, num_kv_blocks=32))
+    eng.add_request("fine", [5, 6, 7], SamplingParams(max_tokens=3, **GREEDY))
+    with pytest.raises(ValueError, match=match):
+        eng.add_request("bad", prompt, params)
+    outs = run_all(eng, [])
+    assert list(outs) == ["fine"] and eng.block_manager.num_free_blocks == 32
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_tokens=0), "max_tokens"), (dict(n=0), "n must"), (dict(temperature=-1), "temperature"),
+    (dict(top_p=0), "top_p"), (dict(stop=[""]), "stop"), (dict(top_k=-5), "top_k"),
+])
+def test_bad_sampling_params(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_bad_engine_config():
+    with pytest.raises(ValueError, match="block_size"):
+        EngineConfig(block_size=3)
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        EngineConfig(gpu_memory_utilization=1.5)
+
+
+def test_scheduler_is_plain_python():
+    """Bookkeeping alone: admission stops at max_num_seqs and the token budget."""
+    bm = BlockManager(100, 4, track_computed=True)
+    sch = Scheduler(EngineConfig(max_num_seqs=2, max_num_batched_tokens=10, block_size=4), bm)
+    for n in (6, 6, 6):
+        sch.add(Sequence(list(range(2, 2 + n)), sampling_params=SamplingParams()))
+    batch = sch.schedule()
+    assert batch.num_tokens == [6, 4] and len(sch.running) == 2 and len(sch.waiting) == 1
+
+
+def test_static_baseline_matches_alone(tiny):
+    ps = prompts(4, 2, 30, seed=9)
+    outs, steps = run_static_batch(tiny, ps, [SamplingParams(max_tokens=n, **GREEDY) for n in (3, 9, 1, 5)])
+    for o, p, n in zip(outs, ps, (3, 9, 1, 5)):
+        assert o.outputs[0].token_ids == alone(tiny, p, n)
+    assert len(steps) == 9 and steps[-1]["num_active"] == 1     # runs until the longest is done
+
+
+def test_workload_runs_agree(tiny):
+    toks = [t % 300 + 2 for t in range(5000)]
+    wl = make_workload(toks, 10, prompt_len=(2, 20), mean_output=6, spread=1.0, max_output=30, arrival_rate=500)
+    c = run_continuous(tiny, wl, EngineConfig(max_num_seqs=4, block_size=8), progress=False)
+    s = run_static(tiny, wl, 4, progress=False)
+    assert c.outputs == s.outputs and len(c.requests) == 10
+    assert c.throughput > 0 and all(r["ttft"] is not None for r in c.requests)
+
+
+def test_llm_interface_embedded():
+    """The documents' vLLM snippet with its import changed (and the embedded model)."""
+    llm = LLM(model="target", gpu_memory_utilization=0.9, max_num_batched_tokens=8192, max_num_seqs=256,
+              block_size=16)
+    outs = llm.generate(["Explain quantum computing", "What is machine learning?", ""],
+                        SamplingParams(temperature=0.7, max_tokens=8), use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs[:2]] == [8, 8] or all(
+        o.outputs[0].finish_reason == "stop" for o in outs[:2] if len(o.outputs[0].token_ids) < 8)
+    assert isinstance(outs[0].outputs[0].text, str)
+    assert outs[2].error and "empty" in outs[2].error
+    stop = llm.generate("The king", SamplingParams(temperature=0, max_tokens=40, stop=["\n"]), use_tqdm=False)[0]
+    assert "\n" not in stop.outputs[0].text
+    with pytest.raises(TypeError, match="unknown arguments"):
+        LLM(model="target", tensor_parallel_size=2)
