@@ -179,7 +179,7 @@ def test_quantize_tiny_model_8bit_logits_close_and_bytes_shrink():
 
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(bits=9), ValueError, "bits"), (dict(group_size=48), ValueError, "does not divide"),
-    (dict(method="gptq"), ValueError, "rtn"), (dict(method="awq"), ValueError, "awq"),
+    (dict(method="hqq"), ValueError, "rtn"), (dict(sym=True, damp_percent=0.1), ValueError, "damp_percent"),
 ])
 def test_quantize_bad_input_leaves_model_untouched(kwargs, error, match):
     m = tiny_model()

@@ -16,7 +16,7 @@ from .packing import pack_codes, unpack_codes
 from .rtn import quantize_rtn
 from .weights import QuantizedWeight
 
-METHODS = ("rtn",)
+METHODS = ("rtn", "gptq", "awq", "bnb_int8", "bnb_nf4")
 KERNEL_MAX_TOKENS = 64      # the fused kernel serves decode batches; larger ones are compute-bound
 KERNELS = ("auto", "triton", "torch")
 
@@ -105,39 +105,130 @@ def _skipped(name: str, skip) -> bool:
     return any(part in skip for part in name.split("."))
 
 
-@torch.no_grad()
-def quantize(model: nn.Module, method: str = "rtn", bits: int = 4, group_size: int | None = 128,
-             sym: bool = False, skip=("lm_head",), progress: bool = True,
-             scale_dtype: torch.dtype = torch.float16) -> nn.Module:
-    """Swap every ``nn.Linear`` of ``model`` (except names containing a ``skip`` part) for a
-    ``QuantLinear``, in place, and return the model.
-
-    Args:
-        method: "rtn" (round to nearest). GPTQ and AWQ live in ``llmops_lab.quant.gptq`` / ``awq``.
-        bits: 2..8. group_size: input columns per group; None or -1 = per output channel.
-        sym: absmax (True) or zero point (False). skip: module-name parts left in float.
-    Every layer is validated and quantized before any is swapped: on any error (bad bits, a group
-    size that does not divide a layer, NaN/inf weights) the model is left untouched. Bad arguments
-    fail on the first layer, before any work: ``quantize_rtn`` checks them first.
-    """
-    if method not in METHODS:
-        raise ValueError(f"quantize supports method in {METHODS}, got {method!r} "
-                         "(GPTQ and AWQ: see llmops_lab.quant.gptq and llmops_lab.quant.awq)")
+def linear_targets(model: nn.Module, skip) -> list[tuple[str, nn.Linear]]:
+    """(name, module) of every ``nn.Linear`` of ``model`` whose name has no ``skip`` part."""
     targets = [(name, mod) for name, mod in model.named_modules()
                if isinstance(mod, nn.Linear) and not _skipped(name, skip)]
     if not targets:
         raise ValueError(f"no nn.Linear to quantize in {type(model).__name__} (skip={skip})")
-    new = {}                                                 # quantize all first, swap after
-    for name, mod in tqdm(targets, desc=f"quantize {method} int{bits}", disable=not progress):
+    return targets
+
+
+def swap_modules(model: nn.Module, new: dict[str, nn.Module]) -> None:
+    """Put each new module in place of the one at its name (called once all were built)."""
+    for name, q in new.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
+
+
+class _Default:                    # marks an argument the caller left out (None means per channel)
+    def __repr__(self):
+        return "default"
+
+
+DEFAULT = _Default()
+
+
+def _check_packable(targets, bits: int) -> None:
+    for name, mod in targets:
         if bits == 4 and mod.in_features % 2:
             raise ValueError(f"cannot quantize {name}: 4-bit packing needs an even in_features, "
                              f"got {mod.in_features}")
+
+
+def _calibrated_config(method: str, config, bits, group_size, sym, kwargs):
+    """GPTQConfig / AWQConfig from ``config``, or from bits/group_size/sym and field-name kwargs."""
+    from .awq import AWQConfig
+    from .gptq import GPTQConfig
+    cls = GPTQConfig if method == "gptq" else AWQConfig
+    given = {k: v for k, v in dict(bits=bits, group_size=group_size, sym=sym).items() if v is not DEFAULT}
+    if config is not None:
+        if not isinstance(config, cls):
+            raise ValueError(f"method={method!r} takes a {cls.__name__}, got {type(config).__name__}")
+        if given or kwargs:
+            raise ValueError(f"pass either config or {sorted({**given, **kwargs})}, not both")
+        return config
+    if "group_size" in given and given["group_size"] is None:
+        given["group_size"] = -1
+    if method == "awq":                                   # AutoAWQ's names for the same things
+        given = {{"bits": "w_bit", "group_size": "q_group_size"}.get(k, k): v for k, v in given.items()}
+        if "sym" in given:
+            given["zero_point"] = not given.pop("sym")
+    try:
+        return cls(**given, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"bad {cls.__name__} field: {e}") from None
+
+
+def _quantize_calibrated(model, method, config, calibration, skip, progress, scale_dtype) -> nn.Module:
+    """GPTQ or AWQ on a Llama-family model, then QuantLinear swapped in for the decoder linears."""
+    from .awq import awq_quantize_model
+    from .calibration import as_calibration_ids
+    from .gptq import gptq_quantize_model
+    if not hasattr(getattr(model, "model", None), "layers"):
+        raise ValueError(f"method={method!r} needs a Llama-family model (model.model.layers), "
+                         f"got {type(model).__name__}")
+    bits = config.bits if method == "gptq" else config.w_bit
+    _check_packable(linear_targets(model, skip), bits)
+    ids = as_calibration_ids(calibration)
+    run = gptq_quantize_model if method == "gptq" else awq_quantize_model
+    # apply=False: GPTQ puts the float weights back; AWQ leaves its scales folded into the model
+    # (the same function) and returns the codes of the folded, clipped weights.
+    result = run(model, ids, config, progress=progress, apply=False)
+    new = {name: QuantLinear.from_linear(model.get_submodule(name), qw, scale_dtype=scale_dtype)
+           .to(model.get_submodule(name).weight.device)
+           for name, qw in result.items() if not _skipped(name, skip)}
+    swap_modules(model, new)
+    return model
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, method: str = "rtn", bits=DEFAULT, group_size=DEFAULT, sym=DEFAULT,
+             skip=("lm_head",), progress: bool = True, scale_dtype: torch.dtype = torch.float16,
+             config=None, calibration=None, **kwargs) -> nn.Module:
+    """Quantize the linears of ``model`` in place with ``method`` and return the model.
+
+    Args:
+        method: "rtn" (round to nearest), "gptq", "awq" (weights fitted on ``calibration``; both
+            swap in ``QuantLinear``), "bnb_int8" (LLM.int8()) or "bnb_nf4" (bitsandbytes' modules).
+        bits, group_size, sym: rtn defaults 4, 128, False (group_size None or -1 = per output
+            channel). For gptq/awq they fill the config (defaults: GPTQConfig's, AWQConfig's);
+            bitsandbytes takes none of them.
+        skip: module-name parts left in float (gptq/awq quantize the decoder layers only).
+        config: a GPTQConfig / AWQConfig; or pass its fields as keyword arguments
+            (``damp_percent=0.1``, ``desc_act=True``, ``w_bit=3``, ...). bnb: ``threshold``,
+            ``compute_dtype``.
+        calibration: token ids [n_seq, seq_len] or a list of 1-D tensors (cut to the shortest);
+            default: the embedded calibration slice (8 x 128 tokens; for the embedded models).
+    Every check runs before anything changes: on any error (bad bits, a group size that does not
+    divide a layer, NaN/inf weights, an empty or too short calibration set) the model is left
+    untouched, and every new module is built before the first is swapped in.
+    """
+    from .bnb import BNB_METHODS, bnb_quantize
+    if method not in METHODS:
+        raise ValueError(f"quantize supports method in {METHODS}, got {method!r}")
+    if method in ("gptq", "awq"):
+        cfg = _calibrated_config(method, config, bits, group_size, sym, kwargs)
+        return _quantize_calibrated(model, method, cfg, calibration, skip, progress, scale_dtype)
+    if config is not None or calibration is not None:
+        raise ValueError(f"method={method!r} takes no config or calibration data")
+    if method in BNB_METHODS:
+        if any(v is not DEFAULT for v in (bits, group_size, sym)):
+            raise ValueError(f"{method} has fixed formats; bits/group_size/sym do not apply")
+        return bnb_quantize(model, method, skip=skip, progress=progress, **kwargs)
+    if kwargs:
+        raise ValueError(f"rtn takes no {sorted(kwargs)}")
+    bits = 4 if bits is DEFAULT else bits
+    group_size = 128 if group_size is DEFAULT else group_size
+    sym = False if sym is DEFAULT else sym
+    targets = linear_targets(model, skip)
+    _check_packable(targets, bits)
+    new = {}                                                 # quantize all first, swap after
+    for name, mod in tqdm(targets, desc=f"quantize {method} int{bits}", disable=not progress):
         try:
             qw = quantize_rtn(mod.weight, bits=bits, group_size=group_size, sym=sym)
         except ValueError as e:
             raise ValueError(f"cannot quantize {name}: {e}") from None
         new[name] = QuantLinear.from_linear(mod, qw, scale_dtype=scale_dtype).to(mod.weight.device)
-    for name, q in new.items():                              # swap only once all succeeded
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
+    swap_modules(model, new)
     return model

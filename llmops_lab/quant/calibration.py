@@ -1,0 +1,37 @@
+"""Calibration data for GPTQ and AWQ: token ids [n_seq, seq_len] from a list or the embedded slice.
+
+Both methods fit the quantized weights to the activations a few hundred sequences produce (GPTQ's
+Hessian X^T X, AWQ's per-channel activation scale). The embedded corpus ships a calibration slice
+(``data/corpus/calibration.txt``: the training distribution, never the held-out validation text).
+"""
+from __future__ import annotations
+
+import torch
+
+DEFAULT_SEQUENCES, DEFAULT_SEQ_LEN = 8, 128
+
+
+def embedded_calibration(n_seq: int = DEFAULT_SEQUENCES, seq_len: int = DEFAULT_SEQ_LEN) -> torch.Tensor:
+    """[n_seq, seq_len] token ids of the embedded calibration slice, for the embedded models."""
+    from .. import corpus
+    from ..evaluate import encode
+    from ..loader import load_tokenizer
+    ids = encode(load_tokenizer("target"), corpus.read_slice("calibration"))
+    if len(ids) < n_seq * seq_len:
+        raise ValueError(f"the calibration slice has {len(ids)} tokens, fewer than {n_seq} x {seq_len}")
+    return ids[: n_seq * seq_len].view(n_seq, seq_len)
+
+
+def as_calibration_ids(calibration) -> torch.Tensor:
+    """A 2-D tensor [n_seq, seq_len] from a 2-D tensor or a list of 1-D token-id tensors (cut to
+    the shortest, so every sequence has the same length); None -> ``embedded_calibration()``.
+    Shape and length errors are left to ``gptq.check_calibration``, which knows the model."""
+    if calibration is None:
+        return embedded_calibration()
+    if isinstance(calibration, torch.Tensor):
+        return calibration
+    seqs = [torch.as_tensor(s).reshape(-1) for s in calibration]
+    if not seqs:
+        raise ValueError("the calibration set is empty (0 sequences)")
+    n = min(len(s) for s in seqs)
+    return torch.stack([s[:n] for s in seqs])

@@ -1,0 +1,75 @@
+"""bitsandbytes' LLM.int8() and NF4 swapped into the embedded target (on a CPU since bitsandbytes
+0.46): perplexity and logits close to fp32, measured bytes smaller, bad input leaves the model as is."""
+import copy
+
+import pytest
+import torch
+
+import llmops_lab
+from llmops_lab.corpus import read_slice
+from llmops_lab.evaluate import encode, perplexity
+from llmops_lab.quant import quantize
+from llmops_lab.quant import bnb as qbnb
+
+needs_bnb = pytest.mark.skipif(not qbnb.available(), reason="bitsandbytes is not installed or does not load")
+
+
+@pytest.fixture(scope="module")
+def target():
+    model = llmops_lab.load_model("target", device="cpu")
+    ids = encode(llmops_lab.load_tokenizer("target"), read_slice("validation"))[: 4 * 256 + 1]
+    return model, ids, perplexity(model, ids, window=256, max_windows=4)
+
+
+def linear_bytes(model):
+    return sum(qbnb.module_nbytes(m) for n, m in model.model.layers.named_modules() if n.endswith("_proj"))
+
+
+@needs_bnb
+@torch.no_grad()
+@pytest.mark.parametrize("method, cls, ppl_tol, logit_tol, max_bytes", [
+    ("bnb_int8", "Linear8bitLt", 0.01, 0.01, 0.26),   # measured: ppl +0.01%, logits 0.3%, 0.253 of fp32
+    ("bnb_nf4", "Linear4bit", 0.03, 0.08, 0.14),      # measured: ppl +0.75%, logits 3.7%, 0.132 of fp32
+])
+def test_bnb_target_close_to_fp32_and_smaller(target, method, cls, ppl_tol, logit_tol, max_bytes):
+    model, ids, fp32_ppl = target
+    q = quantize(copy.deepcopy(model), method, progress=False)
+    assert type(q.model.layers[0].mlp.up_proj).__name__ == cls
+    assert type(q.lm_head) is torch.nn.Linear                         # skipped by default
+    ppl = perplexity(q, ids, window=256, max_windows=4)
+    assert abs(ppl / fp32_ppl - 1) < ppl_tol, (fp32_ppl, ppl)
+    x = ids[:64][None]
+    ref, out = model(x), q(x)
+    assert torch.isfinite(out).all() and (out - ref).norm() / ref.norm() < logit_tol
+    assert linear_bytes(q) / linear_bytes(model) < max_bytes
+
+
+@needs_bnb
+@torch.no_grad()
+def test_bnb_linear_keeps_bias_and_outlier_threshold():
+    lin = torch.nn.Linear(64, 24)
+    x = torch.randn(3, 64)
+    x[:, 5] = 40.0                                                    # an outlier column: done in 16 bits
+    for method in qbnb.BNB_METHODS:
+        mod = qbnb.bnb_linear(lin, method)
+        rel = (mod(x) - lin(x)).norm() / lin(x).norm()
+        assert rel < (0.02 if method == "bnb_int8" else 0.15), (method, rel)
+    assert qbnb.module_nbytes(qbnb.bnb_linear(lin, "bnb_int8")) < qbnb.module_nbytes(lin) / 3
+
+
+@needs_bnb
+def test_bnb_nan_weight_leaves_model_untouched(target):
+    model = copy.deepcopy(target[0])
+    with torch.no_grad():
+        model.model.layers[-1].self_attn.o_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="o_proj.*NaN"):
+        quantize(model, "bnb_nf4", progress=False)
+    assert all(type(m).__module__.startswith(("torch", "llmops_lab")) for m in model.modules())
+
+
+def test_missing_bitsandbytes_is_a_clear_error_and_changes_nothing(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)    # import now fails
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    with pytest.raises(ImportError, match="pip install"):
+        quantize(model, "bnb_int8", progress=False)
+    assert type(model[0]) is torch.nn.Linear and not qbnb.available()

@@ -1,0 +1,99 @@
+"""quantize(model, method=...): GPTQ and AWQ routed through the one entry point give the same model
+as calling them directly, configs come from objects or field names, and every bad input (bits,
+group size, NaN weights, empty or too short calibration, wrong config) leaves the model untouched."""
+import copy
+
+import pytest
+import torch
+
+import llmops_lab
+from llmops_lab.quant import (AWQConfig, GPTQConfig, QuantLinear, as_calibration_ids, awq_quantize_model,
+                              embedded_calibration, gptq_quantize_model, quantize)
+from llmops_lab.quant.gptq import LINEAR_NAMES
+
+
+@pytest.fixture(scope="module")
+def small():
+    """The embedded target cut to its first two decoder layers (fast to calibrate)."""
+    m = llmops_lab.load_model("target", device="cpu")
+    m.model.layers = m.model.layers[:2]
+    return m
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return embedded_calibration(4, 64)                                 # [4, 64]
+
+
+IDS = torch.randint(3, 4096, (2, 20), generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method, config, direct", [
+    ("gptq", GPTQConfig(bits=4, group_size=64), gptq_quantize_model),
+    ("awq", AWQConfig(w_bit=4, q_group_size=64), awq_quantize_model),
+])
+def test_routing_matches_the_direct_call(small, calib, method, config, direct):
+    routed = quantize(copy.deepcopy(small), method, config=config, calibration=calib, progress=False,
+                      scale_dtype=torch.float32)
+    ref = copy.deepcopy(small)
+    direct(ref, calib, config, progress=False, apply=True)               # dequantized weights in place
+    layer = routed.model.layers[1]
+    assert all(isinstance(layer.get_submodule(n), QuantLinear) for n in LINEAR_NAMES)
+    assert type(routed.lm_head) is torch.nn.Linear
+    assert torch.allclose(routed(IDS), ref(IDS), atol=1e-4, rtol=1e-4)
+
+
+def test_generic_arguments_fill_the_method_config(small, calib):
+    m = quantize(copy.deepcopy(small), "awq", bits=3, group_size=None, sym=True, calibration=calib, progress=False)
+    q = m.model.layers[0].mlp.down_proj
+    assert (q.bits, q.group_size, q.sym) == (3, q.in_features, True)     # w_bit, q_group_size=-1, zero_point
+    m = quantize(copy.deepcopy(small), "gptq", damp_percent=0.05, desc_act=True, group_size=128,
+                 calibration=list(calib), progress=False)              # a list of 1-D sequences works too
+    q = m.model.layers[1].self_attn.o_proj
+    assert (q.bits, q.group_size, q.sym) == (4, 128, True)               # GPTQConfig's defaults
+
+
+def test_calibration_helpers():
+    assert embedded_calibration().shape == (8, 128)
+    seqs = [torch.arange(10), torch.arange(7), torch.arange(12)]
+    assert as_calibration_ids(seqs).shape == (3, 7)                      # cut to the shortest
+
+
+@pytest.mark.parametrize("method, kwargs, match", [
+    ("gptq", dict(bits=9), "bits"),
+    ("awq", dict(bits=1), "w_bit"),
+    ("gptq", dict(group_size=48), "does not divide"),
+    ("awq", dict(group_size=48), "does not divide"),
+    ("gptq", dict(calibration=[]), "empty"),
+    ("awq", dict(calibration=torch.zeros(0, 16, dtype=torch.long)), "empty"),
+    ("gptq", dict(calibration=torch.zeros(3, 1, dtype=torch.long)), "at least 2 tokens"),
+    ("awq", dict(calibration=[torch.tensor([5])]), "at least 2 tokens"),
+    ("gptq", dict(config=AWQConfig()), "takes a GPTQConfig"),
+    ("awq", dict(config=AWQConfig(), w_bit=3), "not both"),
+    ("gptq", dict(w_bit=3), "bad GPTQConfig field"),
+    ("bnb_int8", dict(bits=8), "do not apply"),
+    ("rtn", dict(calibration=[torch.arange(8)]), "no config or calibration"),
+    ("nf4", {}, "method in"),
+])
+def test_bad_input_leaves_model_untouched(small, method, kwargs, match):
+    m = copy.deepcopy(small)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        quantize(m, method, progress=False, **{"calibration": embedded_calibration(2, 16), **kwargs}
+                 if method in ("gptq", "awq") else kwargs)
+    assert not any(isinstance(x, QuantLinear) for x in m.modules())
+    assert state.keys() == m.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in m.state_dict().items())
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "rtn"])
+def test_nan_weight_leaves_model_untouched(small, method):
+    m = copy.deepcopy(small)
+    with torch.no_grad():
+        m.model.layers[1].mlp.up_proj.weight[3, 3] = float("inf")
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match="NaN or inf"):
+        quantize(m, method, calibration=embedded_calibration(2, 16) if method != "rtn" else None, progress=False)
+    assert not any(isinstance(x, QuantLinear) for x in m.modules())
+    assert all(torch.equal(state[k], v) for k, v in m.state_dict().items())     # inf == inf
