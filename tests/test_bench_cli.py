@@ -14,6 +14,12 @@ def test_bench_quick_runs_and_writes_json(tmp_path):
     decode = [r for r in rows if r["name"].startswith("decode ours")]
     assert decode and all(r["greedy_tokens_identical"] for r in decode)  # same weights, same tokens
     assert all(r["value"] > 0 and r["ratio"] > 0 for r in decode)
+    quant = [r for r in rows if r["suite"] == "quant"]                    # every batch: float and ours
+    assert {r["batch"] for r in quant} == {1, 4, 16, 64}
+    ours = [r for r in quant if "ours" in r["name"]]
+    assert ours and all(r["ratio"] > 0 and r["peer"] == "fp32 F.linear" for r in ours)
+    int4, fp = (next(r for r in quant if k in r["name"] and "b=1:" in r["name"]) for k in ("int4", "F.linear"))
+    assert int4["weight_bytes"] < fp["weight_bytes"] / 6                 # 4 bits + scales vs 32 bits
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert len(saved["rows"]) == len(rows) and saved["meta"]["quick"]
     assert "ratio" in bench.format_table(rows)

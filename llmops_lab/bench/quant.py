@@ -1,0 +1,58 @@
+"""Quantization bench: the linear layers of one decoder layer at decode, quantized against float.
+
+Llama-2-7B's seven linears (q, k, v, o 4096x4096; gate, up 11008x4096; down 4096x11008) run once
+per token at batch sizes 1..64, as ``F.linear`` on bf16 weights, as our int4 weights (group 128,
+zero point) and int8 weight-only weights (per channel), and as bitsandbytes' LLM.int8() and NF4
+where it is importable. On a GPU ours go through the fused Triton kernel (``quant.triton_dequant``)
+and each timing is a CUDA graph of ten layer passes, so Python launch overhead is not what is
+measured (bitsandbytes' modules are timed eagerly: LLM.int8() picks outlier columns at run time).
+Decode reads every weight once per step, so 4 bits should approach 4x bf16 at batch 1 and stay
+ahead while the batch is small; targets: int4 >= 3x at batch 1 and not slower up to batch 16,
+int8 >= 1.6x at batch 1. On a CPU our PyTorch path dequantizes the whole weight every call, so it
+is slower than fp32: the rows show by how much. Values are tokens per second through the layer's
+linears (batch / time); the ratio is against float in the same run.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..quant import bnb, experiment
+from . import BenchContext, row
+
+BATCHES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def _targets(method: str, batch: int) -> str | None:
+    if method == "int4":
+        return ">= 3.0x" if batch == 1 else ">= 1.0x" if batch <= 16 else None
+    if method == "int8" and batch == 1:
+        return ">= 1.6x"
+    return None
+
+
+def run(ctx: BenchContext) -> list[dict]:
+    gpu = ctx.device.type == "cuda"
+    shapes = experiment.QUICK_SHAPES if ctx.quick else experiment.preset_shapes("llama-2-7b")
+    batches = (1, 4, 16, 64) if ctx.quick and not gpu else BATCHES
+    methods = list(experiment.METHODS)
+    if bnb.available() and (gpu or not ctx.quick):
+        methods += list(bnb.BNB_METHODS)
+    dtype = torch.bfloat16 if gpu else torch.float32
+    path = "Triton" if gpu else "torch"
+    labels = {experiment.FLOAT: f"{'bf16' if gpu else 'fp32'} F.linear", "int4": f"int4 g128 ours ({path})",
+              "int8": f"int8 w-only ours ({path})", "bnb_int8": "bnb LLM.int8()", "bnb_nf4": "bnb NF4"}
+    res = experiment.linear_speed(batches, methods, shapes, ctx.device, dtype,
+                                  repeats=3 if ctx.quick else 20, calls=10)
+    base = {r["batch"]: r for r in res if r["method"] == experiment.FLOAT}
+    shape = "small" if ctx.quick else "7B"
+    rows = []
+    for r in res:
+        b, m = r["batch"], r["method"]
+        extra = dict(batch=b, ms=r["ms"], weight_bytes=r["weight_bytes"], weight_gb_s=r["gb_s"])
+        name = f"{shape} linears b={b}: {labels[m]}"
+        if m == experiment.FLOAT:
+            rows.append(row("quant", name, b / r["ms"] * 1e3, "tok/s", **extra))
+        else:
+            rows.append(row("quant", name, b / r["ms"] * 1e3, "tok/s", peer=labels[experiment.FLOAT],
+                            peer_value=b / base[b]["ms"] * 1e3, target=_targets(m, b) if gpu else None, **extra))
+    return rows
