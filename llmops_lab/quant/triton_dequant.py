@@ -28,11 +28,11 @@ Runs on a CPU under TRITON_INTERPRET=1 at small sizes (tests/test_quant_kernel.p
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
+# available(device): CUDA, or the interpreter on a CPU; one rule for every kernel of the package
+from ..paged.triton_paged import _interpret, available  # noqa: F401
 from .packing import storage_offset, unpack_codes
 
 try:
@@ -40,22 +40,6 @@ try:
     import triton.language as tl
 except ImportError:  # the package works without triton; only this kernel needs it
     triton = None
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def available(device: str | torch.device | None = None) -> bool:
-    """True where the kernel can run on ``device``'s tensors: CUDA, or the interpreter on a CPU."""
-    if triton is None:
-        return False
-    dev = torch.device(device) if device is not None else None
-    if dev is not None and dev.type == "cuda":
-        return torch.cuda.is_available()
-    if dev is not None and dev.type == "cpu":
-        return _interpret()
-    return torch.cuda.is_available() or _interpret()
 
 
 # ---- the reference ----------------------------------------------------------------------------
