@@ -217,6 +217,44 @@ def quantized_model_bytes(config, bits: int, group_size: int | None = 128, scale
             + rest * other_bits) / 8
 
 
+def quant_speedup_as_written(bits: int) -> float:
+    """The document's speedup over FP16 (dimensionless): INT8 ~1.5x, INT4 ~2.5x, FP16 1.0x.
+
+    As written in its table: one constant per bit width, with no batch size, hardware or kernel.
+    """
+    table = {16: 1.0, 8: 1.5, 4: 2.5}
+    if bits not in table:
+        raise ValueError(f"the document gives a speedup for bits in {sorted(table)}, not {bits}")
+    return table[bits]
+
+
+def weight_only_speedup(batch: int, bits: float, peak_flops: float, bandwidth_bytes_per_s: float,
+                        base_bits: float = 16) -> float:
+    """Roofline speedup of a weight-only quantized linear over a float one, at ``batch`` tokens.
+
+    Per weight a linear does 2 x B FLOPs and reads b/8 bytes, so its time is
+    max(2B / peak_flops, b / (8 x bandwidth)) (Williams et al. 2009). The ratio of the float and
+    quantized times is base_bits / bits while both are memory-bound (small B); it starts falling
+    when the quantized linear turns compute-bound, at B = peak x bits / (16 x bandwidth), and reaches
+    1 when the float one does too (``weight_only_crossover_batch``). It assumes a kernel that
+    dequantizes for free while streaming the codes (what a fused GPU kernel approaches).
+    """
+    _positive(batch=batch, bits=bits, base_bits=base_bits, peak_flops=peak_flops,
+              bandwidth_bytes_per_s=bandwidth_bytes_per_s)
+
+    def t(b):
+        return max(2 * batch / peak_flops, b / (8 * bandwidth_bytes_per_s))
+    return t(base_bits) / t(bits)
+
+
+def weight_only_crossover_batch(peak_flops: float, bandwidth_bytes_per_s: float, base_bits: float = 16) -> float:
+    """Batch (tokens) from which weight-only quantization stops paying on the roofline:
+    peak_flops x base_bits / (16 x bandwidth), the float linear's ridge point (see
+    ``weight_only_speedup``); the same for every bit width."""
+    _positive(base_bits=base_bits, peak_flops=peak_flops, bandwidth_bytes_per_s=bandwidth_bytes_per_s)
+    return peak_flops * base_bits / (16 * bandwidth_bytes_per_s)
+
+
 # ---------------------------------------------------------------------------------------------
 # Speculative decoding (Leviathan et al. 2023; Chen et al. 2023)
 
