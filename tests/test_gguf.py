@@ -1,0 +1,127 @@
+"""GGUF export: the RoPE row permutation, read-back within each format's error bound, and
+llama.cpp running the exported file: greedy tokens equal ours at F32, perplexity close at Q8_0."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from llmops_lab.config import ModelConfig
+from llmops_lab.corpus import read_slice
+from llmops_lab.evaluate import encode, held_out_prompts, perplexity
+from llmops_lab.loader import load_model, load_tokenizer
+from llmops_lab.model import apply_rope
+from llmops_lab.quant.gguf import check_exportable, permute_rope_rows, unpermute_rope_rows
+from llmops_lab.quant.llama_cpp_peer import llama_cpp_available
+
+gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pip install 'llmops-lab[gguf]')")
+needs_llama_cpp = pytest.mark.skipif(not llama_cpp_available(),
+                                     reason="llama_cpp is not importable (pip install llama-cpp-python)")
+
+
+def test_permuted_rows_give_the_same_rope_in_pair_order():
+    """Half-split RoPE on q = W x equals interleaved-pair RoPE on (P W) x, read back in half order."""
+    H, D, d_in, S = 3, 8, 16, 5
+    torch.manual_seed(0)
+    W, x = torch.randn(H * D, d_in), torch.randn(S, d_in)
+    pos = torch.arange(S, dtype=torch.float32)[:, None]
+    ang = pos * 10000.0 ** (-torch.arange(0, D, 2) / D)                    # [S, D/2]
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    ours = apply_rope((x @ W.T).view(S, H, D).transpose(0, 1)[None], cos[None], sin[None])[0]  # [H, S, D]
+
+    Wp = torch.from_numpy(permute_rope_rows(W.numpy(), H))
+    q = (x @ Wp.T).view(S, H, D // 2, 2)                                    # llama.cpp: adjacent pairs
+    c, s = ang.cos()[:, None], ang.sin()[:, None]
+    pairs = torch.stack([q[..., 0] * c - q[..., 1] * s, q[..., 0] * s + q[..., 1] * c], -1)
+    theirs = pairs.reshape(S, H * D).numpy()
+    back = unpermute_rope_rows(theirs.T, H).T                               # pair order -> half order
+    torch.testing.assert_close(torch.from_numpy(back.copy()).view(S, H, D).transpose(0, 1), ours)
+    np.testing.assert_array_equal(unpermute_rope_rows(Wp.numpy(), H), W.numpy())
+
+
+def test_unaligned_rows_are_refused_for_block_formats():
+    c = ModelConfig(vocab_size=64, hidden_size=40, intermediate_size=96, num_hidden_layers=1,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        check_exportable(c, "Q4_0")
+    check_exportable(c, "F16")
+    with pytest.raises(ValueError, match="biases"):
+        check_exportable(dataclasses.replace(c, hidden_size=64, attention_bias=True), "F32")
+
+
+@pytest.fixture(scope="module")
+def draft():
+    return load_model("draft", device="cpu"), load_tokenizer("draft")
+
+
+@pytest.fixture(scope="module")
+def exported(draft, tmp_path_factory):
+    from llmops_lab.quant.gguf import export_gguf
+    model, tok = draft
+    folder = tmp_path_factory.mktemp("gguf")
+    return {q: export_gguf(model, tok, folder / f"draft-{q}.gguf", q) for q in ("F32", "Q8_0", "Q4_0")}
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0", "Q4_0"])
+def test_export_reads_back_within_the_bound(draft, exported, qtype):
+    from llmops_lab.quant.gguf import check_gguf
+    model, tok = draft
+    report = check_gguf(exported[qtype], model, tok)
+    assert report["mismatches"] == []
+    assert report["ok"], [r for r in report["tensors"] if r["err_over_bound"] > 1]
+    types = {r["type"] for r in report["tensors"]}
+    assert types == ({"F32"} if qtype == "F32" else {"F32", qtype})
+    if qtype == "F32":
+        assert all(r["max_err"] == 0 for r in report["tensors"])
+    sizes = {q: p.stat().st_size for q, p in exported.items()}
+    assert sizes["F32"] > 3 * sizes["Q8_0"] > 5 * sizes["Q4_0"]   # 32, 8.5 and 4.5 bits per weight
+
+
+@pytest.fixture(scope="module")
+def peers(exported):
+    from llmops_lab.quant.llama_cpp_peer import LlamaCppPeer
+    # One thread: llama.cpp's threads spin at barriers and crawl when the cores are shared.
+    ps = {q: LlamaCppPeer(p, n_ctx=256, n_threads=1) for q, p in exported.items() if q in ("F32", "Q8_0")}
+    yield ps
+    for p in ps.values():
+        p.close()
+
+
+@needs_llama_cpp
+def test_llama_cpp_greedy_equals_ours_at_f32(draft, peers):
+    model, tok = draft
+    for p in held_out_prompts(tok, read_slice("validation"), n=3, prompt_tokens=24):
+        ours = model.generate(p[None], max_new_tokens=16, stop_token_ids=())
+        theirs = peers["F32"].generate(p[None], max_new_tokens=16, stop_token_ids=())
+        assert theirs.tolist() == ours.tolist()
+    x = p[None]
+    torch.testing.assert_close(peers["F32"](x), model(x), atol=2e-3, rtol=1e-3)
+
+
+@needs_llama_cpp
+def test_llama_cpp_q8_perplexity_close_to_ours(draft, peers):
+    model, tok = draft
+    ids = encode(tok, read_slice("validation")[:20_000])
+    ours = perplexity(model, ids, window=128, max_windows=3)
+    assert perplexity(peers["F32"], ids, window=128, max_windows=3) == pytest.approx(ours, rel=1e-3)
+    assert perplexity(peers["Q8_0"], ids, window=128, max_windows=3) == pytest.approx(ours, rel=0.02)
+
+
+@needs_llama_cpp
+def test_llama_cpp_tokenizes_like_ours(draft, peers):
+    from llmops_lab.quant.llama_cpp_peer import compare_tokenization
+    _, tok = draft
+    text = read_slice("validation")[:5_000] + " Ünïcode — 'tis 1601, isn't it?\n\n  two  spaces"
+    assert compare_tokenization(peers["F32"], tok, text)["same"]
+
+
+@needs_llama_cpp
+def test_gguf_comparison_rows(tmp_path):
+    from llmops_lab.quant.experiment import gguf_comparison
+    rows = gguf_comparison("draft", formats=("F32",), out_dir=tmp_path, n_prompts=2, new_tokens=8, window=64,
+                           max_windows=2, speed_prompt_len=8, speed_new_tokens=4, repeats=1, n_threads=1)
+    assert [(r["runtime"], r["format"]) for r in rows] == [("ours", "fp32"), ("llama.cpp", "F32")]
+    f32 = rows[1]
+    assert f32["exact_prompts"] == 2 and f32["agreement"] == 1.0 and f32["tokenization_same"]
+    assert f32["ppl_ratio"] == pytest.approx(1.0, rel=1e-3)
+    assert f32["decode_tok_s"] > 0 and f32["file_bytes"] == (tmp_path / "draft-F32.gguf").stat().st_size
