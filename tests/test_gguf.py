@@ -125,3 +125,14 @@ def test_gguf_comparison_rows(tmp_path):
     assert f32["exact_prompts"] == 2 and f32["agreement"] == 1.0 and f32["tokenization_same"]
     assert f32["ppl_ratio"] == pytest.approx(1.0, rel=1e-3)
     assert f32["decode_tok_s"] > 0 and f32["file_bytes"] == (tmp_path / "draft-F32.gguf").stat().st_size
+
+
+@needs_llama_cpp
+def test_k_quant_by_llama_cpp_reads_back_within_the_bound(tmp_path):
+    """Q4_K_M needs rows in multiples of 256: the target's (256, 768), not the draft's (192)."""
+    from llmops_lab.quant.gguf import check_gguf, export_gguf, requantize
+    model, tok = load_model("target", device="cpu"), load_tokenizer("target")
+    path = requantize(export_gguf(model, tok, tmp_path / "f32.gguf"), tmp_path / "q4km.gguf", "Q4_K_M")
+    report = check_gguf(path, model, tok)
+    assert report["ok"], report["mismatches"]
+    assert {r["type"] for r in report["tensors"]} == {"F32", "Q4_K", "Q6_K"}

@@ -14,6 +14,7 @@ the rows of q_proj and k_proj per head so both compute the same attention (``per
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -286,7 +287,13 @@ def requantize(src: str | Path, dst: str | Path, qtype: str = "Q4_K_M", threads:
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{_FILE_TYPES[qtype]}")
     params.nthread = threads
     dst = Path(dst)
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    log = logging.getLogger("llama-cpp-python")   # llama.cpp's log lines go through it; quiet them
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    finally:
+        log.setLevel(level)
     if rc != 0:
         raise RuntimeError(f"llama.cpp could not quantize {src} to {qtype} (return code {rc})")
     return dst
