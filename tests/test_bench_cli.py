@@ -20,6 +20,8 @@ def test_bench_quick_runs_and_writes_json(tmp_path):
     assert ours and all(r["ratio"] > 0 and r["peer"] == "fp32 F.linear" for r in ours)
     int4, fp = (next(r for r in quant if k in r["name"] and "b=1:" in r["name"]) for k in ("int4", "F.linear"))
     assert int4["weight_bytes"] < fp["weight_bytes"] / 6                 # 4 bits + scales vs 32 bits
+    batching = [r for r in rows if r["suite"] == "batching" and r.get("peer")]
+    assert batching and batching[0]["same_greedy_tokens"] and all(r["ratio"] > 0 for r in batching)
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert len(saved["rows"]) == len(rows) and saved["meta"]["quick"]
     assert "ratio" in bench.format_table(rows)

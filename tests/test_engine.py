@@ -220,3 +220,24 @@ def test_llm_interface_embedded():
     assert "\n" not in stop.outputs[0].text
     with pytest.raises(TypeError, match="unknown arguments"):
         LLM(model="target", tensor_parallel_size=2)
+
+
+def test_step_time_fit_and_formulas(tiny):
+    from llmops_lab.engine import experiment
+    rows = experiment.decode_step_times(tiny, batch_sizes=(1, 2, 4), contexts=(8, 24), repeats=1)
+    assert len(rows) == 6 and all(r["step_s"] > 0 for r in rows)
+    fn, (a, b, c) = experiment.fit_step_time(rows)
+    assert min(a, b, c) >= 0 and fn(2, 8) > 0
+    exact = [{"batch": B, "context": x, "step_s": 1e-3 + 2e-4 * B + 1e-6 * B * x} for B in (1, 4) for x in (8, 64)]
+    assert experiment.fit_step_time(exact)[1] == pytest.approx((1e-3, 2e-4, 1e-6), rel=1e-6)
+    toks = [t % 300 + 2 for t in range(3000)]
+    wl = make_workload(toks, 8, prompt_len=(2, 10), mean_output=5, spread=1.0, max_output=20)
+    res = experiment.compare(tiny, wl, max_num_seqs=4, block_size=8)
+    for kind in ("static", "continuous"):
+        p = experiment.predict(res[kind], fn, kind, 4)
+        assert p["throughput_tok_s"] > 0
+    rows = experiment.sweep(tiny, toks, "spread", [0.0, 1.0], n=6, max_num_seqs=3,
+                            base=dict(prompt_len=(2, 8), mean_output=4, max_output=12), step_time=fn, progress=False)
+    assert len(rows) == 4 and all(r["same_outputs"] for r in rows if r["kind"] == "continuous")
+    with pytest.raises(ValueError, match="param"):
+        experiment.sweep(tiny, toks, "colour", [1])

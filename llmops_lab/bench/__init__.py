@@ -34,8 +34,9 @@ def row(suite, name, value, unit, peer=None, peer_value=None, target=None, **ext
 
 
 def suites():
-    from . import core, flash, paged, quant, speculative
-    return {"core": core.run, "spec": speculative.run, "flash": flash.run, "paged": paged.run, "quant": quant.run}
+    from . import batching, core, flash, paged, quant, speculative
+    return {"core": core.run, "spec": speculative.run, "flash": flash.run, "paged": paged.run, "quant": quant.run,
+            "batching": batching.run}
 
 
 def run(device: str | None = None, out: str | Path | None = None, only: list[str] | None = None,

@@ -27,6 +27,7 @@ class RequestMetrics:
     first_token_time: float | None = None
     finish_time: float | None = None
     num_output_tokens: int = 0
+    last_token_time: float | None = None   # static batching: the row is done but waits for its batch
 
     @property
     def ttft(self) -> float | None:

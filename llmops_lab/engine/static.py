@@ -33,6 +33,8 @@ def run_static_batch(model, prompts: list[list[int]], params: list[SamplingParam
     request_ids = request_ids or [str(i) for i in range(B)]
     seqs = [Sequence(p, sampling_params=sp, request_id=r, arrival_time=a)
             for p, sp, r, a in zip(prompts, params, request_ids, arrivals)]
+    for s in seqs:
+        s.last_token_time = None
     S = max(len(p) for p in prompts)
     new = min(max(sp.max_tokens for sp in params), ctx - S)
     if new < 1:
@@ -67,6 +69,7 @@ def run_static_batch(model, prompts: list[list[int]], params: list[SamplingParam
             reason, why = stop_reason(s, tok, eos, ctx, tokenizer)
             if reason is not None:
                 done[b], s.finish_reason, s.stop_reason = True, reason, why
+                s.last_token_time = t
         if all(done):
             break
         active = B - sum(done)
@@ -79,7 +82,8 @@ def run_static_batch(model, prompts: list[list[int]], params: list[SamplingParam
     for s in seqs:
         s.finish_reason = s.finish_reason or "length"
         s.scheduled_time, s.finish_time = t0, end            # answered when the batch ends
-        m = RequestMetrics(s.arrival_time, t0, s.first_token_time, end, s.num_completion_tokens)
+        m = RequestMetrics(s.arrival_time, t0, s.first_token_time, end, s.num_completion_tokens,
+                           s.last_token_time or end)
         text = tokenizer.decode(s.output_token_ids, skip_special_tokens=True) if tokenizer else ""
         outs.append(RequestOutput(s.request_id, None, s.prompt_token_ids,
                                   [CompletionOutput(0, text, s.output_token_ids, s.finish_reason,

@@ -101,6 +101,7 @@ def _row(out, t0: float) -> dict:
     rel = (lambda x: None if x is None else x - t0)
     return {"request_id": out.request_id, "arrival": rel(m.arrival_time), "start": rel(m.first_scheduled_time),
             "first_token": rel(m.first_token_time), "finish": rel(m.finish_time),
+            "last_token": rel(m.last_token_time if m.last_token_time is not None else m.finish_time),
             "n_in": len(out.prompt_token_ids), "n_out": len(out.outputs[0].token_ids),
             "ttft": m.ttft, "tpot": m.tpot, "e2e": m.e2e, "finish_reason": out.outputs[0].finish_reason,
             "preemptions": out.outputs[0].num_preemptions}

@@ -1,0 +1,62 @@
+"""Batching bench: continuous batching (our engine) against static batching in our runtime and
+against transformers' padded ``generate``, on one workload with widely varying output lengths.
+
+Targets (same run): continuous >= 3x static on a CPU; >= 8x transformers' padded generate on a GPU.
+The CPU runs the embedded target; the GPU a Llama-2-7B-shaped model with random bf16 weights
+(throughput does not depend on the weights' values; greedy tokens are compared all the same).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import BenchContext, row
+
+
+def _model_and_tokens(ctx: BenchContext):
+    if ctx.device.type == "cuda" and not ctx.quick:
+        from ..presets import random_model
+        model = random_model("llama-2-7b", device=ctx.device, dtype=torch.bfloat16)
+        g = torch.Generator().manual_seed(0)
+        return "llama-2-7b", model, torch.randint(3, model.config.vocab_size, (20000,), generator=g).tolist()
+    from .. import corpus
+    from ..loader import load_model, load_tokenizer
+    model = load_model("target", device=ctx.device, dtype=torch.float32)
+    tokens = load_tokenizer("target")(corpus.read_slice("validation")[:60000]).input_ids
+    return "embedded target", model, tokens
+
+
+def workload_spec(ctx: BenchContext) -> dict:
+    if ctx.quick:
+        return dict(n=12, prompt_len=(8, 32), mean_output=12, spread=1.2, max_output=64, seats=4)
+    if ctx.device.type == "cuda":
+        return dict(n=256, prompt_len=(32, 256), mean_output=128, spread=1.2, max_output=1024, seats=64)
+    return dict(n=64, prompt_len=(16, 64), mean_output=48, spread=1.2, max_output=400, seats=16)
+
+
+def run(ctx: BenchContext) -> list[dict]:
+    from ..engine import experiment
+    from ..engine.workload import make_workload
+    name, model, tokens = _model_and_tokens(ctx)
+    spec = workload_spec(ctx)
+    seats = spec.pop("seats")
+    wl = make_workload(tokens, **spec)
+    res = experiment.compare(model, wl, max_num_seqs=seats, max_num_batched_tokens=2048)
+    res["transformers"] = experiment.run_transformers_static(model, wl, seats)
+    cont, static, hf = (res[k] for k in ("continuous", "static", "transformers"))
+    same = experiment.same_outputs(res) if model.dtype == torch.float32 else None
+    lens = [r.params.max_tokens for r in wl]
+    desc = f"{name}, {len(wl)} requests, outputs {min(lens)}-{max(lens)} (mean {sum(lens) / len(lens):.0f}), {seats} seats"
+    cpu = ctx.device.type == "cpu"
+    out = [
+        row("batching", f"continuous vs static (ours), {desc}", cont.throughput, "tok/s", peer="static (ours)",
+            peer_value=static.throughput, target=">= 3x" if cpu else None, same_greedy_tokens=same),
+        row("batching", "continuous vs transformers padded generate", cont.throughput, "tok/s",
+            peer="transformers generate", peer_value=hf.throughput, target=None if cpu else ">= 8x"),
+        row("batching", "static (ours) vs transformers padded generate", static.throughput, "tok/s",
+            peer="transformers generate", peer_value=hf.throughput),
+    ]
+    for r in (cont, static):
+        s = r.summary()
+        out.append(row("batching", f"{r.name}: mean TTFT", s["mean_ttft_s"] * 1e3, "ms"))
+        out.append(row("batching", f"{r.name}: mean e2e latency", s["mean_e2e_s"] * 1e3, "ms"))
+    return out

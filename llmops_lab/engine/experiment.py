@@ -1,0 +1,167 @@
+"""Measurements for the batching notebook and bench: static against continuous batching, against the
+formulas.
+
+- ``compare``: one workload through both, same model, same seats (``max_num_seqs`` = static batch).
+- ``sweep``: the comparison over arrival rates or output-length spreads.
+- ``decode_step_times``: the engine's decode step time against batch size and context, measured,
+  and ``fit_step_time``: t(B, ctx) = a + b*B + c*B*ctx fitted to it, the input of the formulas.
+- ``predict``: the document's formula (static batching's, as the documents write it) and the
+  continuous formula (mean running batch / step time at that batch), fed measured numbers.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import formulas
+from ..measure import time_fn
+from .config import EngineConfig
+from .model_runner import ModelRunner
+from .scheduler import ScheduledBatch
+from .sequence import Sequence
+from .workload import RunResult, make_workload, run_continuous, run_static
+
+
+def compare(model, workload, max_num_seqs: int = 16, block_size: int = 16, num_kv_blocks: int | None = None,
+            max_num_batched_tokens: int = 512, tokenizer=None, progress: bool = False) -> dict[str, RunResult]:
+    """Run ``workload`` with static batching (batches of max_num_seqs) and with the engine."""
+    config = EngineConfig(max_num_seqs=max_num_seqs, block_size=block_size, num_kv_blocks=num_kv_blocks,
+                          max_num_batched_tokens=max_num_batched_tokens)
+    static = run_static(model, workload, max_num_seqs, tokenizer, progress)
+    cont = run_continuous(model, workload, config, tokenizer, progress)
+    return {"static": static, "continuous": cont}
+
+
+def same_outputs(results: dict[str, RunResult]) -> bool:
+    """Greedy runs must produce the same tokens for every request, however they were batched."""
+    outs = [r.outputs for r in results.values()]
+    return all(o == outs[0] for o in outs[1:])
+
+
+def sweep(model, tokens, param: str, values, n: int = 48, max_num_seqs: int = 16, base: dict | None = None,
+          step_time=None, progress: bool = True, **compare_kwargs) -> list[dict]:
+    """Static vs continuous over ``param`` in ("arrival_rate", "spread", "mean_output"); one row per
+    (value, kind) with the run's summary, plus the ratio continuous/static in the continuous row and,
+    given a fitted ``step_time(B, ctx)``, the formula's prediction (``predicted_tok_s``)."""
+    if param not in ("arrival_rate", "spread", "mean_output"):
+        raise ValueError(f"param must be arrival_rate, spread or mean_output, got {param!r}")
+    rows = []
+    for v in tqdm(values, desc=f"sweep {param}", disable=not progress):
+        kw = dict(base or {})
+        kw[param] = v
+        wl = make_workload(tokens, n, **kw)
+        res = compare(model, wl, max_num_seqs, **compare_kwargs)
+        s, c = res["static"].summary(), res["continuous"].summary()
+        if step_time is not None:
+            s["predicted_tok_s"] = predict(res["static"], step_time, "static", max_num_seqs)["throughput_tok_s"]
+            c["predicted_tok_s"] = predict(res["continuous"], step_time, "continuous", max_num_seqs)["throughput_tok_s"]
+        rows.append(dict(s, **{param: v, "kind": "static"}))
+        rows.append(dict(c, **{param: v, "kind": "continuous", "speedup": c["throughput_tok_s"] / s["throughput_tok_s"],
+                                "same_outputs": same_outputs(res)}))
+    return rows
+
+
+# -- step time -----------------------------------------------------------------------------------
+@torch.inference_mode()
+def decode_step_times(model, batch_sizes=(1, 2, 4, 8, 16, 32), contexts=(64, 256), block_size: int = 16,
+                      repeats: int = 5) -> list[dict]:
+    """Median time of one engine decode step (one token for each of B sequences of ``ctx`` tokens
+    already cached), through the same ModelRunner the engine uses."""
+    rows = []
+    for ctx in contexts:
+        nb = math.ceil((ctx + 1) / block_size)
+        runner = ModelRunner(model, max(batch_sizes) * nb, block_size)
+        for B in batch_sizes:
+            batch = ScheduledBatch()
+            for b in range(B):
+                s = Sequence([2] * (ctx + 1))
+                s.block_table = list(range(b * nb, (b + 1) * nb))
+                s.num_computed_tokens = ctx
+                batch.add(s, 1)
+            t = time_fn(runner.execute, batch, warmup=1, repeats=repeats)
+            rows.append({"batch": B, "context": ctx, "step_s": t.median})
+    return rows
+
+
+def fit_step_time(rows: list[dict]):
+    """Least-squares t(B, ctx) = a + b*B + c*B*ctx over measured rows, with a, b, c >= 0 (a time
+    cannot shrink as work is added; noise must not make the fit say so): the best fit over every
+    subset of the three terms whose coefficients come out non-negative. Returns (fn, (a, b, c))."""
+    from itertools import combinations
+    X = np.array([[1.0, r["batch"], r["batch"] * r["context"]] for r in rows])
+    y = np.array([r["step_s"] for r in rows])
+    best, best_err = np.zeros(3), float(np.sum(y ** 2))
+    for k in (1, 2, 3):
+        for cols in combinations(range(3), k):
+            coef, *_ = np.linalg.lstsq(X[:, cols], y, rcond=None)
+            if (coef < 0).any():
+                continue
+            err = float(np.sum((X[:, cols] @ coef - y) ** 2))
+            if err < best_err:
+                best, best_err = np.zeros(3), err
+                best[list(cols)] = coef
+    a, b, c = (float(v) for v in best)
+    return (lambda B, ctx=0.0: a + b * B + c * B * ctx), (a, b, c)
+
+
+def predict(result: RunResult, step_time, kind: str, max_num_seqs: int) -> dict:
+    """Throughput the formulas predict for a finished run, fed its own measured lengths.
+
+    static: the document's N * T_out / (max(L_i) * T_token) per batch (arrival order, batches of
+    max_num_seqs), T_token = step_time(N, mean context); continuous: mean running batch (measured)
+    over step_time at that batch and mean context.
+    """
+    reqs = result.requests
+    ctx = sum(r["n_in"] + r["n_out"] / 2 for r in reqs) / len(reqs)
+    if kind == "static":
+        order = sorted(reqs, key=lambda r: (r["arrival"], r["request_id"]))
+        tokens = seconds = 0.0
+        for i in range(0, len(order), max_num_seqs):
+            lens = [r["n_out"] for r in order[i:i + max_num_seqs]]
+            N = len(lens)
+            t = step_time(N, ctx)
+            per_batch = formulas.throughput_as_written(N, sum(lens) / N, max(lens), t)
+            tokens += sum(lens)
+            seconds += sum(lens) / per_batch
+        return {"formula": "document (static)", "throughput_tok_s": tokens / seconds}
+    busy = [s["num_seqs"] for s in result.steps]
+    mean_batch = sum(busy) / len(busy)
+    return {"formula": "continuous: mean batch / t(batch)", "mean_batch": mean_batch,
+            "throughput_tok_s": formulas.continuous_batching_throughput(mean_batch, step_time(mean_batch, ctx))}
+
+
+@torch.inference_mode()
+def run_transformers_static(model, workload, batch_size: int, progress: bool = False) -> RunResult:
+    """The peer: transformers' ``generate`` with left padding, batches of ``batch_size`` in arrival
+    order (all requests assumed arrived), each run for its longest request's output length; a
+    request's useful tokens are its own first ``max_tokens``. Same weights (``hf_twin``)."""
+    import time
+
+    from ..peers import hf_twin
+    hf = hf_twin(model)
+    dev = model.device
+    order = sorted(workload, key=lambda r: r.arrival)
+    res = RunResult("transformers static")
+    t0 = time.perf_counter()
+    for i in tqdm(range(0, len(order), batch_size), desc="transformers", disable=not progress):
+        batch = order[i:i + batch_size]
+        S = max(len(r.prompt_token_ids) for r in batch)
+        ids = torch.zeros(len(batch), S, dtype=torch.long)
+        mask = torch.zeros(len(batch), S, dtype=torch.long)
+        for b, r in enumerate(batch):
+            ids[b, S - len(r.prompt_token_ids):] = torch.tensor(r.prompt_token_ids)
+            mask[b, S - len(r.prompt_token_ids):] = 1
+        new = max(r.params.max_tokens for r in batch)
+        out = hf.generate(ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=new, min_new_tokens=new,
+                          do_sample=False, eos_token_id=None, pad_token_id=0)
+        end = time.perf_counter() - t0
+        for b, r in enumerate(batch):
+            toks = out[b, S:S + r.params.max_tokens].tolist()
+            res.outputs[r.request_id] = toks
+            res.requests.append({"request_id": r.request_id, "arrival": r.arrival, "finish": end,
+                                 "n_in": len(r.prompt_token_ids), "n_out": len(toks), "e2e": end - r.arrival})
+    res.makespan = time.perf_counter() - t0
+    return res
