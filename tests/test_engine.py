@@ -237,7 +237,25 @@ def test_step_time_fit_and_formulas(tiny):
         p = experiment.predict(res[kind], fn, kind, 4)
         assert p["throughput_tok_s"] > 0
     rows = experiment.sweep(tiny, toks, "spread", [0.0, 1.0], n=6, max_num_seqs=3,
-                            base=dict(prompt_len=(2, 8), mean_output=4, max_output=12), step_time=fn, progress=False)
+                            base=dict(prompt_len=(2, 8), mean_output=4, max_output=12),
+                            step_time={"static": fn, "continuous": fn}, progress=False)
+    assert all(r["predicted_tok_s"] > 0 for r in rows)
+    assert len(experiment.static_step_times(tiny, (1, 2), (8,), repeats=1)) == 2
     assert len(rows) == 4 and all(r["same_outputs"] for r in rows if r["kind"] == "continuous")
     with pytest.raises(ValueError, match="param"):
         experiment.sweep(tiny, toks, "colour", [1])
+
+
+def test_engine_with_triton_kernels_matches(tiny):
+    """The GPU path (Triton paged decode and prefill kernels inside the packed step), run by Triton's
+    interpreter on a CPU: same greedy tokens as the model alone."""
+    from llmops_lab.paged import triton_paged
+    if not triton_paged.available(torch.device("cpu")):
+        pytest.skip("needs TRITON_INTERPRET=1 (scripts/test sets it without a GPU)")
+    eng = LLMEngine(tiny, config=EngineConfig(block_size=8, max_num_seqs=4, max_num_batched_tokens=24))
+    eng.runner.use_kernels = True
+    ps = prompts(4, 3, 30, seed=11)
+    ps[2] = ps[0][:16] + [7, 8, 9]               # a prefix-cache hit: prefill starts mid-sequence
+    outs = run_all(eng, [(str(i), p, SamplingParams(max_tokens=4, **GREEDY)) for i, p in enumerate(ps)], add_every=2)
+    for i, p in enumerate(ps):
+        assert outs[str(i)].outputs[0].token_ids == alone(tiny, p, 4), f"request {i}"

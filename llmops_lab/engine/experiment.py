@@ -42,10 +42,11 @@ def same_outputs(results: dict[str, RunResult]) -> bool:
 
 
 def sweep(model, tokens, param: str, values, n: int = 48, max_num_seqs: int = 16, base: dict | None = None,
-          step_time=None, progress: bool = True, **compare_kwargs) -> list[dict]:
+          step_time: dict | None = None, progress: bool = True, **compare_kwargs) -> list[dict]:
     """Static vs continuous over ``param`` in ("arrival_rate", "spread", "mean_output"); one row per
     (value, kind) with the run's summary, plus the ratio continuous/static in the continuous row and,
-    given a fitted ``step_time(B, ctx)``, the formula's prediction (``predicted_tok_s``)."""
+    given fitted step times ``{"static": t(B, ctx), "continuous": t(B, ctx)}``, each formula's
+    prediction (``predicted_tok_s``)."""
     if param not in ("arrival_rate", "spread", "mean_output"):
         raise ValueError(f"param must be arrival_rate, spread or mean_output, got {param!r}")
     rows = []
@@ -56,8 +57,8 @@ def sweep(model, tokens, param: str, values, n: int = 48, max_num_seqs: int = 16
         res = compare(model, wl, max_num_seqs, **compare_kwargs)
         s, c = res["static"].summary(), res["continuous"].summary()
         if step_time is not None:
-            s["predicted_tok_s"] = predict(res["static"], step_time, "static", max_num_seqs)["throughput_tok_s"]
-            c["predicted_tok_s"] = predict(res["continuous"], step_time, "continuous", max_num_seqs)["throughput_tok_s"]
+            for kind, row_ in (("static", s), ("continuous", c)):
+                row_["predicted_tok_s"] = predict(res[kind], step_time[kind], kind, max_num_seqs)["throughput_tok_s"]
         rows.append(dict(s, **{param: v, "kind": "static"}))
         rows.append(dict(c, **{param: v, "kind": "continuous", "speedup": c["throughput_tok_s"] / s["throughput_tok_s"],
                                 "same_outputs": same_outputs(res)}))
@@ -82,6 +83,27 @@ def decode_step_times(model, batch_sizes=(1, 2, 4, 8, 16, 32), contexts=(64, 256
                 s.num_computed_tokens = ctx
                 batch.add(s, 1)
             t = time_fn(runner.execute, batch, warmup=1, repeats=repeats)
+            rows.append({"batch": B, "context": ctx, "step_s": t.median})
+    return rows
+
+
+@torch.inference_mode()
+def static_step_times(model, batch_sizes=(1, 2, 4, 8, 16, 32), contexts=(64, 256), repeats: int = 5) -> list[dict]:
+    """Median time of one static-batching decode step (B rows of ``ctx`` cached tokens on a
+    contiguous cache, with the padding mask ``run_static_batch`` passes): its T_token."""
+    from ..kv import KVCache
+    rows = []
+    for ctx in contexts:
+        for B in batch_sizes:
+            cache = KVCache.for_model(model, B, ctx + 1)
+            cache.length = ctx
+            ids = torch.full((B, 1), 2, device=model.device)
+            mask = torch.ones(B, ctx + 1, dtype=torch.long, device=model.device)
+
+            def step():
+                cache.length = ctx
+                return model(ids, cache=cache, attention_mask=mask)
+            t = time_fn(step, warmup=1, repeats=repeats)
             rows.append({"batch": B, "context": ctx, "step_s": t.median})
     return rows
 
@@ -111,8 +133,9 @@ def predict(result: RunResult, step_time, kind: str, max_num_seqs: int) -> dict:
     """Throughput the formulas predict for a finished run, fed its own measured lengths.
 
     static: the document's N * T_out / (max(L_i) * T_token) per batch (arrival order, batches of
-    max_num_seqs), T_token = step_time(N, mean context); continuous: mean running batch (measured)
-    over step_time at that batch and mean context.
+    max_num_seqs), T_token = step_time(N, mean context), fitted on ``static_step_times``;
+    continuous: mean running batch (measured) over step_time at that batch and mean context, fitted
+    on ``decode_step_times`` (the engine's own step).
     """
     reqs = result.requests
     ctx = sum(r["n_in"] + r["n_out"] / 2 for r in reqs) / len(reqs)
