@@ -11,7 +11,8 @@ TINY = ModelConfig(vocab_size=4096, hidden_size=64, intermediate_size=128, num_h
                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128)
 SIZES = E.QuantRunSizes(False, eval_windows=2, eval_window=32, calibration_seqs=2, calibration_len=16,
                         calibration_counts=(2,), calibration_sources=("calibration", "random_tokens"),
-                        study_bits=4, per_channel_gptq_awq=False, speed_batches=(1,))
+                        study_bits=4, per_channel_gptq_awq=False, speed_batches=(1,),
+                        model_speed_batches=(1,))
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def test_run_sizes(monkeypatch):
     monkeypatch.setenv("LLMOPS_LAB_FULL", "0")
     assert not E.run_sizes().full
     with pytest.raises(ValueError, match="unknown calibration"):
-        E.QuantRunSizes(False, 1, 8, 1, 8, (1,), ("nope",), 4, False, (1,))
+        E.QuantRunSizes(False, 1, 8, 1, 8, (1,), ("nope",), 4, False, (1,), (1,))
 
 
 def test_perplexity_table(tiny, tok):
@@ -114,7 +115,14 @@ def test_crossover_and_rebuilt_table():
     assert rows["INT4 (AWQ)"]["speedup"] == 0.6 and rows["INT4 (AWQ)"]["ppl_delta_pct"] == 1.0
     assert rows["INT4 (GPTQ)"]["memory_reduction"] == 3.76 and rows["INT4 (GPTQ)"]["crossover_batch"] == 64
     assert rows["INT8"]["pays_at_batch_1"] is False and rows["INT8"]["doc_speedup"] == "~1.5x"
-    assert rows["GGUF (llama.cpp)"]["not_measured"]
+    assert rows["GGUF (llama.cpp)"]["not_measured"] and rows["FP16 (baseline)"]["speedup"] is None
+    ppl.append({"method": "gguf_q4_0", "label": "GGUF Q4_0 (llama.cpp)", "bits": 4, "group_size": 32,
+                "calibration": "calibration", "perplexity": 11.0, "delta_pct": 10.0})
+    mem += [{"method": "bf16", "bits": 16, "group_size": 128, "reduction": 1.0, "model_bytes": 1000},
+            {"method": "gguf_q4_0", "bits": 4, "group_size": 32, "model_bytes": 400}]
+    gguf = E.rebuilt_table(ppl, mem[1:], dec, lin)[-1]
+    assert gguf["method"] == "GGUF Q4_0 (llama.cpp)" and gguf["memory_reduction"] == 2.5 and gguf["speedup"] is None
+    assert "GGUF Q4_0" in E.findings(E.rebuilt_table(ppl, mem[1:], dec, lin), mem)
 
 
 def test_weight_only_speedup_formulas():
@@ -128,3 +136,16 @@ def test_weight_only_speedup_formulas():
     assert formulas.quant_speedup_as_written(8) == 1.5 and formulas.quant_speedup_as_written(4) == 2.5
     with pytest.raises(ValueError):
         formulas.quant_speedup_as_written(3)
+
+
+def test_gguf_rows_or_reason(tiny, tok):
+    """GGUF through llama.cpp where it is installed; otherwise a row that says why not."""
+    specs = [E.QuantSpec("fp32", 32), E.QuantSpec("gguf_q8_0", 8, 32)]
+    gguf = E.perplexity_table(tiny, tok, SIZES, specs, progress=False)[1]
+    from llmops_lab.quant.llama_cpp_peer import llama_cpp_available
+    if not llama_cpp_available():
+        assert gguf["perplexity"] is None and "llama" in gguf["not_measured"]
+        return
+    assert abs(gguf["delta_pct"]) < 2                   # Q8_0 of every matrix: close to fp32
+    mem = E.memory_table(tiny, (E.QuantSpec("bf16", 16), E.QuantSpec("gguf_q4_0", 4, 32)), tokenizer=tok)
+    assert 0 < mem[1]["model_bytes"] < mem[0]["model_bytes"]

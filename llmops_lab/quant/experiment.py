@@ -179,7 +179,8 @@ class QuantRunSizes:
     calibration_sources: tuple          # the study's texts (CALIBRATION_SOURCES keys)
     study_bits: int
     per_channel_gptq_awq: bool          # GPTQ/AWQ per channel and at 3 and 2 bits too (six more runs)
-    speed_batches: tuple
+    speed_batches: tuple                # linear_speed's batch sizes
+    model_speed_batches: tuple          # decode_prefill_speed's batch sizes (whole model)
 
     def __post_init__(self):
         if min(self.eval_windows, self.eval_window, self.calibration_seqs, self.calibration_len) < 1:
@@ -199,9 +200,9 @@ def run_sizes(full: bool | None = None) -> QuantRunSizes:
         full = torch.cuda.is_available() if env is None else env == "1"
     if full:
         return QuantRunSizes(True, 32, 512, 128, 256, (8, 32, 128), tuple(CALIBRATION_SOURCES), 3, True,
-                             (1, 2, 4, 8, 16, 32, 64, 128, 256))
+                             (1, 2, 4, 8, 16, 32, 64, 128, 256), (1, 8, 32))
     return QuantRunSizes(False, 8, 256, 4, 128, (4,), ("calibration", "random_tokens"), 4, False,
-                         (1, 4, 16, 64))
+                         (1, 4, 16, 64), (1,))
 
 
 def error_histogram(weight: torch.Tensor, bits: int, group_size: int | None = 128, sym: bool = False,
@@ -300,6 +301,8 @@ class QuantSpec:
     def label(self) -> str:
         if self.method in ("fp32", "bf16"):
             return self.method
+        if self.method.startswith("gguf_"):
+            return f"GGUF {self.method[5:].upper()} (llama.cpp)"
         g = "per channel" if self.group_size == -1 else f"g{self.group_size}"
         return f"{self.method.upper().replace('_SYM', ' sym')} int{self.bits} {g}"
 
@@ -308,10 +311,13 @@ class NotMeasured(Exception):
     """A method whose library is not importable (or not written yet) here; the reason is the message."""
 
 
-def quantized_copy(base, spec: QuantSpec, calibration: torch.Tensor | None = None):
+def quantized_copy(base, spec: QuantSpec, calibration: torch.Tensor | None = None, tokenizer=None):
     """A deep copy of ``base`` quantized as ``spec`` says (GPTQ/AWQ write their dequantized weights
-    into the float linears; round-to-nearest swaps in ``QuantLinear``)."""
+    into the float linears; round-to-nearest swaps in ``QuantLinear``; "gguf_q8_0"/"gguf_q4_0"
+    export to a GGUF file and return llama.cpp running it, which needs ``tokenizer``)."""
     from . import quant_linear
+    if spec.method.startswith("gguf_"):
+        return _gguf_peer(base, tokenizer, spec.method[len("gguf_"):].upper())
     model = copy.deepcopy(base)
     g = spec.group_size
     if spec.method == "fp32":
@@ -336,6 +342,22 @@ def quantized_copy(base, spec: QuantSpec, calibration: torch.Tensor | None = Non
         raise NotMeasured(f"{type(err).__name__}: {str(err).splitlines()[0][:120]}") from None
 
 
+def _gguf_peer(base, tokenizer, qtype: str):
+    """``base`` exported to GGUF at ``qtype`` (every matrix, embeddings and LM head included) and
+    run by llama.cpp (``LlamaCppPeer``); ``peer.path`` is the file."""
+    import tempfile
+
+    from .llama_cpp_peer import LlamaCppPeer, llama_cpp_available
+    if not llama_cpp_available():
+        raise NotMeasured("llama-cpp-python is not importable here (pip install -e '.[test]')")
+    try:
+        from .gguf import export_gguf
+        path = export_gguf(base, tokenizer, Path(tempfile.mkdtemp(prefix="llmops-gguf-")) / f"model-{qtype}.gguf", qtype)
+    except ImportError as err:
+        raise NotMeasured(f"ImportError: {err}") from None
+    return LlamaCppPeer(path, n_threads=torch.get_num_threads())
+
+
 DEFAULT_SPECS = (QuantSpec("fp32", 32), QuantSpec("bf16", 16), QuantSpec("rtn", 8, -1),
                  QuantSpec("rtn", 4, 128), QuantSpec("rtn_sym", 4, 128), QuantSpec("rtn", 4, -1),
                  QuantSpec("rtn", 3, 128), QuantSpec("rtn_sym", 3, 128), QuantSpec("rtn", 3, -1),
@@ -343,7 +365,8 @@ DEFAULT_SPECS = (QuantSpec("fp32", 32), QuantSpec("bf16", 16), QuantSpec("rtn", 
                  QuantSpec("gptq", 4, 128), QuantSpec("awq", 4, 128))
 FULL_SPECS = (QuantSpec("gptq", 3, 128), QuantSpec("awq", 3, 128), QuantSpec("gptq", 2, 128),
               QuantSpec("awq", 2, 128), QuantSpec("gptq", 4, -1), QuantSpec("awq", 4, -1))
-LIBRARY_SPECS = (QuantSpec("bnb_int8", 8, -1), QuantSpec("bnb_nf4", 4, 64))
+LIBRARY_SPECS = (QuantSpec("bnb_int8", 8, -1), QuantSpec("bnb_nf4", 4, 64), QuantSpec("gguf_q8_0", 8, 32),
+                 QuantSpec("gguf_q4_0", 4, 32))
 
 
 def perplexity_table(base, tokenizer, sizes: QuantRunSizes, specs=None, progress: bool = True,
@@ -375,13 +398,15 @@ def perplexity_table(base, tokenizer, sizes: QuantRunSizes, specs=None, progress
                if spec.method in ("gptq", "awq") else None)
         start = time.perf_counter()
         try:
-            model = quantized_copy(base, spec, cal)
+            model = quantized_copy(base, spec, cal, tokenizer)
         except NotMeasured as err:
             row["not_measured"] = str(err)
         else:
             row["seconds"] = time.perf_counter() - start
             row["window_nll"] = window_nll(model, ids, sizes.eval_window)
             row["perplexity"] = math.exp(sum(row["window_nll"]) / len(row["window_nll"]))
+            if hasattr(model, "close"):                     # llama.cpp frees its context
+                model.close()
             del model
         rows.append(row)
     ref = next((r for r in rows if r["method"] == "fp32"), None)
@@ -466,7 +491,7 @@ MEMORY_SPECS = (QuantSpec("fp32", 32), QuantSpec("bf16", 16), QuantSpec("rtn", 8
                 QuantSpec("rtn", 4, -1), QuantSpec("rtn", 3, 128), QuantSpec("rtn", 2, 128)) + LIBRARY_SPECS
 
 
-def memory_table(base, specs=MEMORY_SPECS) -> list[dict]:
+def memory_table(base, specs=MEMORY_SPECS, tokenizer=None) -> list[dict]:
     """Measured bytes of each quantized model and of its decoder linears (with scales and zeros),
     against bf16 (the document's FP16 baseline) and the document's 16/bits reduction.
 
@@ -475,7 +500,7 @@ def memory_table(base, specs=MEMORY_SPECS) -> list[dict]:
     round-to-nearest at equal bits and group size, so they take the same bytes. Rows: label, bits,
     group_size, model_bytes, linear_bytes, bits_per_weight (measured), formula_bits_per_weight
     (b + 32/group: fp16 scale and zero), reduction (bf16 linear bytes / these), model_reduction,
-    document_reduction, not_measured.
+    document_reduction, not_measured. GGUF rows (``tokenizer`` needed) give the file's bytes only.
     """
     rows, ref = [], None
     half = copy.deepcopy(base).to(torch.bfloat16)
@@ -483,9 +508,15 @@ def memory_table(base, specs=MEMORY_SPECS) -> list[dict]:
         row = {"label": spec.label, "method": spec.method, "bits": spec.bits, "group_size": spec.group_size,
                "not_measured": None}
         try:
-            model = quantized_copy(base if spec.method == "fp32" else half, spec)
+            src = base if spec.method == "fp32" or spec.method.startswith("gguf_") else half
+            model = quantized_copy(src, spec, tokenizer=tokenizer)
         except NotMeasured as err:
             rows.append({**row, "not_measured": str(err)})
+            continue
+        if spec.method.startswith("gguf_"):                 # a file: every matrix quantized, no linears apart
+            model.close()
+            rows.append({**row, "model_bytes": model.path.stat().st_size, "formula_bits_per_weight": None,
+                         "linear_bytes": None, "bits_per_weight": None})
             continue
         lin, n = _linear_bytes(model)
         row.update(model_bytes=measure.module_bytes(model), linear_bytes=lin, bits_per_weight=8 * lin / n,
@@ -495,7 +526,7 @@ def memory_table(base, specs=MEMORY_SPECS) -> list[dict]:
         rows.append(row)
     for r in rows:
         if r["not_measured"] is None and ref is not None:
-            r["reduction"] = ref["linear_bytes"] / r["linear_bytes"]
+            r["reduction"] = ref["linear_bytes"] / r["linear_bytes"] if r["linear_bytes"] else None
             r["model_reduction"] = ref["model_bytes"] / r["model_bytes"]
         r["document_reduction"] = formulas.memory_reduction(16, r["bits"]) if r["bits"] in (16, 8, 4) else None
     return rows
@@ -519,10 +550,14 @@ def rebuilt_table(ppl_rows: list[dict], memory_rows: list[dict], decode_rows: li
     Speedup: ``decode_prefill_speed``'s decode ratio at batch 1 (labels "int8", "int4"; GPTQ and AWQ
     store the int4 format, so they decode at its speed); quality: the perplexity change of RTN int8,
     GPTQ int4 and AWQ int4 at group 128; memory: bf16 linear bytes / quantized; crossover: the
-    batch from which ``linear_speed``'s quantized linears are no faster than float.
+    batch from which ``linear_speed``'s quantized linears are no faster than float. The GGUF row
+    becomes one row per GGUF format measured (quality and the file's bytes against the bf16 model's;
+    llama.cpp's speed is ``gguf_comparison``'s measurement). The FP16 row's speed is not measured:
+    the speed baseline is the model's own dtype (fp32 on a CPU).
     """
     ppl = {(r["method"], r["bits"], r["group_size"]): r for r in ppl_rows if r["calibration"] == "calibration"}
     mem = {(r["bits"], r["group_size"]): r for r in memory_rows if r["method"] in ("rtn", "bf16")}
+    bf16_model = next((r.get("model_bytes") for r in memory_rows if r["method"] == "bf16"), None)
     dec = {r["label"]: r["decode_ratio"] for r in decode_rows if r["batch"] == min(x["batch"] for x in decode_rows)}
     spec = {"FP16 (baseline)": ("bf16", 16, 128, None), "INT8": ("rtn", 8, -1, "int8"),
             "INT4 (GPTQ)": ("gptq", 4, 128, "int4"), "INT4 (AWQ)": ("awq", 4, 128, "int4")}
@@ -530,14 +565,24 @@ def rebuilt_table(ppl_rows: list[dict], memory_rows: list[dict], decode_rows: li
     for doc in formulas.DOC_QUANT_TABLE:
         row = {"method": doc["method"], "bits": doc["bits"], "doc_speedup": doc["speedup"],
                "doc_quality": doc["quality_impact"], "doc_memory": doc["memory_reduction"]}
-        if doc["method"] not in spec:
-            rows.append({**row, "not_measured": "GGUF: see the llama.cpp section"})
+        if doc["method"] not in spec:                       # GGUF
+            files = {r["method"]: r for r in memory_rows if r["method"].startswith("gguf_")}
+            measured = [r for r in ppl_rows if r["method"].startswith("gguf_") and r["perplexity"] is not None]
+            for r in measured:
+                f = files.get(r["method"], {})
+                rows.append({**row, "method": r["label"], "bits": r["bits"], "not_measured": None, "speedup": None,
+                             "ppl_delta_pct": r["delta_pct"], "crossover_batch": None, "pays_at_batch_1": None,
+                             "memory_reduction": (bf16_model / f["model_bytes"]
+                                                  if bf16_model and f.get("model_bytes") else None)})
+            if not measured:
+                reasons = {r["not_measured"] for r in ppl_rows if r["method"].startswith("gguf_")}
+                rows.append({**row, "not_measured": "; ".join(sorted(reasons)) or "no GGUF rows were run"})
             continue
         method, bits, g, fmt = spec[doc["method"]]
         p, m = ppl.get((method, bits, g)), mem.get((bits, g))
         speed = crossover_batch(linear_rows, fmt) if fmt and any(r["method"] == fmt for r in linear_rows) else None
         row.update(not_measured=None,
-                   speedup=1.0 if fmt is None else dec.get(fmt),
+                   speedup=None if fmt is None else dec.get(fmt),
                    ppl_delta_pct=None if p is None or p["perplexity"] is None else p["delta_pct"],
                    memory_reduction=None if m is None else m["reduction"],
                    crossover_batch=None if speed is None else speed["crossover_batch"],
@@ -562,19 +607,20 @@ def findings(rebuilt: list[dict], memory_rows: list[dict]) -> str:
     for r in rebuilt:
         if r.get("not_measured") or r["method"].startswith("FP16"):
             continue
-        speed = ("not measured" if r["speedup"] is None else
+        speed = ("has no decode speed measured here" if r["speedup"] is None else
                  f"decodes at {r['speedup']:.2f}x the fp32 speed at batch 1 (document: {r['doc_speedup']})")
-        cross = ("slower than float already at batch 1" if r["pays_at_batch_1"] is False else
+        cross = ("not timed here" if r["pays_at_batch_1"] is None else
+                 "slower than float already at batch 1" if r["pays_at_batch_1"] is False else
                  "still faster at the largest batch measured" if r["crossover_batch"] is None else
                  f"no faster than float from batch {r['crossover_batch']} on")
         quality = ("not measured" if r["ppl_delta_pct"] is None else
                    f"changes perplexity by {r['ppl_delta_pct']:+.2f}% (document: {r['doc_quality']})")
+        part = "the file is" if r["method"].startswith("GGUF") else "its linear layers take"
         memory = ("" if r["memory_reduction"] is None else
-                  f"; its linear layers take {r['memory_reduction']:.2f}x less memory than bf16 "
-                  f"(document: {r['doc_memory']})")
+                  f"; {part} {r['memory_reduction']:.2f}x less memory than bf16 (document: {r['doc_memory']})")
         lines.append(f"* **{r['method']}** {speed}; its linears are {cross}; it {quality}{memory}.")
     packed = [m for m in memory_rows if m.get("not_measured") is None and m["method"] == "rtn"
-              and m["bits_per_weight"] > m["formula_bits_per_weight"] + 1]
+              and m.get("bits_per_weight") and m["bits_per_weight"] > m["formula_bits_per_weight"] + 1]
     for m in packed:
         lines.append(f"* **{m['label']}** stores {m['bits_per_weight']:.2f} bits per weight, not "
                      f"{m['formula_bits_per_weight']:.2f}: its codes are stored one per byte, so it saves no "
