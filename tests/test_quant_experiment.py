@@ -149,3 +149,12 @@ def test_gguf_rows_or_reason(tiny, tok):
     assert abs(gguf["delta_pct"]) < 2                   # Q8_0 of every matrix: close to fp32
     mem = E.memory_table(tiny, (E.QuantSpec("bf16", 16), E.QuantSpec("gguf_q4_0", 4, 32)), tokenizer=tok)
     assert 0 < mem[1]["model_bytes"] < mem[0]["model_bytes"]
+
+
+def test_method_gains_compare_like_with_like():
+    rows = [{"method": m, "bits": 3, "group_size": 128, "calibration": "calibration", "perplexity": 1.0,
+             "label": f"{m} int3", "delta_pct": d, "delta_se_pct": 0.1}
+            for m, d in [("rtn", 1.0), ("rtn_sym", 5.0), ("gptq", 1.2), ("awq", 0.9)]]
+    gains = {g["method"]: g for g in E.method_gains(rows)}
+    assert gains["gptq"]["rtn_delta_pct"] == 5.0 and gains["gptq"]["beyond_noise"]      # vs symmetric RTN
+    assert gains["awq"]["rtn_delta_pct"] == 1.0 and not gains["awq"]["beyond_noise"]    # vs zero-point RTN

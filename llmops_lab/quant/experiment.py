@@ -178,7 +178,7 @@ class QuantRunSizes:
     calibration_counts: tuple           # the calibration study's numbers of sequences
     calibration_sources: tuple          # the study's texts (CALIBRATION_SOURCES keys)
     study_bits: int
-    per_channel_gptq_awq: bool          # GPTQ/AWQ per channel and at 3 and 2 bits too (six more runs)
+    per_channel_gptq_awq: bool          # GPTQ/AWQ per channel too (four more runs)
     speed_batches: tuple                # linear_speed's batch sizes
     model_speed_batches: tuple          # decode_prefill_speed's batch sizes (whole model)
 
@@ -191,7 +191,7 @@ class QuantRunSizes:
 
 
 def run_sizes(full: bool | None = None) -> QuantRunSizes:
-    """Quick (CI, about a minute of GPTQ/AWQ on 2 cores) or full sizes.
+    """Quick (CI: the notebook in about a minute on 2 idle CPU cores) or full sizes.
 
     ``full=None`` reads ``LLMOPS_LAB_FULL`` ("1" full, "0" quick); unset, a run is full on CUDA.
     """
@@ -201,7 +201,7 @@ def run_sizes(full: bool | None = None) -> QuantRunSizes:
     if full:
         return QuantRunSizes(True, 32, 512, 128, 256, (8, 32, 128), tuple(CALIBRATION_SOURCES), 3, True,
                              (1, 2, 4, 8, 16, 32, 64, 128, 256), (1, 8, 32))
-    return QuantRunSizes(False, 8, 256, 4, 128, (4,), ("calibration", "random_tokens"), 4, False,
+    return QuantRunSizes(False, 8, 256, 4, 128, (4, 16), tuple(CALIBRATION_SOURCES), 3, False,
                          (1, 4, 16, 64), (1,))
 
 
@@ -360,11 +360,11 @@ def _gguf_peer(base, tokenizer, qtype: str):
 
 DEFAULT_SPECS = (QuantSpec("fp32", 32), QuantSpec("bf16", 16), QuantSpec("rtn", 8, -1),
                  QuantSpec("rtn", 4, 128), QuantSpec("rtn_sym", 4, 128), QuantSpec("rtn", 4, -1),
-                 QuantSpec("rtn", 3, 128), QuantSpec("rtn_sym", 3, 128), QuantSpec("rtn", 3, -1),
+                 QuantSpec("rtn", 3, 128), QuantSpec("rtn_sym", 3, 128),
                  QuantSpec("rtn", 2, 128), QuantSpec("rtn_sym", 2, 128),
-                 QuantSpec("gptq", 4, 128), QuantSpec("awq", 4, 128))
-FULL_SPECS = (QuantSpec("gptq", 3, 128), QuantSpec("awq", 3, 128), QuantSpec("gptq", 2, 128),
-              QuantSpec("awq", 2, 128), QuantSpec("gptq", 4, -1), QuantSpec("awq", 4, -1))
+                 QuantSpec("gptq", 4, 128), QuantSpec("awq", 4, 128), QuantSpec("gptq", 3, 128),
+                 QuantSpec("awq", 3, 128), QuantSpec("gptq", 2, 128), QuantSpec("awq", 2, 128))
+FULL_SPECS = (QuantSpec("gptq", 4, -1), QuantSpec("awq", 4, -1), QuantSpec("gptq", 3, -1), QuantSpec("awq", 3, -1))
 LIBRARY_SPECS = (QuantSpec("bnb_int8", 8, -1), QuantSpec("bnb_nf4", 4, 64), QuantSpec("gguf_q8_0", 8, 32),
                  QuantSpec("gguf_q4_0", 4, 32))
 
@@ -448,7 +448,7 @@ def plot_perplexity_vs_bits(ax, rows: list[dict], group_size: int = 128):
 def calibration_study(base, tokenizer, sizes: QuantRunSizes, methods=("gptq", "awq"), bits: int | None = None,
                       group_size: int = 128, progress: bool = True, reuse: list[dict] | None = None) -> list[dict]:
     """GPTQ/AWQ perplexity against the number of calibration sequences (training-distribution text)
-    and against the calibration text (each source at the run's largest count).
+    and against the calibration text (each source at the table's ``calibration_seqs``).
 
     Returns ``perplexity_table`` rows, plus RTN at the same bits (it needs no calibration).
     """
@@ -456,7 +456,7 @@ def calibration_study(base, tokenizer, sizes: QuantRunSizes, methods=("gptq", "a
     specs = [QuantSpec("rtn", bits, group_size)]
     for m in methods:
         specs += [QuantSpec(m, bits, group_size, "calibration", n) for n in sizes.calibration_counts]
-        specs += [QuantSpec(m, bits, group_size, s, max(sizes.calibration_counts))
+        specs += [QuantSpec(m, bits, group_size, s, sizes.calibration_seqs)
                   for s in sizes.calibration_sources if s != "calibration"]
     return perplexity_table(base, tokenizer, sizes, [QuantSpec("fp32", 32)] + specs, progress, reuse)
 
@@ -528,7 +528,8 @@ def memory_table(base, specs=MEMORY_SPECS, tokenizer=None) -> list[dict]:
         if r["not_measured"] is None and ref is not None:
             r["reduction"] = ref["linear_bytes"] / r["linear_bytes"] if r["linear_bytes"] else None
             r["model_reduction"] = ref["model_bytes"] / r["model_bytes"]
-        r["document_reduction"] = formulas.memory_reduction(16, r["bits"]) if r["bits"] in (16, 8, 4) else None
+        r["document_reduction"] = (formulas.memory_reduction(16, r["bits"])
+                                   if r["bits"] in (16, 8, 4) and not r["method"].startswith("gguf_") else None)
     return rows
 
 
@@ -589,6 +590,24 @@ def rebuilt_table(ppl_rows: list[dict], memory_rows: list[dict], decode_rows: li
                    pays_at_batch_1=None if speed is None else speed["pays_at_smallest"])
         rows.append(row)
     return rows
+
+
+def method_gains(rows: list[dict], group_size: int = 128) -> list[dict]:
+    """At each bit width, how much of round-to-nearest's perplexity increase GPTQ and AWQ remove,
+    each against RTN on its own grid: GPTQ (the document's ``sym=True``) against symmetric RTN, AWQ
+    (``zero_point=True``) against zero-point RTN. Rows: bits, method, delta_pct, rtn_delta_pct,
+    beyond_noise (the two differ by more than 2 combined standard errors)."""
+    by = {(r["method"], r["bits"], r["group_size"]): r for r in rows
+          if r.get("perplexity") is not None and r["calibration"] == "calibration"}
+    out = []
+    for (method, bits, g), r in sorted(by.items(), key=lambda kv: (-kv[0][1], kv[0][0])):
+        rtn = by.get(("rtn_sym" if method == "gptq" else "rtn", bits, g))
+        if method not in ("gptq", "awq") or g != group_size or rtn is None:
+            continue
+        se = math.hypot(r["delta_se_pct"], rtn["delta_se_pct"])
+        out.append({"bits": bits, "method": method, "rtn": rtn["label"], "delta_pct": r["delta_pct"],
+                    "rtn_delta_pct": rtn["delta_pct"], "beyond_noise": abs(r["delta_pct"] - rtn["delta_pct"]) > 2 * se})
+    return out
 
 
 def verdict(row: dict, sigmas: float = 2.0) -> str:
