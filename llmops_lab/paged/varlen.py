@@ -52,7 +52,7 @@ class PackedBatch:
         reads the pool of this layer (returned as both 'keys' and 'values')."""
         store_kv(k[0].transpose(0, 1), v[0].transpose(0, 1), self.k_pools[layer], self.v_pools[layer],
                  self.slot_mapping)
-        self._layer = layer
+        self._layer, self._k, self._v = layer, k, v
         return self, self
 
     # -- attention --------------------------------------------------------------------------------
@@ -85,12 +85,13 @@ class PackedBatch:
     def _prefill(self, q, kp, vp, b):
         ctx, n = self.context_lens[b], q.shape[2]
         table = self.block_tables[b:b + 1]
+        if ctx == n and self.sliding_window is None:   # a whole prompt: its keys are this chunk's own
+            s, e = self.query_start[b], self.query_start[b + 1]
+            return sdpa_attention(q, self._k[:, :, s:e], self._v[:, :, s:e], is_causal=True)
         if self.use_kernels and self.sliding_window is None:
             from .triton_prefill import paged_prefill
             return paged_prefill(q, kp, vp, table, self._lens[b:b + 1])
         k, v = gather_kv(kp, table, ctx), gather_kv(vp, table, ctx)           # [1, Hkv, ctx, D]
-        if ctx == n and self.sliding_window is None:
-            return sdpa_attention(q, k, v, is_causal=True)
         qpos = torch.arange(ctx - n, ctx, device=q.device)[:, None]
         kpos = torch.arange(ctx, device=q.device)[None, :]
         allowed = kpos <= qpos
