@@ -1,6 +1,7 @@
 """ModelRunner: the one part of the engine that touches tensors.
 
-It owns the KV pools (one K and one V pool per layer, [num_blocks, Hkv, block_size, D]), turns a
+It owns the KV pools (one K and one V pool per layer, token-major [num_blocks, block_size, Hkv, D]:
+see ``paged.varlen``), turns a
 ``ScheduledBatch`` into one packed forward pass (token ids, RoPE positions, slot mapping, block
 tables, context lengths: built on the host in plain Python, moved to the device once), performs the
 copy-on-write block copies the block manager asked for, and returns the logits of the sequences
@@ -25,7 +26,7 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         c, dev, dt = model.config, model.device, model.dtype
-        shape = (num_blocks, c.num_key_value_heads, block_size, c.head_dim)
+        shape = (num_blocks, block_size, c.num_key_value_heads, c.head_dim)
         self.k_pools = [torch.zeros(shape, dtype=dt, device=dev) for _ in range(c.num_hidden_layers)]
         self.v_pools = [torch.zeros(shape, dtype=dt, device=dev) for _ in range(c.num_hidden_layers)]
         self.use_kernels = dev.type == "cuda"

@@ -11,6 +11,11 @@ Sequences computing one token (decodes) are attended together in one call (the T
 kernel on a GPU); each prefill chunk attends causally to its sequence's cached context plus itself
 (the Triton paged prefill kernel on a GPU). On a CPU, and with a sliding window, the references
 gather the blocks and run SDPA.
+
+The pools here are *token-major*, [num_blocks, block_size, Hkv, D]: a token's keys for all heads
+are one row, so storing T new tokens is one ``index_copy_`` and gathering a sequence's blocks is
+one ``index_select`` whose result is already [B, L, Hkv, D] (SDPA takes its transpose as a view).
+The Triton kernels read the same memory through a permuted view (they take strides).
 """
 from __future__ import annotations
 
@@ -19,14 +24,13 @@ from dataclasses import dataclass
 import torch
 
 from ..attention import sdpa_attention
-from .attention import gather_kv, store_kv
 
 
 @dataclass
 class PackedBatch:
     """A packed batch's attention metadata and the pools it writes to; the model's ``cache``."""
 
-    k_pools: list[torch.Tensor]       # per layer [num_blocks, Hkv, block_size, D]
+    k_pools: list[torch.Tensor]       # per layer [num_blocks, block_size, Hkv, D] (token-major)
     v_pools: list[torch.Tensor]
     slot_mapping: torch.Tensor        # [T] int64: pool slot of each token (-1: already cached, skip)
     query_start: list[int]            # [B + 1]: sequence b's tokens are query_start[b]:query_start[b+1]
@@ -40,18 +44,35 @@ class PackedBatch:
     def __post_init__(self):
         B = len(self.context_lens)
         q = self.query_start
+        dev = self.slot_mapping.device
         self.decode_rows = [b for b in range(B) if q[b + 1] - q[b] == 1]
         self.prefill_rows = [b for b in range(B) if q[b + 1] - q[b] > 1]
-        dev = self.slot_mapping.device
-        self._decode_tokens = torch.tensor([q[b] for b in self.decode_rows], dtype=torch.long, device=dev)
+        self.all_decode = len(self.decode_rows) == B
         self._lens = torch.tensor(self.context_lens, dtype=torch.int32, device=dev)
+        keep = self.slot_mapping >= 0                        # -1: KV already in a prefix-cached block
+        self._write = None if bool(keep.all()) else keep.nonzero()[:, 0]
+        self._slots = self.slot_mapping if self._write is None else self.slot_mapping[self._write]
+        if self.decode_rows:                                 # shared by every layer of the step
+            rows = self.decode_rows
+            self._decode_tokens = torch.tensor([q[b] for b in rows], dtype=torch.long, device=dev)
+            self._dec_tables = self.block_tables if self.all_decode else self.block_tables[rows]
+            self._dec_lens = self._lens if self.all_decode else self._lens[rows]
+            self._dec_L = max(self.context_lens[b] for b in rows)
+            kpos = torch.arange(self._dec_L, device=dev)[None, :]
+            valid = kpos < self._dec_lens[:, None]
+            if self.sliding_window is not None:
+                valid &= kpos >= self._dec_lens[:, None] - self.sliding_window
+            self._dec_mask = valid[:, None, None, :]
         self._layer = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start=None):
         """Store the batch's new keys and values k, v [1, Hkv, T, D] into their slots; attention then
         reads the pool of this layer (returned as both 'keys' and 'values')."""
-        store_kv(k[0].transpose(0, 1), v[0].transpose(0, 1), self.k_pools[layer], self.v_pools[layer],
-                 self.slot_mapping)
+        for new, pool in ((k, self.k_pools[layer]), (v, self.v_pools[layer])):
+            rows = new[0].transpose(0, 1).reshape(new.shape[2], -1)          # [T, Hkv*D]
+            if self._write is not None:
+                rows = rows[self._write]
+            pool.view(-1, rows.shape[1]).index_copy_(0, self._slots, rows)
         self._layer, self._k, self._v = layer, k, v
         return self, self
 
@@ -59,6 +80,8 @@ class PackedBatch:
     def attend(self, q: torch.Tensor) -> torch.Tensor:
         """q [1, H, T, D] -> [1, H, T, D]: every token attends to its own sequence's context."""
         kp, vp = self.k_pools[self._layer], self.v_pools[self._layer]
+        if self.all_decode:
+            return self._decode(q[0].transpose(0, 1), kp, vp).transpose(0, 1)[None]
         out = torch.empty_like(q)
         if self.decode_rows:
             qd = q[0][:, self._decode_tokens].transpose(0, 1)                   # [Bd, H, D]
@@ -68,30 +91,37 @@ class PackedBatch:
             out[:, :, s:e] = self._prefill(q[:, :, s:e], kp, vp, b)
         return out
 
+    @staticmethod
+    def _heads_first(pool):
+        """The [num_blocks, Hkv, block_size, D] view the Triton kernels expect."""
+        return pool.permute(0, 2, 1, 3)
+
+    @staticmethod
+    def _gather(pool, tables, length):
+        """[B, Hkv, length, D] (a view of one gathered copy) of each table's blocks."""
+        N, bs, Hkv, D = pool.shape
+        n = -(-length // bs)
+        x = pool.view(N, -1).index_select(0, tables[:, :n].reshape(-1).long())
+        return x.view(tables.shape[0], n * bs, Hkv, D)[:, :length].transpose(1, 2)
+
     def _decode(self, q, kp, vp):
-        rows = self.decode_rows
-        tables, lens = self.block_tables[rows], self._lens[rows]
-        L = max(self.context_lens[b] for b in rows)
         if self.use_kernels and self.sliding_window is None:
             from .triton_paged import paged_decode
-            return paged_decode(q, kp, vp, tables, lens, max_context_len=L)
-        k, v = gather_kv(kp, tables, L), gather_kv(vp, tables, L)             # [Bd, Hkv, L, D]
-        kpos = torch.arange(L, device=q.device)[None, :]
-        valid = kpos < lens[:, None]
-        if self.sliding_window is not None:
-            valid &= kpos >= lens[:, None] - self.sliding_window
-        return sdpa_attention(q[:, :, None], k, v, mask=valid[:, None, None, :])[:, :, 0]
+            return paged_decode(q, self._heads_first(kp), self._heads_first(vp), self._dec_tables,
+                                self._dec_lens, max_context_len=self._dec_L)
+        k, v = (self._gather(p, self._dec_tables, self._dec_L) for p in (kp, vp))
+        return sdpa_attention(q[:, :, None], k, v, mask=self._dec_mask)[:, :, 0]
 
     def _prefill(self, q, kp, vp, b):
         ctx, n = self.context_lens[b], q.shape[2]
-        table = self.block_tables[b:b + 1]
         if ctx == n and self.sliding_window is None:   # a whole prompt: its keys are this chunk's own
             s, e = self.query_start[b], self.query_start[b + 1]
             return sdpa_attention(q, self._k[:, :, s:e], self._v[:, :, s:e], is_causal=True)
+        table = self.block_tables[b:b + 1]
         if self.use_kernels and self.sliding_window is None:
             from .triton_prefill import paged_prefill
-            return paged_prefill(q, kp, vp, table, self._lens[b:b + 1])
-        k, v = gather_kv(kp, table, ctx), gather_kv(vp, table, ctx)           # [1, Hkv, ctx, D]
+            return paged_prefill(q, self._heads_first(kp), self._heads_first(vp), table, self._lens[b:b + 1])
+        k, v = (self._gather(p, table, ctx) for p in (kp, vp))                # [1, Hkv, ctx, D]
         qpos = torch.arange(ctx - n, ctx, device=q.device)[:, None]
         kpos = torch.arange(ctx, device=q.device)[None, :]
         allowed = kpos <= qpos
