@@ -158,3 +158,13 @@ def test_method_gains_compare_like_with_like():
     gains = {g["method"]: g for g in E.method_gains(rows)}
     assert gains["gptq"]["rtn_delta_pct"] == 5.0 and gains["gptq"]["beyond_noise"]      # vs symmetric RTN
     assert gains["awq"]["rtn_delta_pct"] == 1.0 and not gains["awq"]["beyond_noise"]    # vs zero-point RTN
+
+
+def test_calibration_spread():
+    study = [{"method": m, "calibration": c, "n_calibration": n, "perplexity": 1.0, "delta_pct": d}
+             for m, c, n, d in [("rtn", "calibration", 4, 0.0), ("gptq", "calibration", 4, 0.1),
+                                ("gptq", "calibration", 16, 1.0), ("gptq", "random_tokens", 4, 3.0),
+                                ("gptq", "calibration_folio", 4, 2.0)]]
+    by = {s["across"]: s for s in E.calibration_spread(study)}
+    assert by["texts"]["low"]["delta_pct"] == 0.1 and by["texts"]["high"]["calibration"] == "random_tokens"
+    assert by["counts"]["high"]["n_calibration"] == 16

@@ -432,12 +432,12 @@ def plot_perplexity_vs_bits(ax, rows: list[dict], group_size: int = 128):
         pts = sorted((r["bits"], r["perplexity"]) for r in rows if r["method"] == method
                      and r["perplexity"] is not None and (r["group_size"] == group_size or r["bits"] == 8))
         if pts:
-            ax.plot(*zip(*pts), "o-", label=method.upper().replace("_SYM", " symmetric"))
+            ax.plot(*zip(*pts), "o-", label={"rtn": "RTN zero point", "rtn_sym": "RTN symmetric"}.get(method, method.upper()))
     for r in rows:
         if r["method"] in ("fp32", "bf16") and r["perplexity"] is not None:
             ax.axhline(r["perplexity"], linestyle="--" if r["method"] == "fp32" else ":", color="gray",
                        linewidth=1, label=r["method"])
-    ax.set(xlabel="bits per weight", ylabel="held-out perplexity",
+    ax.set(xlabel="bits per weight", ylabel="held-out perplexity", yscale="log",
            title=f"group {group_size} (int8 per channel)")
     ax.invert_xaxis()
     ax.grid(True, alpha=0.3)
@@ -459,6 +459,24 @@ def calibration_study(base, tokenizer, sizes: QuantRunSizes, methods=("gptq", "a
         specs += [QuantSpec(m, bits, group_size, s, sizes.calibration_seqs)
                   for s in sizes.calibration_sources if s != "calibration"]
     return perplexity_table(base, tokenizer, sizes, [QuantSpec("fp32", 32)] + specs, progress, reuse)
+
+
+def calibration_spread(study: list[dict]) -> list[dict]:
+    """Per calibrated method: the lowest and highest perplexity change across the calibration texts
+    (at one count) and across the counts (on the training text). Rows: method, across, low, high
+    (each {"delta_pct", "calibration", "n_calibration"})."""
+    out = []
+    for method in sorted({r["method"] for r in study if r["method"] in ("gptq", "awq")}):
+        mine = [r for r in study if r["method"] == method and r["perplexity"] is not None]
+        n_text = max((r["n_calibration"] for r in mine if r["calibration"] != "calibration"), default=None)
+        groups = {"texts": [r for r in mine if r["n_calibration"] == n_text],
+                  "counts": [r for r in mine if r["calibration"] == "calibration"]}
+        for across, rs in groups.items():
+            if len(rs) > 1:
+                lo, hi = min(rs, key=lambda r: r["delta_pct"]), max(rs, key=lambda r: r["delta_pct"])
+                pick = lambda r: {k: r[k] for k in ("delta_pct", "calibration", "n_calibration")}
+                out.append({"method": method, "across": across, "low": pick(lo), "high": pick(hi)})
+    return out
 
 
 def _linear_bytes(model) -> tuple[int, int]:
