@@ -74,18 +74,24 @@ class StaticDecoder:
         return out[:, -1]
 
 
-@torch.inference_mode()
-def generate_static(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.0,
-                    top_k=None, top_p=None, attention_mask=None, generator=None,
-                    cuda_graph: bool | None = None, decoder: StaticDecoder | None = None) -> torch.Tensor:
-    """Like ``generation.generate`` without stop tokens (every row runs ``max_new_tokens``), on a
-    static cache; pass a ``decoder`` to reuse its captured graph across calls of the same shape."""
+def check_fixed_length(model, input_ids, max_new_tokens, temperature, top_k, top_p) -> tuple[int, int]:
+    """Arguments of a generation that runs every row ``max_new_tokens`` (no stop tokens): (B, S)."""
     model.check_ids(input_ids)
     check_sampling(temperature, top_k, top_p)
     B, S = input_ids.shape
     if max_new_tokens < 1 or S + max_new_tokens > model.config.max_position_embeddings:
         raise ValueError(f"need 1 <= max_new_tokens and prompt + new tokens <= context "
                          f"({S} + {max_new_tokens} > {model.config.max_position_embeddings})")
+    return B, S
+
+
+@torch.inference_mode()
+def generate_static(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.0,
+                    top_k=None, top_p=None, attention_mask=None, generator=None,
+                    cuda_graph: bool | None = None, decoder: StaticDecoder | None = None) -> torch.Tensor:
+    """Like ``generation.generate`` without stop tokens (every row runs ``max_new_tokens``), on a
+    static cache; pass a ``decoder`` to reuse its captured graph across calls of the same shape."""
+    B, S = check_fixed_length(model, input_ids, max_new_tokens, temperature, top_k, top_p)
     dec = decoder or StaticDecoder(model, B, S + max_new_tokens, cuda_graph)
     logits = dec.prefill(input_ids, attention_mask)
     out = [input_ids]

@@ -33,17 +33,19 @@ def pair():
     return target, draft
 
 
+@pytest.mark.parametrize("lean", [True, False])
 @pytest.mark.parametrize("k", [1, 2, 3, 5, 8])
-def test_greedy_is_identical_to_target_greedy(pair, k):
+def test_greedy_is_identical_to_target_greedy(pair, k, lean):
     target, draft = pair
     ids = torch.randint(2, 64, (1, 7), generator=torch.Generator().manual_seed(k))
     want = target.generate(ids, max_new_tokens=40, stop_token_ids=())
-    got, stats = SpeculativeDecoder(target, draft, k).generate(ids, 40)
+    got, stats = SpeculativeDecoder(target, draft, k, lean=lean).generate(ids, 40)
     assert torch.equal(got, want)
     assert 0 < stats.alpha < 1  # the test exercises both acceptance and rejection
 
 
-def test_padded_batch_rows_accept_differently_and_match_greedy(pair):
+@pytest.mark.parametrize("lean", [True, False])
+def test_padded_batch_rows_accept_differently_and_match_greedy(pair, lean):
     target, draft = pair
     g = torch.Generator().manual_seed(5)
     lengths = [9, 3, 6, 1]
@@ -52,7 +54,7 @@ def test_padded_batch_rows_accept_differently_and_match_greedy(pair):
     for i, n in enumerate(lengths):
         ids[i, 9 - n:] = torch.randint(2, 64, (n,), generator=g)
         mask[i, 9 - n:] = 1
-    got, stats = SpeculativeDecoder(target, draft, 4).generate(ids, 33, attention_mask=mask)
+    got, stats = SpeculativeDecoder(target, draft, 4, lean=lean).generate(ids, 33, attention_mask=mask)
     for i, n in enumerate(lengths):
         alone = target.generate(ids[i:i + 1, 9 - n:], max_new_tokens=33, stop_token_ids=())
         assert got[i, 9:].tolist() == alone[0, n:].tolist(), f"row {i}"

@@ -1,5 +1,7 @@
 """Speculative decoding bench: the embedded pair, greedy, batch 1, against the target alone and
-against transformers' assisted generation on the same weights.
+against transformers' assisted generation on the same weights; then speedup against batch size
+(where speculation stops paying). The target alone runs through the same lean forward
+(``llmops_lab.lean``) the speculative decoder uses, so the ratio measures speculation only.
 
 On a GPU these small models are launch-bound: a draft step costs nearly as much as a target step,
 so c approaches 1 and speculation gains little; the row's ``c`` says so.
@@ -33,4 +35,10 @@ def run(ctx: BenchContext) -> list[dict]:
     out.append(row("spec", f"best k={best['k']}: ours vs assisted", 1 / peer["ours_s"], "runs/s",
                    peer="transformers assisted", peer_value=1 / peer["assisted_s"], target=">= 1.0x",
                    same_tokens=peer["same_tokens"]))
+    batch_ids = torch.stack(prompts)
+    for r in experiment.sweep_batch(target, draft, batch_ids, batch_sizes=(1, 2) if ctx.quick else (1, 2, 4, 8),
+                                    k=best["k"], new_tokens=16 if ctx.quick else 64, repeats=1 if ctx.quick else 3):
+        out.append(row("spec", f"b={r['batch_size']} k={r['k']}: speedup vs target alone", r["speedup"], "x",
+                       alpha=r["alpha"], batch=r["batch_size"], target_tokens_per_s=r["target_tokens_per_s"],
+                       speculative_tokens_per_s=r["speculative_tokens_per_s"]))
     return out

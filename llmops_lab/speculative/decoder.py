@@ -21,6 +21,7 @@ import torch
 
 from ..generation import check_sampling, logits_to_probs
 from ..kv import KVCache
+from ..lean import LeanModel
 from ..measure import synchronize
 
 
@@ -101,42 +102,53 @@ def _draw(probs, generator):
 class _Lane:
     """One model's cache and per-slot validity mask (what the row may attend to)."""
 
-    def __init__(self, model, batch_size: int, capacity: int):
-        self.model = model
+    def __init__(self, model, run, batch_size: int, capacity: int):
+        self.run = run
         self.cache = KVCache.for_model(model, batch_size, capacity)
         self.valid = torch.zeros(batch_size, capacity, dtype=torch.long, device=model.device)
-        self.masked = batch_size > 1  # batch 1 never has holes: no mask needed
+        self.masked = batch_size > 1  # batch 1 never has holes: no mask, no bookkeeping
 
-    def feed(self, tokens, valid, last_only: bool = False):
-        """Append tokens [B, S] (valid [B, S] marks real ones); returns logits [B, S, V]
-        (or [B, 1, V] with ``last_only``)."""
+    def feed(self, tokens, valid=None, last_only: bool = False):
+        """Append tokens [B, S] (valid [B, S] marks real ones; None: all are); returns logits
+        [B, S, V] (or [B, 1, V] with ``last_only``)."""
         start, S = self.cache.length, tokens.shape[1]
-        self.valid[:, start:start + S] = valid
-        mask = self.valid[:, :start + S] if self.masked or not bool(valid.all()) else None
-        if mask is not None:
+        if not self.masked and valid is not None and not bool(valid.all()):
             self.masked = True
-        return self.model(tokens, cache=self.cache, attention_mask=mask, last_only=last_only)
+        if self.masked:
+            self.valid[:, start:start + S] = 1 if valid is None else valid
+        mask = self.valid[:, :start + S] if self.masked else None
+        return self.run(tokens, self.cache, mask, last_only)
 
     def rollback(self, start: int, kept: torch.Tensor, written: int):
         """Of ``written`` slots from ``start``, row b keeps the first kept[b]; the cache shrinks to
         the longest row and the rest become holes."""
+        if kept.shape[0] == 1:  # one row: no holes, just forget the rejected slots
+            self.cache.truncate(start + int(kept[0]))
+            return
         idx = torch.arange(written, device=kept.device)
         self.valid[:, start:start + written] *= (idx[None, :] < kept[:, None]).long()
         self.cache.truncate(start + int(kept.max()))
-        if int(kept.min()) != int(kept.max()):
-            self.masked = True
+
+
+def _runner(model, lean: bool):
+    """The forward a lane calls: ``LeanModel`` (fused weights, lean step) or the model itself."""
+    if lean and model.config.sliding_window is None:
+        return LeanModel(model)
+    return lambda ids, cache, mask, last_only: model(ids, cache=cache, attention_mask=mask, last_only=last_only)
 
 
 class SpeculativeDecoder:
     """``SpeculativeDecoder(target, draft, k).generate(ids, max_new_tokens)`` -> (tokens, stats)."""
 
-    def __init__(self, target, draft, k: int = 4):
+    def __init__(self, target, draft, k: int = 4, lean: bool = True):
         if k < 1:
             raise ValueError(f"k (draft tokens per step) must be >= 1, got {k}")
         if target.config.vocab_size != draft.config.vocab_size:
             raise ValueError(f"draft vocabulary ({draft.config.vocab_size}) differs from the target's "
                              f"({target.config.vocab_size}): they must share a tokenizer")
         self.target, self.draft, self.k = target, draft, k
+        # lean=False runs both models through LlamaModel.forward: the slow twin of the lean step.
+        self.runs = (_runner(target, lean), _runner(draft, lean))
 
     def _time(self, fn, *args):
         synchronize(self.target.device)
@@ -166,7 +178,7 @@ class SpeculativeDecoder:
         k, dev = self.k, input_ids.device
         prompt_valid = attention_mask.long().to(dev) if attention_mask is not None else torch.ones_like(input_ids)
         capacity = S + (k + 1) * (max_new_tokens + 1)
-        tgt, dft = _Lane(self.target, B, capacity), _Lane(self.draft, B, capacity)
+        tgt, dft = (_Lane(m, run, B, capacity) for m, run in zip((self.target, self.draft), self.runs))
         stats = SpeculativeStats(k)
         # Invariant: each cache holds every committed token but the last one ("pending").
         if S > 1:
@@ -175,16 +187,16 @@ class SpeculativeDecoder:
         pending = input_ids[:, -1:]                  # [B, 1]: the last committed token of each row
         carry = None                                 # drafts of rows that accepted all k (draft never saw d_k)
         new = [[] for _ in range(B)]
-        done = torch.zeros(B, dtype=torch.bool)
+        done = [False] * B
         stops = set(stop_token_ids or ())
-        while not bool(done.all()):
+        while not all(done):
             # 1. Draft k tokens autoregressively.
             t0 = time.perf_counter()
             if carry is not None:
                 d_in = torch.cat([carry[0], pending], 1)
-                d_valid = torch.cat([carry[1], torch.ones_like(pending)], 1)
+                d_valid = None if carry[1] is None else torch.cat([carry[1], torch.ones_like(pending)], 1)
             else:
-                d_in, d_valid = pending, torch.ones_like(pending)
+                d_in, d_valid = pending, None
             d_start = dft.cache.length
             qs, drafts = [], []
             logits = dft.feed(d_in, d_valid, last_only=True)[:, -1]
@@ -196,13 +208,13 @@ class SpeculativeDecoder:
                     d = _draw(qs[-1], generator)
                 drafts.append(d)
                 if j < k - 1:
-                    logits = dft.feed(d[:, None], torch.ones_like(d[:, None]), last_only=True)[:, -1]
+                    logits = dft.feed(d[:, None], last_only=True)[:, -1]
             drafts = torch.stack(drafts, 1)           # [B, k]
             synchronize(dev)
             stats.draft_seconds += time.perf_counter() - t0
             # 2. The target scores pending + k drafts in one pass.
             t_start = tgt.cache.length
-            t_logits, dt = self._time(tgt.feed, torch.cat([pending, drafts], 1), torch.ones(B, k + 1, dtype=torch.long, device=dev))
+            t_logits, dt = self._time(tgt.feed, torch.cat([pending, drafts], 1))
             stats.target_seconds += dt
             n_acc, fix = _verify(t_logits, drafts, qs, temperature, top_k, top_p, generator)
             # 4. Commit, record, roll back the caches to what each row kept.
@@ -225,7 +237,10 @@ class SpeculativeDecoder:
             tgt.rollback(t_start, n_acc + 1, k + 1)            # pending + accepted drafts stay
             dft.rollback(d_start, n_acc.clamp(max=k - 1) + d_in.shape[1], d_in.shape[1] + k - 1)
             all_k = n_acc == k
-            carry = (drafts[:, -1:], all_k[:, None].long()) if bool(all_k.any()) else None
+            if bool(all_k.any()):
+                carry = (drafts[:, -1:], None if bool(all_k.all()) else all_k[:, None].long())
+            else:
+                carry = None
             pending = fix[:, None]
         width = max_new_tokens
         out = torch.zeros(B, S + width, dtype=torch.long, device=dev)

@@ -10,21 +10,25 @@ import torch
 
 from .. import formulas, measure
 from ..kv import KVCache
+from ..lean import LeanModel, generate_lean
 from .decoder import SpeculativeDecoder
 
 
 @torch.inference_mode()
-def step_time(model, tokens: int = 1, context: int = 64, batch_size: int = 1, repeats: int = 20) -> float:
-    """Median seconds of one cached forward of ``tokens`` new tokens after ``context`` cached ones."""
+def step_time(model, tokens: int = 1, context: int = 64, batch_size: int = 1, repeats: int = 20,
+              lean: bool = True) -> float:
+    """Median seconds of one cached forward of ``tokens`` new tokens after ``context`` cached ones,
+    through the forward speculative decoding uses (``LeanModel``; ``lean=False``: the model's)."""
     dev = model.device
     cache = KVCache.for_model(model, batch_size, context + tokens)
     ids = torch.randint(3, model.config.vocab_size, (batch_size, context + tokens), device=dev,
                         generator=torch.Generator(device=dev).manual_seed(0))
-    model(ids[:, :context], cache=cache)
+    run = LeanModel(model) if lean else (lambda x, c: model(x, cache=c))
+    run(ids[:, :context], cache)
 
     def once():
         cache.truncate(context)
-        return model(ids[:, context:], cache=cache)
+        return run(ids[:, context:], cache)
     return measure.time_fn(once, warmup=3, repeats=repeats, device=dev).median
 
 
@@ -38,10 +42,15 @@ def verify_cost(target, k: int, context: int = 64, batch_size: int = 1) -> float
     return step_time(target, k + 1, context, batch_size) / step_time(target, 1, context, batch_size)
 
 
-def time_target(target, ids, new_tokens: int, repeats: int = 3, attention_mask=None) -> measure.Timing:
-    return measure.time_fn(lambda: target.generate(ids, max_new_tokens=new_tokens, stop_token_ids=(),
-                                                   attention_mask=attention_mask),
-                           warmup=1, repeats=repeats, device=target.device)
+def time_target(target, ids, new_tokens: int, repeats: int = 3, attention_mask=None, lean: bool = True) -> measure.Timing:
+    """The target alone, greedy, through the same lean forward the speculative decoder uses
+    (``lean=False``: ``model.generate``), so the speedup measures speculation, not the step."""
+    if lean:
+        runner = LeanModel(target)
+        fn = lambda: generate_lean(target, ids, new_tokens, attention_mask=attention_mask, lean=runner)
+    else:
+        fn = lambda: target.generate(ids, max_new_tokens=new_tokens, stop_token_ids=(), attention_mask=attention_mask)
+    return measure.time_fn(fn, warmup=1, repeats=repeats, device=target.device)
 
 
 def time_speculative(target, draft, ids, new_tokens: int, k: int, temperature: float = 0.0,

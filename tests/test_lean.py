@@ -1,0 +1,74 @@
+"""LeanModel (fused weights, tabulated RoPE, sliced masks) against its slow twin LlamaModel.forward."""
+import pytest
+import torch
+
+from llmops_lab.config import ModelConfig
+from llmops_lab.kv import KVCache
+from llmops_lab.lean import LeanModel, generate_lean
+from llmops_lab.model import LlamaModel
+
+
+def tiny(seed, **kw):
+    cfg = dict(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0, eos_token_id=1)
+    torch.manual_seed(seed)
+    m = LlamaModel(ModelConfig(**{**cfg, **kw})).eval()
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return m
+
+
+@pytest.mark.parametrize("kw", [{}, {"num_key_value_heads": 4}, {"attention_bias": True}])
+@torch.inference_mode()
+def test_logits_match_the_model_through_prefill_decode_and_verify(kw):
+    m = tiny(0, **kw)
+    lean = LeanModel(m)
+    ids = torch.randint(2, 64, (2, 40), generator=torch.Generator().manual_seed(1))
+    mine, ref = lean.new_cache(2, 40), KVCache.for_model(m, 2, 40)
+    for a, b in ((0, 13), (13, 14), (14, 19), (19, 20), (20, 29)):   # prefill, decode, verify at an offset
+        torch.testing.assert_close(lean(ids[:, a:b], mine), m(ids[:, a:b], cache=ref), atol=1e-4, rtol=1e-4)
+    mine.truncate(16), ref.truncate(16)                                # rollback, then write over
+    torch.testing.assert_close(lean(ids[:, 30:33], mine, last_only=True), m(ids[:, 30:33], cache=ref, last_only=True),
+                               atol=1e-4, rtol=1e-4)
+
+
+@torch.inference_mode()
+def test_padded_batch_with_holes_matches_the_model():
+    m = tiny(2)
+    lean = LeanModel(m)
+    ids = torch.randint(2, 64, (3, 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, :4] = 0
+    mask[2, :7] = 0
+    mask[0, 9] = 0   # a hole in the middle, as a rolled-back draft leaves
+    mine, ref = lean.new_cache(3, 12), KVCache.for_model(m, 3, 12)
+    for a, b in ((0, 8), (8, 9), (9, 12)):
+        got, want = lean(ids[:, a:b], mine, mask[:, :b]), m(ids[:, a:b], cache=ref, attention_mask=mask[:, :b])
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("B,S,n", [(1, 1, 9), (1, 7, 24), (3, 5, 17)])
+def test_generate_lean_is_greedy_identical(B, S, n):
+    m = tiny(4)
+    ids = torch.randint(2, 64, (B, S), generator=torch.Generator().manual_seed(B * S))
+    assert torch.equal(generate_lean(m, ids, n), m.generate(ids, max_new_tokens=n, stop_token_ids=()))
+
+
+def test_generate_lean_left_padded():
+    m = tiny(5)
+    ids = torch.randint(2, 64, (2, 9), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :5] = 0
+    want = m.generate(ids, max_new_tokens=11, stop_token_ids=(), attention_mask=mask)
+    assert torch.equal(generate_lean(m, ids, 11, attention_mask=mask), want)
+
+
+def test_errors():
+    m = tiny(6)
+    lean = LeanModel(m)
+    with pytest.raises(ValueError, match="overflow"):
+        lean(torch.zeros(1, 5, dtype=torch.long), lean.new_cache(1, 4))
+    with pytest.raises(ValueError, match="context"):
+        generate_lean(m, torch.zeros(1, 100, dtype=torch.long), 40)
+    with pytest.raises(ValueError, match="sliding"):
+        LeanModel(tiny(7, sliding_window=8))
