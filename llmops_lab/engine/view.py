@@ -21,13 +21,12 @@ def gantt(ax, result: RunResult, max_requests: int = 24, title: str | None = Non
             if b > a:
                 ax.barh(y, b - a, left=a, color=COLORS[kind], edgecolor="none", height=0.8)
         ax.text(r["finish"], y, f" {r['n_out']}", va="center", fontsize=7)
-    for kind, c in COLORS.items():
-        ax.barh([], [], color=c, label=kind)
     ax.set_yticks(range(len(rows)), [r["request_id"] for r in rows], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("seconds since the run started")
     ax.set_title(title or f"{result.name}: {result.throughput:.0f} output tok/s")
-    ax.legend(loc="lower right", fontsize=7)
+    from matplotlib.patches import Patch
+    ax.legend(handles=[Patch(color=c, label=k) for k, c in COLORS.items()], loc="lower right", fontsize=7)
     return rows
 
 
