@@ -17,7 +17,7 @@ import torch
 from ..generation import logits_to_probs
 from .block_manager import BlockManager
 from .config import EngineConfig
-from .model_runner import ModelRunner, kv_bytes_per_block
+from .model_runner import ModelRunner, num_kv_blocks
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .sampling_params import SamplingParams, stop_reason
 from .scheduler import Scheduler
@@ -43,50 +43,6 @@ class _Request:
         self.forked = params.n == 1
         self.generators: list[torch.Generator | None] = []
         self.error: str | None = None
-
-
-def num_kv_blocks(model, config: EngineConfig, max_model_len: int) -> int:
-    """How many KV blocks the pool gets: given outright, from a byte budget, or (CUDA) what is
-    left of ``gpu_memory_utilization`` of the GPU after the weights and the activation peak of a
-    full step, measured; on a CPU ``gpu_memory_utilization`` of ``cpu_kv_cache_space_gib``, capped at
-    what ``max_num_seqs`` full-length sequences could ever use."""
-    if config.num_kv_blocks is not None:
-        return config.num_kv_blocks
-    per_block = kv_bytes_per_block(model, config.block_size)
-    if config.kv_cache_memory_bytes is not None:
-        budget = config.kv_cache_memory_bytes
-    elif model.device.type == "cuda":
-        budget = _cuda_kv_budget(model, config, max_model_len)
-    else:
-        budget = config.gpu_memory_utilization * config.cpu_kv_cache_space_gib * 2**30
-        cap = config.max_num_seqs * math.ceil(max_model_len / config.block_size)
-        budget = min(budget, cap * per_block)
-    n = int(budget // per_block)
-    if n < 1:
-        raise ValueError(f"no room for a single KV block of {per_block} bytes (budget {budget:.0f} bytes)")
-    return n
-
-
-@torch.inference_mode()
-def _cuda_kv_budget(model, config: EngineConfig, max_model_len: int) -> float:
-    """Bytes for KV: utilization x total, less what others and the weights use and the activation
-    peak of one step of max_num_batched_tokens tokens (measured by running it on a scratch pool)."""
-    torch.cuda.synchronize()
-    n = min(config.max_num_batched_tokens, max_model_len)
-    scratch = ModelRunner(model, math.ceil(n / config.block_size), config.block_size)
-    seq = Sequence([0] * n)
-    seq.block_table = list(range(math.ceil(n / config.block_size)))
-    from .scheduler import ScheduledBatch
-    batch = ScheduledBatch()
-    batch.add(seq, n)
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    scratch.execute(batch)
-    activation_peak = torch.cuda.max_memory_allocated() - base
-    del scratch
-    free, total = torch.cuda.mem_get_info()
-    used_now = total - free
-    return total * config.gpu_memory_utilization - used_now - activation_peak
 
 
 class LLMEngine:
