@@ -97,6 +97,13 @@ def test_parallel_sampling_shares_prompt_blocks(tiny):
     outs = run_all(eng, [])
     out = eng.get_output("a") if not outs else outs["a"]
     assert len(out.outputs) == 3 and all(len(o.token_ids) == 5 for o in out.outputs)
+    eng = LLMEngine(tiny, config=EngineConfig(block_size=4, max_num_seqs=4))   # n seats, never more
+    eng.add_request("x", p, SamplingParams(max_tokens=4, **GREEDY))
+    eng.add_request("y", p, SamplingParams(n=3, max_tokens=4, seed=1))
+    eng.add_request("z", p, SamplingParams(n=2, max_tokens=4, seed=2))
+    while eng.has_unfinished_requests():
+        eng.step()
+        assert len(eng.scheduler.running) <= 4
     assert eng.block_manager.num_free_blocks == eng.num_kv_blocks
 
 
@@ -153,9 +160,10 @@ def test_request_too_big_for_pool_fails_alone(tiny):
     (list(range(2, 258)), SamplingParams(), "leaves no room"),
     (list(range(2, 100)) * 2, SamplingParams(), "whole pool"),
     ([5, 6], SamplingParams(stop=["x"]), "tokenizer"),
+    ([5, 6], SamplingParams(n=5), "max_num_seqs"),
 ])
 def test_bad_requests_refused(tiny, prompt, params, match):
-    eng = LLMEngine(tiny, config=EngineConfig(block_size=4, num_kv_blocks=32))
+    eng = LLMEngine(tiny, config=EngineConfig(block_size=4, num_kv_blocks=32, max_num_seqs=4))
     eng.add_request("fine", [5, 6, 7], SamplingParams(max_tokens=3, **GREEDY))
     with pytest.raises(ValueError, match=match):
         eng.add_request("bad", prompt, params)

@@ -96,6 +96,9 @@ class LLMEngine:
         if not self.config.enable_chunked_prefill and len(ids) > self.config.max_num_batched_tokens:
             raise ValueError(f"request {request_id}: a prompt of {len(ids)} tokens exceeds "
                              f"max_num_batched_tokens {self.config.max_num_batched_tokens} without chunked prefill")
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"request {request_id}: n={params.n} samples exceed max_num_seqs "
+                             f"{self.config.max_num_seqs}")
         if params.stop:
             self._check_stop_strings(params.stop)
         arrival = time.perf_counter() if arrival_time is None else arrival_time

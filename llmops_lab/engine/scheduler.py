@@ -84,6 +84,13 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
+    @staticmethod
+    def _seats(seq: Sequence) -> int:
+        """Running slots seq will take: a parallel-sampling request (n > 1) forks into n sequences
+        after its prefill, so it is admitted only when n seats are free."""
+        p = seq.sampling_params
+        return p.n if p is not None and p.n > 1 and seq.num_completion_tokens == 0 else 1
+
     def _pool_error(self, seq: Sequence) -> str:
         return (f"the KV pool is too small for this request: {len(seq)} tokens need "
                 f"{self.bm.blocks_needed(seq)} blocks of {self.bm.block_size}, the pool has "
@@ -123,8 +130,11 @@ class Scheduler:
             i += 1
         if batch.preempted:
             return batch                                        # no admissions in a step that preempted
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        seats = sum(self._seats(s) for s in self.running)     # a request with n > 1 will fork
+        while self.waiting and budget > 0:
             seq = self.waiting[0]
+            if seats + self._seats(seq) > self.config.max_num_seqs:
+                break
             if self.bm.blocks_needed(seq) > len(self.bm.blocks):
                 self.waiting.popleft()
                 self.finish(seq, "error", self._pool_error(seq))
@@ -143,6 +153,7 @@ class Scheduler:
             seq.num_slotted_tokens = len(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            seats += self._seats(seq)
             n = min(len(seq) - seq.num_computed_tokens, budget)
             batch.add(seq, n)
             budget -= n
