@@ -3,8 +3,9 @@
 ``LlamaCppPeer(path)`` answers ``peer(ids) -> logits`` and ``peer.generate(ids, max_new_tokens)``
 (greedy) on token ids, never text, so a tokenizer difference cannot hide behind a model difference.
 Because it has our model's calling convention, ``evaluate.perplexity``, ``evaluate.greedy_agreement``
-and ``experiment.decode_prefill_speed`` measure it with the very code that measures us: the same
-windows, the same cross-entropy, the same timing.
+and ``speed.decode_prefill_speed`` measure it with the very code that measures us: the same
+windows, the same cross-entropy, the same timing. ``gguf_comparison`` does so for our weights
+exported to GGUF at each format, against our own runtime.
 """
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+
+from ..corpus import read_slice
+from .speed import decode_prefill_speed
 
 
 def llama_cpp_available() -> bool:
@@ -104,3 +108,91 @@ def compare_tokenization(peer: LlamaCppPeer, tokenizer, text: str) -> dict:
     if first is None and len(ours) != len(theirs):
         first = min(len(ours), len(theirs))
     return {"same": first is None, "n_ours": len(ours), "n_llama_cpp": len(theirs), "first_diff": first}
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+@torch.inference_mode()
+def gguf_comparison(model_name: str = "target", formats=("F32", "Q8_0", "Q4_0", "Q4_K_M"), out_dir=None,
+                    n_prompts: int = 8, new_tokens: int = 32, window: int = 256, max_windows: int = 8,
+                    speed_prompt_len: int = 32, speed_new_tokens: int = 64, repeats: int = 3,
+                    n_threads: int | None = None) -> list[dict]:
+    """Our fp32 runtime against llama.cpp running our weights exported to GGUF at each format.
+
+    Every measurement goes through the same library function for both runtimes: perplexity on the
+    held-out slice (``evaluate.perplexity``: same windows), greedy continuations of held-out
+    prompts (token ids in, so tokenizers cannot differ), the teacher-forced argmax agreement along
+    our continuation (``evaluate.greedy_agreement``) and decode speed (``decode_prefill_speed``).
+    "Q4_K_M" is made by llama.cpp's quantizer from the F32 file (``gguf.quants`` cannot encode it).
+    n_threads: threads of both runtimes (torch's are set for the call and restored; default torch's
+        current count). On shared cores prefer 1: both runtimes' threads spin at barriers and
+        crawl when another process holds a core.
+
+    Returns one dict per runtime/format: runtime, format, threads, file_bytes (GGUF size; ours: the
+    safetensors file), ppl, ppl_ratio (this / ours), greedy_prefix (mean fraction of the
+    continuation identical to ours before the first difference), exact_prompts (continuations
+    identical to ours), agreement (argmax agreement along our continuation), prefill_tok_s,
+    decode_tok_s, decode_ratio (this / ours: > 1 is faster), tokenization_same.
+    """
+    import tempfile
+
+    torch_threads = torch.get_num_threads()
+    n_threads = n_threads or torch_threads
+    torch.set_num_threads(n_threads)
+    try:
+        return _gguf_comparison(model_name, formats, Path(out_dir or tempfile.mkdtemp(prefix="llmops-gguf-")),
+                                n_prompts, new_tokens, window, max_windows, n_threads,
+                                dict(batch_sizes=(1,), prompt_len=speed_prompt_len, new_tokens=speed_new_tokens,
+                                     repeats=repeats))
+    finally:
+        torch.set_num_threads(torch_threads)
+
+
+def _gguf_comparison(model_name, formats, out_dir, n_prompts, new_tokens, window, max_windows, n_threads,
+                     speed_kw) -> list[dict]:
+    from .. import evaluate
+    from ..loader import embedded_model_path, load_model, load_tokenizer
+    from .gguf import GGUF_TYPES, export_gguf, requantize
+
+    model = load_model(model_name, device="cpu")
+    tok = load_tokenizer(model_name)
+    text = read_slice("validation")
+    ids = evaluate.encode(tok, text)
+    prompts = evaluate.held_out_prompts(tok, text, n=n_prompts)
+    ours_seqs = [model.generate(p[None], max_new_tokens=new_tokens, stop_token_ids=())[0, p.numel():].tolist()
+                 for p in prompts]
+
+    def row(runtime, fmt, runner, nbytes, seqs):
+        speed = decode_prefill_speed({fmt: lambda: runner}, **speed_kw)[0]
+        return {"runtime": runtime, "format": fmt, "threads": n_threads, "file_bytes": nbytes,
+                "ppl": evaluate.perplexity(runner, ids, window=window, max_windows=max_windows),
+                "greedy_prefix": sum(_common_prefix(a, b) for a, b in zip(seqs, ours_seqs)) / (new_tokens * len(prompts)),
+                "exact_prompts": sum(a == b for a, b in zip(seqs, ours_seqs)),
+                "agreement": evaluate.greedy_agreement(model, runner, prompts, new_tokens)["alpha"],
+                "prefill_tok_s": 1e3 / speed["prefill_ms_per_token"],
+                "decode_tok_s": 1e3 / speed["decode_ms_per_token"]}
+
+    weights = embedded_model_path(model_name) / "model.safetensors" if model_name in ("target", "draft") else None
+    rows = [row("ours", "fp32", model, weights.stat().st_size if weights else None, ours_seqs)]
+    rows[0]["tokenization_same"] = True
+    f32 = None
+    for fmt in formats:
+        path = out_dir / f"{model_name}-{fmt}.gguf"
+        if fmt in GGUF_TYPES:
+            export_gguf(model, tok, path, fmt)
+        else:
+            f32 = f32 or export_gguf(model, tok, out_dir / f"{model_name}-F32.gguf", "F32")
+            requantize(f32, path, fmt)
+        peer = LlamaCppPeer(path, n_threads=n_threads)
+        seqs = [peer.generate(p[None], max_new_tokens=new_tokens, stop_token_ids=())[0, p.numel():].tolist()
+                for p in prompts]
+        r = row("llama.cpp", fmt, peer, path.stat().st_size, seqs)
+        r["tokenization_same"] = compare_tokenization(peer, tok, text[:20_000])["same"]
+        rows.append(r)
+        peer.close()
+    for r in rows:
+        r["ppl_ratio"] = r["ppl"] / rows[0]["ppl"]
+        r["decode_ratio"] = r["decode_tok_s"] / rows[0]["decode_tok_s"]
+    return rows
