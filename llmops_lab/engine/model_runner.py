@@ -35,6 +35,12 @@ class ModelRunner:
         self.v_pools = [torch.zeros(shape, dtype=dt, device=dev) for _ in range(c.num_hidden_layers)]
         self.use_kernels = dev.type == "cuda"
 
+    def release(self) -> None:
+        """Drop the pools (the engine's statistics stay readable); a GPU gets its memory back."""
+        self.k_pools, self.v_pools = [], []
+        if self.model.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     @property
     def kv_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k_pools + self.v_pools)
@@ -112,6 +118,7 @@ def _cuda_kv_budget(model, config: EngineConfig, max_model_len: int) -> float:
     """Bytes for KV: utilization x total, less what others and the weights use and the activation
     peak of one step of max_num_batched_tokens tokens (measured by running it on a scratch pool)."""
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()              # memory cached by earlier runs is free for the pool
     n = min(config.max_num_batched_tokens, max_model_len)
     scratch = ModelRunner(model, math.ceil(n / config.block_size), config.block_size)
     seq = Sequence([0] * n)

@@ -138,6 +138,7 @@ def run_continuous(model, workload: list[WorkloadRequest], config: EngineConfig 
     res.makespan = time.perf_counter() - t0
     bar.close()
     res.steps = [dict(s, t_start=s["t_start"] - t0, t_end=s["t_end"] - t0) for s in engine.step_stats]
+    engine.runner.release()              # the statistics stay; the pool's memory goes back
     res.engine = engine
     return res
 
