@@ -29,6 +29,8 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     if params.greedy:
         return int(logits.argmax())
     probs = logits_to_probs(logits[None], params.temperature, params.top_k_or_none, params.top_p_or_none)
+    if generator is not None and probs.device != generator.device:
+        probs = probs.to(generator.device)           # the per-request generators live on the CPU
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
