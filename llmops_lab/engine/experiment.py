@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import formulas
-from ..measure import time_fn
+from ..measure import synchronize, time_fn
 from .config import EngineConfig
 from .model_runner import ModelRunner
 from .scheduler import ScheduledBatch
@@ -82,7 +82,7 @@ def decode_step_times(model, batch_sizes=(1, 2, 4, 8, 16, 32), contexts=(64, 256
                 s.block_table = list(range(b * nb, (b + 1) * nb))
                 s.num_computed_tokens = ctx
                 batch.add(s, 1)
-            t = time_fn(runner.execute, batch, warmup=1, repeats=repeats)
+            t = time_fn(runner.execute, batch, warmup=1, repeats=repeats, device=model.device)
             rows.append({"batch": B, "context": ctx, "step_s": t.median})
     return rows
 
@@ -103,7 +103,7 @@ def static_step_times(model, batch_sizes=(1, 2, 4, 8, 16, 32), contexts=(64, 256
             def step():
                 cache.length = ctx
                 return model(ids, cache=cache, attention_mask=mask)
-            t = time_fn(step, warmup=1, repeats=repeats)
+            t = time_fn(step, warmup=1, repeats=repeats, device=model.device)
             rows.append({"batch": B, "context": ctx, "step_s": t.median})
     return rows
 
@@ -180,6 +180,7 @@ def run_transformers_static(model, workload, batch_size: int, progress: bool = F
         new = max(r.params.max_tokens for r in batch)
         out = hf.generate(ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=new, min_new_tokens=new,
                           do_sample=False, eos_token_id=None, pad_token_id=0)
+        synchronize(dev)
         end = time.perf_counter() - t0
         for b, r in enumerate(batch):
             toks = out[b, S:S + r.params.max_tokens].tolist()
