@@ -22,6 +22,7 @@ from .config import EngineConfig
 from .model_runner import ModelRunner
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
+from .static import left_pad
 from .workload import RunResult, make_workload, run_continuous, run_static
 
 
@@ -171,12 +172,8 @@ def run_transformers_static(model, workload, batch_size: int, progress: bool = F
     t0 = time.perf_counter()
     for i in tqdm(range(0, len(order), batch_size), desc="transformers", disable=not progress):
         batch = order[i:i + batch_size]
-        S = max(len(r.prompt_token_ids) for r in batch)
-        ids = torch.zeros(len(batch), S, dtype=torch.long)
-        mask = torch.zeros(len(batch), S, dtype=torch.long)
-        for b, r in enumerate(batch):
-            ids[b, S - len(r.prompt_token_ids):] = torch.tensor(r.prompt_token_ids)
-            mask[b, S - len(r.prompt_token_ids):] = 1
+        ids, mask = left_pad([r.prompt_token_ids for r in batch])
+        S = ids.shape[1]
         new = max(r.params.max_tokens for r in batch)
         out = hf.generate(ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=new, min_new_tokens=new,
                           do_sample=False, eos_token_id=None, pad_token_id=0)

@@ -36,7 +36,7 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
 
 class _Request:
     __slots__ = ("request_id", "prompt", "prompt_token_ids", "params", "seqs", "metrics", "forked",
-                 "generators", "error")
+                 "generators")
 
     def __init__(self, request_id, prompt, ids, params, arrival):
         self.request_id, self.prompt, self.prompt_token_ids, self.params = request_id, prompt, ids, params
@@ -44,7 +44,6 @@ class _Request:
         self.metrics = RequestMetrics(arrival)
         self.forked = params.n == 1
         self.generators: list[torch.Generator | None] = []
-        self.error: str | None = None
 
 
 class LLMEngine:

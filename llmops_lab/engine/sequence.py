@@ -68,10 +68,5 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
-    @property
-    def is_prefill(self) -> bool:
-        """Still computing tokens it already knows (prompt, or everything again after preemption)."""
-        return self.num_computed_tokens < len(self) - 1
-
     def __repr__(self) -> str:
         return f"Sequence(id={self.seq_id}, len={len(self)}, blocks={self.block_table})"

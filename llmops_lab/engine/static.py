@@ -19,6 +19,18 @@ from .sampling_params import SamplingParams, stop_reason
 from .sequence import Sequence
 
 
+def left_pad(prompts: list[list[int]], pad_token_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts as one left-padded batch: ids [B, S] and attention mask [B, S] (1 = token), as in
+    transformers."""
+    S = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), S), pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), S, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, S - len(p):] = torch.tensor(p)
+        mask[b, S - len(p):] = 1
+    return ids, mask
+
+
 @torch.inference_mode()
 def run_static_batch(model, prompts: list[list[int]], params: list[SamplingParams],
                      arrivals: list[float] | None = None, request_ids: list[str] | None = None,
@@ -33,19 +45,14 @@ def run_static_batch(model, prompts: list[list[int]], params: list[SamplingParam
     request_ids = request_ids or [str(i) for i in range(B)]
     seqs = [Sequence(p, sampling_params=sp, request_id=r, arrival_time=a)
             for p, sp, r, a in zip(prompts, params, request_ids, arrivals)]
-    for s in seqs:
-        s.last_token_time = None
+    done_at: list[float | None] = [None] * B      # when each row's own last token came
     S = max(len(p) for p in prompts)
     new = min(max(sp.max_tokens for sp in params), ctx - S)
     if new < 1:
         raise ValueError(f"a prompt of {S} tokens leaves no room in the model's context of {ctx}")
-    ids = torch.full((B, S), pad_token_id, dtype=torch.long)
-    mask = torch.zeros(B, S + new, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, S - len(p):] = torch.tensor(p)
-        mask[b, S - len(p):] = 1
+    ids, prompt_mask = left_pad(prompts, pad_token_id)
+    mask = torch.cat([prompt_mask, torch.ones(B, new, dtype=torch.long)], dim=1)
     ids, mask = ids.to(dev), mask.to(dev)
-    mask[:, S:] = 1
     cache = KVCache.for_model(model, B, S + new)
     eos = set(model.config.eos_token_ids)
     gen = generator or torch.Generator(device="cpu").manual_seed(0)
@@ -69,7 +76,7 @@ def run_static_batch(model, prompts: list[list[int]], params: list[SamplingParam
             reason, why = stop_reason(s, tok, eos, ctx, tokenizer)
             if reason is not None:
                 done[b], s.finish_reason, s.stop_reason = True, reason, why
-                s.last_token_time = t
+                done_at[b] = t
         if all(done):
             break
         active = B - sum(done)
@@ -79,11 +86,11 @@ def run_static_batch(model, prompts: list[list[int]], params: list[SamplingParam
                       "num_tokens": B})
     end = time.perf_counter()
     outs = []
-    for s in seqs:
+    for s, done in zip(seqs, done_at):
         s.finish_reason = s.finish_reason or "length"
         s.scheduled_time, s.finish_time = t0, end            # answered when the batch ends
         m = RequestMetrics(s.arrival_time, t0, s.first_token_time, end, s.num_completion_tokens,
-                           s.last_token_time or end)
+                           done or end)
         text = tokenizer.decode(s.output_token_ids, skip_special_tokens=True) if tokenizer else ""
         outs.append(RequestOutput(s.request_id, None, s.prompt_token_ids,
                                   [CompletionOutput(0, text, s.output_token_ids, s.finish_reason,
