@@ -9,6 +9,8 @@ from llmops_lab.loader import load_model
 
 def test_bench_quick_runs_and_writes_json(tmp_path):
     rows = bench.run("cpu", tmp_path, quick=True)
+    errors = [r for r in rows if r["name"] == "error"]
+    assert not errors, errors[0]["traceback"] if errors else ""      # a failing suite becomes a row
     names = {r["name"] for r in rows}
     assert "copy bandwidth (read+write)" in names and any(n.startswith("GEMM") for n in names)
     decode = [r for r in rows if r["name"].startswith("decode ours")]
@@ -25,6 +27,15 @@ def test_bench_quick_runs_and_writes_json(tmp_path):
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert len(saved["rows"]) == len(rows) and saved["meta"]["quick"]
     assert "ratio" in bench.format_table(rows)
+
+
+def test_a_failing_suite_becomes_an_error_row(tmp_path, monkeypatch):
+    def broken(ctx):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(bench, "suites", lambda: {"core": broken, "flash": lambda ctx: [bench.row("flash", "x", 1.0, "u")]})
+    rows = bench.run("cpu", tmp_path)
+    assert [r["name"] for r in rows] == ["error", "x"] and "boom" in rows[0]["error"]
+    assert len(json.loads((tmp_path / "bench.json").read_text())["rows"]) == 2
 
 
 def test_cli_info_names_the_models(capsys):

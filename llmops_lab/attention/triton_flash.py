@@ -127,6 +127,8 @@ def _config(head_dim: int, dtype, interpret: bool):
         return 16, 16, 4, 1
     if dtype == torch.float32:
         return 64, 32, 4, 2
+    if head_dim >= 256:                                     # 128x64 tiles at D=256 overflow shared memory
+        return 64, 64, 8, 2
     return (128, 64, 8, 3) if head_dim >= 128 else (128, 64, 4, 3)
 
 

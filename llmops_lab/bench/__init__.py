@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 class BenchContext:
     device: torch.device
     quick: bool = False            # small sizes: a smoke test of the suite (CI)
+    compile: bool = False          # also time decode with torch.compile (its compile takes a minute or two)
     results: dict = field(default_factory=dict)  # values later suites reuse (e.g. copy bandwidth)
 
 
@@ -35,28 +37,54 @@ def row(suite, name, value, unit, peer=None, peer_value=None, target=None, **ext
 
 def suites():
     from . import batching, core, flash, paged, quant, speculative
-    return {"core": core.run, "spec": speculative.run, "flash": flash.run, "paged": paged.run, "quant": quant.run,
-            "batching": batching.run}
+    # in the order they run: the cheap ceilings first, the longest suites last
+    return {"core": core.run, "paged": paged.run, "flash": flash.run, "quant": quant.run, "batching": batching.run,
+            "spec": speculative.run}
 
 
 def run(device: str | None = None, out: str | Path | None = None, only: list[str] | None = None,
-        quick: bool = False) -> list[dict]:
+        quick: bool = False, echo: bool = False, compile: bool = False) -> list[dict]:
+    """Run the suites in order. A suite that raises becomes one ``error`` row (with the exception)
+    and the rest still run; with ``echo`` each suite's table is printed as soon as it finishes, and
+    ``out/bench.json`` is rewritten after every suite, so a run cut short keeps what it measured."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
-    ctx = BenchContext(dev, quick)
+    unknown = set(only or ()) - set(suites())
+    if unknown:
+        raise ValueError(f"unknown suites {sorted(unknown)}; choose from {sorted(suites())}")
+    ctx = BenchContext(dev, quick, compile)
     rows, t0 = [], time.time()
+    meta = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "quick": quick, "compile": compile, "suite_seconds": {}}
     for name, fn in suites().items():
         if only and name not in only:
             continue
-        rows.extend(fn(ctx))
-    meta = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__, "seconds": round(time.time() - t0, 1), "quick": quick}
-    if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str) + "\n")
+        t = time.time()
+        try:
+            new = fn(ctx)
+        except Exception as e:  # noqa: BLE001 - one broken suite must not lose the others' numbers
+            new = [row(name, "error", float("nan"), "", error=f"{type(e).__name__}: {e}",
+                       traceback=traceback.format_exc(limit=8))]
+            if echo:
+                traceback.print_exc()
+        finally:
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        rows.extend(new)
+        meta["suite_seconds"][name] = round(time.time() - t, 1)
+        meta["seconds"] = round(time.time() - t0, 1)
+        if echo:
+            print(f"--- {name}: {meta['suite_seconds'][name]} s", flush=True)
+            print(format_table(new), flush=True)
+        if out is not None:
+            out = Path(out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str) + "\n")
     return rows
+
+
+SHOWN = ("roofline_fraction", "weight_gb_s", "max_err", "prefix_agreement", "first_token_agreement", "alpha", "c")
 
 
 def format_table(rows: list[dict]) -> str:
@@ -64,5 +92,7 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         ratio = f"{r['ratio']:.2f}x" if r.get("ratio") is not None else ""
         lines.append(f"{r['suite']:<8} {r['name']:<44} {r['value']:>12.4g} {r['unit']:<8} "
-                     f"{str(r.get('peer') or ''):<28} {ratio:>7}  {r.get('target', '')}")
+                     f"{str(r.get('peer') or ''):<28} {ratio:>7}  {r.get('target', '')}"
+                     + "".join(f"  {k}={r[k]:.3g}" for k in SHOWN if isinstance(r.get(k), (int, float)))
+                     + (f"  {r['error']}" if r.get("error") else ""))
     return "\n".join(lines)

@@ -10,8 +10,11 @@ def main(argv=None):
     ap.add_argument("--out", help="folder for bench.json")
     ap.add_argument("--only", nargs="*", choices=sorted(suites()), help="run only these suites")
     ap.add_argument("--quick", action="store_true", help="small sizes: checks that the suite runs")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time decode through torch.compile (adds its compile time: a minute or two on a GPU)")
     a = ap.parse_args(argv)
-    rows = run(a.device, a.out, a.only, a.quick)
+    rows = run(a.device, a.out, a.only, a.quick, echo=True, compile=a.compile)
+    print("=== all suites", flush=True)
     print(format_table(rows))
 
 

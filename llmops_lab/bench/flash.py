@@ -28,10 +28,22 @@ def run(ctx: BenchContext) -> list[dict]:
                    for name, fn in impls.items()}
             label = f"S={S} {'causal' if causal else 'full'}"
             ours = res.get("ours (Triton)")
+            err = _max_err(impls, B, H, S, D, dtype, ctx.device, causal) if ours else None
             for peer, need in (("SDPA flash", ">= 1.0x"), ("SDPA cudnn", ">= 0.7x")):
                 if ours and peer in res:
                     rows.append(row("flash", f"{label}: ours vs {peer}", ours["tflops"], "TFLOP/s", peer=peer,
-                                    peer_value=res[peer]["tflops"], target=need if gpu else None))
+                                    peer_value=res[peer]["tflops"], target=need if gpu else None, **(err or {})))
             rows += [row("flash", f"{label}: {name}", r["tflops"], "TFLOP/s") for name, r in res.items()
                      if name != "ours (Triton)" or not any(p in res for p in ("SDPA flash", "SDPA cudnn"))]
     return rows
+
+
+def _max_err(impls, B, H, S, D, dtype, device, causal) -> dict | None:
+    """Our kernel's largest absolute difference from SDPA's output on the bench inputs."""
+    ref_name = next((n for n in ("SDPA flash", "SDPA cudnn", "SDPA efficient") if n in impls), None)
+    if ref_name is None:
+        return None
+    q, k, v = experiment.inputs(B, H, H, S, D, dtype, device)
+    with torch.inference_mode():
+        err = (impls["ours (Triton)"](q, k, v, causal).float() - impls[ref_name](q, k, v, causal).float()).abs().max()
+    return {"max_err": err.item(), "max_err_against": ref_name}

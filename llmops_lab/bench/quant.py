@@ -48,7 +48,8 @@ def run(ctx: BenchContext) -> list[dict]:
     rows = []
     for r in res:
         b, m = r["batch"], r["method"]
-        extra = dict(batch=b, ms=r["ms"], weight_bytes=r["weight_bytes"], weight_gb_s=r["gb_s"])
+        extra = dict(batch=b, ms=r["ms"], weight_bytes=r["weight_bytes"], weight_gb_s=r["gb_s"],
+                     cuda_graph=r["cuda_graph"])
         name = f"{shape} linears b={b}: {labels[m]}"
         if m == experiment.FLOAT:
             rows.append(row("quant", name, b / r["ms"] * 1e3, "tok/s", **extra))

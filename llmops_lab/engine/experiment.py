@@ -42,6 +42,23 @@ def same_outputs(results: dict[str, RunResult]) -> bool:
     return all(o == outs[0] for o in outs[1:])
 
 
+def agreement(a: RunResult, b: RunResult) -> dict:
+    """How far two runs' greedy outputs agree, request by request: the share of requests whose
+    first token matches and the mean share of each output before the first difference. In fp32
+    both are 1 (``same_outputs``); in bf16 a different batch mix rounds differently and near-tied
+    logits can flip, so agreement below 1 is expected there, but a broken kernel shows as far less."""
+    common = [r for r in a.outputs if r in b.outputs]
+    if not common:
+        raise ValueError("the two runs share no request ids")
+    first, prefix = 0, 0.0
+    for r in common:
+        x, y = a.outputs[r], b.outputs[r]
+        n = next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
+        first += n > 0
+        prefix += n / max(len(x), len(y), 1)
+    return {"first_token": first / len(common), "prefix": prefix / len(common)}
+
+
 def sweep(model, tokens, param: str, values, n: int = 48, max_num_seqs: int = 16, base: dict | None = None,
           step_time: dict | None = None, progress: bool = True, **compare_kwargs) -> list[dict]:
     """Static vs continuous over ``param`` in ("arrival_rate", "spread", "mean_output"); one row per

@@ -12,6 +12,8 @@ PyTorch path dequantizes the whole weight first and is slower than float; both a
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -78,10 +80,11 @@ def _timed_layer(mods, xs, device, repeats: int, calls: int, graph: bool = True)
             with torch.cuda.graph(graph):
                 for _ in range(calls):
                     layer()
-            return measure.time_fn(graph.replay, warmup=2, repeats=repeats, device=device).median / calls
-        except Exception:                                # a module that cannot be captured: eager
-            pass
-    return measure.time_fn(layer, warmup=1, repeats=repeats, device=device).median
+            return measure.time_fn(graph.replay, warmup=2, repeats=repeats, device=device).median / calls, True
+        except Exception as e:                           # a module that cannot be captured: eager, and say so
+            warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {e}); timing eagerly")
+            torch.cuda.synchronize()
+    return measure.time_fn(layer, warmup=1, repeats=repeats, device=device).median, False
 
 
 @torch.inference_mode()
@@ -109,12 +112,14 @@ def linear_speed(batch_sizes=(1, 2, 4, 8, 16, 32, 64), methods=METHODS, shapes=N
     for b in batch_sizes:
         xs = [torch.randn(b, in_f, device=device, dtype=dtype) for _, _, in_f in shapes]
         # bitsandbytes' LLM.int8() picks outlier columns at run time: not capturable, timed eagerly
-        ms = {m: 1e3 * _timed_layer(mods[m], xs, device, repeats, calls, graph=not m.startswith("bnb"))
-              for m in methods}
+        timed = {m: _timed_layer(mods[m], xs, device, repeats, calls, graph=not m.startswith("bnb"))
+                 for m in methods}
+        ms = {m: 1e3 * t for m, (t, _) in timed.items()}
         for m in methods:
             nbytes = sum(measure.module_bytes(x) for x in mods[m])
             rows.append({"batch": b, "method": m, "ms": ms[m], "ratio": ms[FLOAT] / ms[m],
-                         "weight_bytes": nbytes, "gb_s": nbytes / (ms[m] * 1e-3) / 1e9})
+                         "weight_bytes": nbytes, "gb_s": nbytes / (ms[m] * 1e-3) / 1e9,
+                         "cuda_graph": timed[m][1]})
     return rows
 
 

@@ -141,7 +141,8 @@ def _config(M: int, N: int, K: int, group_size: int, device: torch.device, inter
     if interpret:                                   # small tiles: the interpreter is slow
         return 16, 16, 32, 1, 4, 1
     block_m = 16 if M <= 16 else 32 if M <= 32 else 64
-    block_k = 128 if group_size % 128 == 0 or group_size >= K else max(32, min(128, group_size))
+    # a power of two (tl.arange needs one) that divides the group where it can: its lowest set bit
+    block_k = 128 if group_size % 128 == 0 or group_size >= K else max(32, min(128, group_size & -group_size))
     block_n = 64
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
