@@ -229,13 +229,15 @@ class LlamaModel(nn.Module):
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
 
-    def decode_step_static(self, input_ids, pos, cache, attention_mask=None, positions=None):
+    def decode_step_static(self, input_ids, pos, cache, attention_mask=None, positions=None, run_layer=None):
         """One decode step with static shapes, so it can be captured in a CUDA graph or compiled.
 
         input_ids [B, 1] are written at cache slots ``pos`` [B]; the step attends over the cache's
         whole buffer with a mask (slots <= pos that are not padding) instead of slicing it.
         ``positions`` [B] are the RoPE positions (default ``pos``; less where a row is left-padded).
-        The caller tracks positions: ``cache.length`` is left alone.
+        The caller tracks positions: ``cache.length`` is left alone. ``run_layer(layer, x, cos, sin,
+        k, v, pos, mask, backend)``, given, runs each layer on its own cache tensors k, v (a compiled
+        layer: ``fast_decode``).
         """
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope((pos if positions is None else positions)[:, None], x.dtype)
@@ -244,8 +246,11 @@ class LlamaModel(nn.Module):
         if attention_mask is not None:
             mask = mask & attention_mask.bool()
         mask = mask[:, None, None, :]
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, pos, mask, False, self.backend)
+        for i, layer in enumerate(self.model.layers):
+            if run_layer is None:
+                x = layer(x, cos, sin, cache, pos, mask, False, self.backend)
+            else:
+                x = run_layer(layer, x, cos, sin, cache.k[i], cache.v[i], pos, mask, self.backend)
         return self.lm_head(self.model.norm(x))
 
     def generate(self, input_ids, **kwargs):

@@ -180,3 +180,16 @@ def test_static_decode_equals_dynamic_generate(lengths):
     dec = StaticDecoder(m, len(lengths), max(lengths) + 30)  # a reused decoder gives the same again
     for _ in range(2):
         assert torch.equal(generate_static(m, ids, 30, attention_mask=mask, decoder=dec), want)
+
+
+def test_compiled_static_decode_equals_eager():
+    """The torch.compile'd layer (one graph shared by every layer) gives the eager step's tokens."""
+    from llmops_lab.fast_decode import StaticDecoder, generate_static
+    torch.manual_seed(0)
+    m = LlamaModel(TINY).eval()
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.08)
+    ids, mask = padded_batch(TINY.vocab_size, [14, 6, 11])
+    want = generate_static(m, ids, 12, attention_mask=mask)
+    dec = StaticDecoder(m, 3, 14 + 12, compile=True)
+    assert torch.equal(generate_static(m, ids, 12, attention_mask=mask, decoder=dec), want)

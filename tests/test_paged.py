@@ -180,7 +180,7 @@ def test_embedded_target_greedy_paged_equals_contiguous():
         model = llmops_lab.load_model("target")
     except FileNotFoundError:
         pytest.skip("embedded target not trained yet")
-    ids = torch.tensor([[0] + list(range(40, 55))])          # 16 tokens: exactly one block
+    ids = torch.tensor([[0] + list(range(40, 55))], device=model.device)  # 16 tokens: exactly one block
     want = model.generate(ids, max_new_tokens=6, stop_token_ids=())
     assert torch.equal(paged_generate(model, ids, 6, block_size=16, num_blocks=4), want)
 

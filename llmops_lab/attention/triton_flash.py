@@ -68,7 +68,7 @@ if triton is not None:
     def flash_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr,
                          stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                          stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
-                         H, GROUP, seq_q_fixed, seq_k_fixed, qk_scale_log2,
+                         H, GROUP, seq_q_fixed, seq_k_fixed, qk_scale_log2, tune_len,
                          IS_CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
                          UPCAST: tl.constexpr):
@@ -117,9 +117,22 @@ if triton is not None:
         lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
         tl.store(lse_ptr + pid_bh * seq_q_fixed + q_start + offs_m, lse, mask=in_q)
 
+    def _tile_configs():
+        """Candidate (BLOCK_M, BLOCK_N, warps, stages) for 16-bit inputs; the autotuner times them
+        on the first call of each (length bucket, head dim, causal) and keeps the fastest. Configs
+        that do not fit shared memory at a head dim are skipped by the autotuner."""
+        shapes = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (128, 64, 4, 3), (64, 64, 4, 3),
+                  (128, 32, 4, 3)]
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in shapes]
+
+    # the GPU path: the same kernel, its tiles chosen by measurement (tune_len buckets the length)
+    flash_fwd_tuned = triton.autotune(configs=_tile_configs(), key=["tune_len", "HEAD_DIM", "IS_CAUSAL", "VARLEN"])(
+        flash_fwd_kernel)
+
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+TUNE = True   # on a GPU, 16-bit inputs: pick the tiles by measurement (False: the fixed _config)
 
 
 def _config(head_dim: int, dtype, interpret: bool):
@@ -197,12 +210,21 @@ def _launch(q, k, v, o, lse, B, H, Hkv, Sq, Sk, sq, sk, sv, so, is_causal, cu_q,
     import os
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     D = q.shape[-1]
+    args = (q, k, v, o, lse, cu_q if cu_q is not None else q, cu_k if cu_k is not None else q,
+            *sq, *sk, *sv, *so, H, H // Hkv, lse_stride if cu_q is not None else Sq, Sk,
+            (1.0 / math.sqrt(D)) * 1.4426950408889634, triton.next_power_of_2(max(Sq, Sk)))
+    flags = dict(IS_CAUSAL=is_causal, VARLEN=cu_q is not None, HEAD_DIM=D,
+                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                 UPCAST=interpret and q.dtype == torch.bfloat16)
+    global TUNE
+    if TUNE and not interpret and q.dtype != torch.float32 and D <= 128:
+        try:
+            flash_fwd_tuned[lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * H)](*args, **flags)
+            return
+        except Exception as e:  # noqa: BLE001 - keep working on the fixed tiles, and say so
+            import warnings
+            warnings.warn(f"flash autotuning failed ({type(e).__name__}: {e}); using the fixed tiles from now on")
+            TUNE = False
     block_m, block_n, warps, stages = _config(D, q.dtype, interpret)
-    grid = (triton.cdiv(Sq, block_m), B * H)
-    flash_fwd_kernel[grid](
-        q, k, v, o, lse, cu_q if cu_q is not None else q, cu_k if cu_k is not None else q,
-        *sq, *sk, *sv, *so, H, H // Hkv, lse_stride if cu_q is not None else Sq, Sk,
-        (1.0 / math.sqrt(D)) * 1.4426950408889634,
-        IS_CAUSAL=is_causal, VARLEN=cu_q is not None, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=interpret and q.dtype == torch.bfloat16,
-        num_warps=warps, num_stages=stages)
+    flash_fwd_kernel[(triton.cdiv(Sq, block_m), B * H)](*args, **flags, BLOCK_M=block_m, BLOCK_N=block_n,
+                                                        num_warps=warps, num_stages=stages)

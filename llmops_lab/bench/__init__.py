@@ -21,7 +21,7 @@ import torch
 class BenchContext:
     device: torch.device
     quick: bool = False            # small sizes: a smoke test of the suite (CI)
-    compile: bool = False          # also time decode with torch.compile (its compile takes a minute or two)
+    compile: bool = False          # also time decode with torch.compile (always in the full GPU suite)
     results: dict = field(default_factory=dict)  # values later suites reuse (e.g. copy bandwidth)
 
 
@@ -94,5 +94,6 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"{r['suite']:<8} {r['name']:<44} {r['value']:>12.4g} {r['unit']:<8} "
                      f"{str(r.get('peer') or ''):<28} {ratio:>7}  {r.get('target', '')}"
                      + "".join(f"  {k}={r[k]:.3g}" for k in SHOWN if isinstance(r.get(k), (int, float)))
+                     + (f"  config={r['config']}" if r.get("config") else "")
                      + (f"  {r['error']}" if r.get("error") else ""))
     return "\n".join(lines)

@@ -11,7 +11,7 @@ def main(argv=None):
     ap.add_argument("--only", nargs="*", choices=sorted(suites()), help="run only these suites")
     ap.add_argument("--quick", action="store_true", help="small sizes: checks that the suite runs")
     ap.add_argument("--compile", action="store_true",
-                    help="also time decode through torch.compile (adds its compile time: a minute or two on a GPU)")
+                    help="also time decode through torch.compile on a CPU or with --quick (the full GPU suite always does)")
     a = ap.parse_args(argv)
     rows = run(a.device, a.out, a.only, a.quick, echo=True, compile=a.compile)
     print("=== all suites", flush=True)

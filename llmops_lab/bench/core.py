@@ -42,7 +42,7 @@ def decode_rows(ctx: BenchContext, bandwidth: float) -> list[dict]:
         "transformers generate": lambda: hf.generate(ids, max_new_tokens=new, eos_token_id=None,
                                                      do_sample=False, pad_token_id=0),
     }
-    if ctx.compile:
+    if ctx.compile or (ctx.device.type == "cuda" and not ctx.quick):   # part of the GPU suite
         compiled = StaticDecoder(model, 1, prompt_len + new, compile=True)
         runs[static + " + torch.compile"] = lambda: generate_static(model, ids, new, decoder=compiled)
     outs, tps = {}, {}

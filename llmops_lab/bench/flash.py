@@ -29,6 +29,10 @@ def run(ctx: BenchContext) -> list[dict]:
             label = f"S={S} {'causal' if causal else 'full'}"
             ours = res.get("ours (Triton)")
             err = _max_err(impls, B, H, S, D, dtype, ctx.device, causal) if ours else None
+            if ours and gpu:                       # which tiles the autotuner kept for this shape
+                from ..attention import triton_flash
+                tuned = getattr(triton_flash, "flash_fwd_tuned", None)
+                err = dict(err or {}, config=str(getattr(tuned, "best_config", None)) if triton_flash.TUNE else "fixed")
             for peer, need in (("SDPA flash", ">= 1.0x"), ("SDPA cudnn", ">= 0.7x")):
                 if ours and peer in res:
                     rows.append(row("flash", f"{label}: ours vs {peer}", ours["tflops"], "TFLOP/s", peer=peer,

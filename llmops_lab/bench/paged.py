@@ -15,7 +15,9 @@ from ..paged import experiment
 from . import BenchContext, row
 
 OURS, SDPA, GATHER = "ours: Triton paged decode", "SDPA, contiguous cache", "gather + SDPA (paged reference)"
-SHORT = {OURS: "ours (Triton paged)", SDPA: "SDPA contiguous", GATHER: "gather+SDPA"}
+TUNED = "ours: Triton paged decode, tuned tiles"
+SHORT = {OURS: "ours (Triton paged)", TUNED: "ours (Triton paged, tuned)", SDPA: "SDPA contiguous",
+         GATHER: "gather+SDPA"}
 
 
 def run(ctx: BenchContext) -> list[dict]:
@@ -36,13 +38,16 @@ def run(ctx: BenchContext) -> list[dict]:
     label = f"B={B} S={S}"                       # shapes and block size: the module docstring
     rows = [row("paged", f"{label}: {SHORT[name]} time", r["timing"].median * 1e6, "µs", max_err=r["max_err"])
             for name, r in res.items()]
-    for name in (OURS, GATHER):
+    for name in (OURS, TUNED, GATHER):
         if name in res:
-            ours = gpu and name == OURS
+            ours = gpu and name in (OURS, TUNED)
             rows.append(row("paged", f"{label}: {SHORT[name]} vs SDPA", gbps[name], "GB/s", peer="SDPA contiguous",
                             peer_value=gbps[SDPA], target=">= 0.9x" if ours else None))
             rows.append(row("paged", f"{label}: {SHORT[name]} bandwidth", gbps[name], "GB/s",
                             peer="copy bandwidth", peer_value=bw / 1e9, target=">= 0.80x" if ours else None))
     rows.append(row("paged", f"{label}: SDPA contiguous bandwidth", gbps[SDPA], "GB/s", peer="copy bandwidth",
                     peer_value=bw / 1e9))
+    if TUNED in res:
+        from ..paged import triton_paged
+        rows.append(row("paged", f"{label}: tuned tiles chosen", 0.0, "", config=str(triton_paged.paged_decode_tuned.best_config)))
     return rows

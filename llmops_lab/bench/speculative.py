@@ -20,11 +20,12 @@ def run(ctx: BenchContext) -> list[dict]:
     from ..speculative import experiment
     tok = load_tokenizer("target")
     target, draft = (load_model(w, device=ctx.device, dtype=torch.float32) for w in ("target", "draft"))
-    prompts = held_out_prompts(tok, corpus.read_slice("validation"), n=2 if ctx.quick else 8, prompt_tokens=32)
-    new = 32 if ctx.quick else 128
     gpu = ctx.device.type == "cuda"
     # the GPU keeps a short sweep: the whole bench has to fit in five minutes there
-    ks = (2, 4) if ctx.quick else (1, 2, 3, 4, 6) if gpu else (1, 2, 3, 4, 5, 6, 8)
+    prompts = held_out_prompts(tok, corpus.read_slice("validation"), n=2 if ctx.quick else 4 if gpu else 8,
+                               prompt_tokens=32)
+    new = 32 if ctx.quick else 128
+    ks = (2, 4) if ctx.quick else (1, 2, 4) if gpu else (1, 2, 3, 4, 5, 6, 8)
     repeats = 1 if ctx.quick else 2 if gpu else 3
     rows_k = experiment.sweep_k(target, draft, prompts, ks=ks, new_tokens=new, repeats=repeats)
     best = max(rows_k, key=lambda r: r["speedup"])
@@ -38,7 +39,7 @@ def run(ctx: BenchContext) -> list[dict]:
                    peer="transformers assisted", peer_value=1 / peer["assisted_s"], target=">= 1.0x",
                    same_tokens=peer["same_tokens"]))
     batch_ids = torch.stack(prompts)
-    for r in experiment.sweep_batch(target, draft, batch_ids, batch_sizes=(1, 2) if ctx.quick else (1, 2, 4, 8),
+    for r in experiment.sweep_batch(target, draft, batch_ids, batch_sizes=(1, 2) if ctx.quick else (1, 2, 4) if gpu else (1, 2, 4, 8),
                                     k=best["k"], new_tokens=16 if ctx.quick else 64, repeats=repeats):
         out.append(row("spec", f"b={r['batch_size']} k={r['k']}: speedup vs target alone", r["speedup"], "x",
                        alpha=r["alpha"], batch=r["batch_size"], target_tokens_per_s=r["target_tokens_per_s"],

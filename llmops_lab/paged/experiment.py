@@ -86,6 +86,10 @@ def decode_attention_latencies(B: int, H: int, Hkv: int, context: int, D: int, b
     if kernel if kernel is not None else torch.device(device).type == "cuda":
         impls["ours: Triton paged decode"] = lambda: triton_paged.paged_decode(
             x["q"], x["k_pool"], x["v_pool"], x["block_tables"], x["context_lens"], max_context_len=context)
+        if torch.device(device).type == "cuda":       # the same kernel with its tiles chosen by timing
+            impls["ours: Triton paged decode, tuned tiles"] = lambda: triton_paged.paged_decode(
+                x["q"], x["k_pool"], x["v_pool"], x["block_tables"], x["context_lens"], max_context_len=context,
+                tune=True)
     ref = impls["SDPA, contiguous cache"]().float()
     res = {}
     for name, fn in impls.items():

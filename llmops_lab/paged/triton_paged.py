@@ -77,7 +77,7 @@ if triton is not None:
     def paged_decode_kernel(q_ptr, k_pool_ptr, v_pool_ptr, block_tables_ptr, context_lens_ptr, o_ptr, lse_ptr,
                             stride_qb, stride_qh, stride_kn, stride_kh, stride_ks, stride_vn, stride_vh, stride_vs,
                             stride_btb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-                            tokens_per_split, qk_scale_log2,
+                            tokens_per_split, qk_scale_log2, tune_len,
                             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                             BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
                             UPCAST: tl.constexpr):
@@ -131,6 +131,12 @@ if triton is not None:
         tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty))
         tl.store(lse_ptr + pid, m + tl.math.log(total))
 
+    # (BLOCK_N, warps, stages) candidates; ``tune=True`` times them once per shape and keeps the fastest
+    TILE_CONFIGS = [(64, 4, 3), (64, 4, 2), (64, 8, 3), (128, 4, 2), (128, 8, 2), (32, 4, 4), (128, 4, 3)]
+    paged_decode_tuned = triton.autotune(
+        configs=[triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st) for n, w, st in TILE_CONFIGS],
+        key=["GROUP", "HEAD_DIM", "BLOCK_SIZE", "tune_len"])(paged_decode_kernel)
+
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BLOCK_N = 64          # tokens per loop step (several 16-token blocks); 16 under the interpreter
@@ -156,7 +162,7 @@ def _check(q, k_pool, v_pool, block_tables, context_lens):
 
 
 def paged_decode(q, k_pool, v_pool, block_tables, context_lens, num_splits: int | None = None,
-                 max_context_len: int | None = None, return_lse: bool = False):
+                 max_context_len: int | None = None, return_lse: bool = False, tune: bool = False):
     """Decode attention over a paged KV cache, on a GPU (or the Triton interpreter).
 
     Args:
@@ -167,6 +173,10 @@ def paged_decode(q, k_pool, v_pool, block_tables, context_lens, num_splits: int 
         context_lens: [B] int32, keys each sequence attends to (>= 1).
         num_splits: programs per (sequence, KV head) along the context; None picks enough to fill
             the GPU. Splitting needs ``max_context_len`` (else it is read from context_lens).
+        tune: on a GPU, time the candidate tiles (``TILE_CONFIGS``) on the first call for this
+            head layout and context length (rounded up to a power of two) and use the fastest
+            from then on; ``paged_decode_tuned.best_config`` says which. Off by default: tuning
+            takes a second or two, which the engine should not spend inside a timed step.
 
     Returns:
         [B, H, D] in q's dtype (and the natural-log log-sum-exp [B, H] with ``return_lse``).
@@ -183,7 +193,8 @@ def paged_decode(q, k_pool, v_pool, block_tables, context_lens, num_splits: int 
     if q.stride(-1) != 1 or k_pool.stride(-1) != 1 or v_pool.stride(-1) != 1:
         raise ValueError("the head dimension must be contiguous")
     interpret = _interpret()
-    block_n = 16 if interpret else BLOCK_N
+    tune = tune and not interpret
+    block_n = 16 if interpret else 128 if tune else BLOCK_N     # tuned: splits fit every candidate tile
     if num_splits is None:
         num_splits = _default_splits(q.device, B * Hkv, max_context_len, block_n)
     if num_splits < 1:
@@ -204,14 +215,19 @@ def paged_decode(q, k_pool, v_pool, block_tables, context_lens, num_splits: int 
         o_part = torch.empty(B, H, num_splits, D, device=q.device, dtype=torch.float32)
         lse_part = torch.empty(B, H, num_splits, device=q.device, dtype=torch.float32)
     group = H // Hkv
-    paged_decode_kernel[(B, Hkv, num_splits)](
-        q, k_pool, v_pool, block_tables, context_lens, o_part, lse_part,
-        q.stride(0), q.stride(1), *k_pool.stride()[:3], *v_pool.stride()[:3], block_tables.stride(0),
-        o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
-        tokens_per_split, (1.0 / math.sqrt(D)) * 1.4426950408889634,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_SIZE=block_size,
-        BLOCK_N=block_n, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=interpret and q.dtype == torch.bfloat16, num_warps=4, num_stages=1 if interpret else 3)
+    args = (q, k_pool, v_pool, block_tables, context_lens, o_part, lse_part,
+            q.stride(0), q.stride(1), *k_pool.stride()[:3], *v_pool.stride()[:3], block_tables.stride(0),
+            o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
+            tokens_per_split, (1.0 / math.sqrt(D)) * 1.4426950408889634,
+            triton.next_power_of_2(max_context_len or int(block_tables.shape[1]) * block_size))
+    flags = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_SIZE=block_size,
+                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                 UPCAST=interpret and q.dtype == torch.bfloat16)
+    if tune:
+        paged_decode_tuned[(B, Hkv, num_splits)](*args, **flags)
+    else:
+        paged_decode_kernel[(B, Hkv, num_splits)](*args, **flags, BLOCK_N=block_n, num_warps=4,
+                                                  num_stages=1 if interpret else 3)
     if num_splits > 1:
         merge_splits_kernel[(B * H,)](o_part, lse_part, out, lse, num_splits, H,
                                       o_part.stride(0), o_part.stride(1), o_part.stride(2),

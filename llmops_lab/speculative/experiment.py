@@ -166,7 +166,7 @@ def sweep_batch(target, draft, prompts_ids, batch_sizes=(1, 2, 4, 8), k: int = 4
     relative cost and the verify cost grow, and rows wait for each other."""
     rows = []
     for B in batch_sizes:
-        ids = prompts_ids[:B]
+        ids = prompts_ids[:B].to(target.device)
         base = time_target(target, ids, new_tokens, repeats).median
         t, _, st = time_speculative(target, draft, ids, new_tokens, k, 0.0, repeats)
         rows.append({"batch_size": B, "k": k, "alpha": st.alpha, "speedup": base / t.median,
