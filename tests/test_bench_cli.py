@@ -1,6 +1,8 @@
 """The bench suite and the CLI run end to end at small sizes (the GPU run is the real one)."""
 import json
 
+import pytest
+
 
 from llmops_lab import bench, cli, formulas, roofline
 from llmops_lab.kv import KVCache
@@ -36,6 +38,17 @@ def test_a_failing_suite_becomes_an_error_row(tmp_path, monkeypatch):
     rows = bench.run("cpu", tmp_path)
     assert [r["name"] for r in rows] == ["error", "x"] and "boom" in rows[0]["error"]
     assert len(json.loads((tmp_path / "bench.json").read_text())["rows"]) == 2
+
+
+def test_recorded_gpu_runs_load_by_suite():
+    meta, rows = bench.recorded("core")
+    assert meta["device"] and meta["run"] and rows and {r["suite"] for r in rows} == {"core"}
+    bound = next(r for r in rows if r["name"].startswith("decode roofline"))["value"]
+    for r in rows:                            # each decode row's fraction is its speed over the run's bound
+        if "roofline_fraction" in r:
+            assert abs(r["roofline_fraction"] - r["value"] / bound) < 1e-9
+    with pytest.raises(FileNotFoundError):
+        bench.recorded(run="no-such-run")
 
 
 def test_cli_info_names_the_models(capsys):

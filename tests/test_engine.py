@@ -267,3 +267,15 @@ def test_engine_with_triton_kernels_matches(tiny):
     outs = run_all(eng, [(str(i), p, SamplingParams(max_tokens=4, **GREEDY)) for i, p in enumerate(ps)], add_every=2)
     for i, p in enumerate(ps):
         assert outs[str(i)].outputs[0].token_ids == alone(tiny, p, 4), f"request {i}"
+
+
+def test_agreement_counts_first_tokens_and_common_prefixes():
+    from llmops_lab.engine.experiment import agreement
+    from llmops_lab.engine.workload import RunResult
+    a, b = RunResult("a"), RunResult("b")
+    a.outputs = {"0": [1, 2, 3, 4], "1": [5, 6], "2": [7]}
+    b.outputs = {"0": [1, 2, 9, 9], "1": [8, 6], "2": [7]}
+    got = agreement(a, b)
+    assert got["first_token"] == 2 / 3 and abs(got["prefix"] - (0.5 + 0 + 1) / 3) < 1e-12
+    with pytest.raises(ValueError, match="share no request"):
+        agreement(a, RunResult("c"))

@@ -84,6 +84,20 @@ def run(device: str | None = None, out: str | Path | None = None, only: list[str
     return rows
 
 
+def recorded(suite: str | None = None, run: str | None = None) -> tuple[dict, list[dict]]:
+    """(meta, rows) of a GPU bench run kept under ``data/bench/`` (default: the latest), only
+    ``suite``'s rows when given: the notebooks show these beside what they measure on the CPU."""
+    from ..loader import DATA_DIR
+    runs = sorted((DATA_DIR / "bench").glob("*.json"))
+    if run is not None:
+        runs = [p for p in runs if p.stem == run]
+    if not runs:
+        raise FileNotFoundError(f"no recorded bench run {run or ''} under {DATA_DIR / 'bench'}")
+    saved = json.loads(runs[-1].read_text())
+    rows = [r for r in saved["rows"] if suite is None or r["suite"] == suite]
+    return dict(saved["meta"], run=runs[-1].stem), rows
+
+
 SHOWN = ("roofline_fraction", "weight_gb_s", "max_err", "prefix_agreement", "first_token_agreement", "alpha", "c")
 
 
