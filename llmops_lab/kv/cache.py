@@ -8,6 +8,15 @@ from __future__ import annotations
 import torch
 
 
+def write_at(k_buf, v_buf, k, v, pos):
+    """Write one new token per row, k, v [B, Hkv, 1, D], into buffers [B, Hkv, S_max, D] at slots
+    pos [B] (a static-shape write: no slicing by a Python int); returns the whole buffers."""
+    rows = torch.arange(k.shape[0], device=k.device)
+    k_buf[rows, :, pos] = k[:, :, 0]
+    v_buf[rows, :, pos] = v[:, :, 0]
+    return k_buf, v_buf
+
+
 class KVCache:
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int,
                  max_seq_len: int, dtype=torch.float32, device="cpu"):
@@ -33,10 +42,7 @@ class KVCache:
         the static-shape decode step, which then attends over the whole buffer under a mask.
         """
         if torch.is_tensor(start):
-            rows = torch.arange(k.shape[0], device=k.device)
-            self.k[layer][rows, :, start] = k[:, :, 0]
-            self.v[layer][rows, :, start] = v[:, :, 0]
-            return self.k[layer], self.v[layer]
+            return write_at(self.k[layer], self.v[layer], k, v, start)
         end = start + k.shape[2]
         if end > self.max_seq_len:
             raise ValueError(f"KV cache overflow: writing up to position {end} in a cache of {self.max_seq_len}")
