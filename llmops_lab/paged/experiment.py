@@ -86,10 +86,12 @@ def decode_attention_latencies(B: int, H: int, Hkv: int, context: int, D: int, b
     if kernel if kernel is not None else torch.device(device).type == "cuda":
         impls["ours: Triton paged decode"] = lambda: triton_paged.paged_decode(
             x["q"], x["k_pool"], x["v_pool"], x["block_tables"], x["context_lens"], max_context_len=context)
-        if torch.device(device).type == "cuda":       # the same kernel with its tiles chosen by timing
-            impls["ours: Triton paged decode, tuned tiles"] = lambda: triton_paged.paged_decode(
-                x["q"], x["k_pool"], x["v_pool"], x["block_tables"], x["context_lens"], max_context_len=context,
-                tune=True)
+        if torch.device(device).type == "cuda":       # the same kernel with its tiles chosen by timing,
+            for splits in (None, 2, 4):              # and with the context split over 2 and 4 programs
+                name = "ours: Triton paged decode, tuned tiles" + (f", {splits} splits" if splits else "")
+                impls[name] = lambda n=splits: triton_paged.paged_decode(
+                    x["q"], x["k_pool"], x["v_pool"], x["block_tables"], x["context_lens"],
+                    max_context_len=context, tune=True, num_splits=n)
     ref = impls["SDPA, contiguous cache"]().float()
     res = {}
     for name, fn in impls.items():

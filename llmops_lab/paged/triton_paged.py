@@ -135,7 +135,7 @@ if triton is not None:
     TILE_CONFIGS = [(64, 4, 3), (64, 4, 2), (64, 8, 3), (128, 4, 2), (128, 8, 2), (32, 4, 4), (128, 4, 3)]
     paged_decode_tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st) for n, w, st in TILE_CONFIGS],
-        key=["GROUP", "HEAD_DIM", "BLOCK_SIZE", "tune_len"])(paged_decode_kernel)
+        key=["GROUP", "HEAD_DIM", "BLOCK_SIZE", "tune_len", "tokens_per_split"])(paged_decode_kernel)
 
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
