@@ -39,6 +39,12 @@ def perplexity(model, ids: torch.Tensor, window: int = 512, max_windows: int | N
 
 
 @torch.inference_mode()
+def common_prefix(a, b) -> int:
+    """How many leading tokens two sequences of token ids share (the position of the first
+    difference, or the shorter length)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def greedy_agreement(target, draft, prompts: list[torch.Tensor], new_tokens: int = 64) -> dict:
     """How often the draft's argmax equals the target's along the target's own greedy continuation.
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import measure, roofline
+from ..evaluate import common_prefix
 from ..peers import hf_twin
 from . import BenchContext, row
 
@@ -61,8 +62,7 @@ def decode_rows(ctx: BenchContext, bandwidth: float) -> list[dict]:
     ref = outs["transformers generate"][0, prompt_len:]
 
     def agreement(o):   # share of the new tokens before the first difference from transformers'
-        diff = (o[0, prompt_len:] != ref).nonzero()
-        return (diff[0, 0].item() if len(diff) else new) / new
+        return common_prefix(o[0, prompt_len:].tolist(), ref.tolist()) / new
     peer = tps["transformers generate"]
     rows = [row("core", f"decode roofline, {name} b=1", bound, "tok/s", note="bandwidth / bytes per token")]
     for label, v in tps.items():

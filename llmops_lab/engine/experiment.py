@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import formulas
+from ..evaluate import common_prefix
 from ..measure import synchronize, time_fn
 from .config import EngineConfig
 from .model_runner import ModelRunner
@@ -53,7 +54,7 @@ def agreement(a: RunResult, b: RunResult) -> dict:
     first, prefix = 0, 0.0
     for r in common:
         x, y = a.outputs[r], b.outputs[r]
-        n = next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
+        n = common_prefix(x, y)
         first += n > 0
         prefix += n / max(len(x), len(y), 1)
     return {"first_token": first / len(common), "prefix": prefix / len(common)}

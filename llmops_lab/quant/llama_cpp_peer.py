@@ -110,10 +110,6 @@ def compare_tokenization(peer: LlamaCppPeer, tokenizer, text: str) -> dict:
     return {"same": first is None, "n_ours": len(ours), "n_llama_cpp": len(theirs), "first_diff": first}
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
 @torch.inference_mode()
 def gguf_comparison(model_name: str = "target", formats=("F32", "Q8_0", "Q4_0", "Q4_K_M"), out_dir=None,
                     n_prompts: int = 8, new_tokens: int = 32, window: int = 256, max_windows: int = 8,
@@ -168,7 +164,7 @@ def _gguf_comparison(model_name, formats, out_dir, n_prompts, new_tokens, window
         speed = decode_prefill_speed({fmt: lambda: runner}, **speed_kw)[0]
         return {"runtime": runtime, "format": fmt, "threads": n_threads, "file_bytes": nbytes,
                 "ppl": evaluate.perplexity(runner, ids, window=window, max_windows=max_windows),
-                "greedy_prefix": sum(_common_prefix(a, b) for a, b in zip(seqs, ours_seqs)) / (new_tokens * len(prompts)),
+                "greedy_prefix": sum(evaluate.common_prefix(a, b) for a, b in zip(seqs, ours_seqs)) / (new_tokens * len(prompts)),
                 "exact_prompts": sum(a == b for a, b in zip(seqs, ours_seqs)),
                 "agreement": evaluate.greedy_agreement(model, runner, prompts, new_tokens)["alpha"],
                 "prefill_tok_s": 1e3 / speed["prefill_ms_per_token"],

@@ -66,9 +66,9 @@ def make_linears(method: str, shapes, device, dtype, group_size: int = 128, seed
 
 
 def _timed_layer(mods, xs, device, repeats: int, calls: int, graph: bool = True):
-    """Median seconds of running every module once (inputs pre-made); on CUDA (with ``graph``),
-    ``calls`` layer passes are captured in one CUDA graph so Python launch overhead is not what
-    gets measured."""
+    """(median seconds of running every module once, whether a CUDA graph timed it). Inputs are
+    pre-made; on CUDA (with ``graph``), ``calls`` layer passes are captured in one CUDA graph so
+    Python launch overhead is not what gets measured."""
     def layer():
         for m, x in zip(mods, xs):
             m(x)
