@@ -3,9 +3,11 @@
 A decode step of the embedded models moves a few MB of weights, and on a CPU how they are read
 decides the step time. ``LeanModel`` computes ``LlamaModel.forward`` with:
 
-- q/k/v and gate/up fused into one weight each, concatenated once from the loaded weights, kept
-  in both layouts [out, in] and [in, out] so each matmul reads the one MKL streams fastest
-  (``_linear``; a snapshot: build a new ``LeanModel`` after changing the model's weights);
+- q/k/v and gate/up fused into one weight each, concatenated once from the loaded weights, each
+  weight kept in the layouts the CPU multiplies fastest: [out, in] and [in, out] for MKL's
+  single-row products, and oneDNN's prepacked layout for several rows, which makes a verify pass
+  of k+1 tokens cost about one decode step (``Linear``; a snapshot: build a new ``LeanModel``
+  after changing the model's weights; ``pack=False`` keeps MKL for every shape);
 - RoPE cos/sin tabulated once per position and the causal mask as one additive table, sliced (or
   gathered, with padding) per call;
 - attention as two batched matmuls with the query heads of each KV head stacked (``_attend``):
@@ -29,18 +31,48 @@ from .generation import sample
 from .kv import KVCache
 
 
-def _linear(x, w, wt):
-    """x [..., in] @ w.T with w [out, in] and wt = w.T contiguous [in, out].
+def _onednn_available() -> bool:
+    """oneDNN's prepacked linear (the op inductor uses on x86 CPUs) is in this torch build."""
+    return (torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
-    Same product, the weight layout MKL streams fastest, measured in place (a target step between
-    draft steps, weights from DRAM) at the embedded models' shapes: a single row reads w when the
-    input is the wider side (the down projection) and wt otherwise; several rows read wt. The
-    plain ``F.linear`` (w for every shape) is 1.2-3x slower on the wide matmuls, and its k+1-row
-    verify pass then costs about as much as k+1 single-token steps.
+
+class Linear:
+    """A bias-free weight w [out, in] in the layouts a CPU multiplies fastest: ``Linear(w)(x)`` is
+    x [..., in] @ w.T, the same product as ``F.linear(x, w)`` up to the last bit.
+
+    Measured at the embedded models' shapes on this project's 2-core CPU (fp32, weights streamed
+    from memory, as in a decode step between draft steps):
+
+    - one row (a decode step) goes through MKL: it reads w when the input is the wider side (the
+      down projection) and wt = w.T contiguous [in, out] otherwise; the plain ``F.linear`` is
+      1.2-3x slower on the wide matmuls;
+    - several rows (a verify pass of k+1 tokens, a prefill) go through oneDNN with the weight
+      reordered once into its blocked layout (``packed``), when ``pack`` and the build has it.
+      MKL's small-M GEMM repacks the weight at every call, and its k+1-row verify pass cost
+      1.4-1.9 single-token steps; prepacked it costs about one. All the embedded target's
+      matmuls of one step (2026-11-26, 2 threads): 5 rows 1.3-1.6 ms and 9 rows 1.6-1.9 ms
+      prepacked, against MKL's 2.9-3.2 and 3.3 ms, and 2.1-2.2 ms for one row through MKL.
+
+    A snapshot of w: build a new one after changing the model's weights.
     """
-    if x.numel() == x.shape[-1] and w.shape[1] > w.shape[0]:
-        return F.linear(x, w)
-    return x @ wt
+
+    __slots__ = ("w", "wt", "packed")
+
+    def __init__(self, w: torch.Tensor, pack: bool = False):
+        self.w, self.wt = w, w.t().contiguous()
+        self.packed = None
+        if pack and w.device.type == "cpu" and w.dtype == torch.float32 and _onednn_available():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 8)  # laid out for up to 8+ rows
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        single = x.numel() == x.shape[-1]
+        if not single and self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        if single and self.w.shape[1] > self.w.shape[0]:
+            return F.linear(x, self.w)
+        return x @ self.wt
 
 
 def _attend(q, k, v, bias, scale):
@@ -67,15 +99,11 @@ def _rms(x, weight, eps):
     return weight * xf.to(x.dtype)
 
 
-def _both(w):
-    return w, w.t().contiguous()
-
-
 class LeanModel:
     """``LeanModel(model)(ids, cache, attention_mask=None, last_only=False) -> logits``, the same
     call as ``model(ids, cache=cache, ...)`` for a ``KVCache`` (no sliding window, no H2O)."""
 
-    def __init__(self, model):
+    def __init__(self, model, pack: bool = True):
         c = model.config
         if c.sliding_window is not None:
             raise ValueError("LeanModel does not implement sliding-window attention; use the model itself")
@@ -83,6 +111,7 @@ class LeanModel:
         self.H, self.Hkv, self.D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.eps, self.inter, self.scale = c.rms_norm_eps, c.intermediate_size, c.head_dim ** -0.5
         with torch.no_grad():
+            lin = lambda w: Linear(w, pack)
             self.layers = []
             for layer in model.model.layers:
                 a, m = layer.self_attn, layer.mlp
@@ -90,10 +119,9 @@ class LeanModel:
                          if a.q_proj.bias is not None else None)
                 wqkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
                 wgu = torch.cat([m.gate_proj.weight, m.up_proj.weight])
-                self.layers.append((layer.input_layernorm.weight, *_both(wqkv), qkv_b, *_both(a.o_proj.weight),
-                                    layer.post_attention_layernorm.weight, *_both(wgu),
-                                    *_both(m.down_proj.weight)))
-            self.head = _both(model.lm_head.weight)
+                self.layers.append((layer.input_layernorm.weight, lin(wqkv), qkv_b, lin(a.o_proj.weight),
+                                    layer.post_attention_layernorm.weight, lin(wgu), lin(m.down_proj.weight)))
+            self.head = lin(model.lm_head.weight)
         self._tables = 0
         self._grow(min(64, c.max_position_embeddings))
         self.embed, self.norm = model.model.embed_tokens.weight, model.model.norm.weight
@@ -146,8 +174,8 @@ class LeanModel:
             bias = torch.zeros(B, S, end, dtype=self.bias.dtype, device=input_ids.device).masked_fill_(~allowed, float("-inf"))
             bias = bias[:, None, :, None].expand(B, Hkv, S, rep, end).reshape(B * Hkv, S * rep, end)
         x = F.embedding(input_ids, self.embed)
-        for i, (n1, wqkv, wqkv_t, bqkv, wo, wo_t, n2, wgu, wgu_t, wd, wd_t) in enumerate(self.layers):
-            qkv = _linear(_rms(x, n1, self.eps), wqkv, wqkv_t)
+        for i, (n1, wqkv, bqkv, wo, n2, wgu, wd) in enumerate(self.layers):
+            qkv = wqkv(_rms(x, n1, self.eps))
             qkv = (qkv if bqkv is None else qkv + bqkv).view(B, S, H + 2 * Hkv, D)
             qk = qkv[:, :, :H + Hkv]
             qk = qk * cos + qk.roll(D // 2, -1) * sin                          # RoPE on q and k at once
@@ -155,13 +183,13 @@ class LeanModel:
             kc[:, :, st:end] = qk[:, :, H:].transpose(1, 2)
             vc[:, :, st:end] = qkv[:, :, H + Hkv:].transpose(1, 2)
             o = _attend(qk[:, :, :H], kc[:, :, :end], vc[:, :, :end], bias, self.scale)       # [B, S, H * D]
-            x = x + _linear(o, wo, wo_t)
-            gate, up = _linear(_rms(x, n2, self.eps), wgu, wgu_t).split(self.inter, -1)
-            x = x + _linear(F.silu(gate) * up, wd, wd_t)
+            x = x + wo(o)
+            gate, up = wgu(_rms(x, n2, self.eps)).split(self.inter, -1)
+            x = x + wd(F.silu(gate) * up)
         cache.length = end
         if last_only:
             x = x[:, -1:]
-        return _linear(_rms(x, self.norm, self.eps), *self.head)
+        return self.head(_rms(x, self.norm, self.eps))
 
 
 @torch.inference_mode()

@@ -123,6 +123,29 @@ def time_fn(fn: Callable, *args: Any, warmup: int = 2, repeats: int = 10,
     return Timing(samples)
 
 
+def time_interleaved(fns: dict[str, Callable], warmup: int = 1, repeats: int = 3,
+                     device: str | torch.device | None = None) -> dict[str, Timing]:
+    """Time several functions in alternation: each round calls every one of them once, in order.
+
+    A ratio of two timings is only as good as the machine was steady between them. On a shared
+    machine (this project's CPU runners among them) its speed drifts by 10-30% over tens of
+    seconds; timing A's repeats and then B's puts that drift into A/B. Alternating puts it into
+    both, and the medians' ratio keeps only what differs between A and B.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats=} {warmup=}")
+    device = _as_device(device)
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    synchronize(device)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(_time_once(fn, (), {}, device))
+    return {name: Timing(xs) for name, xs in samples.items()}
+
+
 @dataclass
 class PeakMemory:
     """Peak bytes allocated while a function ran, above what was allocated before it."""

@@ -4,7 +4,7 @@ import torch
 
 from llmops_lab.config import ModelConfig
 from llmops_lab.kv import KVCache
-from llmops_lab.lean import LeanModel, generate_lean
+from llmops_lab.lean import LeanModel, Linear, _onednn_available, generate_lean
 from llmops_lab.model import LlamaModel
 
 
@@ -72,3 +72,24 @@ def test_errors():
         generate_lean(m, torch.zeros(1, 100, dtype=torch.long), 40)
     with pytest.raises(ValueError, match="sliding"):
         LeanModel(tiny(7, sliding_window=8))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 9])
+@pytest.mark.parametrize("shape", [(96, 48), (48, 96)])          # wide output, wide input
+def test_linear_layouts_compute_the_same_product(rows, shape):
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(rows))
+    x = torch.randn(1, rows, shape[1], generator=torch.Generator().manual_seed(7))
+    want = x @ w.t()
+    for pack in (False, True):
+        torch.testing.assert_close(Linear(w, pack)(x), want, atol=1e-5, rtol=1e-5)
+    x_strided = torch.randn(1, rows, 2 * shape[1])[..., ::2]     # a view, as split() and slicing give
+    torch.testing.assert_close(Linear(w, True)(x_strided), x_strided @ w.t(), atol=1e-5, rtol=1e-5)
+
+
+def test_linear_packs_only_fp32_cpu_weights_where_onednn_is_built():
+    w = torch.randn(32, 16)
+    assert (Linear(w, True).packed is not None) == _onednn_available()
+    assert Linear(w, False).packed is None
+    assert Linear(w.bfloat16(), True).packed is None              # bf16 keeps the plain paths
+    lean = LeanModel(tiny(0), pack=False)
+    assert all(lin.packed is None for layer in lean.layers for lin in layer if isinstance(lin, Linear))

@@ -50,6 +50,32 @@ def test_time_fn_min_time_repeats_more_but_is_capped():
     assert len(t.samples) == 20
 
 
+def test_time_interleaved_alternates_and_times_each():
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: (calls.append("b"), time.sleep(0.004))}
+    t = measure.time_interleaved(fns, warmup=1, repeats=3)
+    assert calls == ["a", "b"] * 4                      # one warm-up round, then three timed rounds
+    assert set(t) == {"a", "b"} and all(len(x.samples) == 3 for x in t.values())
+    assert t["b"].median > 0.003 > t["a"].median
+    with pytest.raises(ValueError):
+        measure.time_interleaved(fns, repeats=0)
+
+
+def test_time_interleaved_ratio_survives_a_machine_that_slows_down():
+    """A slows down over the run (as a shared machine does); B always costs twice A. Timed one
+    after the other, B/A would read 4; alternated, it reads 2."""
+    slow = [1.0]
+
+    def a():
+        time.sleep(0.002 * slow[0])
+
+    def b():
+        time.sleep(0.004 * slow[0])
+        slow[0] += 0.5
+    t = measure.time_interleaved({"a": a, "b": b}, warmup=0, repeats=5)
+    assert 1.6 < t["b"].median / t["a"].median < 2.6
+
+
 def test_time_fn_rejects_cuda_without_gpu():
     if torch.cuda.is_available():
         pytest.skip("has a GPU")

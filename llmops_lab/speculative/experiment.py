@@ -42,56 +42,27 @@ def verify_cost(target, k: int, context: int = 64, batch_size: int = 1) -> float
     return step_time(target, k + 1, context, batch_size) / step_time(target, 1, context, batch_size)
 
 
-def time_target(target, ids, new_tokens: int, repeats: int = 3, attention_mask=None, lean: bool = True) -> measure.Timing:
-    """The target alone, greedy, through the same lean forward the speculative decoder uses
-    (``lean=False``: ``model.generate``), so the speedup measures speculation, not the step."""
-    if lean:
-        runner = LeanModel(target)
-        fn = lambda: generate_lean(target, ids, new_tokens, attention_mask=attention_mask, lean=runner)
-    else:
-        fn = lambda: target.generate(ids, max_new_tokens=new_tokens, stop_token_ids=(), attention_mask=attention_mask)
-    return measure.time_fn(fn, warmup=1, repeats=repeats, device=target.device)
-
-
-def time_speculative(target, draft, ids, new_tokens: int, k: int, temperature: float = 0.0,
-                     repeats: int = 3, attention_mask=None, seed: int = 0):
-    dec = SpeculativeDecoder(target, draft, k)
-    last = {}
-
-    def run():
-        g = torch.Generator(device=ids.device).manual_seed(seed)
-        last["out"], last["stats"] = dec.generate(ids, new_tokens, temperature=temperature,
-                                                  attention_mask=attention_mask, generator=g)
-    t = measure.time_fn(run, warmup=1, repeats=repeats, device=target.device)
-    return t, last["out"], last["stats"]
-
-
-def time_assisted(hf_target, hf_draft, ids, new_tokens: int, repeats: int = 3, attention_mask=None):
-    """transformers' assisted generation (``generate(assistant_model=...)``), greedy."""
-    kw = dict(max_new_tokens=new_tokens, eos_token_id=None, do_sample=False, pad_token_id=2,
-              assistant_model=hf_draft, attention_mask=attention_mask)
-    with torch.inference_mode():
-        out = hf_target.generate(ids, **kw)
-        t = measure.time_fn(lambda: hf_target.generate(ids, **kw), warmup=0, repeats=repeats, device=ids.device)
-    return t, out
-
-
 @torch.inference_mode()
 def compare_assisted(target, draft, prompts, new_tokens: int = 64, k: int = 4, repeats: int = 3) -> dict:
     """Ours, transformers' assisted generation on the same weights, and the target alone: seconds
-    summed over ``prompts`` (one [1, S] tensor or a list), each decoded at batch 1."""
+    summed over ``prompts`` (one [1, S] tensor or a list), each decoded at batch 1, the three timed
+    in alternation per prompt (``measure.time_interleaved``)."""
     from ..peers import hf_twin
     prompts = [prompts] if torch.is_tensor(prompts) else list(prompts)
     hf_t, hf_d = hf_twin(target), hf_twin(draft)
+    dec, runner = SpeculativeDecoder(target, draft, k), LeanModel(target)
+    kw = dict(max_new_tokens=new_tokens, eos_token_id=None, do_sample=False, pad_token_id=2, assistant_model=hf_d)
     res = {"ours_s": 0.0, "assisted_s": 0.0, "target_s": 0.0, "same_tokens": True}
     for p in prompts:
         p = p.reshape(1, -1).to(target.device)
-        t_ours, ours, _ = time_speculative(target, draft, p, new_tokens, k, repeats=repeats)
-        t_hf, theirs = time_assisted(hf_t, hf_d, p, new_tokens, repeats)
-        res["ours_s"] += t_ours.median
-        res["assisted_s"] += t_hf.median
-        res["target_s"] += time_target(target, p, new_tokens, repeats).median
-        res["same_tokens"] &= torch.equal(ours, theirs[:, : ours.shape[1]])
+        out = {}
+        fns = {"ours": lambda: out.__setitem__("ours", dec.generate(p, new_tokens)[0]),
+               "assisted": lambda: out.__setitem__("assisted", hf_t.generate(p, **kw)),
+               "target": lambda: generate_lean(target, p, new_tokens, lean=runner)}
+        times = measure.time_interleaved(fns, warmup=1, repeats=repeats, device=target.device)
+        for name in ("ours", "assisted", "target"):
+            res[f"{name}_s"] += times[name].median
+        res["same_tokens"] &= torch.equal(out["ours"], out["assisted"][:, : out["ours"].shape[1]])
     return res
 
 
@@ -135,26 +106,45 @@ def sweep_k(target, draft, prompts, ks=(1, 2, 3, 4, 5, 6, 8), new_tokens: int = 
     """Measured speedup over the target alone, per k, with the three predictions beside it.
 
     ``prompts``: one [1, S] tensor or a list of them, decoded one at a time (batch 1); times are
-    summed over the prompts and alpha pooled over all their draft positions.
+    summed over the prompts (the median of ``repeats`` each) and alpha pooled over all their draft
+    positions. Per prompt the target alone and every k are timed in alternation
+    (``measure.time_interleaved``), so a machine that speeds up or slows down during the sweep does
+    not show as a speedup.
     """
     prompts = [prompts] if torch.is_tensor(prompts) else list(prompts)
     prompts = [p.reshape(1, -1).to(target.device) for p in prompts]
-    base = sum(time_target(target, p, new_tokens, repeats).median for p in prompts)
+    runner = LeanModel(target)
+    decoders = {k: SpeculativeDecoder(target, draft, k) for k in ks}
+    base, seconds = 0.0, {k: 0.0 for k in ks}
+    counts = {k: [0, 0, 0, 0] for k in ks}                  # accepted, tried, tokens, steps
+    for p in prompts:
+        last = {}
+
+        def spec(k, p=p):
+            g = torch.Generator(device=p.device).manual_seed(0)
+            last[k] = decoders[k].generate(p, new_tokens, temperature=temperature, generator=g)[1]
+        fns = {"target": lambda p=p: generate_lean(target, p, new_tokens, lean=runner)}
+        fns.update({k: (lambda k=k: spec(k)) for k in ks})
+        times = measure.time_interleaved(fns, warmup=1, repeats=repeats, device=target.device)
+        base += times["target"].median
+        for k in ks:
+            st = last[k]
+            seconds[k] += times[k].median
+            c_ = counts[k]
+            c_[0] += sum(st.position_accepts)
+            c_[1] += sum(st.position_tries)
+            c_[2] += sum(st.accepted) + len(st.accepted)
+            c_[3] += len(st.accepted)
     t_step = step_time(target, 1, context)
     c = step_time(draft, 1, context) / t_step
     rows = []
     for k in ks:
-        seconds, acc, tries, tokens, steps = 0.0, 0, 0, 0, 0
-        for p in prompts:
-            t, _, st = time_speculative(target, draft, p, new_tokens, k, temperature, repeats)
-            seconds += t.median
-            acc, tries = acc + sum(st.position_accepts), tries + sum(st.position_tries)
-            tokens, steps = tokens + sum(st.accepted) + len(st.accepted), steps + len(st.accepted)
+        acc, tries, tokens, steps = counts[k]
         alpha = acc / tries
         v = step_time(target, k + 1, context) / t_step
         rows.append({"k": k, "temperature": temperature, "alpha": alpha, "tokens_per_step": tokens / steps,
                      "expected_tokens_per_step": formulas.expected_tokens_per_step(min(alpha, 1 - 1e-9), k),
-                     "speedup": base / seconds, "c": c, "verify_cost": v, "seconds": seconds,
+                     "speedup": base / seconds[k], "c": c, "verify_cost": v, "seconds": seconds[k],
                      "target_seconds": base, "n_prompts": len(prompts),
                      **{f"predicted_{name}": val for name, val in predictions(alpha, k, c, t_step, v).items()}})
     return rows
@@ -165,10 +155,15 @@ def sweep_batch(target, draft, prompts_ids, batch_sizes=(1, 2, 4, 8), k: int = 4
     """Speedup against batch size: the target's batched step gets cheaper per row, the draft's
     relative cost and the verify cost grow, and rows wait for each other."""
     rows = []
+    runner, dec = LeanModel(target), SpeculativeDecoder(target, draft, k)
     for B in batch_sizes:
         ids = prompts_ids[:B].to(target.device)
-        base = time_target(target, ids, new_tokens, repeats).median
-        t, _, st = time_speculative(target, draft, ids, new_tokens, k, 0.0, repeats)
-        rows.append({"batch_size": B, "k": k, "alpha": st.alpha, "speedup": base / t.median,
-                     "target_tokens_per_s": B * new_tokens / base, "speculative_tokens_per_s": B * new_tokens / t.median})
+        last = {}
+        times = measure.time_interleaved(
+            {"target": lambda: generate_lean(target, ids, new_tokens, lean=runner),
+             "spec": lambda: last.__setitem__("stats", dec.generate(ids, new_tokens)[1])},
+            warmup=1, repeats=repeats, device=target.device)
+        base, t = times["target"].median, times["spec"].median
+        rows.append({"batch_size": B, "k": k, "alpha": last["stats"].alpha, "speedup": base / t,
+                     "target_tokens_per_s": B * new_tokens / base, "speculative_tokens_per_s": B * new_tokens / t})
     return rows
