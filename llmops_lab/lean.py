@@ -51,7 +51,7 @@ class Linear:
     - several rows (a verify pass of k+1 tokens, a prefill) go through oneDNN with the weight
       reordered once into its blocked layout (``packed``), when ``pack`` and the build has it.
       MKL's small-M GEMM repacks the weight at every call, and its k+1-row verify pass cost
-      1.4-1.9 single-token steps; prepacked it costs about one. All the embedded target's
+      1.4-1.9 single-token steps; prepacked, 1.1-1.3 (``--only spec``). All the embedded target's
       matmuls of one step (2026-11-26, 2 threads): 5 rows 1.3-1.6 ms and 9 rows 1.6-1.9 ms
       prepacked, against MKL's 2.9-3.2 and 3.3 ms, and 2.1-2.2 ms for one row through MKL.
 
@@ -64,7 +64,8 @@ class Linear:
         self.w, self.wt = w, w.t().contiguous()
         self.packed = None
         if pack and w.device.type == "cpu" and w.dtype == torch.float32 and _onednn_available():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 8)  # laid out for up to 8+ rows
+            # reordered for 8-row inputs: of 1, 5 and 8 measured, the fastest from 2 to 9 rows
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 8)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         single = x.numel() == x.shape[-1]
