@@ -115,32 +115,28 @@ def sweep_k(target, draft, prompts, ks=(1, 2, 3, 4, 5, 6, 8), new_tokens: int = 
     prompts = [p.reshape(1, -1).to(target.device) for p in prompts]
     runner = LeanModel(target)
     decoders = {k: SpeculativeDecoder(target, draft, k) for k in ks}
-    base, seconds = 0.0, {k: 0.0 for k in ks}
-    counts = {k: [0, 0, 0, 0] for k in ks}                  # accepted, tried, tokens, steps
+    base, seconds, stats = 0.0, {k: 0.0 for k in ks}, {k: [] for k in ks}
     for p in prompts:
         last = {}
 
-        def spec(k, p=p):
+        def spec(k):
             g = torch.Generator(device=p.device).manual_seed(0)
             last[k] = decoders[k].generate(p, new_tokens, temperature=temperature, generator=g)[1]
-        fns = {"target": lambda p=p: generate_lean(target, p, new_tokens, lean=runner)}
+        fns = {"target": lambda: generate_lean(target, p, new_tokens, lean=runner)}
         fns.update({k: (lambda k=k: spec(k)) for k in ks})
         times = measure.time_interleaved(fns, warmup=1, repeats=repeats, device=target.device)
         base += times["target"].median
         for k in ks:
-            st = last[k]
             seconds[k] += times[k].median
-            c_ = counts[k]
-            c_[0] += sum(st.position_accepts)
-            c_[1] += sum(st.position_tries)
-            c_[2] += sum(st.accepted) + len(st.accepted)
-            c_[3] += len(st.accepted)
+            stats[k].append(last[k])
     t_step = step_time(target, 1, context)
     c = step_time(draft, 1, context) / t_step
     rows = []
     for k in ks:
-        acc, tries, tokens, steps = counts[k]
-        alpha = acc / tries
+        runs = stats[k]
+        alpha = sum(sum(st.position_accepts) for st in runs) / sum(sum(st.position_tries) for st in runs)
+        steps = sum(len(st.accepted) for st in runs)
+        tokens = sum(sum(st.accepted) for st in runs) + steps      # accepted drafts + one token per step
         v = step_time(target, k + 1, context) / t_step
         rows.append({"k": k, "temperature": temperature, "alpha": alpha, "tokens_per_step": tokens / steps,
                      "expected_tokens_per_step": formulas.expected_tokens_per_step(min(alpha, 1 - 1e-9), k),
