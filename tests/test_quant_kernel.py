@@ -1,6 +1,7 @@
-"""The fused dequantize-matmul Triton kernel against the naive reference (unpack, dequantize, matmul):
-odd shapes and exact block boundaries, group sizes 16/32/64/128 and per channel, sym and asym, 4 and
-8 bits (and 3), bias, batch 1 and more, split-K; QuantLinear routes through it.
+"""The fused dequantize-matmul Triton kernels (tiled, and GEMV for 1-4 rows) against the naive
+reference (unpack, dequantize, matmul): odd shapes and exact block boundaries, group sizes
+16/32/64/128 and per channel, sym and asym, 4 and 8 bits (and 3), bias, batch 1 and more, split-K;
+QuantLinear routes through them.
 
 The kernel runs under TRITON_INTERPRET=1 on a CPU (set by scripts/test), at small sizes."""
 import pytest
@@ -24,12 +25,12 @@ def stored(N, K, bits, group_size, sym, seed=0):
             qw.group_size)
 
 
-def check(M, N, K, bits, group_size, sym, bias, split_k=None, dtype=torch.float32, tol=1e-5):
+def check(M, N, K, bits, group_size, sym, bias, split_k=None, dtype=torch.float32, tol=1e-5, kernel=None):
     q, s, z, g = stored(N, K, bits, group_size, sym)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(M, K, generator=gen).to(DEV, dtype)
     b = torch.randn(N, generator=gen).to(DEV) if bias else None
-    got = dequant_matmul(x, q, s, z, bits, g, sym, b, split_k=split_k)
+    got = dequant_matmul(x, q, s, z, bits, g, sym, b, split_k=split_k, kernel=kernel)
     want = dequant_matmul_reference(x.float(), q, s, z, bits, g, sym, b)   # fp32 reference
     assert got.shape == (M, N) and got.dtype == dtype
     err = (got.float() - want).abs().max().item()
@@ -57,6 +58,32 @@ def test_kernel_group_sizes(group_size, bits, sym):
 @pytest.mark.parametrize("bits", [4, 8])
 def test_split_k_adds_partial_sums(split_k, bits):
     check(4, 40, 224, bits, 32, False, bias=True, split_k=split_k)   # 224 = 7 K tiles: uneven splits
+
+
+@needs_kernel
+@pytest.mark.parametrize("kernel", ["gemv", "tiled"])
+@pytest.mark.parametrize("M", [1, 2, 3, 4])
+@pytest.mark.parametrize("bits, group_size, sym, N, K", [(4, 32, False, 37, 96), (4, 16, True, 24, 256),
+                                                          (8, -1, True, 50, 160), (3, 64, False, 20, 192),
+                                                          (4, None, False, 9, 100)])
+def test_gemv_and_tiled_kernels_agree_on_few_rows(kernel, M, bits, group_size, sym, N, K):
+    check(M, N, K, bits, group_size, sym, bias=M % 2 == 0, kernel=kernel)
+
+
+@needs_kernel
+def test_gemv_kernel_refuses_more_rows_and_unknown_kernels():
+    from llmops_lab.quant.triton_dequant import GEMV_MAX_ROWS
+    q, s, z, g = stored(16, 64, 4, 32, False)
+    with pytest.raises(ValueError, match="GEMV kernel takes"):
+        dequant_matmul(torch.randn(GEMV_MAX_ROWS + 1, 64, device=DEV), q, s, z, 4, g, False, kernel="gemv")
+    with pytest.raises(ValueError, match="kernel must be"):
+        dequant_matmul(torch.randn(1, 64, device=DEV), q, s, z, 4, g, False, kernel="fast")
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
+def test_gemv_half_activations(dtype, tol):
+    check(1, 48, 128, 4, 64, False, bias=True, dtype=dtype, tol=tol, kernel="gemv")
 
 
 @needs_kernel

@@ -24,6 +24,14 @@ With few rows (decode) there are few output tiles, so K can be split over ``SPLI
 add their partial sums atomically into an fp32 output. 8-bit (and 2, 3, 5-7-bit) codes are stored
 one per int8 and take the same path without the unpacking. Storage layout: ``packing``.
 
+For 1 to 4 rows (``GEMV_MAX_ROWS``) a second kernel, ``dequant_gemv_kernel``, skips ``tl.dot``: a
+16-row ``tl.dot`` tile is 15/16 padding at batch 1, and split-K needs a zeroed fp32 output and a
+cast afterwards, three kernels per layer where a 4096x4096 int4 weight takes ~2 us to read on an
+H100/H200. Each program owns BLOCK_N output features over the whole of K (N / BLOCK_N programs fill
+the GPU at Llama's widths), multiplies the dequantized tile by x in registers, reduces over K and
+stores y in the activations' dtype: one kernel, no atomics (the layout of gpt-fast's and llama.cpp's
+GEMV kernels for quantized decode).
+
 Runs on a CPU under TRITON_INTERPRET=1 at small sizes (tests/test_quant_kernel.py).
 """
 from __future__ import annotations
@@ -69,9 +77,42 @@ def dequant_matmul_reference(x, qweight, scales, zeros, bits: int, group_size: i
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
-# ---- the kernel -------------------------------------------------------------------------------
+# ---- the kernels ------------------------------------------------------------------------------
 
 if triton is not None:
+    @triton.jit
+    def _dequantized_tile(q_ptr, s_ptr, z_ptr, offs_n, in_n, k0, offs_k, in_k, k_hi,
+                          stride_qn, stride_qk, stride_sn, stride_sg,
+                          GROUP_SIZE: tl.constexpr, OFFSET: tl.constexpr, PACKED: tl.constexpr,
+                          HAS_ZEROS: tl.constexpr, ONE_GROUP_PER_TILE: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The fp32 weight tile [BLOCK_N, BLOCK_K] at rows offs_n, columns k0.. (< k_hi): codes read
+        (and unpacked), zero point subtracted, scaled; 0 outside the weight (s = 0 there)."""
+        if PACKED:   # two 4-bit codes per byte, column 2j in the low nibble of byte j
+            offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            raw = tl.load(q_ptr + offs_n[:, None] * stride_qn + offs_b[None, :] * stride_qk,
+                          mask=in_n[:, None] & (offs_b < k_hi // 2)[None, :], other=0).to(tl.int32)
+            codes = tl.interleave(raw & 0xF, raw >> 4)
+        else:        # one code per int8
+            codes = tl.load(q_ptr + offs_n[:, None] * stride_qn + offs_k[None, :] * stride_qk,
+                            mask=in_n[:, None] & in_k[None, :], other=0).to(tl.int32)
+        w = (codes + OFFSET).to(tl.float32)
+        if ONE_GROUP_PER_TILE:   # the whole K tile lies in one group: one scale per row
+            g = k0 // GROUP_SIZE
+            s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=in_n, other=0.0).to(tl.float32)[:, None]
+            if HAS_ZEROS:
+                z = tl.load(z_ptr + offs_n * stride_sn + g * stride_sg, mask=in_n, other=0.0).to(tl.float32)[:, None]
+        else:                    # groups narrower than the tile, or not aligned to it
+            g = offs_k // GROUP_SIZE
+            mask_s = in_n[:, None] & in_k[None, :]
+            s = tl.load(s_ptr + offs_n[:, None] * stride_sn + g[None, :] * stride_sg, mask=mask_s,
+                        other=0.0).to(tl.float32)
+            if HAS_ZEROS:
+                z = tl.load(z_ptr + offs_n[:, None] * stride_sn + g[None, :] * stride_sg, mask=mask_s,
+                            other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            w = w - z
+        return w * s
+
     @triton.jit
     def dequant_matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
                               M, N, K, K_PER_SPLIT,
@@ -93,31 +134,9 @@ if triton is not None:
             in_k = offs_k < k_hi
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                         mask=in_m[:, None] & in_k[None, :], other=0.0)             # [BM, BK]
-            if PACKED:   # two 4-bit codes per byte, column 2j in the low nibble of byte j
-                offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-                raw = tl.load(q_ptr + offs_n[:, None] * stride_qn + offs_b[None, :] * stride_qk,
-                              mask=in_n[:, None] & (offs_b < k_hi // 2)[None, :], other=0).to(tl.int32)
-                codes = tl.interleave(raw & 0xF, raw >> 4)                          # [BN, BK]
-            else:        # one code per int8
-                codes = tl.load(q_ptr + offs_n[:, None] * stride_qn + offs_k[None, :] * stride_qk,
-                                mask=in_n[:, None] & in_k[None, :], other=0).to(tl.int32)
-            w = (codes + OFFSET).to(tl.float32)
-            if ONE_GROUP_PER_TILE:   # the whole K tile lies in one group: one scale per row
-                g = k0 // GROUP_SIZE
-                s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=in_n, other=0.0).to(tl.float32)[:, None]
-                if HAS_ZEROS:
-                    z = tl.load(z_ptr + offs_n * stride_sn + g * stride_sg, mask=in_n, other=0.0).to(tl.float32)[:, None]
-            else:                    # groups narrower than the tile, or not aligned to it
-                g = offs_k // GROUP_SIZE
-                mask_s = in_n[:, None] & in_k[None, :]
-                s = tl.load(s_ptr + offs_n[:, None] * stride_sn + g[None, :] * stride_sg, mask=mask_s,
-                            other=0.0).to(tl.float32)
-                if HAS_ZEROS:
-                    z = tl.load(z_ptr + offs_n[:, None] * stride_sn + g[None, :] * stride_sg, mask=mask_s,
-                                other=0.0).to(tl.float32)
-            if HAS_ZEROS:
-                w = w - z
-            w = w * s                                    # [BN, BK]; 0 outside the weight (s = 0 there)
+            w = _dequantized_tile(q_ptr, s_ptr, z_ptr, offs_n, in_n, k0, offs_k, in_k, k_hi,
+                                  stride_qn, stride_qk, stride_sn, stride_sg, GROUP_SIZE, OFFSET, PACKED,
+                                  HAS_ZEROS, ONE_GROUP_PER_TILE, BLOCK_K)       # [BN, BK]
             if UPCAST:   # Triton's CPU interpreter computes bf16 dots wrongly; on a GPU this is off
                 x = x.to(tl.float32)
             else:
@@ -132,6 +151,34 @@ if triton is not None:
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
         else:                        # y is fp32 and zeroed: partial sums over K add up
             tl.atomic_add(y_ptrs, acc, mask=mask_y)
+
+
+    @triton.jit
+    def dequant_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K,
+                            stride_xm, stride_xk, stride_qn, stride_qk, stride_sn, stride_sg,
+                            stride_ym, stride_yn,
+                            GROUP_SIZE: tl.constexpr, OFFSET: tl.constexpr, PACKED: tl.constexpr,
+                            HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, ONE_GROUP_PER_TILE: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """y[:M, n-tile] = x[:M] @ dequant(W[n-tile])^T for M <= BLOCK_M (a handful of rows)."""
+        pid_n = tl.program_id(0)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_m, in_n = offs_m < M, offs_n < N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            in_k = offs_k < K
+            w = _dequantized_tile(q_ptr, s_ptr, z_ptr, offs_n, in_n, k0, offs_k, in_k, K,
+                                  stride_qn, stride_qk, stride_sn, stride_sg, GROUP_SIZE, OFFSET, PACKED,
+                                  HAS_ZEROS, ONE_GROUP_PER_TILE, BLOCK_K)       # [BN, BK]
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=in_m[:, None] & in_k[None, :], other=0.0).to(tl.float32)  # [BM, BK]
+            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)                    # [BM, BN]
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+                 acc.to(y_ptr.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
 
 
 # ---- the wrapper ------------------------------------------------------------------------------
@@ -152,14 +199,35 @@ def _config(M: int, N: int, K: int, group_size: int, device: torch.device, inter
     return block_m, block_n, block_k, split_k, 4, 3
 
 
+GEMV_MAX_ROWS = 4
+
+
+def _gemv_config(M: int, N: int, K: int, group_size: int, device: torch.device, interpret: bool):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMV kernel: hand-picked, not yet
+    timed on a GPU (the bench times it: ``python -m llmops_lab.bench --only quant``)."""
+    block_m = triton.next_power_of_2(M)
+    if interpret:
+        return block_m, 16, 32, 4, 1
+    # About two programs per SM: Llama-2-7B's 4096 outputs in tiles of 16 give 256 programs.
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    block_n = 16 if triton.cdiv(N, 32) < 2 * sms else 32
+    block_k = 256 if block_m <= 2 else 128       # the [M, N, K] product tile stays in registers
+    if group_size < K and group_size & (group_size - 1) == 0 and group_size >= 32:
+        block_k = min(block_k, group_size)       # a K tile inside one group: one scale per row
+    return block_m, block_n, block_k, 4, 3
+
+
 def dequant_matmul(x, qweight, scales, zeros, bits: int, group_size: int, sym: bool, bias=None,
-                   split_k: int | None = None) -> torch.Tensor:
+                   split_k: int | None = None, kernel: str | None = None) -> torch.Tensor:
     """y [..., N] = x [..., K] @ dequant(W)^T + bias with W stored as in ``QuantLinear``.
 
     Args:
         qweight: uint8 [N, K/2] at 4 bits, int8 [N, K] otherwise (``packing.pack_codes``).
         scales, zeros: [N, K/group_size] (fp16 by default); zeros are ignored when ``sym``.
-        split_k: programs sharing one output tile's K range (None: the default config's choice).
+        split_k: programs sharing one output tile's K range (None: the default config's choice);
+            the tiled kernel only.
+        kernel: "gemv" (at most ``GEMV_MAX_ROWS`` rows), "tiled", or None: "gemv" for up to
+            ``GEMV_MAX_ROWS`` rows unless ``split_k`` is given, "tiled" otherwise.
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -175,6 +243,23 @@ def dequant_matmul(x, qweight, scales, zeros, bits: int, group_size: int, sym: b
     x2 = x.reshape(-1, K)                                           # [M, K]
     M = x2.shape[0]
     interpret = _interpret()
+    if kernel not in (None, "gemv", "tiled"):
+        raise ValueError(f"kernel must be 'gemv', 'tiled' or None, got {kernel!r}")
+    if kernel is None:
+        kernel = "gemv" if 0 < M <= GEMV_MAX_ROWS and split_k is None else "tiled"
+    if kernel == "gemv":
+        if not 0 < M <= GEMV_MAX_ROWS:
+            raise ValueError(f"the GEMV kernel takes 1 to {GEMV_MAX_ROWS} rows, got {M}")
+        block_m, block_n, block_k, warps, stages = _gemv_config(M, N, K, group_size, x.device, interpret)
+        y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+        dequant_gemv_kernel[(triton.cdiv(N, block_n),)](
+            x2, qweight, scales, zeros, bias if bias is not None else scales, y,
+            M, N, K, x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1),
+            scales.stride(0), scales.stride(1), y.stride(0), y.stride(1),
+            GROUP_SIZE=group_size, OFFSET=storage_offset(bits, sym), PACKED=packed, HAS_ZEROS=not sym,
+            HAS_BIAS=bias is not None, ONE_GROUP_PER_TILE=group_size % block_k == 0 or group_size == K,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        return y.reshape(*lead, N)
     block_m, block_n, block_k, auto_split, warps, stages = _config(M, N, K, group_size, x.device, interpret)
     split_k = auto_split if split_k is None else split_k
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
