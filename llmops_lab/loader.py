@@ -28,6 +28,14 @@ def embedded_model_path(which: str = "target") -> Path:
     return path
 
 
+def embedded_fingerprint() -> dict[str, str]:
+    """The first 12 hex digits of each embedded model's weights' SHA-256: a recorded measurement
+    names the exact models it ran (the draft was retrained once; its figures moved with it)."""
+    import hashlib
+    return {w: hashlib.sha256((embedded_model_path(w) / "model.safetensors").read_bytes()).hexdigest()[:12]
+            for w in ("target", "draft")}
+
+
 def resolve(path_or_id: str | Path) -> Path:
     """A local folder as it is; ``"target"``/``"draft"`` as the embedded models; else a hub id."""
     if str(path_or_id) in EMBEDDED:

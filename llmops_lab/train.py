@@ -136,8 +136,11 @@ def load_state(run: Path, model, opt) -> tuple[int, list, list]:
 
 def train_model(which: str, steps: int, lr: float, batch: int, seq_len: int = 1024, seed: int = 0,
                 max_minutes: float | None = None, save_every: int = 100, eval_every: int = 250,
-                threads: int | None = None, distill: bool | None = None) -> dict:
+                threads: int | None = None, distill: bool | None = None,
+                distill_weight: float = DISTILL_WEIGHT) -> dict:
     from transformers import AutoTokenizer
+    if not 0.0 <= distill_weight <= 1.0:
+        raise ValueError(f"distill_weight must be in [0, 1], got {distill_weight}")
     if threads:
         torch.set_num_threads(threads)
     tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
@@ -180,7 +183,7 @@ def train_model(which: str, steps: int, lr: float, batch: int, seq_len: int = 10
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
                 t_logp = teacher(x.to(device)).float().log_softmax(-1)
             kl = F.kl_div(logits.float().log_softmax(-1), t_logp, log_target=True, reduction="batchmean") / seq_len
-            loss = (1 - DISTILL_WEIGHT) * ce + DISTILL_WEIGHT * kl
+            loss = (1 - distill_weight) * ce + distill_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -206,7 +209,8 @@ def train_model(which: str, steps: int, lr: float, batch: int, seq_len: int = 10
     tok.save_pretrained(str(out))
     result = {"model": which, "commands": commands, "parameters": sum(p.numel() for p in model.parameters()),
               "steps": n_steps, "planned_steps": steps, "batch": batch, "seq_len": seq_len, "lr": lr,
-              "seed": seed, "distilled_from_target": teacher is not None, "tokens_seen": n_steps * tokens_per_step, "train_loss": round(train_loss, 4),
+              "seed": seed, "distilled_from_target": teacher is not None,
+              "distill_weight": distill_weight if teacher is not None else None, "tokens_seen": n_steps * tokens_per_step, "train_loss": round(train_loss, 4),
               "val_loss": round(val_loss, 4), "val_perplexity": round(math.exp(val_loss), 2),
               "seconds": log[-1]["seconds"], "hardware": hardware(), "torch": torch.__version__}
     (out / "training.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -231,6 +235,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-minutes", type=float)
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--distill-weight", type=float, default=DISTILL_WEIGHT,
+                    help="draft only: weight of the KL to the target's distribution against the "
+                         "text's cross-entropy (1.0: learn from the target alone)")
     ap.add_argument("--fresh", action="store_true", help="discard a saved run instead of resuming it")
     a = ap.parse_args(argv)
     texts = corpus.fetch_texts()
@@ -245,7 +252,8 @@ def main(argv=None):
                 shutil.rmtree(RUNS / which)
             d = DEFAULTS[which]
             print(json.dumps(train_model(which, a.steps or d["steps"], a.lr or d["lr"], a.batch or d["batch"],
-                                         a.seq_len, a.seed, a.max_minutes, threads=a.threads), indent=2))
+                                         a.seq_len, a.seed, a.max_minutes, threads=a.threads,
+                                         distill_weight=a.distill_weight), indent=2))
     if a.what in ("card", "all"):
         from .model_card import write_card
         print("card ->", write_card())

@@ -6,7 +6,7 @@ import pytest
 
 from llmops_lab import bench, cli, formulas, roofline
 from llmops_lab.kv import KVCache
-from llmops_lab.loader import load_model
+from llmops_lab.loader import embedded_fingerprint, load_model
 
 
 def test_bench_quick_runs_and_writes_json(tmp_path):
@@ -26,8 +26,10 @@ def test_bench_quick_runs_and_writes_json(tmp_path):
     assert int4["weight_bytes"] < fp["weight_bytes"] / 6                 # 4 bits + scales vs 32 bits
     batching = [r for r in rows if r["suite"] == "batching" and r.get("peer")]
     assert batching and batching[0]["same_greedy_tokens"] and all(r["ratio"] > 0 for r in batching)
+    assert batching[0]["continuous_runs"] == 2            # on a CPU the engine runs before and after static
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert len(saved["rows"]) == len(rows) and saved["meta"]["quick"]
+    assert saved["meta"]["models"] == embedded_fingerprint()          # which weights ran
     assert "ratio" in bench.format_table(rows)
 
 

@@ -85,3 +85,18 @@ def test_generate_text_round_trip(tokenizer):
     assert len(out) == 2 and all(isinstance(s, str) and s for s in out)
     with pytest.raises(ValueError, match="empty"):
         llmops_lab.generate_text(m, tokenizer, "", max_new_tokens=4)
+
+
+def test_embedded_fingerprint_names_the_weights():
+    import hashlib
+    fp = llmops_lab.loader.embedded_fingerprint()
+    assert set(fp) == {"target", "draft"} and fp["target"] != fp["draft"]
+    path = llmops_lab.embedded_model_path("draft") / "model.safetensors"
+    assert fp["draft"] == hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+
+def test_distill_weight_out_of_range_is_refused_before_training():
+    from llmops_lab.train import train_model
+    for w in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="distill_weight"):
+            train_model("draft", steps=1, lr=1e-3, batch=1, distill_weight=w)

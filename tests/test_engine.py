@@ -240,7 +240,13 @@ def test_step_time_fit_and_formulas(tiny):
     assert experiment.fit_step_time(exact)[1] == pytest.approx((1e-3, 2e-4, 1e-6), rel=1e-6)
     toks = [t % 300 + 2 for t in range(3000)]
     wl = make_workload(toks, 8, prompt_len=(2, 10), mean_output=5, spread=1.0, max_output=20)
-    res = experiment.compare(tiny, wl, max_num_seqs=4, block_size=8)
+    res = experiment.compare(tiny, wl, max_num_seqs=4, block_size=8, bracket=True)
+    before, after = res["continuous_before"], res["continuous"]
+    assert experiment.same_outputs(res) and before.output_tokens == after.output_tokens
+    pooled = experiment.continuous_throughput(res)   # tokens of both runs over both makespans
+    assert pooled == pytest.approx(2 * after.output_tokens / (before.makespan + after.makespan))
+    assert min(before.throughput, after.throughput) <= pooled <= max(before.throughput, after.throughput)
+    assert experiment.continuous_throughput({"continuous": after}) == after.throughput
     for kind in ("static", "continuous"):
         p = experiment.predict(res[kind], fn, kind, 4)
         assert p["throughput_tok_s"] > 0

@@ -53,10 +53,12 @@ def run(device: str | None = None, out: str | Path | None = None, only: list[str
     unknown = set(only or ()) - set(suites())
     if unknown:
         raise ValueError(f"unknown suites {sorted(unknown)}; choose from {sorted(suites())}")
+    from ..loader import embedded_fingerprint
     ctx = BenchContext(dev, quick, compile)
     rows, t0 = [], time.time()
     meta = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__, "quick": quick, "compile": compile, "suite_seconds": {}}
+            "torch": torch.__version__, "quick": quick, "compile": compile, "models": embedded_fingerprint(),
+            "suite_seconds": {}}
     for name, fn in suites().items():
         if only and name not in only:
             continue

@@ -28,13 +28,31 @@ from .workload import RunResult, make_workload, run_continuous, run_static
 
 
 def compare(model, workload, max_num_seqs: int = 16, block_size: int = 16, num_kv_blocks: int | None = None,
-            max_num_batched_tokens: int = 512, tokenizer=None, progress: bool = False) -> dict[str, RunResult]:
-    """Run ``workload`` with static batching (batches of max_num_seqs) and with the engine."""
+            max_num_batched_tokens: int = 512, tokenizer=None, progress: bool = False,
+            bracket: bool = False) -> dict[str, RunResult]:
+    """Run ``workload`` with static batching (batches of max_num_seqs) and with the engine.
+
+    ``bracket``: run the engine before the static run as well (continuous, static, continuous;
+    the first is ``"continuous_before"``). On a machine whose speed drifts during the comparison
+    the two engine runs straddle the static one, and ``continuous_throughput`` pools them, so a
+    drift linear in time cancels out of the ratio instead of landing on one side of it.
+    """
     config = EngineConfig(max_num_seqs=max_num_seqs, block_size=block_size, num_kv_blocks=num_kv_blocks,
                           max_num_batched_tokens=max_num_batched_tokens)
-    static = run_static(model, workload, max_num_seqs, tokenizer, progress)
-    cont = run_continuous(model, workload, config, tokenizer, progress)
-    return {"static": static, "continuous": cont}
+    res = {}
+    if bracket:
+        res["continuous_before"] = run_continuous(model, workload, config, tokenizer, progress,
+                                                  name="continuous (before)")
+    res["static"] = run_static(model, workload, max_num_seqs, tokenizer, progress)
+    res["continuous"] = run_continuous(model, workload, config, tokenizer, progress)
+    return res
+
+
+def continuous_throughput(results: dict[str, RunResult]) -> float:
+    """Output tokens per second of the engine's run(s) in a ``compare`` result: both runs pooled
+    (tokens over summed makespans) when it was bracketed."""
+    runs = [results[k] for k in ("continuous_before", "continuous") if k in results]
+    return sum(r.output_tokens for r in runs) / sum(r.makespan for r in runs)
 
 
 def same_outputs(results: dict[str, RunResult]) -> bool:

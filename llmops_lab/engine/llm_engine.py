@@ -159,6 +159,8 @@ class LLMEngine:
         if batch.seqs:
             logits = self.runner.execute(batch)
             now = time.perf_counter()
+            # every greedy row's token in one reduction and one device-to-host copy, not one each
+            argmax = logits.argmax(-1).tolist() if any(getattr(s.sampling_params, "greedy", False) for s in batch.seqs) else None
             row = 0
             for seq, n in zip(batch.seqs, batch.num_tokens):
                 if seq.scheduled_time is None:
@@ -166,7 +168,7 @@ class LLMEngine:
                 seq.num_computed_tokens += n
                 self.block_manager.mark_computed(seq, seq.num_computed_tokens)
                 if seq.num_computed_tokens == len(seq):
-                    self._sample(seq, logits[row], now)
+                    self._sample(seq, logits[row], now, None if argmax is None else argmax[row])
                     touched.add(seq.request_id)
                     row += 1
             self.step_stats.append({
@@ -177,7 +179,7 @@ class LLMEngine:
                 "num_waiting": len(self.scheduler.waiting), "num_preempted": len(batch.preempted)})
         return [self._output(self.requests[r]) for r in touched if self._finished(self.requests[r])]
 
-    def _sample(self, seq: Sequence, logits: torch.Tensor, now: float) -> None:
+    def _sample(self, seq: Sequence, logits: torch.Tensor, now: float, argmax: int | None = None) -> None:
         req = self.requests[seq.request_id]
         p = req.params
         if not req.forked:                    # n > 1: the prompt's blocks are shared, copy-on-write
@@ -192,11 +194,15 @@ class LLMEngine:
                 self.scheduler.running.append(child)
                 req.seqs.append(child)
                 req.generators.append(self._generator(p, i))
-                self._sample_one(req, child, logits, now)
-        self._sample_one(req, seq, logits, now)
+                self._sample_one(req, child, logits, now, argmax)
+        self._sample_one(req, seq, logits, now, argmax)
 
-    def _sample_one(self, req: _Request, seq: Sequence, logits: torch.Tensor, now: float) -> None:
-        tok = sample_token(logits, req.params, req.generators[req.seqs.index(seq)] or self.generator)
+    def _sample_one(self, req: _Request, seq: Sequence, logits: torch.Tensor, now: float,
+                    argmax: int | None = None) -> None:
+        if req.params.greedy and argmax is not None:
+            tok = argmax
+        else:
+            tok = sample_token(logits, req.params, req.generators[req.seqs.index(seq)] or self.generator)
         seq.append_token(tok)
         if seq.first_token_time is None:
             seq.first_token_time = now

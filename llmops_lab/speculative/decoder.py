@@ -69,19 +69,25 @@ class SpeculativeStats:
                 "target_time_per_step": self.target_time_per_step}
 
 
-def _verify(t_logits, drafts, qs, temperature, top_k, top_p, generator):
-    """Accepted draft count per row [B] and the token each row adds after them [B].
+def _verify(t_logits, drafts, qs, temperature, top_k, top_p, generator) -> tuple[list[int], list[int]]:
+    """Accepted draft count per row and the token each row adds after them, as Python ints (the
+    bookkeeping that follows is plain Python).
 
     Sampling: keep draft d with probability min(1, p(d)/q(d)); the first rejected one is replaced
     by a draw from norm(max(0, p - q)), and after k accepted drafts a bonus token is drawn from p.
     Greedy is the same rule with one-hot p and q, which reduces to comparing argmaxes.
     """
     B, k = drafts.shape
-    rows = torch.arange(B, device=drafts.device)
     if temperature == 0:
-        t_tok = t_logits.argmax(-1)                                          # [B, k+1]
-        n_acc = torch.cumprod((drafts == t_tok[:, :k]).long(), 1).sum(1)
-        return n_acc, t_tok[rows, n_acc]
+        t_tok, d_tok = t_logits.argmax(-1).tolist(), drafts.tolist()       # [B][k+1], [B][k]
+        n_acc = []
+        for t_row, d_row in zip(t_tok, d_tok):
+            a = 0
+            while a < k and d_row[a] == t_row[a]:
+                a += 1
+            n_acc.append(a)
+        return n_acc, [t_row[a] for t_row, a in zip(t_tok, n_acc)]
+    rows = torch.arange(B, device=drafts.device)
     p = logits_to_probs(t_logits, temperature, top_k, top_p)                # [B, k+1, V]
     q = torch.stack(qs, 1)                                                   # [B, k, V]
     pd = p[:, :k].gather(-1, drafts[..., None]).squeeze(-1)
@@ -92,7 +98,7 @@ def _verify(t_logits, drafts, qs, temperature, top_k, top_p, generator):
     residual = (p[rows, at] - q[rows, at]).clamp(min=0)
     dist = torch.where((n_acc < k)[:, None], residual, p[rows, k])
     dist = dist / dist.sum(-1, keepdim=True).clamp(min=1e-20)
-    return n_acc, _draw(dist, generator)
+    return n_acc.tolist(), _draw(dist, generator).tolist()
 
 
 def _draw(probs, generator):
@@ -119,15 +125,16 @@ class _Lane:
         mask = self.valid[:, :start + S] if self.masked else None
         return self.run(tokens, self.cache, mask, last_only)
 
-    def rollback(self, start: int, kept: torch.Tensor, written: int):
+    def rollback(self, start: int, kept: list[int], written: int):
         """Of ``written`` slots from ``start``, row b keeps the first kept[b]; the cache shrinks to
         the longest row and the rest become holes."""
-        if kept.shape[0] == 1:  # one row: no holes, just forget the rejected slots
-            self.cache.truncate(start + int(kept[0]))
+        if len(kept) == 1:  # one row: no holes, just forget the rejected slots
+            self.cache.truncate(start + kept[0])
             return
-        idx = torch.arange(written, device=kept.device)
-        self.valid[:, start:start + written] *= (idx[None, :] < kept[:, None]).long()
-        self.cache.truncate(start + int(kept.max()))
+        kept_t = torch.tensor(kept, device=self.valid.device)
+        idx = torch.arange(written, device=self.valid.device)
+        self.valid[:, start:start + written] *= (idx[None, :] < kept_t[:, None]).long()
+        self.cache.truncate(start + max(kept))
 
 
 def _runner(model, lean: bool):
@@ -217,31 +224,32 @@ class SpeculativeDecoder:
             t_logits, dt = self._time(tgt.feed, torch.cat([pending, drafts], 1))
             stats.target_seconds += dt
             n_acc, fix = _verify(t_logits, drafts, qs, temperature, top_k, top_p, generator)
-            # 4. Commit, record, roll back the caches to what each row kept.
+            # 3. Commit, record, roll back the caches to what each row kept (plain Python from here).
             stats.steps += 1
+            d_tok = drafts.tolist()
             for b in range(B):
                 if done[b]:
                     continue
-                a = int(n_acc[b])
+                a = n_acc[b]
                 stats.accepted.append(a)
                 if b == 0:
-                    stats.trace.append({"drafts": drafts[0].tolist(), "accepted": a, "fix": int(fix[0]),
-                                        "bonus": a == k})
+                    stats.trace.append({"drafts": d_tok[0], "accepted": a, "fix": fix[0], "bonus": a == k})
                 for j in range(min(a + 1, k)):
                     stats.position_tries[j] += 1
                     stats.position_accepts[j] += int(j < a)
-                for tok in drafts[b, :a].tolist() + [int(fix[b])]:
+                for tok in d_tok[b][:a] + [fix[b]]:
                     if len(new[b]) < max_new_tokens and not done[b]:
                         new[b].append(tok)
                         done[b] = tok in stops or len(new[b]) >= max_new_tokens
-            tgt.rollback(t_start, n_acc + 1, k + 1)            # pending + accepted drafts stay
-            dft.rollback(d_start, n_acc.clamp(max=k - 1) + d_in.shape[1], d_in.shape[1] + k - 1)
-            all_k = n_acc == k
-            if bool(all_k.any()):
-                carry = (drafts[:, -1:], None if bool(all_k.all()) else all_k[:, None].long())
+            n_in = d_in.shape[1]
+            tgt.rollback(t_start, [a + 1 for a in n_acc], k + 1)          # pending + accepted drafts stay
+            dft.rollback(d_start, [min(a, k - 1) + n_in for a in n_acc], n_in + k - 1)
+            full = [a == k for a in n_acc]
+            if any(full):
+                carry = (drafts[:, -1:], None if all(full) else torch.tensor(full, device=dev).long()[:, None])
             else:
                 carry = None
-            pending = fix[:, None]
+            pending = torch.tensor(fix, device=dev)[:, None]
         width = max_new_tokens
         out = torch.zeros(B, S + width, dtype=torch.long, device=dev)
         out[:, :S] = input_ids
