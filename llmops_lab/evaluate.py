@@ -45,6 +45,7 @@ def common_prefix(a, b) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
+@torch.inference_mode()
 def greedy_agreement(target, draft, prompts: list[torch.Tensor], new_tokens: int = 64) -> dict:
     """How often the draft's argmax equals the target's along the target's own greedy continuation.
 

@@ -24,6 +24,19 @@ def measure_pair(n_prompts: int = 16, new_tokens: int = 64) -> dict:
             "validation_tokens": len(val_ids)}
 
 
+def _chain(commands: list[str]) -> str:
+    """The commands of one model's runs in order: a run that asks for no more steps than the one
+    before it resumed that run; one that asks for more continued it past its end."""
+    def steps(cmd):
+        parts = cmd.split()
+        return int(parts[parts.index("--steps") + 1]) if "--steps" in parts else None
+    out = f"`{commands[0]}`"
+    for prev, cmd in zip(commands, commands[1:]):
+        a, b = steps(prev), steps(cmd)
+        out += f", {'continued' if a is not None and b is not None and b > a else 'resumed'} as `{cmd}`"
+    return out
+
+
 def write_card() -> str:
     torch.manual_seed(0)
     runs = {w: json.loads((DATA_DIR / "models" / w / "training.json").read_text()) for w in ("target", "draft")}
@@ -44,12 +57,17 @@ and *The Tempest* are held out whole: the validation text (`data/corpus/validati
 seen in training. Both share the byte-level BPE tokenizer in `data/tokenizer` ({t.get('vocab', 4096)} tokens).
 
 Exact commands of these runs: `python -m llmops_lab.train slices`, `... tokenizer`, then
-`{'`, resumed as `'.join(t['commands'])}` and `{'`, resumed as `'.join(runs['draft']['commands'])}`,
+{_chain(t['commands'])} and {_chain(runs['draft']['commands'])},
 then `... card` (seed {t['seed']};
-torch {t['torch']}; AdamW, cosine schedule, bf16 autocast, random 1024-token windows; the draft
-learns from the target's distribution as well as from the text). `python -m llmops_lab.train all`
-runs the same steps with the default step counts; `--max-minutes` stops a run early, and the table
-gives the steps actually taken. Runs resume from `runs/<model>/` when interrupted.
+torch {t['torch']}; AdamW, cosine schedule, bf16 autocast, random 1024-token windows). The draft
+learns from the target's next-token distribution (a KL term weighted by `--distill-weight`, 0.5 by
+default) as well as from the text's next token. A run given more `--steps` than a finished one
+continues it, its cosine schedule re-planned from that step at the given `--lr`; a continuation at
+`--distill-weight 1.0` learns from the target's distribution alone, which is what greedy
+speculative decoding asks of a draft: an argmax that agrees with the target's.
+`python -m llmops_lab.train all` runs the same stages with the default step counts and no
+continuation; `--max-minutes` stops a run early, and the table gives the steps actually taken.
+Runs resume from `runs/<model>/` when interrupted.
 
 | model | parameters | steps x batch x tokens | tokens seen | train loss | val loss | val perplexity (1024-token windows) | time, hardware |
 |---|---|---|---|---|---|---|---|

@@ -100,3 +100,19 @@ def test_distill_weight_out_of_range_is_refused_before_training():
     for w in (-0.1, 1.5):
         with pytest.raises(ValueError, match="distill_weight"):
             train_model("draft", steps=1, lr=1e-3, batch=1, distill_weight=w)
+
+
+def test_greedy_agreement_of_a_model_with_itself_is_one(tokenizer):
+    from llmops_lab.evaluate import greedy_agreement
+    m = llmops_lab.load_model("target", device="cpu")            # parameters that require grad
+    prompts = held_out_prompts(tokenizer, corpus.read_slice("validation"), n=2, prompt_tokens=8)
+    agree = greedy_agreement(m, m, prompts, new_tokens=6)
+    assert agree["alpha"] == 1.0 and agree["per_prompt"] == [1.0, 1.0]
+
+
+def test_card_tells_resumed_runs_from_continued_ones():
+    from llmops_lab.model_card import _chain
+    cmds = ["train draft --steps 800 --max-minutes 25", "train draft --steps 800", "train draft --steps 1800"]
+    assert _chain(cmds) == ("`train draft --steps 800 --max-minutes 25`, resumed as `train draft --steps 800`, "
+                            "continued as `train draft --steps 1800`")
+    assert _chain(["train target"]) == "`train target`"

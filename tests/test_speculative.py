@@ -158,3 +158,7 @@ def test_sweep_reports_measured_inputs_to_the_formulas(pair):
     r = rows[0]
     assert 0 <= r["alpha"] <= 1 and r["c"] > 0 and r["verify_cost"] > 0 and r["speedup"] > 0
     assert r["predicted_leviathan"] > 0
+    assert r["c_in_loop"] > 0 and r["verify_cost_in_loop"] > 0      # the decoder's own clocks
+    from llmops_lab import formulas
+    assert r["predicted_in_loop"] == pytest.approx(formulas.speculative_speedup_with_verify_cost(
+        min(r["alpha"], 1 - 1e-9), 2, r["c_in_loop"], r["verify_cost_in_loop"]))

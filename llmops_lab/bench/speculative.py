@@ -32,7 +32,9 @@ def run(ctx: BenchContext) -> list[dict]:
     peer = experiment.compare_assisted(target, draft, prompts, new_tokens=new, k=best["k"], repeats=repeats)
     out = [row("spec", f"k={r['k']} speedup vs target alone", r["speedup"], "x", alpha=r["alpha"], c=r["c"],
                verify_cost=r["verify_cost"], predicted_leviathan=r["predicted_leviathan"],
-               predicted_with_verify_cost=r["predicted_with_verify_cost"]) for r in rows_k]
+               predicted_with_verify_cost=r["predicted_with_verify_cost"], c_in_loop=r["c_in_loop"],
+               verify_cost_in_loop=r["verify_cost_in_loop"], predicted_in_loop=r["predicted_in_loop"])
+           for r in rows_k]
     out.append(row("spec", f"best k={best['k']}: ours vs target alone, {len(prompts)} prompts", 1 / peer["ours_s"], "runs/s",
                    peer="target alone (ours, greedy)", peer_value=1 / peer["target_s"], target=">= 1.5x"))
     out.append(row("spec", f"best k={best['k']}: ours vs assisted", 1 / peer["ours_s"], "runs/s",

@@ -138,11 +138,18 @@ def sweep_k(target, draft, prompts, ks=(1, 2, 3, 4, 5, 6, 8), new_tokens: int = 
         steps = sum(len(st.accepted) for st in runs)
         tokens = sum(sum(st.accepted) for st in runs) + steps      # accepted drafts + one token per step
         v = step_time(target, k + 1, context) / t_step
+        # The same two costs as the decoder met them inside its loop (its own clocks): the draft
+        # after each target pass has evicted its weights from cache, and the verify pass there.
+        c_loop = sum(st.draft_seconds for st in runs) / (steps * k) / t_step
+        v_loop = sum(st.target_seconds for st in runs) / steps / t_step
         rows.append({"k": k, "temperature": temperature, "alpha": alpha, "tokens_per_step": tokens / steps,
                      "expected_tokens_per_step": formulas.expected_tokens_per_step(min(alpha, 1 - 1e-9), k),
                      "speedup": base / seconds[k], "c": c, "verify_cost": v, "seconds": seconds[k],
-                     "target_seconds": base, "n_prompts": len(prompts),
-                     **{f"predicted_{name}": val for name, val in predictions(alpha, k, c, t_step, v).items()}})
+                     "target_seconds": base, "n_prompts": len(prompts), "c_in_loop": c_loop,
+                     "verify_cost_in_loop": v_loop,
+                     **{f"predicted_{name}": val for name, val in predictions(alpha, k, c, t_step, v).items()},
+                     "predicted_in_loop": formulas.speculative_speedup_with_verify_cost(
+                         min(alpha, 1 - 1e-9), k, c_loop, v_loop)})
     return rows
 
 
