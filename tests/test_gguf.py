@@ -82,6 +82,7 @@ def peers(exported):
     from llmops_lab.quant.llama_cpp_peer import LlamaCppPeer
     # One thread: llama.cpp's threads spin at barriers and crawl when the cores are shared.
     ps = {q: LlamaCppPeer(p, n_ctx=256, n_threads=1) for q, p in exported.items() if q in ("F32", "Q8_0")}
+    ps["F32 kv-f32"] = LlamaCppPeer(exported["F32"], n_ctx=256, n_threads=1, kv_f32=True)
     yield ps
     for p in ps.values():
         p.close()
@@ -95,7 +96,13 @@ def test_llama_cpp_greedy_equals_ours_at_f32(draft, peers):
         theirs = peers["F32"].generate(p[None], max_new_tokens=16, stop_token_ids=())
         assert theirs.tolist() == ours.tolist()
     x = p[None]
-    torch.testing.assert_close(peers["F32"](x), model(x), atol=2e-3, rtol=1e-3)
+    # fp32 weights and an fp32 KV cache: the same logits but for summation order
+    ours_logits = model(x)
+    torch.testing.assert_close(peers["F32 kv-f32"](x), ours_logits, atol=1e-4, rtol=1e-4)
+    # llama.cpp's default KV cache is fp16 even for an F32 file: that alone moves logits ~100x more
+    f16_kv = (peers["F32"](x) - ours_logits).abs().max().item()
+    f32_kv = (peers["F32 kv-f32"](x) - ours_logits).abs().max().item()
+    assert f16_kv > 10 * f32_kv and f16_kv < 1e-2
 
 
 @needs_llama_cpp

@@ -18,6 +18,8 @@ import torch
 from ..corpus import read_slice
 from .speed import decode_prefill_speed
 
+GGML_TYPE_F32 = 0  # ggml_type of an fp32 tensor (llama_cpp.GGML_TYPE_F32), for the KV cache
+
 
 def llama_cpp_available() -> bool:
     try:
@@ -32,18 +34,22 @@ class LlamaCppPeer:
 
     n_ctx: the context llama.cpp allocates (default the file's training context).
     n_threads: default torch's thread count, so both runtimes use the same cores.
+    kv_f32: keep llama.cpp's KV cache in fp32. Its default is fp16 whatever the weights' type, which
+        moves an F32 file's logits by a few 1e-3 from ours; the default here is llama.cpp's own, as
+        its users run it.
     """
 
     def __init__(self, path: str | Path, n_ctx: int | None = None, n_threads: int | None = None,
-                 n_batch: int = 512):
+                 n_batch: int = 512, kv_f32: bool = False):
         from llama_cpp import Llama
         from .gguf import read_gguf_metadata
         meta = read_gguf_metadata(path)
         ctx_train = int(meta["llama.context_length"])
         self.path = Path(path)
         threads = n_threads or torch.get_num_threads()
+        kv = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if kv_f32 else {}
         self.llm = Llama(model_path=str(path), n_ctx=n_ctx or ctx_train, n_batch=n_batch,
-                         n_threads=threads, n_threads_batch=threads, logits_all=True, verbose=False)
+                         n_threads=threads, n_threads_batch=threads, logits_all=True, verbose=False, **kv)
         self.config = SimpleNamespace(max_position_embeddings=min(ctx_train, self.llm.n_ctx()),
                                       vocab_size=self.llm.n_vocab(),
                                       eos_token_ids=(self.llm.token_eos(),))
