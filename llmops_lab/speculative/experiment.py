@@ -138,10 +138,12 @@ def sweep_k(target, draft, prompts, ks=(1, 2, 3, 4, 5, 6, 8), new_tokens: int = 
         steps = sum(len(st.accepted) for st in runs)
         tokens = sum(sum(st.accepted) for st in runs) + steps      # accepted drafts + one token per step
         v = step_time(target, k + 1, context) / t_step
-        # The same two costs as the decoder met them inside its loop (its own clocks): the draft
-        # after each target pass has evicted its weights from cache, and the verify pass there.
-        c_loop = sum(st.draft_seconds for st in runs) / (steps * k) / t_step
-        v_loop = sum(st.target_seconds for st in runs) / steps / t_step
+        # The same two costs as the decoder met them inside its loop (its own clocks: the draft
+        # after each target pass has evicted its weights from cache), in units of the target
+        # alone's time per token in its own loop (base: every prompt's new_tokens, prefill included).
+        t_alone = base / (len(prompts) * new_tokens)
+        c_loop = sum(st.draft_seconds for st in runs) / (steps * k) / t_alone
+        v_loop = sum(st.target_seconds for st in runs) / steps / t_alone
         rows.append({"k": k, "temperature": temperature, "alpha": alpha, "tokens_per_step": tokens / steps,
                      "expected_tokens_per_step": formulas.expected_tokens_per_step(min(alpha, 1 - 1e-9), k),
                      "speedup": base / seconds[k], "c": c, "verify_cost": v, "seconds": seconds[k],
