@@ -30,7 +30,8 @@ def embedded_model_path(which: str = "target") -> Path:
 
 def embedded_fingerprint() -> dict[str, str]:
     """The first 12 hex digits of each embedded model's weights' SHA-256: a recorded measurement
-    names the exact models it ran (the draft was retrained once; its figures moved with it)."""
+    names the exact models it ran (the draft was trained further on 2026-11-26, and the
+    speculative-decoding figures moved with it)."""
     import hashlib
     return {w: hashlib.sha256((embedded_model_path(w) / "model.safetensors").read_bytes()).hexdigest()[:12]
             for w in ("target", "draft")}
