@@ -38,7 +38,6 @@ def perplexity(model, ids: torch.Tensor, window: int = 512, max_windows: int | N
     return math.exp(total / count)
 
 
-@torch.inference_mode()
 def common_prefix(a, b) -> int:
     """How many leading tokens two sequences of token ids share (the position of the first
     difference, or the shorter length)."""

@@ -175,8 +175,9 @@ def paged_decode(q, k_pool, v_pool, block_tables, context_lens, num_splits: int 
             the GPU. Splitting needs ``max_context_len`` (else it is read from context_lens).
         tune: on a GPU, time the candidate tiles (``TILE_CONFIGS``) on the first call for this
             head layout, context length (rounded up to a power of two) and split length, and use
-            the fastest from then on; ``paged_decode_tuned.cache`` maps each key to its choice. Off by default: tuning
-            takes a second or two, which the engine should not spend inside a timed step.
+            the fastest from then on; ``paged_decode_tuned.cache`` maps each key to its choice.
+            Off by default: tuning takes a second or two, which the engine should not spend inside
+            a timed step.
 
     Returns:
         [B, H, D] in q's dtype (and the natural-log log-sum-exp [B, H] with ``return_lse``).

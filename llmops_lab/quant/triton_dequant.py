@@ -152,7 +152,6 @@ if triton is not None:
         else:                        # y is fp32 and zeroed: partial sums over K add up
             tl.atomic_add(y_ptrs, acc, mask=mask_y)
 
-
     @triton.jit
     def dequant_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K,
                             stride_xm, stride_xk, stride_qn, stride_qk, stride_sn, stride_sg,
