@@ -197,9 +197,11 @@ def test_scheduler_is_plain_python():
     assert batch.num_tokens == [6, 4] and len(sch.running) == 2 and len(sch.waiting) == 1
 
 
-def test_static_baseline_matches_alone(tiny):
+@pytest.mark.parametrize("static_cache", [False, True])     # True: the GPU's path, run eagerly
+def test_static_baseline_matches_alone(tiny, static_cache):
     ps = prompts(4, 2, 30, seed=9)
-    outs, steps = run_static_batch(tiny, ps, [SamplingParams(max_tokens=n, **GREEDY) for n in (3, 9, 1, 5)])
+    outs, steps = run_static_batch(tiny, ps, [SamplingParams(max_tokens=n, **GREEDY) for n in (3, 9, 1, 5)],
+                                   static_cache=static_cache)
     for o, p, n in zip(outs, ps, (3, 9, 1, 5)):
         assert o.outputs[0].token_ids == alone(tiny, p, n)
     assert len(steps) == 9 and steps[-1]["num_active"] == 1     # runs until the longest is done
@@ -285,3 +287,107 @@ def test_agreement_counts_first_tokens_and_common_prefixes():
     assert got["first_token"] == 2 / 3 and abs(got["prefix"] - (0.5 + 0 + 1) / 3) < 1e-12
     with pytest.raises(ValueError, match="share no request"):
         agreement(a, RunResult("c"))
+
+
+def static_decode_engine(model, use_kernels: bool, **cfg):
+    """An engine whose decode steps take the CUDA-graph path's static buffers, run eagerly (no
+    capture on a CPU); counts how many steps went that way."""
+    from llmops_lab.engine.model_runner import ModelRunner
+    eng = LLMEngine(model, config=EngineConfig(**cfg))
+    c = eng.config
+    eng.runner = ModelRunner(model, eng.num_kv_blocks, c.block_size, decode_graphs="static",
+                             max_num_seqs=c.max_num_seqs, max_model_len=eng.max_model_len)
+    eng.runner.graphs.use_kernels = use_kernels
+    eng.static_steps = 0
+    run = eng.runner.graphs.run
+
+    def counted(*a):
+        eng.static_steps += 1
+        return run(*a)
+    eng.runner.graphs.run = counted
+    return eng
+
+
+def test_batch_buckets():
+    from llmops_lab.engine.cuda_graph import batch_buckets
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(5) == [1, 2, 4, 5]
+    assert batch_buckets(16) == [1, 2, 4, 8, 16]
+    assert batch_buckets(40) == [1, 2, 4, 8, 16, 32, 40]
+
+
+@pytest.mark.parametrize("use_kernels", [False, True])
+@pytest.mark.parametrize("cfg", [
+    dict(max_num_seqs=5, max_num_batched_tokens=64),                     # buckets 1, 2, 4, 5: padding rows
+    dict(max_num_seqs=16, max_num_batched_tokens=64, num_kv_blocks=12),  # preemption, recompute
+])
+def test_static_decode_path_equals_alone(tiny, use_kernels, cfg):
+    """The CUDA-graph path's static buffers (padded to a bucket, scratch block, context bound from
+    max_model_len), run eagerly: the same greedy tokens as each prompt alone, every block back."""
+    from llmops_lab.paged import triton_paged
+    if use_kernels and not triton_paged.available(torch.device("cpu")):
+        pytest.skip("needs TRITON_INTERPRET=1 (scripts/test sets it without a GPU)")
+    ps = prompts(9, seed=4)
+    ps[4] = ps[2][:17] + ps[4]                      # a prefix-cache hit
+    lens = [1 + (i * 5) % 13 for i in range(len(ps))]
+    eng = static_decode_engine(tiny, use_kernels, block_size=8, **cfg)
+    reqs = [(str(i), p, SamplingParams(max_tokens=n, **GREEDY)) for i, (p, n) in enumerate(zip(ps, lens))]
+    outs = run_all(eng, reqs, shuffle_seed=1, add_every=3)
+    for i, (p, n) in enumerate(zip(ps, lens)):
+        assert outs[str(i)].outputs[0].token_ids == alone(tiny, p, n), f"request {i}"
+    assert eng.static_steps > 5
+    assert eng.block_manager.num_free_blocks == eng.num_kv_blocks
+    if cfg.get("num_kv_blocks") == 12:
+        assert eng.scheduler.num_preemptions > 0
+
+
+def test_static_decode_path_samples_like_the_eager_one(tiny):
+    """Seeded sampling and n > 1 (copy-on-write of a shared block) through the static path: the
+    same tokens as the eager engine."""
+    ps = prompts(4, 5, 30, seed=8)
+    params = SamplingParams(max_tokens=9, temperature=0.9, top_p=0.9, n=2, seed=5, ignore_eos=True)
+    reqs = [(str(i), p, params) for i, p in enumerate(ps)]
+    eager = run_all(LLMEngine(tiny, config=EngineConfig(block_size=8, max_num_seqs=8)), reqs)
+    eng = static_decode_engine(tiny, False, block_size=8, max_num_seqs=8)
+    static = run_all(eng, reqs)
+    assert eng.static_steps > 0
+    for i in range(len(ps)):
+        assert [c.token_ids for c in static[str(i)].outputs] == [c.token_ids for c in eager[str(i)].outputs]
+
+
+def test_decode_graphs_refuse_what_they_cannot_hold(tiny):
+    from llmops_lab.engine.cuda_graph import DecodeGraphs
+    from llmops_lab.engine.model_runner import ModelRunner, decode_graphs_possible
+    assert not decode_graphs_possible(tiny)          # a CPU: the engine runs eagerly
+    with pytest.raises(ValueError, match="CUDA"):
+        DecodeGraphs(tiny, [], [], 8, 4, 64, scratch_block=0)
+    with pytest.raises(ValueError, match="decode_graphs"):
+        ModelRunner(tiny, 4, 8, decode_graphs="always")
+    from dataclasses import replace
+    windowed = type(tiny)(replace(TINY, sliding_window=16))
+    with pytest.raises(ValueError, match="sliding window"):
+        ModelRunner(windowed, 4, 8, decode_graphs="static")
+
+
+@pytest.mark.gpu
+def test_captured_decode_graphs_match_eager():
+    """On a GPU: the engine with CUDA graphs (the default) gives the eager engine's greedy tokens
+    (fp32, so batching cannot round differently)."""
+    from llmops_lab.config import ModelConfig
+    from llmops_lab.model import LlamaModel
+    cfg = ModelConfig(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    model = LlamaModel(cfg).eval().cuda()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.08)
+    ps = prompts(11, seed=2)
+    reqs = [(str(i), p, SamplingParams(max_tokens=3 + i % 9, **GREEDY)) for i, p in enumerate(ps)]
+    outs = {}
+    for eager in (True, False):
+        eng = LLMEngine(model, config=EngineConfig(block_size=16, max_num_seqs=6, num_kv_blocks=64,
+                                                   enforce_eager=eager))
+        assert (eng.runner.graphs is None) == eager
+        outs[eager] = {k: v.outputs[0].token_ids for k, v in run_all(eng, reqs, add_every=2).items()}
+    assert outs[True] == outs[False]

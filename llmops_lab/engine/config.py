@@ -20,6 +20,7 @@ class EngineConfig:
     max_model_len: int | None = None      # default: the model's context
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    enforce_eager: bool = False           # CUDA: no graphs of decode steps (they are captured by default)
     seed: int = 0
 
     def __post_init__(self):

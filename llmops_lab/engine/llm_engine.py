@@ -17,7 +17,7 @@ import torch
 from ..generation import logits_to_probs
 from .block_manager import BlockManager
 from .config import EngineConfig
-from .model_runner import ModelRunner, num_kv_blocks
+from .model_runner import ModelRunner, decode_graphs_possible, num_kv_blocks
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .sampling_params import SamplingParams, stop_reason
 from .scheduler import Scheduler
@@ -59,7 +59,9 @@ class LLMEngine:
         self.block_manager = BlockManager(blocks, config.block_size, config.enable_prefix_caching,
                                           track_computed=True)
         self.scheduler = Scheduler(config, self.block_manager)
-        self.runner = ModelRunner(model, blocks, config.block_size)
+        graphs = "capture" if not config.enforce_eager and decode_graphs_possible(model) else None
+        self.runner = ModelRunner(model, blocks, config.block_size, decode_graphs=graphs,
+                                  max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len)
         self.requests: dict[str, _Request] = {}
         self.eos_ids = set(model.config.eos_token_ids)
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)

@@ -5,7 +5,8 @@ see ``paged.varlen``), turns a
 ``ScheduledBatch`` into one packed forward pass (token ids, RoPE positions, slot mapping, block
 tables, context lengths: built on the host in plain Python, moved to the device once), performs the
 copy-on-write block copies the block manager asked for, and returns the logits of the sequences
-that sample this step (those whose every known token is now computed).
+that sample this step (those whose every known token is now computed). A step of decodes alone
+replays a captured CUDA graph when the runner has them (``cuda_graph.DecodeGraphs``).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 
 from ..paged.varlen import PackedBatch, packed_paged_attention
 from .config import EngineConfig
+from .cuda_graph import DecodeGraphs
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
 
@@ -25,19 +27,45 @@ def kv_bytes_per_block(model, block_size: int, dtype: torch.dtype | None = None)
     return 2 * c.num_hidden_layers * c.num_key_value_heads * block_size * c.head_dim * itemsize
 
 
+def decode_graphs_possible(model) -> bool:
+    """Whether decode steps of ``model`` can be captured: CUDA, Triton, and no sliding window (the
+    paged decode kernel has none)."""
+    from ..paged import triton_paged
+    return (model.device.type == "cuda" and model.config.sliding_window is None
+            and triton_paged.available(model.device))
+
+
 class ModelRunner:
-    def __init__(self, model, num_blocks: int, block_size: int):
+    """``decode_graphs``: "capture" (CUDA graphs of decode steps up to ``max_num_seqs`` sequences),
+    "static" (the same static buffers, run eagerly: the tests' check of that path), or None."""
+
+    def __init__(self, model, num_blocks: int, block_size: int, decode_graphs: str | None = None,
+                 max_num_seqs: int = 1, max_model_len: int | None = None):
         self.model = model
         self.block_size = block_size
         c, dev, dt = model.config, model.device, model.dtype
-        shape = (num_blocks, block_size, c.num_key_value_heads, c.head_dim)
+        self.use_kernels = dev.type == "cuda"
+        if decode_graphs not in (None, "capture", "static"):
+            raise ValueError(f"decode_graphs must be None, 'capture' or 'static', got {decode_graphs!r}")
+        if decode_graphs is not None and c.sliding_window is not None:
+            raise ValueError("the static decode path has no sliding window; run this model eagerly")
+        # the static path's padding rows write into one extra block, beyond the block manager's range
+        shape = (num_blocks + (decode_graphs is not None), block_size, c.num_key_value_heads, c.head_dim)
         self.k_pools = [torch.zeros(shape, dtype=dt, device=dev) for _ in range(c.num_hidden_layers)]
         self.v_pools = [torch.zeros(shape, dtype=dt, device=dev) for _ in range(c.num_hidden_layers)]
-        self.use_kernels = dev.type == "cuda"
+        self.graphs = None
+        self.graph_steps = 0                 # steps that took the static (graphed) decode path
+        if decode_graphs is not None:
+            from ..paged import triton_paged
+            self.graphs = DecodeGraphs(model, self.k_pools, self.v_pools, block_size, max_num_seqs,
+                                       max_model_len or c.max_position_embeddings, scratch_block=num_blocks,
+                                       use_kernels=triton_paged.available(dev),
+                                       capture=decode_graphs == "capture")
 
     def release(self) -> None:
         """Drop the pools (the engine's statistics stay readable); a GPU gets its memory back."""
         self.k_pools, self.v_pools = [], []
+        self.graphs = None
         if self.model.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -80,11 +108,34 @@ class ModelRunner:
         return (torch.tensor([ids], device=dev), torch.tensor([pos], device=dev), meta,
                 torch.tensor(sample_at, dtype=torch.long, device=dev))
 
+    def prepare_decode(self, batch: ScheduledBatch):
+        """The static path's inputs (ids, positions, slots, context lengths, block tables) when every
+        sequence of the batch computes its newest token and samples after it, and the graphs hold a
+        batch that size; else None (the step runs eagerly)."""
+        if self.graphs is None or len(batch) > self.graphs.max_batch:
+            return None
+        bs = self.block_size
+        ids, pos, slots, lens, tables = [], [], [], [], []
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            p = seq.num_computed_tokens
+            if n != 1 or p + 1 != len(seq) or p < seq.num_cached_tokens:
+                return None
+            ids.append(seq.token_ids[p])
+            pos.append(p)
+            slots.append(seq.block_table[p // bs] * bs + p % bs)
+            lens.append(p + 1)
+            tables.append(seq.block_table)
+        return ids, pos, slots, lens, tables
+
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         """Run the step; logits [num_sampling, vocab] (fp32) for the sequences that sample, in
         batch order."""
         self.copy_blocks(batch.copies)
+        decode = self.prepare_decode(batch)
+        if decode is not None:
+            self.graph_steps += 1
+            return self.graphs.run(*decode).float()
         ids, pos, meta, sample_at = self.prepare(batch)
         logits = self.model(ids, positions=pos, cache=meta, backend=packed_paged_attention,
                             logits_indices=sample_at)

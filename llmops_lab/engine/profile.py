@@ -5,7 +5,8 @@
 On a GPU an eager step of a 7B model reads 13 GB of weights (a few milliseconds at HBM speed), and
 the host has to launch every kernel of every layer before the GPU can run it. The tables show which
 of the two bounds a step: the operators sorted by host (CPU) time and by device time, and the step's
-wall time next to the sum of its device time.
+wall time next to the sum of its device time. On a GPU the engine's decode steps replay CUDA graphs
+(``cuda_graph``); ``--compare-eager`` profiles the same steps with ``enforce_eager=True`` as well.
 """
 from __future__ import annotations
 
@@ -22,13 +23,15 @@ from .sampling_params import SamplingParams
 
 @torch.inference_mode()
 def profile_decode_steps(model, batch_size: int = 16, prompt_len: int = 128, steps: int = 10,
-                         row_limit: int = 12) -> dict:
+                         row_limit: int = 12, enforce_eager: bool = False) -> dict:
     """Profile ``steps`` engine steps in which ``batch_size`` sequences each decode one token.
 
     Returns {"step_ms": wall ms per step, "device_ms": device ms per step (summed kernel time),
-    "cpu_table": str, "device_table": str}."""
+    "graphs": whether the steps replayed CUDA graphs, "cpu_table": str, "device_table": str}."""
     dev = model.device
-    engine = LLMEngine(model, config=EngineConfig(max_num_seqs=batch_size, max_num_batched_tokens=batch_size * prompt_len))
+    engine = LLMEngine(model, config=EngineConfig(max_num_seqs=batch_size, max_num_batched_tokens=batch_size * prompt_len,
+                                                  enforce_eager=enforce_eager))
+    graphs = engine.runner.graphs is not None
     g = torch.Generator().manual_seed(0)
     for i in range(batch_size):
         ids = torch.randint(3, model.config.vocab_size, (prompt_len,), generator=g).tolist()
@@ -49,7 +52,7 @@ def profile_decode_steps(model, batch_size: int = 16, prompt_len: int = 128, ste
     events = prof.key_averages()
     device_us = sum(getattr(e, "self_device_time_total", 0) for e in events)
     sort_dev = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-    return {"step_ms": wall * 1e3, "device_ms": device_us / 1e3 / steps,
+    return {"step_ms": wall * 1e3, "device_ms": device_us / 1e3 / steps, "graphs": graphs,
             "cpu_table": events.table(sort_by="self_cpu_time_total", row_limit=row_limit),
             "device_table": events.table(sort_by=sort_dev, row_limit=row_limit)}
 
@@ -61,6 +64,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--compare-eager", action="store_true", help="also profile with enforce_eager=True")
     a = ap.parse_args(argv)
     if a.preset:
         from ..presets import random_model
@@ -68,11 +72,14 @@ def main(argv=None):
     else:
         from ..loader import load_model
         model = load_model("target", device=a.device, dtype=torch.float32)
-    r = profile_decode_steps(model, a.batch, a.prompt_len, a.steps)
-    print(f"{a.batch} decodes per step: {r['step_ms']:.2f} ms per step (wall), {r['device_ms']:.2f} ms of device time")
-    print("--- by host time\n" + r["cpu_table"])
-    if a.device == "cuda":
-        print("--- by device time\n" + r["device_table"])
+    for eager in (False, True) if a.compare_eager else (False,):
+        r = profile_decode_steps(model, a.batch, a.prompt_len, a.steps, enforce_eager=eager)
+        how = "CUDA graphs" if r["graphs"] else "eager"
+        print(f"{how}: {a.batch} decodes per step: {r['step_ms']:.2f} ms per step (wall), "
+              f"{r['device_ms']:.2f} ms of device time")
+        print("--- by host time\n" + r["cpu_table"])
+        if a.device == "cuda":
+            print("--- by device time\n" + r["device_table"])
 
 
 if __name__ == "__main__":

@@ -5,6 +5,9 @@ prefilled together on a contiguous KV cache, and decoded step by step until its 
 Rows that finished early keep occupying their slot (their steps are computed and thrown away) and no
 new request can join: every request of the batch is answered when the batch ends. This is what the
 documents' throughput formula N * T_out / (max(L_i) * T_token) describes.
+
+On a GPU each batch's decode steps replay a CUDA graph (``fast_decode.StaticDecoder``), as the
+engine's do, so the two differ in scheduling, not in how a step is launched.
 """
 from __future__ import annotations
 
@@ -34,8 +37,11 @@ def left_pad(prompts: list[list[int]], pad_token_id: int = 0) -> tuple[torch.Ten
 @torch.inference_mode()
 def run_static_batch(model, prompts: list[list[int]], params: list[SamplingParams],
                      arrivals: list[float] | None = None, request_ids: list[str] | None = None,
-                     tokenizer=None, generator: torch.Generator | None = None, pad_token_id: int = 0):
-    """Run one static batch; returns (outputs, steps) where steps are per-step stat rows."""
+                     tokenizer=None, generator: torch.Generator | None = None, pad_token_id: int = 0,
+                     static_cache: bool | None = None):
+    """Run one static batch; returns (outputs, steps) where steps are per-step stat rows.
+    ``static_cache``: decode on ``StaticDecoder``'s static cache, replayed as a CUDA graph on a GPU
+    (default: on a CUDA device; elsewhere the growing contiguous cache)."""
     B = len(prompts)
     if B == 0:
         raise ValueError("an empty batch")
@@ -53,22 +59,32 @@ def run_static_batch(model, prompts: list[list[int]], params: list[SamplingParam
     ids, prompt_mask = left_pad(prompts, pad_token_id)
     mask = torch.cat([prompt_mask, torch.ones(B, new, dtype=torch.long)], dim=1)
     ids, mask = ids.to(dev), mask.to(dev)
-    cache = KVCache.for_model(model, B, S + new)
+    graph = dev.type == "cuda" if static_cache is None else static_cache
+    if graph:
+        from ..fast_decode import StaticDecoder
+        decoder = StaticDecoder(model, B, S + new)
+    else:
+        cache = KVCache.for_model(model, B, S + new)
     eos = set(model.config.eos_token_ids)
     gen = generator or torch.Generator(device="cpu").manual_seed(0)
     t0 = time.perf_counter()
-    logits = model(ids, cache=cache, attention_mask=mask[:, :S], last_only=True)[:, -1].float()
+    if graph:
+        logits = decoder.prefill(ids, mask[:, :S]).float()
+    else:
+        logits = model(ids, cache=cache, attention_mask=mask[:, :S], last_only=True)[:, -1].float()
     steps = [{"t_start": t0, "t_end": time.perf_counter(), "num_seqs": B, "num_active": B,
               "num_tokens": int(mask[:, :S].sum())}]
     done = [False] * B
     for step in range(new):
         t = time.perf_counter()
         nxt = []
+        # every greedy row's token in one reduction and one device-to-host copy, as the engine does
+        argmax = logits.argmax(-1).tolist() if any(sp.greedy for sp in params) else None
         for b, s in enumerate(seqs):
             if done[b]:
                 nxt.append(s.token_ids[-1])          # a finished row still runs: padding work
                 continue
-            tok = sample_token(logits[b], s.sampling_params, gen)
+            tok = argmax[b] if s.sampling_params.greedy else sample_token(logits[b], s.sampling_params, gen)
             s.append_token(tok)
             nxt.append(tok)
             if s.first_token_time is None:
@@ -80,8 +96,11 @@ def run_static_batch(model, prompts: list[list[int]], params: list[SamplingParam
         if all(done):
             break
         active = B - sum(done)
-        logits = model(torch.tensor(nxt, device=dev)[:, None], cache=cache,
-                       attention_mask=mask[:, :cache.length + 1])[:, -1].float()
+        if graph:
+            logits = decoder.step(torch.tensor(nxt, device=dev)).float()
+        else:
+            logits = model(torch.tensor(nxt, device=dev)[:, None], cache=cache,
+                           attention_mask=mask[:, :cache.length + 1])[:, -1].float()
         steps.append({"t_start": t, "t_end": time.perf_counter(), "num_seqs": B, "num_active": active,
                       "num_tokens": B})
     end = time.perf_counter()

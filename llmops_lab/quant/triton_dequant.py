@@ -217,7 +217,8 @@ def _gemv_config(M: int, N: int, K: int, group_size: int, device: torch.device, 
 
 
 def dequant_matmul(x, qweight, scales, zeros, bits: int, group_size: int, sym: bool, bias=None,
-                   split_k: int | None = None, kernel: str | None = None) -> torch.Tensor:
+                   split_k: int | None = None, kernel: str | None = None,
+                   gemv_config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """y [..., N] = x [..., K] @ dequant(W)^T + bias with W stored as in ``QuantLinear``.
 
     Args:
@@ -227,6 +228,8 @@ def dequant_matmul(x, qweight, scales, zeros, bits: int, group_size: int, sym: b
             the tiled kernel only.
         kernel: "gemv" (at most ``GEMV_MAX_ROWS`` rows), "tiled", or None: "gemv" for up to
             ``GEMV_MAX_ROWS`` rows unless ``split_k`` is given, "tiled" otherwise.
+        gemv_config: (BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMV kernel instead of the
+            default's (``quant.tune_gemv`` times candidates).
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -250,6 +253,8 @@ def dequant_matmul(x, qweight, scales, zeros, bits: int, group_size: int, sym: b
         if not 0 < M <= GEMV_MAX_ROWS:
             raise ValueError(f"the GEMV kernel takes 1 to {GEMV_MAX_ROWS} rows, got {M}")
         block_m, block_n, block_k, warps, stages = _gemv_config(M, N, K, group_size, x.device, interpret)
+        if gemv_config is not None:
+            block_n, block_k, warps, stages = gemv_config
         y = torch.empty(M, N, device=x.device, dtype=x.dtype)
         dequant_gemv_kernel[(triton.cdiv(N, block_n),)](
             x2, qweight, scales, zeros, bias if bias is not None else scales, y,

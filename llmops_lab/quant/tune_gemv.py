@@ -1,0 +1,83 @@
+"""Time the GEMV kernel's tile candidates on this GPU, for a preset's linear shapes at decode.
+
+    python -m llmops_lab.quant.tune_gemv [--preset llama-2-7b] [--rows 1]
+
+At one to four rows the dequantizing GEMV reads each weight byte once and does almost no arithmetic,
+so its speed is how many bytes it keeps in flight: tiles wide enough along K for long reads, and
+enough programs (output tiles) to occupy every SM. The table prints, per format and shape, each
+candidate's time and achieved bandwidth (weight bytes / time), fastest first; the chosen tiles then
+go into ``triton_dequant._gemv_config``.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages)
+CANDIDATES = [(16, 128, 4, 3), (16, 256, 4, 3), (16, 512, 4, 3), (16, 512, 8, 3), (16, 1024, 8, 2),
+              (32, 256, 4, 3), (32, 256, 8, 3), (32, 512, 8, 3), (64, 256, 8, 3), (64, 512, 8, 2),
+              (8, 512, 4, 3), (8, 1024, 4, 3)]
+
+
+def time_call(fn, repeats: int = 200) -> float:
+    """Mean seconds per call over ``repeats`` back-to-back calls, by CUDA events (the kernels take
+    longer than their launches, so the queue stays full)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / repeats
+
+
+@torch.inference_mode()
+def tune(preset: str = "llama-2-7b", rows: int = 1, candidates=CANDIDATES, device="cuda") -> list[dict]:
+    from .speed import make_linears, preset_shapes
+    from .triton_dequant import dequant_matmul
+    shapes = sorted({(o, i) for _, o, i in preset_shapes(preset)})
+    out = []
+    for method in ("int4", "int8"):
+        mods = make_linears(method, [("", o, i) for o, i in shapes], device, torch.bfloat16)
+        for (o, i), m in zip(shapes, mods):
+            x = torch.randn(rows, i, device=device, dtype=torch.bfloat16)
+            nbytes = m.qweight.numel() + 2 * (m.scales.numel() + m.zeros.numel())
+            ref = dequant_matmul(x, m.qweight, m.scales, m.zeros, m.bits, m.group_size, m.sym, kernel="tiled")
+            base = time_call(lambda: dequant_matmul(x, m.qweight, m.scales, m.zeros, m.bits, m.group_size, m.sym))
+            out.append(dict(method=method, N=o, K=i, config="default", us=base * 1e6, gb_s=nbytes / base / 1e9))
+            for c in candidates:
+                try:
+                    def call(c=c):
+                        return dequant_matmul(x, m.qweight, m.scales, m.zeros, m.bits, m.group_size, m.sym,
+                                              kernel="gemv", gemv_config=c)
+                    err = float((call().float() - ref.float()).abs().max())
+                    t = time_call(call)
+                    out.append(dict(method=method, N=o, K=i, config=c, us=t * 1e6, gb_s=nbytes / t / 1e9, max_err=err))
+                except Exception as e:   # a tile too big for the registers or shared memory
+                    out.append(dict(method=method, N=o, K=i, config=c, error=f"{type(e).__name__}: {str(e)[:80]}"))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m llmops_lab.quant.tune_gemv", description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="llama-2-7b")
+    ap.add_argument("--rows", type=int, default=1)
+    a = ap.parse_args(argv)
+    rows = tune(a.preset, a.rows)
+    for key in sorted({(r["method"], r["N"], r["K"]) for r in rows}):
+        group = [r for r in rows if (r["method"], r["N"], r["K"]) == key]
+        ok = sorted((r for r in group if "us" in r), key=lambda r: r["us"])
+        print(f"--- {key[0]} N={key[1]} K={key[2]}, {a.rows} row(s)")
+        for r in ok:
+            print(f"  {str(r['config']):>22}  {r['us']:8.2f} us  {r['gb_s']:7.0f} GB/s  err {r.get('max_err', 0):.3g}")
+        for r in group:
+            if "error" in r:
+                print(f"  {str(r['config']):>22}  {r['error']}")
+
+
+if __name__ == "__main__":
+    main()
