@@ -63,7 +63,7 @@ def run(ctx: BenchContext) -> list[dict]:
     out = [
         row("batching", f"continuous vs static (ours), {desc}", cont_tput, "tok/s", peer="static (ours)",
             peer_value=static.throughput, target=">= 3x" if cpu else None, same_greedy_tokens=same, **bracketed,
-            steps=len(cont.steps), cuda_graph_steps=cont.engine.runner.graph_steps,
+            cuda_graph_steps=cont.engine.runner.graph_steps, **experiment.step_breakdown(cont),
             first_token_agreement=agree["static"]["first_token"], prefix_agreement=agree["static"]["prefix"]),
         row("batching", "continuous vs transformers padded generate", cont_tput, "tok/s",
             peer="transformers generate", peer_value=hf.throughput, target=None if cpu else ">= 8x",

@@ -55,6 +55,20 @@ def continuous_throughput(results: dict[str, RunResult]) -> float:
     return sum(r.output_tokens for r in runs) / sum(r.makespan for r in runs)
 
 
+def step_breakdown(result: RunResult) -> dict:
+    """Where an engine run's time went: its steps in which every sequence decoded one token (on a
+    GPU, the CUDA-graph replays) against those that also computed prompt tokens (always eager):
+    how many of each, their median duration and their total."""
+    out = {}
+    for kind, pick in (("decode", lambda s: s["num_decode"] == s["num_seqs"]),
+                       ("mixed", lambda s: s["num_decode"] != s["num_seqs"])):
+        ms = sorted((s["t_end"] - s["t_start"]) * 1e3 for s in result.steps if pick(s))
+        out[f"{kind}_steps"] = len(ms)
+        out[f"{kind}_step_ms"] = ms[len(ms) // 2] if ms else None
+        out[f"{kind}_total_s"] = sum(ms) / 1e3
+    return out
+
+
 def same_outputs(results: dict[str, RunResult]) -> bool:
     """Greedy runs must produce the same tokens for every request, however they were batched."""
     outs = [r.outputs for r in results.values()]

@@ -24,13 +24,15 @@ With few rows (decode) there are few output tiles, so K can be split over ``SPLI
 add their partial sums atomically into an fp32 output. 8-bit (and 2, 3, 5-7-bit) codes are stored
 one per int8 and take the same path without the unpacking. Storage layout: ``packing``.
 
-For 1 to 4 rows (``GEMV_MAX_ROWS``) a second kernel, ``dequant_gemv_kernel``, skips ``tl.dot``: a
-16-row ``tl.dot`` tile is 15/16 padding at batch 1, and split-K needs a zeroed fp32 output and a
-cast afterwards, three kernels per layer where a 4096x4096 int4 weight takes ~2 us to read on an
-H100/H200. Each program owns BLOCK_N output features over the whole of K (N / BLOCK_N programs fill
-the GPU at Llama's widths), multiplies the dequantized tile by x in registers, reduces over K and
-stores y in the activations' dtype: one kernel, no atomics (the layout of gpt-fast's and llama.cpp's
-GEMV kernels for quantized decode).
+For 1 to 4 rows (``GEMV_MAX_ROWS``) a second kernel, ``dequant_gemv_kernel`` (``kernel="gemv"``),
+skips ``tl.dot``: a 16-row ``tl.dot`` tile is 15/16 padding at batch 1, and split-K needs a zeroed
+fp32 output and a cast afterwards, three kernels per layer where a 4096x4096 int4 weight takes ~2 us
+to read. Each program owns BLOCK_N output features over the whole of K, multiplies the dequantized
+tile by x in registers, sums over K once at the end and stores y in the activations' dtype: one
+kernel, no atomics (the layout of gpt-fast's and llama.cpp's GEMV kernels for quantized decode).
+It is not the default: its first version (a reduction across threads in every K step) ran at 0.37x
+bf16 on an H100 where the tiled kernel ran at about 1.15x (``data/bench/``), and the version here
+is timed by ``python -m llmops_lab.quant.tune_gemv`` against the tiled kernel.
 
 Runs on a CPU under TRITON_INTERPRET=1 at small sizes (tests/test_quant_kernel.py).
 """
@@ -164,7 +166,10 @@ if triton is not None:
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         in_m, in_n = offs_m < M, offs_n < N
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        # Products accumulate elementwise, each thread along its own stretch of K, and are summed
+        # across K once after the loop: a reduction across threads in every iteration (the first
+        # version) ran at 100-300 GB/s on an H100.
+        acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             in_k = offs_k < K
@@ -173,7 +178,8 @@ if triton is not None:
                                   HAS_ZEROS, ONE_GROUP_PER_TILE, BLOCK_K)       # [BN, BK]
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                         mask=in_m[:, None] & in_k[None, :], other=0.0).to(tl.float32)  # [BM, BK]
-            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)                    # [BM, BN]
+            acc3 += x[:, None, :] * w[None, :, :]
+        acc = tl.sum(acc3, axis=2)                                                  # [BM, BN]
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
@@ -202,8 +208,8 @@ GEMV_MAX_ROWS = 4
 
 
 def _gemv_config(M: int, N: int, K: int, group_size: int, device: torch.device, interpret: bool):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMV kernel: hand-picked, not yet
-    timed on a GPU (the bench times it: ``python -m llmops_lab.bench --only quant``)."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMV kernel: hand-picked
+    (``quant.tune_gemv`` times the candidates)."""
     block_m = triton.next_power_of_2(M)
     if interpret:
         return block_m, 16, 32, 4, 1
@@ -226,8 +232,8 @@ def dequant_matmul(x, qweight, scales, zeros, bits: int, group_size: int, sym: b
         scales, zeros: [N, K/group_size] (fp16 by default); zeros are ignored when ``sym``.
         split_k: programs sharing one output tile's K range (None: the default config's choice);
             the tiled kernel only.
-        kernel: "gemv" (at most ``GEMV_MAX_ROWS`` rows), "tiled", or None: "gemv" for up to
-            ``GEMV_MAX_ROWS`` rows unless ``split_k`` is given, "tiled" otherwise.
+        kernel: "gemv" (at most ``GEMV_MAX_ROWS`` rows), "tiled", or None (the default, "tiled":
+            the GEMV kernel has not yet been measured faster; see the module docstring).
         gemv_config: (BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMV kernel instead of the
             default's (``quant.tune_gemv`` times candidates).
     """
@@ -247,8 +253,8 @@ def dequant_matmul(x, qweight, scales, zeros, bits: int, group_size: int, sym: b
     interpret = _interpret()
     if kernel not in (None, "gemv", "tiled"):
         raise ValueError(f"kernel must be 'gemv', 'tiled' or None, got {kernel!r}")
-    if kernel is None:
-        kernel = "gemv" if 0 < M <= GEMV_MAX_ROWS and split_k is None else "tiled"
+    if kernel is None:        # the GEMV kernel measured slower than the tiled one on an H100 (tune_gemv)
+        kernel = "tiled"
     if kernel == "gemv":
         if not 0 < M <= GEMV_MAX_ROWS:
             raise ValueError(f"the GEMV kernel takes 1 to {GEMV_MAX_ROWS} rows, got {M}")

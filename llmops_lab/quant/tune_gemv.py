@@ -1,4 +1,5 @@
-"""Time the GEMV kernel's tile candidates on this GPU, for a preset's linear shapes at decode.
+"""Time the GEMV kernel's tile candidates against the tiled kernel on this GPU, for a preset's
+linear shapes at decode.
 
     python -m llmops_lab.quant.tune_gemv [--preset llama-2-7b] [--rows 1]
 
@@ -20,19 +21,29 @@ CANDIDATES = [(16, 128, 4, 3), (16, 256, 4, 3), (16, 512, 4, 3), (16, 512, 8, 3)
               (8, 512, 4, 3), (8, 1024, 4, 3)]
 
 
-def time_call(fn, repeats: int = 200) -> float:
-    """Mean seconds per call over ``repeats`` back-to-back calls, by CUDA events (the kernels take
-    longer than their launches, so the queue stays full)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+def time_call(fn, calls: int = 20, repeats: int = 10) -> float:
+    """Median seconds per call: ``calls`` calls captured in one CUDA graph, replayed ``repeats``
+    times between CUDA events (a kernel of a few microseconds is shorter than its launch from
+    Python, so timing launches from Python would time Python)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    times = []
     for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / repeats
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls)
+    return sorted(times)[len(times) // 2]
 
 
 @torch.inference_mode()
@@ -43,12 +54,15 @@ def tune(preset: str = "llama-2-7b", rows: int = 1, candidates=CANDIDATES, devic
     out = []
     for method in ("int4", "int8"):
         mods = make_linears(method, [("", o, i) for o, i in shapes], device, torch.bfloat16)
-        for (o, i), m in zip(shapes, mods):
+        floats = make_linears("float", [("", o, i) for o, i in shapes], device, torch.bfloat16)
+        for (o, i), m, f in zip(shapes, mods, floats):
             x = torch.randn(rows, i, device=device, dtype=torch.bfloat16)
+            t = time_call(lambda: f(x))
+            out.append(dict(method=method, N=o, K=i, config="bf16 F.linear", us=t * 1e6, gb_s=2 * o * i / t / 1e9))
             nbytes = m.qweight.numel() + 2 * (m.scales.numel() + m.zeros.numel())
             ref = dequant_matmul(x, m.qweight, m.scales, m.zeros, m.bits, m.group_size, m.sym, kernel="tiled")
             base = time_call(lambda: dequant_matmul(x, m.qweight, m.scales, m.zeros, m.bits, m.group_size, m.sym))
-            out.append(dict(method=method, N=o, K=i, config="default", us=base * 1e6, gb_s=nbytes / base / 1e9))
+            out.append(dict(method=method, N=o, K=i, config="tiled (default)", us=base * 1e6, gb_s=nbytes / base / 1e9))
             for c in candidates:
                 try:
                     def call(c=c):
