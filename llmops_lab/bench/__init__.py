@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -86,18 +87,26 @@ def run(device: str | None = None, out: str | Path | None = None, only: list[str
     return rows
 
 
+def _run_order(path: Path) -> tuple:
+    """Recorded runs are named CARD-DATE-runN, N counting the runs of that date on any card."""
+    m = re.search(r"(\d{4}-\d{2}-\d{2})-run(\d+)$", path.stem)
+    return (m.group(1), int(m.group(2))) if m else ("", 0)
+
+
 def recorded(suite: str | None = None, run: str | None = None) -> tuple[dict, list[dict]]:
-    """(meta, rows) of a GPU bench run kept under ``data/bench/`` (default: the latest), only
-    ``suite``'s rows when given: the notebooks show these beside what they measure on the CPU."""
+    """(meta, rows) of a GPU bench run kept under ``data/bench/`` (default: the latest that ran
+    ``suite``), only ``suite``'s rows when given: the notebooks show these beside what they measure
+    on the CPU."""
     from ..loader import DATA_DIR
-    runs = sorted((DATA_DIR / "bench").glob("*.json"))
+    runs = sorted((DATA_DIR / "bench").glob("*.json"), key=_run_order)
     if run is not None:
         runs = [p for p in runs if p.stem == run]
-    if not runs:
-        raise FileNotFoundError(f"no recorded bench run {run or ''} under {DATA_DIR / 'bench'}")
-    saved = json.loads(runs[-1].read_text())
-    rows = [r for r in saved["rows"] if suite is None or r["suite"] == suite]
-    return dict(saved["meta"], run=runs[-1].stem), rows
+    for path in reversed(runs):
+        saved = json.loads(path.read_text())
+        rows = [r for r in saved["rows"] if suite is None or r["suite"] == suite]
+        if rows:
+            return dict(saved["meta"], run=path.stem), rows
+    raise FileNotFoundError(f"no recorded bench run {run or ''} with suite {suite!r} under {DATA_DIR / 'bench'}")
 
 
 SHOWN = ("roofline_fraction", "weight_gb_s", "max_err", "prefix_agreement", "first_token_agreement", "alpha", "c")
