@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 
 import torch
+from tqdm.auto import tqdm
 
 from ..attention import sdpa_attention
 
@@ -137,7 +138,8 @@ class DecodeGraphs:
     @torch.inference_mode()
     def _capture_all(self) -> None:
         pool = None                      # the graphs share one memory pool, largest captured first
-        for B in reversed(self.sizes):
+        for B in tqdm(list(reversed(self.sizes)), desc="capturing CUDA graphs", leave=False,
+                      disable=len(self.sizes) < 8):
             self._forward(B)             # warm-up: Triton compiles, cuBLAS picks its kernels
             torch.cuda.synchronize()
             g = torch.cuda.CUDAGraph()

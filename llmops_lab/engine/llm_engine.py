@@ -15,6 +15,7 @@ import time
 import torch
 
 from ..generation import logits_to_probs
+from ..measure import synchronize
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .model_runner import ModelRunner, decode_graphs_possible, num_kv_blocks
@@ -160,9 +161,11 @@ class LLMEngine:
             s.finish_time = t0
         if batch.seqs:
             logits = self.runner.execute(batch)
-            now = time.perf_counter()
             # every greedy row's token in one reduction and one device-to-host copy, not one each
             argmax = logits.argmax(-1).tolist() if any(getattr(s.sampling_params, "greedy", False) for s in batch.seqs) else None
+            if argmax is None:
+                synchronize(logits.device)   # a GPU runs the step asynchronously: stop the clock when it is done
+            now = time.perf_counter()
             row = 0
             for seq, n in zip(batch.seqs, batch.num_tokens):
                 if seq.scheduled_time is None:
