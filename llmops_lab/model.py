@@ -253,6 +253,8 @@ class LlamaModel(nn.Module):
         cos, sin = self.rope((pos if positions is None else positions)[:, None], x.dtype)
         kpos = torch.arange(cache.max_seq_len, device=x.device)
         mask = kpos[None, :] <= pos[:, None]                                  # [B, S_max]
+        if self.config.sliding_window is not None:      # as build_mask: the window counts cache slots
+            mask = mask & (kpos[None, :] > pos[:, None] - self.config.sliding_window)
         if attention_mask is not None:
             mask = mask & attention_mask.bool()
         mask = mask[:, None, None, :]

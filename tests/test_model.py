@@ -166,11 +166,12 @@ def test_loader_refuses_pickles_and_mismatched_checkpoints(tmp_path):
         llmops_lab.load_model(tmp_path / "nowhere", device="cpu")
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral-window"])    # a window of 16, outgrown here
 @pytest.mark.parametrize("lengths", [[9], [14, 6, 11]])
-def test_static_decode_equals_dynamic_generate(lengths):
+def test_static_decode_equals_dynamic_generate(lengths, family):
     from llmops_lab.fast_decode import StaticDecoder, generate_static
     torch.manual_seed(0)
-    m = LlamaModel(TINY).eval()
+    m = LlamaModel(FAMILIES[family]).eval()
     for p in m.parameters():
         torch.nn.init.normal_(p, std=0.08)
     ids, mask = padded_batch(TINY.vocab_size, lengths)
