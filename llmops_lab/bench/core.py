@@ -85,7 +85,7 @@ def stop_compile_workers() -> None:
     every host-bound measurement after it (transformers' eager generate in the batching suite)."""
     try:
         from torch._inductor.async_compile import shutdown_compile_workers
-    except ImportError:                  # a private API: without it the pool stays (and it is said)
+    except ImportError:                  # a private API; where it is missing, the pool stays up
         return
     shutdown_compile_workers()
 
