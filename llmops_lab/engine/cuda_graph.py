@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..attention import sdpa_attention
+from ..paged.varlen import PackedBatch, store_tokens
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -59,10 +60,8 @@ class DecodeBatch:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start=None):
         """Store k, v [1, Hkv, B, D] at the batch's slots; attention then reads this layer's pool."""
-        B = k.shape[2]
-        for new, pool in ((k, self.k_pools[layer]), (v, self.v_pools[layer])):
-            rows = new[0].transpose(0, 1).reshape(B, -1)                       # [B, Hkv*D]
-            pool.view(-1, rows.shape[1]).index_copy_(0, self.slot_mapping, rows)
+        store_tokens(self.k_pools[layer], k, self.slot_mapping)
+        store_tokens(self.v_pools[layer], v, self.slot_mapping)
         self._layer = layer
         return self, self
 
@@ -75,12 +74,9 @@ class DecodeBatch:
             out = paged_decode(qd, kp.permute(0, 2, 1, 3), vp.permute(0, 2, 1, 3), self.block_tables,
                                self.context_lens, num_splits=self.num_splits, max_context_len=self.max_context_len)
         else:                      # the reference: gather every table's blocks, mask past each length
-            N, bs, Hkv, D = kp.shape
-            n = math.ceil(self.max_context_len / bs)
-            idx = self.block_tables[:, :n].reshape(-1).long()
-            k, v = (p.view(N, -1).index_select(0, idx).view(qd.shape[0], n * bs, Hkv, D).transpose(1, 2)
-                    for p in (kp, vp))
-            valid = torch.arange(n * bs, device=qd.device)[None, :] < self.context_lens[:, None]
+            L = self.max_context_len
+            k, v = (PackedBatch._gather(p, self.block_tables, L) for p in (kp, vp))   # [B, Hkv, L, D]
+            valid = torch.arange(L, device=qd.device)[None, :] < self.context_lens[:, None]
             out = sdpa_attention(qd[:, :, None], k, v, mask=valid[:, None, None, :])[:, :, 0]
         return out.transpose(0, 1)[None]
 
@@ -123,7 +119,7 @@ class DecodeGraphs:
         return self.sizes[-1]
 
     def _splits(self, B: int) -> int:
-        if not self.use_kernels or self.model.device.type != "cuda":
+        if not self.use_kernels:
             return 1
         from ..paged.triton_paged import BLOCK_N, _default_splits
         return _default_splits(self.model.device, B * self.model.config.num_key_value_heads,

@@ -26,6 +26,15 @@ import torch
 from ..attention import sdpa_attention
 
 
+def store_tokens(pool: torch.Tensor, new: torch.Tensor, slots: torch.Tensor, keep: torch.Tensor | None = None):
+    """Write the keys (or values) of T tokens, new [1, Hkv, T, D], into a token-major pool at
+    ``slots`` [T] (only the tokens at indices ``keep``, when given: slots holds theirs alone)."""
+    rows = new[0].transpose(0, 1).reshape(new.shape[2], -1)                  # [T, Hkv*D]
+    if keep is not None:
+        rows = rows[keep]
+    pool.view(-1, rows.shape[1]).index_copy_(0, slots, rows)
+
+
 @dataclass
 class PackedBatch:
     """A packed batch's attention metadata and the pools it writes to; the model's ``cache``."""
@@ -69,10 +78,7 @@ class PackedBatch:
         """Store the batch's new keys and values k, v [1, Hkv, T, D] into their slots; attention then
         reads the pool of this layer (returned as both 'keys' and 'values')."""
         for new, pool in ((k, self.k_pools[layer]), (v, self.v_pools[layer])):
-            rows = new[0].transpose(0, 1).reshape(new.shape[2], -1)          # [T, Hkv*D]
-            if self._write is not None:
-                rows = rows[self._write]
-            pool.view(-1, rows.shape[1]).index_copy_(0, self._slots, rows)
+            store_tokens(pool, new, self._slots, self._write)
         self._layer, self._k, self._v = layer, k, v
         return self, self
 

@@ -65,26 +65,31 @@ def make_linears(method: str, shapes, device, dtype, group_size: int = 128, seed
     return mods
 
 
-def _timed_layer(mods, xs, device, repeats: int, calls: int, graph: bool = True):
-    """(median seconds of running every module once, whether a CUDA graph timed it). Inputs are
-    pre-made; on CUDA (with ``graph``), ``calls`` layer passes are captured in one CUDA graph so
-    Python launch overhead is not what gets measured."""
-    def layer():
-        for m, x in zip(mods, xs):
-            m(x)
+def time_in_graph(fn, device, repeats: int, calls: int, graph: bool = True):
+    """(median seconds per call of ``fn``, whether a CUDA graph timed it). On CUDA (with ``graph``),
+    ``calls`` calls are captured in one CUDA graph so Python launch overhead is not what gets
+    measured; elsewhere, or where capture fails (with a warning), ``fn`` is timed eagerly."""
     if device.type == "cuda" and graph:
-        layer()                                          # compile/warm outside the graph
+        fn()                                             # compile/warm outside the graph
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
                 for _ in range(calls):
-                    layer()
+                    fn()
             return measure.time_fn(graph.replay, warmup=2, repeats=repeats, device=device).median / calls, True
         except Exception as e:                           # a module that cannot be captured: eager, and say so
             warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {e}); timing eagerly")
             torch.cuda.synchronize()
-    return measure.time_fn(layer, warmup=1, repeats=repeats, device=device).median, False
+    return measure.time_fn(fn, warmup=1, repeats=repeats, device=device).median, False
+
+
+def _timed_layer(mods, xs, device, repeats: int, calls: int, graph: bool = True):
+    """(median seconds of running every module once, whether a CUDA graph timed it); inputs pre-made."""
+    def layer():
+        for m, x in zip(mods, xs):
+            m(x)
+    return time_in_graph(layer, device, repeats, calls, graph)
 
 
 @torch.inference_mode()

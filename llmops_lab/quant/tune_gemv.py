@@ -21,29 +21,11 @@ CANDIDATES = [(16, 128, 4, 3), (16, 256, 4, 3), (16, 512, 4, 3), (16, 512, 8, 3)
               (8, 512, 4, 3), (8, 1024, 4, 3)]
 
 
-def time_call(fn, calls: int = 20, repeats: int = 10) -> float:
-    """Median seconds per call: ``calls`` calls captured in one CUDA graph, replayed ``repeats``
-    times between CUDA events (a kernel of a few microseconds is shorter than its launch from
-    Python, so timing launches from Python would time Python)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        g.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / calls)
-    return sorted(times)[len(times) // 2]
+def time_call(fn, device="cuda") -> float:
+    """Seconds per call, 20 calls captured in one CUDA graph (a kernel of a few microseconds is
+    shorter than its launch from Python, so timing launches from Python would time Python)."""
+    from .speed import time_in_graph
+    return time_in_graph(fn, torch.device(device), repeats=10, calls=20)[0]
 
 
 @torch.inference_mode()
@@ -57,11 +39,11 @@ def tune(preset: str = "llama-2-7b", rows: int = 1, candidates=CANDIDATES, devic
         floats = make_linears("float", [("", o, i) for o, i in shapes], device, torch.bfloat16)
         for (o, i), m, f in zip(shapes, mods, floats):
             x = torch.randn(rows, i, device=device, dtype=torch.bfloat16)
-            t = time_call(lambda: f(x))
+            t = time_call(lambda: f(x), device)
             out.append(dict(method=method, N=o, K=i, config="bf16 F.linear", us=t * 1e6, gb_s=2 * o * i / t / 1e9))
             nbytes = m.qweight.numel() + 2 * (m.scales.numel() + m.zeros.numel())
             ref = dequant_matmul(x, m.qweight, m.scales, m.zeros, m.bits, m.group_size, m.sym, kernel="tiled")
-            base = time_call(lambda: dequant_matmul(x, m.qweight, m.scales, m.zeros, m.bits, m.group_size, m.sym))
+            base = time_call(lambda: dequant_matmul(x, m.qweight, m.scales, m.zeros, m.bits, m.group_size, m.sym), device)
             out.append(dict(method=method, N=o, K=i, config="tiled (default)", us=base * 1e6, gb_s=nbytes / base / 1e9))
             for c in candidates:
                 try:
@@ -69,7 +51,7 @@ def tune(preset: str = "llama-2-7b", rows: int = 1, candidates=CANDIDATES, devic
                         return dequant_matmul(x, m.qweight, m.scales, m.zeros, m.bits, m.group_size, m.sym,
                                               kernel="gemv", gemv_config=c)
                     err = float((call().float() - ref.float()).abs().max())
-                    t = time_call(call)
+                    t = time_call(call, device)
                     out.append(dict(method=method, N=o, K=i, config=c, us=t * 1e6, gb_s=nbytes / t / 1e9, max_err=err))
                 except Exception as e:   # a tile too big for the registers or shared memory
                     out.append(dict(method=method, N=o, K=i, config=c, error=f"{type(e).__name__}: {str(e)[:80]}"))
