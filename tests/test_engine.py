@@ -391,3 +391,15 @@ def test_captured_decode_graphs_match_eager():
         assert (eng.runner.graphs is None) == eager
         outs[eager] = {k: v.outputs[0].token_ids for k, v in run_all(eng, reqs, add_every=2).items()}
     assert outs[True] == outs[False]
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_profile_reports_decode_and_mixed_steps(tiny, mixed):
+    """engine.profile runs its steps through the engine and returns the tables it prints; a mixed
+    step is batch-1 decodes and one new prompt's prefill."""
+    from llmops_lab.engine.profile import profile_decode_steps
+    r = profile_decode_steps(tiny, batch_size=3, prompt_len=8, steps=2, row_limit=3, mixed=mixed)
+    assert r["mixed"] is mixed and r["graphs"] is False and r["step_ms"] > 0
+    assert "aten::" in r["cpu_table"]
+    with pytest.raises(ValueError, match="batch_size >= 2"):
+        profile_decode_steps(tiny, batch_size=1, mixed=True)

@@ -96,6 +96,27 @@ def test_naive_and_sdpa_backends_agree(pair):
     assert (a - b)[mask.bool()].abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask_rows", [None, 1, 3])
+def test_decode_with_grouped_heads_folds_queries_and_matches_naive(dtype, mask_rows):
+    """sdpa_attention folds a one-token GQA query into n_rep queries per KV head on a CPU
+    (fold_gqa_queries): the same result as the naive math, with or without a padding mask."""
+    from llmops_lab.attention.backends import fold_gqa_queries, naive_attention, sdpa_attention
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, h, s, 32, generator=g).to(dtype) for h, s in ((8, 1), (2, 40), (2, 40)))
+    mask = None if mask_rows is None else torch.rand(mask_rows, 1, 1, 40, generator=g) > 0.3
+    if mask is not None:
+        mask[..., 0] = True
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    ref = naive_attention(q, k, v, mask)
+    assert (fold_gqa_queries(q, k, v, mask).float() - ref.float()).abs().max() < tol
+    assert (sdpa_attention(q, k, v, mask).float() - ref.float()).abs().max() < tol
+    # a mask that differs between heads cannot be folded: the general path takes it
+    per_head = torch.rand(3, 8, 1, 40, generator=g) > 0.3
+    per_head[..., 0] = True
+    assert (sdpa_attention(q, k, v, per_head).float() - naive_attention(q, k, v, per_head).float()).abs().max() < tol
+
+
 def test_sampling_is_seeded_and_respects_top_k():
     m = LlamaModel(TINY).eval()
     ids = torch.tensor([[0, 5, 6, 7]])
