@@ -54,6 +54,16 @@ def test_kernel_group_sizes(group_size, bits, sym):
 
 
 @needs_kernel
+@pytest.mark.parametrize("kernel", ["gemv", "tiled"])
+@pytest.mark.parametrize("bits, sym", [(2, False), (2, True), (3, True), (5, False), (6, True), (7, False)])
+@pytest.mark.parametrize("K", [96, 100])     # 100: rows end mid-byte at 3, 5 and 7 bits; codes span bytes
+def test_kernel_reads_bit_streams(kernel, bits, sym, K):
+    """2, 3 and 5-7-bit codes are a bit stream (packing.pack_bits): each code read from the one or
+    two bytes it spans, per channel (one group) and with groups of 32 or 4 (K = 100)."""
+    check(2, 19, K, bits, 32 if K == 96 else 4, sym, bias=True, kernel=kernel)
+
+
+@needs_kernel
 @pytest.mark.parametrize("split_k", [2, 3, 8])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_split_k_adds_partial_sums(split_k, bits):

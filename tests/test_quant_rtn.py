@@ -12,6 +12,7 @@ from llmops_lab.corpus import read_slice
 from llmops_lab.evaluate import encode, perplexity
 from llmops_lab.measure import module_bytes
 from llmops_lab.model import LlamaModel
+from llmops_lab.quant.packing import pack_bits, unpack_bits
 from llmops_lab.quant import (QuantLinear, check_error_bound, pack_codes, pack_int4, quantize,
                               quantize_rtn, unpack_codes, unpack_int4)
 
@@ -52,9 +53,31 @@ def test_pack_codes_round_trip_every_width(bits, sym, seed):
     lo, hi = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if sym else (0, 2 ** bits - 1)
     codes = torch.randint(lo, hi + 1, (3, 8), generator=torch.Generator().manual_seed(seed))
     stored = pack_codes(codes, bits, sym)
-    assert stored.dtype == (torch.uint8 if bits == 4 else torch.int8)
-    assert stored.numel() == (12 if bits == 4 else 24)
+    assert stored.dtype == (torch.int8 if bits == 8 else torch.uint8)
+    assert stored.numel() == 3 * bits                       # 8 codes a row: `bits` bytes, 8 at 8 bits
     assert torch.equal(unpack_codes(stored, bits, sym).long(), codes)
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.integers(1, 8), rows=st.integers(1, 4), cols=st.integers(1, 40), seed=st.integers(0, 2**31 - 1))
+def test_bit_stream_round_trips_any_row_length(bits, rows, cols, seed):
+    """pack_bits: ceil(cols*bits/8) bytes a row, whatever the row length; at 4 bits the same bytes
+    as pack_int4 (the layout the kernel's nibble path reads)."""
+    codes = torch.randint(0, 2 ** bits, (rows, cols), generator=torch.Generator().manual_seed(seed))
+    packed = pack_bits(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (rows, -(-cols * bits // 8))
+    assert torch.equal(unpack_bits(packed, bits, cols).long(), codes)
+    if bits == 4 and cols % 2 == 0:
+        assert torch.equal(packed, pack_int4(codes))
+
+
+def test_bit_stream_layout_by_hand():
+    # three 3-bit codes 5 (101), 3 (011), 6 (110): stream bits 1,0,1, 1,1,0, 0,1,1 (low bit first)
+    # -> byte 0 holds stream bits 0-7, bit 0 lowest: 0b10011101 = 157; byte 1 holds bit 8: 1
+    assert pack_bits(torch.tensor([[5, 3, 6]]), 3).tolist() == [[157, 1]]
+    with pytest.raises(ValueError, match="pass K"):
+        unpack_codes(pack_codes(torch.tensor([[1, 2, 3]]), 3, sym=False), 3, sym=False)   # 2 bytes: 5 codes?
+    assert unpack_codes(pack_codes(torch.tensor([[1, 2, 3]]), 3, sym=False), 3, sym=False, K=3).tolist() == [[1, 2, 3]]
 
 
 def test_packing_bad_input():
@@ -223,4 +246,8 @@ def test_quant_linear_rejects_odd_in_features_at_4_bits():
     qw = quantize_rtn(torch.randn(4, 7), bits=4)
     with pytest.raises(ValueError, match="even in_features"):
         QuantLinear(qw)
-    assert QuantLinear(quantize_rtn(torch.randn(4, 7), bits=3)).qweight.shape == (4, 7)
+    qw3 = quantize_rtn(torch.randn(4, 7), bits=3)
+    q3 = QuantLinear(qw3)                           # 7 codes of 3 bits: 21 bits, 3 bytes a row
+    assert q3.qweight.shape == (4, 3)
+    assert torch.equal(q3.quantized_weight().codes.long(), qw3.codes.long())
+    assert torch.allclose(q3.dequantize(), qw3.dequantize(), atol=1e-3)

@@ -1,13 +1,15 @@
-"""Storage of integer codes that really shrinks: int4 two per byte, everything else one per int8.
+"""Storage of integer codes that really shrinks: widths below 8 bits packed, 8 bits one per int8.
 
-The layout GPTQ/AWQ checkpoints and llama.cpp's Q4_0 use in spirit (they pack 8 nibbles per int32;
-we pack 2 per uint8, which is simpler to read and the same bytes).
-
-- 4 bits: unsigned nibbles, column ``2j`` in the low nibble and ``2j+1`` in the high nibble of byte
-  ``j`` (low nibble first). Symmetric 4-bit codes -7..7 are stored offset by +8 (1..15).
-- other widths (2, 3, 5, 6, 7, 8): one signed int8 per code. Symmetric codes are stored as they are
-  (-(2^(b-1)-1)..2^(b-1)-1); asymmetric codes 0..2^b-1 are stored centred, ``code - 2^(b-1)``, so
-  8-bit codes 0..255 fit int8 (-128..127).
+- below 8 bits (2-7): each row is a little-endian bit stream, code ``k`` in bits ``k*b .. k*b+b-1``
+  of the row (bit ``i`` of the stream is bit ``i % 8`` of byte ``i // 8``), so a row of ``K`` codes
+  takes ``ceil(K*b/8)`` bytes: 3-bit codes 8 to 3 bytes, 2-bit codes 4 to a byte. Codes are stored
+  unsigned: symmetric ones offset by ``2^(b-1)`` (4-bit -7..7 as 1..15), asymmetric ones as they are.
+- 4 bits is that stream too, and the layout GPTQ/AWQ checkpoints and llama.cpp's Q4_0 use in spirit
+  (they pack 8 nibbles per int32; we pack 2 per uint8, the same bytes): column ``2j`` in the low
+  nibble and ``2j+1`` in the high nibble of byte ``j``. ``pack_int4`` writes it directly (the
+  Triton kernel's fast path reads it that way) and needs an even number of columns.
+- 8 bits: one signed int8 per code. Symmetric codes as they are; asymmetric codes 0..255 centred,
+  ``code - 128``, so they fit int8.
 """
 from __future__ import annotations
 
@@ -39,24 +41,81 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)
 
 
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes in [0, 2^bits) [..., K] -> uint8 [..., ceil(K*bits/8)], the row as a
+    little-endian bit stream (see the module docstring). Bits are spread out and summed back into
+    bytes: plain and exact, if eight bytes of scratch per bit on the way."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    _check_codes(codes, 0, 2 ** bits - 1, f"{bits}-bit unsigned codes")
+    if codes.dim() == 0:
+        raise ValueError("pack_bits needs at least one dimension of codes")
+    *lead, K = codes.shape
+    planes = (codes.to(torch.int16)[..., None] >> torch.arange(bits, device=codes.device)) & 1   # [..., K, b]
+    stream = planes.reshape(*lead, K * bits)
+    nbytes = -(-K * bits // 8)
+    stream = torch.nn.functional.pad(stream, (0, nbytes * 8 - K * bits))
+    weights = 1 << torch.arange(8, device=codes.device, dtype=torch.int16)
+    return (stream.view(*lead, nbytes, 8) * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, K: int) -> torch.Tensor:
+    """uint8 [..., ceil(K*bits/8)] -> uint8 codes [..., K], the inverse of ``pack_bits``."""
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"packed codes must be uint8, got {packed.dtype}")
+    if packed.shape[-1] != -(-K * bits // 8):
+        raise ValueError(f"{K} codes of {bits} bits take {-(-K * bits // 8)} bytes a row, got {packed.shape[-1]}")
+    *lead, nbytes = packed.shape
+    stream = (packed[..., None] >> torch.arange(8, device=packed.device, dtype=torch.uint8)) & 1   # [..., n, 8]
+    planes = stream.reshape(*lead, nbytes * 8)[..., :K * bits].view(*lead, K, bits)
+    weights = 1 << torch.arange(bits, device=packed.device, dtype=torch.int16)
+    return (planes.to(torch.int16) * weights).sum(-1).to(torch.uint8)
+
+
+def packed_width(K: int, bits: int) -> int:
+    """Stored columns of a row of K codes: bytes of the bit stream below 8 bits, K int8 at 8."""
+    return K if bits == 8 else -(-K * bits // 8)
+
+
 def storage_offset(bits: int, sym: bool) -> int:
     """What is subtracted from a code before it is stored (see the module docstring)."""
-    if bits == 4:
-        return -8 if sym else 0
+    if bits < 8:
+        return -(2 ** (bits - 1)) if sym else 0
     return 0 if sym else 2 ** (bits - 1)
 
 
 def pack_codes(codes: torch.Tensor, bits: int, sym: bool) -> torch.Tensor:
-    """Codes of a ``QuantizedWeight`` -> stored tensor: uint8 [out, in/2] at 4 bits, else int8 [out, in]."""
+    """Codes of a ``QuantizedWeight`` -> stored tensor: uint8 [out, packed_width(in, bits)] below 8
+    bits, int8 [out, in] at 8."""
     if not 2 <= bits <= 8:
         raise ValueError(f"bits must be in 2..8, got {bits}")
     lo, hi = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if sym else (0, 2 ** bits - 1)
     _check_codes(codes, lo, hi, f"{bits}-bit {'symmetric' if sym else 'asymmetric'} codes")
     shifted = codes.to(torch.int16) - storage_offset(bits, sym)
-    return pack_int4(shifted) if bits == 4 else shifted.to(torch.int8)
+    if bits == 8:
+        return shifted.to(torch.int8)
+    return pack_int4(shifted) if bits == 4 else pack_bits(shifted, bits)
 
 
-def unpack_codes(stored: torch.Tensor, bits: int, sym: bool) -> torch.Tensor:
-    """Stored tensor -> codes as int16 [out, in], the inverse of ``pack_codes``."""
-    raw = unpack_int4(stored) if bits == 4 else stored
+def unpack_codes(stored: torch.Tensor, bits: int, sym: bool, K: int | None = None) -> torch.Tensor:
+    """Stored tensor -> codes as int16 [out, in], the inverse of ``pack_codes``. ``K`` (in) is
+    needed below 8 bits when it is not a whole number of bytes' worth (else it is inferred)."""
+    if bits == 8:
+        raw = stored
+    elif bits == 4 and (K is None or K == 2 * stored.shape[-1]):
+        raw = unpack_int4(stored)
+    else:
+        raw = unpack_bits(stored, bits, codes_per_row(stored.shape[-1], bits, K))
     return raw.to(torch.int16) + storage_offset(bits, sym)
+
+
+def codes_per_row(width: int, bits: int, K: int | None = None) -> int:
+    """How many codes a packed row of ``width`` bytes holds: ``K`` when given (checked), else
+    width*8/bits, which must then be whole (a row of 3 three-bit codes and one of 2 both take 2 bytes)."""
+    if K is not None:
+        if packed_width(K, bits) != width:
+            raise ValueError(f"{K} codes of {bits} bits take {packed_width(K, bits)} bytes a row, got {width}")
+        return K
+    if width * 8 % bits:
+        raise ValueError(f"{width} bytes of {bits}-bit codes: pass K, the number of codes a row")
+    return width * 8 // bits

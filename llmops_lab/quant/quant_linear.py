@@ -24,7 +24,8 @@ KERNELS = ("auto", "triton", "torch")
 class QuantLinear(nn.Module):
     """``y = x W^T + b`` with W stored quantized (buffers ``qweight``, ``scales``, ``zeros``, ``bias``).
 
-    ``qweight`` is uint8 [out, in/2] at 4 bits (two codes per byte), int8 [out, in] otherwise (see
+    ``qweight`` is uint8 [out, in/2] at 4 bits (two codes per byte), uint8 [out, ceil(in*bits/8)]
+    at 2, 3 and 5-7 bits (a bit stream: 3-bit codes 8 to 3 bytes), int8 [out, in] at 8 (see
     ``packing``). ``scales`` and ``zeros`` are [out, n_groups] in ``scale_dtype`` (fp16 by default;
     RTN zero points are integers and exact in fp16). The forward pass dequantizes the whole weight
     and calls ``F.linear``: the plain PyTorch path, right on a CPU and for large batches. On CUDA,
@@ -54,7 +55,7 @@ class QuantLinear(nn.Module):
 
     def quantized_weight(self) -> QuantizedWeight:
         """The stored weight back in the shared format (codes unpacked)."""
-        return QuantizedWeight(codes=unpack_codes(self.qweight, self.bits, self.sym),
+        return QuantizedWeight(codes=unpack_codes(self.qweight, self.bits, self.sym, self.in_features),
                                scales=self.scales, zeros=self.zeros, bits=self.bits,
                                group_size=self.group_size, sym=self.sym)
 
@@ -64,7 +65,7 @@ class QuantLinear(nn.Module):
         Same numbers as ``QuantizedWeight.dequantize``, broadcast per group instead of repeated.
         """
         return triton_dequant.dequantize_stored(self.qweight, self.scales, self.zeros, self.bits, self.sym,
-                                                dtype or self.dtype)
+                                                dtype or self.dtype, K=self.in_features)
 
     @property
     def weight(self) -> torch.Tensor:

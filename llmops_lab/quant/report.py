@@ -155,7 +155,7 @@ def findings(rebuilt: list[dict], memory_rows: list[dict]) -> str:
     packed = [m for m in memory_rows if m.get("not_measured") is None and m["method"] == "rtn"
               and m.get("bits_per_weight") and m["bits_per_weight"] > m["formula_bits_per_weight"] + 1]
     for m in packed:
-        lines.append(f"* **{m['label']}** stores {m['bits_per_weight']:.2f} bits per weight, not "
-                     f"{m['formula_bits_per_weight']:.2f}: its codes are stored one per byte, so it saves no "
-                     f"more memory than int8.")
+        lines.append(f"* **{m['label']}** stores {m['bits_per_weight']:.2f} bits per weight, not the "
+                     f"{m['formula_bits_per_weight']:.2f} of the formula: its storage does not shrink as the "
+                     f"bits do.")
     return "\n".join(lines)

@@ -21,8 +21,9 @@ One program computes a BLOCK_M x BLOCK_N tile of y and walks K in BLOCK_K steps:
 (interleaved back into column order), subtracts the zero point and multiplies by the group's scale
 in fp32, casts to the activation dtype and accumulates x_tile @ w_tile^T with ``tl.dot`` in fp32.
 With few rows (decode) there are few output tiles, so K can be split over ``SPLIT_K`` programs that
-add their partial sums atomically into an fp32 output. 8-bit (and 2, 3, 5-7-bit) codes are stored
-one per int8 and take the same path without the unpacking. Storage layout: ``packing``.
+add their partial sums atomically into an fp32 output. 8-bit codes are stored one per int8 and take
+the same path without the unpacking; 2, 3 and 5-7-bit codes are a bit stream, each code read from
+the one or two bytes it spans. Storage layout: ``packing``.
 
 For 1 to 4 rows (``GEMV_MAX_ROWS``) a second kernel, ``dequant_gemv_kernel`` (``kernel="gemv"``),
 skips ``tl.dot``: a 16-row ``tl.dot`` tile is 15/16 padding at batch 1, and split-K needs a zeroed
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 
 # available(device): CUDA, or the interpreter on a CPU; one rule for every kernel of the package
 from ..paged.triton_paged import _interpret, available  # noqa: F401
-from .packing import storage_offset
+from .packing import codes_per_row, packed_width, storage_offset, unpack_bits
 
 try:
     import triton
@@ -54,8 +55,10 @@ except ImportError:  # the package works without triton; only this kernel needs 
 
 # ---- the reference ----------------------------------------------------------------------------
 
-def dequantize_stored(qweight, scales, zeros, bits: int, sym: bool, dtype=torch.float32) -> torch.Tensor:
+def dequantize_stored(qweight, scales, zeros, bits: int, sym: bool, dtype=torch.float32,
+                      K: int | None = None) -> torch.Tensor:
     """The float weight [N, K] of stored codes: scales * (codes - zeros), in fp32 then cast.
+    ``K`` (in_features) is needed for a bit stream (2, 3, 5-7 bits) whose rows end mid-byte.
 
     Written for speed on a CPU: the nibbles go straight into one fp32 buffer (low nibble first, as
     ``packing.unpack_int4``) and the storage offset joins the zero point, so the only full-size
@@ -66,8 +69,10 @@ def dequantize_stored(qweight, scales, zeros, bits: int, sym: bool, dtype=torch.
         w[..., 0] = qweight & 0x0F
         w[..., 1] = qweight >> 4
         w = w.view(N, -1)                                                  # [N, K]
-    else:
+    elif bits == 8:
         w = qweight.float()
+    else:
+        w = unpack_bits(qweight, bits, codes_per_row(qweight.shape[1], bits, K)).float()
     shift = zeros.float() - storage_offset(bits, sym)                      # code = stored + offset
     w.view(N, G, -1).sub_(shift[..., None]).mul_(scales.float()[..., None])
     return w.to(dtype)
@@ -75,7 +80,7 @@ def dequantize_stored(qweight, scales, zeros, bits: int, sym: bool, dtype=torch.
 
 def dequant_matmul_reference(x, qweight, scales, zeros, bits: int, group_size: int, sym: bool, bias=None):
     """x [M, K] @ dequant(W)^T (+ bias) the naive way: unpack, materialise W [N, K], matmul."""
-    w = dequantize_stored(qweight, scales, zeros, bits, sym, x.dtype)
+    w = dequantize_stored(qweight, scales, zeros, bits, sym, x.dtype, K=x.shape[-1])
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
@@ -85,18 +90,27 @@ if triton is not None:
     @triton.jit
     def _dequantized_tile(q_ptr, s_ptr, z_ptr, offs_n, in_n, k0, offs_k, in_k, k_hi,
                           stride_qn, stride_qk, stride_sn, stride_sg,
-                          GROUP_SIZE: tl.constexpr, OFFSET: tl.constexpr, PACKED: tl.constexpr,
+                          GROUP_SIZE: tl.constexpr, OFFSET: tl.constexpr, BITS: tl.constexpr,
                           HAS_ZEROS: tl.constexpr, ONE_GROUP_PER_TILE: tl.constexpr, BLOCK_K: tl.constexpr):
         """The fp32 weight tile [BLOCK_N, BLOCK_K] at rows offs_n, columns k0.. (< k_hi): codes read
         (and unpacked), zero point subtracted, scaled; 0 outside the weight (s = 0 there)."""
-        if PACKED:   # two 4-bit codes per byte, column 2j in the low nibble of byte j
+        if BITS == 4:    # two 4-bit codes per byte, column 2j in the low nibble of byte j
             offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             raw = tl.load(q_ptr + offs_n[:, None] * stride_qn + offs_b[None, :] * stride_qk,
                           mask=in_n[:, None] & (offs_b < k_hi // 2)[None, :], other=0).to(tl.int32)
             codes = tl.interleave(raw & 0xF, raw >> 4)
-        else:        # one code per int8
+        elif BITS == 8:  # one code per int8
             codes = tl.load(q_ptr + offs_n[:, None] * stride_qn + offs_k[None, :] * stride_qk,
                             mask=in_n[:, None] & in_k[None, :], other=0).to(tl.int32)
+        else:            # a bit stream: code k in bits k*BITS.., which span one byte or two
+            first = offs_k * BITS
+            byte, shift = first // 8, first % 8
+            row = q_ptr + offs_n[:, None] * stride_qn
+            inside = in_n[:, None] & in_k[None, :]
+            lo = tl.load(row + byte[None, :] * stride_qk, mask=inside, other=0).to(tl.int32)
+            spans = (shift + BITS > 8)[None, :]            # then the next byte is in the row too
+            hi = tl.load(row + (byte + 1)[None, :] * stride_qk, mask=inside & spans, other=0).to(tl.int32)
+            codes = ((lo | (hi << 8)) >> shift[None, :]) & ((1 << BITS) - 1)
         w = (codes + OFFSET).to(tl.float32)
         if ONE_GROUP_PER_TILE:   # the whole K tile lies in one group: one scale per row
             g = k0 // GROUP_SIZE
@@ -120,7 +134,7 @@ if triton is not None:
                               M, N, K, K_PER_SPLIT,
                               stride_xm, stride_xk, stride_qn, stride_qk, stride_sn, stride_sg,
                               stride_ym, stride_yn,
-                              GROUP_SIZE: tl.constexpr, OFFSET: tl.constexpr, PACKED: tl.constexpr,
+                              GROUP_SIZE: tl.constexpr, OFFSET: tl.constexpr, BITS: tl.constexpr,
                               HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, ONE_GROUP_PER_TILE: tl.constexpr,
                               SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -137,7 +151,7 @@ if triton is not None:
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                         mask=in_m[:, None] & in_k[None, :], other=0.0)             # [BM, BK]
             w = _dequantized_tile(q_ptr, s_ptr, z_ptr, offs_n, in_n, k0, offs_k, in_k, k_hi,
-                                  stride_qn, stride_qk, stride_sn, stride_sg, GROUP_SIZE, OFFSET, PACKED,
+                                  stride_qn, stride_qk, stride_sn, stride_sg, GROUP_SIZE, OFFSET, BITS,
                                   HAS_ZEROS, ONE_GROUP_PER_TILE, BLOCK_K)       # [BN, BK]
             if UPCAST:   # Triton's CPU interpreter computes bf16 dots wrongly; on a GPU this is off
                 x = x.to(tl.float32)
@@ -158,7 +172,7 @@ if triton is not None:
     def dequant_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K,
                             stride_xm, stride_xk, stride_qn, stride_qk, stride_sn, stride_sg,
                             stride_ym, stride_yn,
-                            GROUP_SIZE: tl.constexpr, OFFSET: tl.constexpr, PACKED: tl.constexpr,
+                            GROUP_SIZE: tl.constexpr, OFFSET: tl.constexpr, BITS: tl.constexpr,
                             HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, ONE_GROUP_PER_TILE: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """y[:M, n-tile] = x[:M] @ dequant(W[n-tile])^T for M <= BLOCK_M (a handful of rows)."""
@@ -174,7 +188,7 @@ if triton is not None:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             in_k = offs_k < K
             w = _dequantized_tile(q_ptr, s_ptr, z_ptr, offs_n, in_n, k0, offs_k, in_k, K,
-                                  stride_qn, stride_qk, stride_sn, stride_sg, GROUP_SIZE, OFFSET, PACKED,
+                                  stride_qn, stride_qk, stride_sn, stride_sg, GROUP_SIZE, OFFSET, BITS,
                                   HAS_ZEROS, ONE_GROUP_PER_TILE, BLOCK_K)       # [BN, BK]
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                         mask=in_m[:, None] & in_k[None, :], other=0.0).to(tl.float32)  # [BM, BK]
@@ -228,7 +242,7 @@ def dequant_matmul(x, qweight, scales, zeros, bits: int, group_size: int, sym: b
     """y [..., N] = x [..., K] @ dequant(W)^T + bias with W stored as in ``QuantLinear``.
 
     Args:
-        qweight: uint8 [N, K/2] at 4 bits, int8 [N, K] otherwise (``packing.pack_codes``).
+        qweight: uint8 [N, ceil(K*bits/8)] below 8 bits, int8 [N, K] at 8 (``packing.pack_codes``).
         scales, zeros: [N, K/group_size] (fp16 by default); zeros are ignored when ``sym``.
         split_k: programs sharing one output tile's K range (None: the default config's choice);
             the tiled kernel only.
@@ -241,8 +255,9 @@ def dequant_matmul(x, qweight, scales, zeros, bits: int, group_size: int, sym: b
         raise RuntimeError("triton is not installed")
     K = x.shape[-1]
     N, G = scales.shape
-    packed = bits == 4
-    if qweight.shape != (N, K // 2 if packed else K) or G * group_size != K or zeros.shape != scales.shape:
+    if bits == 4 and K % 2:
+        raise ValueError(f"4-bit codes are read two per byte: K must be even, got {K}")
+    if qweight.shape != (N, packed_width(K, bits)) or G * group_size != K or zeros.shape != scales.shape:
         raise ValueError(f"x [..., {K}] does not match qweight {tuple(qweight.shape)}, scales "
                          f"{tuple(scales.shape)}, zeros {tuple(zeros.shape)} at {bits} bits, group_size {group_size}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -266,7 +281,7 @@ def dequant_matmul(x, qweight, scales, zeros, bits: int, group_size: int, sym: b
             x2, qweight, scales, zeros, bias if bias is not None else scales, y,
             M, N, K, x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1),
             scales.stride(0), scales.stride(1), y.stride(0), y.stride(1),
-            GROUP_SIZE=group_size, OFFSET=storage_offset(bits, sym), PACKED=packed, HAS_ZEROS=not sym,
+            GROUP_SIZE=group_size, OFFSET=storage_offset(bits, sym), BITS=bits, HAS_ZEROS=not sym,
             HAS_BIAS=bias is not None, ONE_GROUP_PER_TILE=group_size % block_k == 0 or group_size == K,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
         return y.reshape(*lead, N)
@@ -283,7 +298,7 @@ def dequant_matmul(x, qweight, scales, zeros, bits: int, group_size: int, sym: b
         x2, qweight, scales, zeros, bias if bias is not None else scales, y,
         M, N, K, k_per_split, x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1),
         scales.stride(0), scales.stride(1), y.stride(0), y.stride(1),
-        GROUP_SIZE=group_size, OFFSET=storage_offset(bits, sym), PACKED=packed, HAS_ZEROS=not sym,
+        GROUP_SIZE=group_size, OFFSET=storage_offset(bits, sym), BITS=bits, HAS_ZEROS=not sym,
         HAS_BIAS=bias is not None, ONE_GROUP_PER_TILE=group_size % block_k == 0 or group_size == K,
         SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
@@ -294,7 +309,7 @@ def dequant_matmul(x, qweight, scales, zeros, bits: int, group_size: int, sym: b
 def bytes_moved(M: int, N: int, K: int, bits: int, group_size: int, sym: bool, act_bytes: int = 2,
                 scale_bytes: int = 2) -> dict[str, int]:
     """Bytes the kernel and the naive reference move for one call (the docstring's arithmetic)."""
-    codes = N * K // 2 if bits == 4 else N * K
+    codes = N * packed_width(K, bits)
     meta = N * (K // group_size) * scale_bytes * (1 if sym else 2)
     io = (M * K + M * N) * act_bytes
     return {"kernel": codes + meta + io, "reference": codes + meta + 2 * N * K * act_bytes + io,
