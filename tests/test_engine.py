@@ -403,3 +403,59 @@ def test_profile_reports_decode_and_mixed_steps(tiny, mixed):
     assert "aten::" in r["cpu_table"]
     with pytest.raises(ValueError, match="batch_size >= 2"):
         profile_decode_steps(tiny, batch_size=1, mixed=True)
+
+
+def test_warm_up_runs_both_eager_step_kinds_and_leaves_outputs_alone(tiny):
+    """ModelRunner.warm_up (called on CUDA when the engine starts, so Triton compiles before a served
+    step) runs a chunked prefill and a mixed step on scratch blocks: here through the kernels under
+    Triton's interpreter when it is on, else the references; the engine's greedy tokens afterwards
+    are each prompt's alone, and a pool too small for it is left untouched."""
+    from llmops_lab.engine.model_runner import ModelRunner
+    from llmops_lab.paged import triton_paged
+    eng = LLMEngine(tiny, config=EngineConfig(block_size=8, max_num_seqs=4, max_num_batched_tokens=24))
+    eng.runner.use_kernels = triton_paged.available(torch.device("cpu"))
+    calls = []
+    execute = eng.runner.execute
+    eng.runner.execute = lambda batch: calls.append([n for n in batch.num_tokens]) or execute(batch)
+    assert eng.runner.warm_up()
+    assert calls == [[8, 9], [11, 1]]                # a first chunk and a whole prompt; the rest and a decode
+    eng.runner.execute = execute
+    assert eng.block_manager.num_free_blocks == eng.num_kv_blocks
+    ps = prompts(3, 3, 30, seed=5)
+    outs = run_all(eng, [(str(i), p, SamplingParams(max_tokens=4, **GREEDY)) for i, p in enumerate(ps)])
+    for i, p in enumerate(ps):
+        assert outs[str(i)].outputs[0].token_ids == alone(tiny, p, 4), f"request {i}"
+    assert ModelRunner(tiny, 3, 8).warm_up() is False
+
+
+def compiled_variants(kernel) -> int:
+    """How many specialisations of a Triton kernel have been compiled in this process (the cache's
+    layout moved between Triton versions: ``device_caches`` since 3.x, ``cache`` before)."""
+    caches = getattr(kernel, "device_caches", None)
+    if caches is not None:
+        return sum(len(c[0]) for c in caches.values())
+    return sum(len(c) for c in kernel.cache.values())
+
+
+@pytest.mark.gpu
+def test_warm_up_compiles_what_served_steps_use():
+    """On a GPU: after the engine's warm-up, serving requests that chunk, hit the prefix cache and
+    mix prefills with decodes in every row position compiles no further variant of the paged
+    prefill or decode kernels (each compile is a second or so inside a served step)."""
+    from llmops_lab.config import ModelConfig
+    from llmops_lab.model import LlamaModel
+    from llmops_lab.paged.triton_paged import paged_decode_kernel
+    from llmops_lab.paged.triton_prefill import paged_prefill_kernel
+    cfg = ModelConfig(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=0, eos_token_id=1)
+    model = LlamaModel(cfg).eval().cuda().to(torch.bfloat16)
+    eng = LLMEngine(model, config=EngineConfig(block_size=16, max_num_seqs=6, num_kv_blocks=96,
+                                               max_num_batched_tokens=40))
+    before = {k: compiled_variants(k) for k in (paged_prefill_kernel, paged_decode_kernel)}
+    ps = prompts(14, 2, 70, seed=3)
+    ps[5] = ps[1][:32] + [9, 9, 9]                       # a prefix-cache hit
+    run_all(eng, [(str(i), p, SamplingParams(max_tokens=2 + i % 7, **GREEDY)) for i, p in enumerate(ps)],
+            add_every=3)
+    after = {k: compiled_variants(k) for k in before}
+    assert after == before, {k.fn.__name__: (before[k], after[k]) for k in before}

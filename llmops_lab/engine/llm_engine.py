@@ -63,6 +63,8 @@ class LLMEngine:
         graphs = "capture" if not config.enforce_eager and decode_graphs_possible(model) else None
         self.runner = ModelRunner(model, blocks, config.block_size, decode_graphs=graphs,
                                   max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len)
+        if self.runner.use_kernels:           # compile the Triton kernels now, not in a served step
+            self.runner.warm_up()
         self.requests: dict[str, _Request] = {}
         self.eos_ids = set(model.config.eos_token_ids)
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)

@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from ..measure import synchronize
 from ..paged.varlen import PackedBatch, packed_paged_attention
 from .config import EngineConfig
 from .cuda_graph import DecodeGraphs
@@ -43,6 +44,7 @@ class ModelRunner:
                  max_num_seqs: int = 1, max_model_len: int | None = None):
         self.model = model
         self.block_size = block_size
+        self.num_blocks = num_blocks          # those the block manager hands out (no scratch block)
         c, dev, dt = model.config, model.device, model.dtype
         self.use_kernels = dev.type == "cuda"
         if decode_graphs not in (None, "capture", "static"):
@@ -61,6 +63,35 @@ class ModelRunner:
                                        max_model_len or c.max_position_embeddings, scratch_block=num_blocks,
                                        use_kernels=triton_paged.available(dev),
                                        capture=decode_graphs == "capture")
+
+    @torch.inference_mode()
+    def warm_up(self) -> bool:
+        """Run the eager kinds of step once on scratch blocks, before the first request: a prompt's
+        first chunk next to a whole prompt, then a mixed step with the rest of the first prompt (the
+        paged prefill kernel) beside a decode (the paged decode kernel, outside a graph). Triton
+        compiles a kernel on its first call, a second or so each, which vLLM likewise spends at
+        startup instead of inside a served step. The blocks written are free in the block manager;
+        whoever gets them next overwrites what is there. Returns False (and runs nothing) when the
+        pool is too small for it."""
+        bs = self.block_size
+        long, short = 2 * bs + 3, bs + 1                  # uneven lengths: partial blocks, as served
+        nb = math.ceil((long + 1) / bs)
+        if 2 * nb > self.num_blocks:
+            return False
+        a, b = Sequence([1] * long), Sequence([1] * short)
+        a.block_table, b.block_table = list(range(nb)), list(range(nb, 2 * nb))
+        first = ScheduledBatch()
+        first.add(a, bs)                                  # a chunk: a's context is the chunk itself
+        first.add(b, short)
+        self.execute(first)
+        a.num_computed_tokens, b.num_computed_tokens = bs, short
+        b.append_token(1)
+        mixed = ScheduledBatch()
+        mixed.add(a, long - bs)                           # continues after cached tokens: paged prefill
+        mixed.add(b, 1)
+        self.execute(mixed)
+        synchronize(self.model.device)
+        return True
 
     def release(self) -> None:
         """Drop the pools (the engine's statistics stay readable); a GPU gets its memory back."""

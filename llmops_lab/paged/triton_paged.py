@@ -73,7 +73,8 @@ if triton is not None:
             acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, DOT_PRECISION)
         return acc, m_i, l_i
 
-    @triton.jit
+    # tune_len is only the autotuner's key: specialised, contexts under 16 tokens would compile again
+    @triton.jit(do_not_specialize=["tune_len"])
     def paged_decode_kernel(q_ptr, k_pool_ptr, v_pool_ptr, block_tables_ptr, context_lens_ptr, o_ptr, lse_ptr,
                             stride_qb, stride_qh, stride_kn, stride_kh, stride_ks, stride_vn, stride_vh, stride_vs,
                             stride_btb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,

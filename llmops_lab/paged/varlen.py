@@ -73,6 +73,7 @@ class PackedBatch:
                 valid &= kpos >= self._dec_lens[:, None] - self.sliding_window
             self._dec_mask = valid[:, None, None, :]
         self._layer = None
+        self._rows = {}                                      # _row_metadata's copies, by row
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start=None):
         """Store the batch's new keys and values k, v [1, Hkv, T, D] into their slots; attention then
@@ -118,6 +119,15 @@ class PackedBatch:
         k, v = (self._gather(p, self._dec_tables, self._dec_L) for p in (kp, vp))
         return sdpa_attention(q[:, :, None], k, v, mask=self._dec_mask)[:, :, 0]
 
+    def _row_metadata(self, b: int):
+        """Row b's block table [1, max_blocks] and context length [1] for the prefill kernel, copied
+        once a step (every layer reuses them). Slices of the batch's tensors would start at 4-byte
+        offsets, and Triton compiles one variant of a kernel per pointer alignment it meets: a
+        prefill in row 1 after one in row 0 would compile the kernel again inside a served step."""
+        if b not in self._rows:
+            self._rows[b] = (self.block_tables[b:b + 1].clone(), self._lens[b:b + 1].clone())
+        return self._rows[b]
+
     def _prefill(self, q, kp, vp, b):
         ctx, n = self.context_lens[b], q.shape[2]
         if ctx == n and self.sliding_window is None:   # a whole prompt: its keys are this chunk's own
@@ -126,7 +136,7 @@ class PackedBatch:
         table = self.block_tables[b:b + 1]
         if self.use_kernels and self.sliding_window is None:
             from .triton_prefill import paged_prefill
-            return paged_prefill(q, self._heads_first(kp), self._heads_first(vp), table, self._lens[b:b + 1])
+            return paged_prefill(q, self._heads_first(kp), self._heads_first(vp), *self._row_metadata(b))
         k, v = (self._gather(p, table, ctx) for p in (kp, vp))                # [1, Hkv, ctx, D]
         qpos = torch.arange(ctx - n, ctx, device=q.device)[:, None]
         kpos = torch.arange(ctx, device=q.device)[None, :]
