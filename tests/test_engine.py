@@ -249,6 +249,11 @@ def test_step_time_fit_and_formulas(tiny):
     assert pooled == pytest.approx(2 * after.output_tokens / (before.makespan + after.makespan))
     assert min(before.throughput, after.throughput) <= pooled <= max(before.throughput, after.throughput)
     assert experiment.continuous_throughput({"continuous": after}) == after.throughput
+    # step_breakdown: the engine's decode-only and mixed steps; a static run's decode steps and prefills
+    for kind, prefills in (("continuous", None), ("static", 2)):       # 8 requests in batches of 4
+        b = experiment.step_breakdown(res[kind])
+        assert b["decode_steps"] + b["mixed_steps"] == len(res[kind].steps) and b["decode_steps"] > 0
+        assert prefills is None or b["mixed_steps"] == prefills
     for kind in ("static", "continuous"):
         p = experiment.predict(res[kind], fn, kind, 4)
         assert p["throughput_tok_s"] > 0

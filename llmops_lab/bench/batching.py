@@ -60,10 +60,13 @@ def run(ctx: BenchContext) -> list[dict]:
     if cpu:                                # both engine runs, to show how far the machine drifted
         bracketed = {"continuous_runs": 2, "continuous_runs_tok_s": [round(res["continuous_before"].throughput, 1),
                                                                      round(cont.throughput, 1)]}
+    # the ratio's two factors: how many fewer steps the engine needs, and what each step costs
+    static_steps = {f"static_{k}": v for k, v in experiment.step_breakdown(static).items()}
+    static_steps["step_count_ratio"] = len(static.steps) / len(cont.steps)
     out = [
         row("batching", f"continuous vs static (ours), {desc}", cont_tput, "tok/s", peer="static (ours)",
             peer_value=static.throughput, target=">= 3x" if cpu else None, same_greedy_tokens=same, **bracketed,
-            cuda_graph_steps=cont.engine.runner.graph_steps, **experiment.step_breakdown(cont),
+            cuda_graph_steps=cont.engine.runner.graph_steps, **experiment.step_breakdown(cont), **static_steps,
             first_token_agreement=agree["static"]["first_token"], prefix_agreement=agree["static"]["prefix"]),
         row("batching", "continuous vs transformers padded generate", cont_tput, "tok/s",
             peer="transformers generate", peer_value=hf.throughput, target=None if cpu else ">= 8x",

@@ -56,12 +56,12 @@ def continuous_throughput(results: dict[str, RunResult]) -> float:
 
 
 def step_breakdown(result: RunResult) -> dict:
-    """Where an engine run's time went: its steps in which every sequence decoded one token (on a
-    GPU, the CUDA-graph replays) against those that also computed prompt tokens (always eager):
-    how many of each, their median duration and their total."""
+    """Where a run's time went: its steps in which every sequence decoded one token (on a GPU, the
+    CUDA-graph replays) against those that also computed prompt tokens (always eager; a static
+    run's prefills): how many of each, their median duration and their total."""
+    decodes = lambda s: s.get("num_decode", s["num_tokens"]) == s["num_seqs"]     # static rows: B tokens
     out = {}
-    for kind, pick in (("decode", lambda s: s["num_decode"] == s["num_seqs"]),
-                       ("mixed", lambda s: s["num_decode"] != s["num_seqs"])):
+    for kind, pick in (("decode", decodes), ("mixed", lambda s: not decodes(s))):
         ms = sorted((s["t_end"] - s["t_start"]) * 1e3 for s in result.steps if pick(s))
         out[f"{kind}_steps"] = len(ms)
         out[f"{kind}_step_ms"] = ms[len(ms) // 2] if ms else None
