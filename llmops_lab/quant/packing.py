@@ -43,20 +43,19 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Unsigned codes in [0, 2^bits) [..., K] -> uint8 [..., ceil(K*bits/8)], the row as a
-    little-endian bit stream (see the module docstring). Bits are spread out and summed back into
-    bytes: plain and exact, if eight bytes of scratch per bit on the way."""
+    little-endian bit stream (see the module docstring). Bits are spread out one per byte and
+    summed back into bytes: plain and exact, at ``bits`` bytes of scratch per code."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
     _check_codes(codes, 0, 2 ** bits - 1, f"{bits}-bit unsigned codes")
     if codes.dim() == 0:
         raise ValueError("pack_bits needs at least one dimension of codes")
     *lead, K = codes.shape
-    planes = (codes.to(torch.int16)[..., None] >> torch.arange(bits, device=codes.device)) & 1   # [..., K, b]
-    stream = planes.reshape(*lead, K * bits)
+    u8 = dict(device=codes.device, dtype=torch.uint8)
+    planes = (codes.to(torch.uint8)[..., None] >> torch.arange(bits, **u8)) & 1          # [..., K, b]
     nbytes = -(-K * bits // 8)
-    stream = torch.nn.functional.pad(stream, (0, nbytes * 8 - K * bits))
-    weights = 1 << torch.arange(8, device=codes.device, dtype=torch.int16)
-    return (stream.view(*lead, nbytes, 8) * weights).sum(-1).to(torch.uint8)
+    stream = torch.nn.functional.pad(planes.reshape(*lead, K * bits), (0, nbytes * 8 - K * bits))
+    return (stream.view(*lead, nbytes, 8) << torch.arange(8, **u8)).sum(-1, dtype=torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, K: int) -> torch.Tensor:
@@ -66,10 +65,10 @@ def unpack_bits(packed: torch.Tensor, bits: int, K: int) -> torch.Tensor:
     if packed.shape[-1] != -(-K * bits // 8):
         raise ValueError(f"{K} codes of {bits} bits take {-(-K * bits // 8)} bytes a row, got {packed.shape[-1]}")
     *lead, nbytes = packed.shape
-    stream = (packed[..., None] >> torch.arange(8, device=packed.device, dtype=torch.uint8)) & 1   # [..., n, 8]
-    planes = stream.reshape(*lead, nbytes * 8)[..., :K * bits].view(*lead, K, bits)
-    weights = 1 << torch.arange(bits, device=packed.device, dtype=torch.int16)
-    return (planes.to(torch.int16) * weights).sum(-1).to(torch.uint8)
+    u8 = dict(device=packed.device, dtype=torch.uint8)
+    stream = (packed[..., None] >> torch.arange(8, **u8)) & 1                                # [..., n, 8]
+    planes = stream.reshape(*lead, nbytes * 8)[..., :K * bits].reshape(*lead, K, bits)
+    return (planes << torch.arange(bits, **u8)).sum(-1, dtype=torch.uint8)
 
 
 def packed_width(K: int, bits: int) -> int:
