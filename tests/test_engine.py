@@ -430,7 +430,8 @@ def test_warm_up_runs_both_eager_step_kinds_and_leaves_outputs_alone(tiny):
     outs = run_all(eng, [(str(i), p, SamplingParams(max_tokens=4, **GREEDY)) for i, p in enumerate(ps)])
     for i, p in enumerate(ps):
         assert outs[str(i)].outputs[0].token_ids == alone(tiny, p, 4), f"request {i}"
-    assert ModelRunner(tiny, 3, 8).warm_up() is False
+    assert ModelRunner(tiny, 3, 8).warm_up() is False                # 3 blocks: too few
+    assert ModelRunner(tiny, 400, 128).warm_up() is False            # 259 tokens: past the context of 256
 
 
 def compiled_variants(kernel) -> int:

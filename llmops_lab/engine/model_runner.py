@@ -72,11 +72,11 @@ class ModelRunner:
         compiles a kernel on its first call, a second or so each, which vLLM likewise spends at
         startup instead of inside a served step. The blocks written are free in the block manager;
         whoever gets them next overwrites what is there. Returns False (and runs nothing) when the
-        pool is too small for it."""
+        pool or the model's context is too small for it."""
         bs = self.block_size
         long, short = 2 * bs + 3, bs + 1                  # uneven lengths: partial blocks, as served
         nb = math.ceil((long + 1) / bs)
-        if 2 * nb > self.num_blocks:
+        if 2 * nb > self.num_blocks or long + 1 > self.model.config.max_position_embeddings:
             return False
         a, b = Sequence([1] * long), Sequence([1] * short)
         a.block_table, b.block_table = list(range(nb)), list(range(nb, 2 * nb))
