@@ -71,7 +71,7 @@ class DecodeBatch:
         qd = q[0].transpose(0, 1)                                              # [B, H, D]
         if self.use_kernels:
             from ..paged.triton_paged import paged_decode
-            out = paged_decode(qd, kp.permute(0, 2, 1, 3), vp.permute(0, 2, 1, 3), self.block_tables,
+            out = paged_decode(qd, PackedBatch._heads_first(kp), PackedBatch._heads_first(vp), self.block_tables,
                                self.context_lens, num_splits=self.num_splits, max_context_len=self.max_context_len)
         else:                      # the reference: gather every table's blocks, mask past each length
             L = self.max_context_len

@@ -133,10 +133,10 @@ class PackedBatch:
         if ctx == n and self.sliding_window is None:   # a whole prompt: its keys are this chunk's own
             s, e = self.query_start[b], self.query_start[b + 1]
             return sdpa_attention(q, self._k[:, :, s:e], self._v[:, :, s:e], is_causal=True)
-        table = self.block_tables[b:b + 1]
         if self.use_kernels and self.sliding_window is None:
             from .triton_prefill import paged_prefill
             return paged_prefill(q, self._heads_first(kp), self._heads_first(vp), *self._row_metadata(b))
+        table = self.block_tables[b:b + 1]
         k, v = (self._gather(p, table, ctx) for p in (kp, vp))                # [1, Hkv, ctx, D]
         qpos = torch.arange(ctx - n, ctx, device=q.device)[:, None]
         kpos = torch.arange(ctx, device=q.device)[None, :]
