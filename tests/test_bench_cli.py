@@ -74,3 +74,22 @@ def test_roofline_bound_grows_with_batch_and_is_finite():
     assert 0 < b1 < b8 < 8 * b1 + 1e-9
     t = roofline.decode_throughput(m, 2, prompt_len=8, new_tokens=4, repeats=1)
     assert t.median > 0
+
+
+def test_quant_bench_split_candidate_rows_and_failure(monkeypatch):
+    """The GPU suite's split-nibble candidate: its rows carry the float time of their own pass, and
+    a candidate that fails becomes one row saying so instead of losing the suite."""
+    import torch
+
+    from llmops_lab.bench import quant as bq
+    from llmops_lab.quant import experiment
+    shapes = [("q", 16, 64)]
+    rows, failed = bq.split_candidate((1, 2), shapes, torch.device("cpu"), torch.float32, repeats=1, label="cand")
+    assert not failed and [r["batch"] for r in rows] == [1, 2]
+    assert all(r["method"] == "int4_split" and r["float_ms"] > 0 for r in rows)
+
+    def broken(*a, **k):
+        raise RuntimeError("no such kernel")
+    monkeypatch.setattr(experiment, "linear_speed", broken)
+    rows, failed = bq.split_candidate((1,), shapes, torch.device("cpu"), torch.float32, repeats=1, label="cand")
+    assert rows == [] and failed[0]["name"] == "cand: failed" and "no such kernel" in failed[0]["error"]

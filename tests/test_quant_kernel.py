@@ -152,3 +152,59 @@ def test_shape_mismatch_is_a_clear_error():
 def test_kernel_moves_fewer_bytes_than_float_and_reference():
     b = bytes_moved(1, 4096, 4096, bits=4, group_size=128, sym=False)
     assert b["kernel"] < b["float"] / 3.5 < b["reference"]          # ~0.53 vs 2 vs 4.5 bytes per weight
+
+
+@needs_kernel
+@pytest.mark.parametrize("kernel", ["gemv", "tiled"])
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("group_size, sym, N, K", [(32, False, 37, 96), (16, True, 24, 256), (None, False, 9, 100),
+                                                    (7, False, 11, 98), (14, True, 13, 70)])
+def test_split_nibbles_match_the_reference(kernel, M, group_size, sym, N, K):
+    """4-bit codes multiplied as two halves (low nibbles by x's even columns, high by its odd ones)
+    give the reference's sums: per channel, groups narrower than the K tile, and odd group sizes
+    (7, and 14 whose groups start at odd columns), where a code pair straddles two groups."""
+    q, s, z, g = stored(N, K, 4, group_size, sym)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(M, K, generator=gen).to(DEV)
+    b = torch.randn(N, generator=gen).to(DEV)
+    got = dequant_matmul(x, q, s, z, 4, g, sym, b, kernel=kernel, split_nibbles=True)
+    want = dequant_matmul_reference(x, q, s, z, 4, g, sym, b)
+    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
+def test_split_nibbles_half_activations(dtype, tol):
+    for kernel in ("gemv", "tiled"):
+        q, s, z, g = stored(40, 256, 4, 64, False)
+        x = torch.randn(2, 256, generator=torch.Generator().manual_seed(2)).to(DEV, dtype)
+        got = dequant_matmul(x, q, s, z, 4, g, False, kernel=kernel, split_nibbles=True)
+        want = dequant_matmul_reference(x.float(), q, s, z, 4, g, False)
+        assert got.dtype == dtype
+        assert (got.float() - want).abs().max().item() <= tol * want.abs().max().item()
+
+
+@needs_kernel
+def test_tune_gemv_times_every_variant_and_checks_it():
+    """The GPU tuning table, run small: each kernel variant is timed and its output compared with
+    the tiled kernel's; at 4 bits each also with split nibbles."""
+    from llmops_lab.quant.tune_gemv import tune
+    rows = tune(rows=1, candidates=[(16, 32, 4, 1)], device=DEV, shapes=[(24, 64)])
+    configs = {(r["method"], str(r["config"])) for r in rows}
+    assert {("int4", "tiled split"), ("int4", "(16, 32, 4, 1) split"), ("int4", "(16, 32, 4, 1)"),
+            ("int8", "(16, 32, 4, 1)")} <= configs
+    assert ("int8", "tiled split") not in configs and ("int8", "(16, 32, 4, 1) split") not in configs
+    assert not [r for r in rows if "error" in r]
+    assert all(r["max_err"] < 0.05 for r in rows if "max_err" in r)      # bf16 activations
+
+
+def test_bench_linears_can_run_the_split_variant():
+    from llmops_lab.quant.speed import INT4_SPLIT, make_linears
+    (a,), (b,) = (make_linears(m, [("q", 16, 64)], "cpu", torch.float32) for m in ("int4", INT4_SPLIT))
+    assert b.split_nibbles and not a.split_nibbles
+    assert torch.equal(a.qweight, b.qweight)
+    if available(DEV):                       # QuantLinear hands the choice to the kernel
+        a, b = a.to(DEV), b.to(DEV)
+        a.kernel, b.kernel = "torch", "triton"
+        x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0)).to(DEV)
+        torch.testing.assert_close(b(x), a(x), rtol=1e-5, atol=1e-5)

@@ -6,6 +6,8 @@ zero point) and int8 weight-only weights (per channel), and as bitsandbytes' LLM
 where it is importable. On a GPU ours go through the fused Triton kernel (``quant.triton_dequant``)
 and each timing is a CUDA graph of ten layer passes, so Python launch overhead is not what is
 measured (bitsandbytes' modules are timed eagerly: LLM.int8() picks outlier columns at run time).
+On a GPU the int4 rows come twice: the kernel as it is by default, and its split-nibble variant
+(``dequant_matmul(split_nibbles=True)``), a candidate for the default no GPU has timed yet.
 Decode reads every weight once per step, so 4 bits should approach 4x bf16 at batch 1 and stay
 ahead while the batch is small; targets: int4 >= 3x at batch 1 and not slower up to batch 16,
 int8 >= 1.6x at batch 1. On a CPU our PyTorch path dequantizes the whole weight every call, so it
@@ -17,17 +19,30 @@ from __future__ import annotations
 import torch
 
 from ..quant import bnb, experiment
+from ..quant.speed import INT4_SPLIT
 from . import BenchContext, row
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
 
 
 def _targets(method: str, batch: int) -> str | None:
-    if method == "int4":
+    if method in ("int4", INT4_SPLIT):
         return ">= 3.0x" if batch == 1 else ">= 1.0x" if batch <= 16 else None
     if method == "int8" and batch == 1:
         return ">= 1.6x"
     return None
+
+
+def split_candidate(batches, shapes, device, dtype, repeats: int, label: str) -> tuple[list[dict], list[dict]]:
+    """(linear_speed rows of the split-nibble int4 variant, each with ``float_ms`` from its own
+    pass, or [] and one row saying why it failed): a candidate that fails to compile or run on a
+    GPU must not take the suite's other rows with it."""
+    try:
+        split = experiment.linear_speed(batches, [INT4_SPLIT], shapes, device, dtype, repeats=repeats, calls=10)
+    except Exception as e:
+        return [], [row("quant", f"{label}: failed", float("nan"), "", error=f"{type(e).__name__}: {e}"[:300])]
+    floats = {f["batch"]: f["ms"] for f in split if f["method"] == experiment.FLOAT}
+    return [dict(r, float_ms=floats[r["batch"]]) for r in split if r["method"] == INT4_SPLIT], []
 
 
 def run(ctx: BenchContext) -> list[dict]:
@@ -40,9 +55,15 @@ def run(ctx: BenchContext) -> list[dict]:
     dtype = torch.bfloat16 if gpu else torch.float32
     path = "Triton" if gpu else "torch"
     labels = {experiment.FLOAT: f"{'bf16' if gpu else 'fp32'} F.linear", "int4": f"int4 g128 ours ({path})",
-              "int8": f"int8 w-only ours ({path})", "bnb_int8": "bnb LLM.int8()", "bnb_nf4": "bnb NF4"}
+              "int8": f"int8 w-only ours ({path})", "bnb_int8": "bnb LLM.int8()", "bnb_nf4": "bnb NF4",
+              INT4_SPLIT: "int4 g128 ours, split nibbles (Triton, candidate)"}
     res = experiment.linear_speed(batches, methods, shapes, ctx.device, dtype,
                                   repeats=3 if ctx.quick else 20, calls=10)
+    failed = []
+    if gpu:
+        split, failed = split_candidate(batches, shapes, ctx.device, dtype, repeats=3 if ctx.quick else 20,
+                                        label=labels[INT4_SPLIT])
+        res += split
     base = {r["batch"]: r for r in res if r["method"] == experiment.FLOAT}
     shape = "small" if ctx.quick else "7B"
     rows = []
@@ -54,6 +75,7 @@ def run(ctx: BenchContext) -> list[dict]:
         if m == experiment.FLOAT:
             rows.append(row("quant", name, b / r["ms"] * 1e3, "tok/s", **extra))
         else:
+            float_ms = r.get("float_ms", base[b]["ms"])
             rows.append(row("quant", name, b / r["ms"] * 1e3, "tok/s", peer=labels[experiment.FLOAT],
-                            peer_value=b / base[b]["ms"] * 1e3, target=_targets(m, b) if gpu else None, **extra))
-    return rows
+                            peer_value=b / float_ms * 1e3, target=_targets(m, b) if gpu else None, **extra))
+    return rows + failed

@@ -44,6 +44,7 @@ class QuantLinear(nn.Module):
         self.bits, self.group_size, self.sym = qw.bits, qw.group_size, qw.sym
         self.dtype = dtype                                  # the compute dtype of the forward pass
         self.kernel = "auto"
+        self.split_nibbles = False     # the kernel's 4-bit variant (triton_dequant.dequant_matmul); untimed on a GPU
         self.register_buffer("qweight", pack_codes(qw.codes, qw.bits, qw.sym))
         self.register_buffer("scales", qw.scales.to(scale_dtype).contiguous())
         self.register_buffer("zeros", qw.zeros.to(scale_dtype).contiguous())
@@ -93,7 +94,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:      # x [..., in] -> [..., out]
         if self.uses_kernel(x):
             return triton_dequant.dequant_matmul(x, self.qweight, self.scales, self.zeros, self.bits,
-                                                 self.group_size, self.sym, self.bias)
+                                                 self.group_size, self.sym, self.bias,
+                                                 split_nibbles=self.split_nibbles)
         return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:

@@ -48,7 +48,7 @@ def validate_weight(w: torch.Tensor, bits: int, group_size: int | None = None) -
         raise ValueError("weight must be a 2-D float tensor [out, in]")
     if w.numel() == 0:
         raise ValueError(f"weight is empty, shape {tuple(w.shape)}")
-    if not all(map(math.isfinite, (float(v) for v in torch.aminmax(w)))):   # min/max carry NaN, inf
+    if not all(map(math.isfinite, (float(v) for v in torch.aminmax(w.detach())))):   # min/max carry NaN, inf
         raise ValueError("weight contains NaN or inf; refusing to quantize it")
     return resolve_group_size(w.shape[1], group_size)
 

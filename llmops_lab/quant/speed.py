@@ -22,6 +22,7 @@ from ..presets import get_preset
 
 FLOAT = "float"
 METHODS = (FLOAT, "int8", "int4")       # our weight-only formats; bnb_* where bitsandbytes is importable
+INT4_SPLIT = "int4_split"               # int4 through the kernel's split-nibble variant: a GPU candidate
 
 
 def layer_shapes(config) -> list[tuple[str, int, int]]:
@@ -52,16 +53,18 @@ def make_linears(method: str, shapes, device, dtype, group_size: int = 128, seed
             lin.weight.copy_(torch.randn(out_f, in_f, generator=g) * in_f ** -0.5)
         if method == FLOAT:
             mods.append(lin.to(device=device, dtype=dtype))
-        elif method in ("int4", "int8"):
-            bits = 4 if method == "int4" else 8
+        elif method in ("int4", "int8", INT4_SPLIT):
+            bits = 8 if method == "int8" else 4
             gs = group_size if bits == 4 and in_f % group_size == 0 else None     # int8: per channel
             qw = quantize_rtn(lin.weight, bits=bits, group_size=gs, sym=bits == 8)
-            mods.append(QuantLinear(qw, dtype=dtype).to(device))
+            mod = QuantLinear(qw, dtype=dtype).to(device)
+            mod.split_nibbles = method == INT4_SPLIT
+            mods.append(mod)
         elif method in ("bnb_int8", "bnb_nf4"):
             from .bnb import bnb_linear
             mods.append(bnb_linear(lin.to(dtype), method, device))
         else:
-            raise ValueError(f"unknown method {method!r}; one of {METHODS + ('bnb_int8', 'bnb_nf4')}")
+            raise ValueError(f"unknown method {method!r}; one of {METHODS + (INT4_SPLIT, 'bnb_int8', 'bnb_nf4')}")
     return mods
 
 

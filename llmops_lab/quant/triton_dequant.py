@@ -35,6 +35,14 @@ It is not the default: its first version (a reduction across threads in every K 
 bf16 on an H100 where the tiled kernel ran at about 1.15x (``data/bench/``), and the version here
 is timed by ``python -m llmops_lab.quant.tune_gemv`` against the tiled kernel.
 
+At 4 bits either kernel can leave the nibbles where they are (``split_nibbles``): the low nibbles
+of a row of bytes are the weight's even columns and the high nibbles its odd ones, so the tile is
+two half-width tiles multiplied by x's even and odd columns, with no interleave. In the tuning run
+of 2026-11-26 (H100) the interleaving GEMV slowed from 591 to 187 GB/s when its K tile went from
+128 to 256 codes, while the int8 GEMV (nothing to interleave) held 1500-1750 GB/s at any tile:
+the interleave is the suspect. The split variant is checked under the interpreter; no GPU has
+timed it yet, so it is not the default.
+
 Runs on a CPU under TRITON_INTERPRET=1 at small sizes (tests/test_quant_kernel.py).
 """
 from __future__ import annotations
@@ -130,6 +138,49 @@ if triton is not None:
         return w * s
 
     @triton.jit
+    def _dequantized_nibbles(q_ptr, s_ptr, z_ptr, offs_n, in_n, k0, k_hi,
+                             stride_qn, stride_qk, stride_sn, stride_sg,
+                             GROUP_SIZE: tl.constexpr, OFFSET: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                             ONE_GROUP_PER_TILE: tl.constexpr, BLOCK_K: tl.constexpr):
+        """A 4-bit weight tile at columns k0.. as its two nibble halves, fp32 [BLOCK_N, BLOCK_K/2]
+        each: the even columns k0, k0+2, ... (low nibbles) and the odd ones (high nibbles). The
+        caller multiplies them by the even and odd columns of x, so the codes never have to be
+        interleaved back into column order (``tl.interleave`` shuffles registers between threads)."""
+        offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        raw = tl.load(q_ptr + offs_n[:, None] * stride_qn + offs_b[None, :] * stride_qk,
+                      mask=in_n[:, None] & (offs_b < k_hi // 2)[None, :], other=0).to(tl.int32)
+        lo = ((raw & 0xF) + OFFSET).to(tl.float32)
+        hi = ((raw >> 4) + OFFSET).to(tl.float32)
+        if ONE_GROUP_PER_TILE:   # both halves lie in the tile's one group: one scale per row
+            g = k0 // GROUP_SIZE
+            s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=in_n, other=0.0).to(tl.float32)[:, None]
+            if HAS_ZEROS:
+                z = tl.load(z_ptr + offs_n * stride_sn + g * stride_sg, mask=in_n, other=0.0).to(tl.float32)[:, None]
+                lo, hi = lo - z, hi - z
+            lo, hi = lo * s, hi * s
+        else:                    # groups narrower than the tile: each column's own group
+            mask_s = in_n[:, None] & (offs_b < k_hi // 2)[None, :]
+            rows = offs_n[:, None] * stride_sn
+            g_lo = ((2 * offs_b) // GROUP_SIZE)[None, :] * stride_sg
+            g_hi = ((2 * offs_b + 1) // GROUP_SIZE)[None, :] * stride_sg   # another group when the size is odd
+            if HAS_ZEROS:
+                lo -= tl.load(z_ptr + rows + g_lo, mask=mask_s, other=0.0).to(tl.float32)
+                hi -= tl.load(z_ptr + rows + g_hi, mask=mask_s, other=0.0).to(tl.float32)
+            lo *= tl.load(s_ptr + rows + g_lo, mask=mask_s, other=0.0).to(tl.float32)
+            hi *= tl.load(s_ptr + rows + g_hi, mask=mask_s, other=0.0).to(tl.float32)
+        return lo, hi
+
+    @triton.jit
+    def _even_odd_columns(x_ptr, offs_m, in_m, k0, k_hi, stride_xm, stride_xk, BLOCK_K: tl.constexpr):
+        """x's columns k0, k0+2, ... and k0+1, k0+3, ... ([BLOCK_M, BLOCK_K/2] each, 0 past k_hi):
+        the partners of ``_dequantized_nibbles``' low and high halves."""
+        offs_e = k0 + 2 * tl.arange(0, BLOCK_K // 2)
+        ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_e[None, :] * stride_xk
+        x_e = tl.load(ptrs, mask=in_m[:, None] & (offs_e < k_hi)[None, :], other=0.0)
+        x_o = tl.load(ptrs + stride_xk, mask=in_m[:, None] & (offs_e + 1 < k_hi)[None, :], other=0.0)
+        return x_e, x_o
+
+    @triton.jit
     def dequant_matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
                               M, N, K, K_PER_SPLIT,
                               stride_xm, stride_xk, stride_qn, stride_qk, stride_sn, stride_sg,
@@ -137,7 +188,8 @@ if triton is not None:
                               GROUP_SIZE: tl.constexpr, OFFSET: tl.constexpr, BITS: tl.constexpr,
                               HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, ONE_GROUP_PER_TILE: tl.constexpr,
                               SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                              BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                              BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                              SPLIT_NIBBLES: tl.constexpr):
         pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -146,18 +198,30 @@ if triton is not None:
         k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            in_k = offs_k < k_hi
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                        mask=in_m[:, None] & in_k[None, :], other=0.0)             # [BM, BK]
-            w = _dequantized_tile(q_ptr, s_ptr, z_ptr, offs_n, in_n, k0, offs_k, in_k, k_hi,
-                                  stride_qn, stride_qk, stride_sn, stride_sg, GROUP_SIZE, OFFSET, BITS,
-                                  HAS_ZEROS, ONE_GROUP_PER_TILE, BLOCK_K)       # [BN, BK]
-            if UPCAST:   # Triton's CPU interpreter computes bf16 dots wrongly; on a GPU this is off
-                x = x.to(tl.float32)
+            if BITS == 4 and SPLIT_NIBBLES:     # two half-K products: even columns, odd columns
+                x_e, x_o = _even_odd_columns(x_ptr, offs_m, in_m, k0, k_hi, stride_xm, stride_xk, BLOCK_K)
+                w_lo, w_hi = _dequantized_nibbles(q_ptr, s_ptr, z_ptr, offs_n, in_n, k0, k_hi,
+                                                  stride_qn, stride_qk, stride_sn, stride_sg, GROUP_SIZE,
+                                                  OFFSET, HAS_ZEROS, ONE_GROUP_PER_TILE, BLOCK_K)
+                if UPCAST:
+                    x_e, x_o = x_e.to(tl.float32), x_o.to(tl.float32)
+                else:
+                    w_lo, w_hi = w_lo.to(x_e.dtype), w_hi.to(x_e.dtype)
+                acc += tl.dot(x_e, tl.trans(w_lo), input_precision=DOT_PRECISION)
+                acc += tl.dot(x_o, tl.trans(w_hi), input_precision=DOT_PRECISION)
             else:
-                w = w.to(x.dtype)
-            acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                in_k = offs_k < k_hi
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                            mask=in_m[:, None] & in_k[None, :], other=0.0)             # [BM, BK]
+                w = _dequantized_tile(q_ptr, s_ptr, z_ptr, offs_n, in_n, k0, offs_k, in_k, k_hi,
+                                      stride_qn, stride_qk, stride_sn, stride_sg, GROUP_SIZE, OFFSET, BITS,
+                                      HAS_ZEROS, ONE_GROUP_PER_TILE, BLOCK_K)       # [BN, BK]
+                if UPCAST:   # Triton's CPU interpreter computes bf16 dots wrongly; on a GPU this is off
+                    x = x.to(tl.float32)
+                else:
+                    w = w.to(x.dtype)
+                acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
         if HAS_BIAS:
             if pid_k == 0:           # one split adds the bias
                 acc += tl.load(b_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)[None, :]
@@ -174,7 +238,8 @@ if triton is not None:
                             stride_ym, stride_yn,
                             GROUP_SIZE: tl.constexpr, OFFSET: tl.constexpr, BITS: tl.constexpr,
                             HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, ONE_GROUP_PER_TILE: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            SPLIT_NIBBLES: tl.constexpr):
         """y[:M, n-tile] = x[:M] @ dequant(W[n-tile])^T for M <= BLOCK_M (a handful of rows)."""
         pid_n = tl.program_id(0)
         offs_m = tl.arange(0, BLOCK_M)
@@ -183,16 +248,26 @@ if triton is not None:
         # Products accumulate elementwise, each thread along its own stretch of K, and are summed
         # across K once after the loop: a reduction across threads in every iteration (the first
         # version) ran at 100-300 GB/s on an H100.
-        acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            in_k = offs_k < K
-            w = _dequantized_tile(q_ptr, s_ptr, z_ptr, offs_n, in_n, k0, offs_k, in_k, K,
-                                  stride_qn, stride_qk, stride_sn, stride_sg, GROUP_SIZE, OFFSET, BITS,
-                                  HAS_ZEROS, ONE_GROUP_PER_TILE, BLOCK_K)       # [BN, BK]
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                        mask=in_m[:, None] & in_k[None, :], other=0.0).to(tl.float32)  # [BM, BK]
-            acc3 += x[:, None, :] * w[None, :, :]
+        if BITS == 4 and SPLIT_NIBBLES:         # low nibbles times even columns, high times odd
+            acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K // 2], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                w_lo, w_hi = _dequantized_nibbles(q_ptr, s_ptr, z_ptr, offs_n, in_n, k0, K,
+                                                  stride_qn, stride_qk, stride_sn, stride_sg, GROUP_SIZE,
+                                                  OFFSET, HAS_ZEROS, ONE_GROUP_PER_TILE, BLOCK_K)
+                x_e, x_o = _even_odd_columns(x_ptr, offs_m, in_m, k0, K, stride_xm, stride_xk, BLOCK_K)
+                acc3 += x_e.to(tl.float32)[:, None, :] * w_lo[None, :, :]
+                acc3 += x_o.to(tl.float32)[:, None, :] * w_hi[None, :, :]
+        else:
+            acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                in_k = offs_k < K
+                w = _dequantized_tile(q_ptr, s_ptr, z_ptr, offs_n, in_n, k0, offs_k, in_k, K,
+                                      stride_qn, stride_qk, stride_sn, stride_sg, GROUP_SIZE, OFFSET, BITS,
+                                      HAS_ZEROS, ONE_GROUP_PER_TILE, BLOCK_K)       # [BN, BK]
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                            mask=in_m[:, None] & in_k[None, :], other=0.0).to(tl.float32)  # [BM, BK]
+                acc3 += x[:, None, :] * w[None, :, :]
         acc = tl.sum(acc3, axis=2)                                                  # [BM, BN]
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)[None, :]
@@ -238,7 +313,8 @@ def _gemv_config(M: int, N: int, K: int, group_size: int, device: torch.device, 
 
 def dequant_matmul(x, qweight, scales, zeros, bits: int, group_size: int, sym: bool, bias=None,
                    split_k: int | None = None, kernel: str | None = None,
-                   gemv_config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                   gemv_config: tuple[int, int, int, int] | None = None,
+                   split_nibbles: bool = False) -> torch.Tensor:
     """y [..., N] = x [..., K] @ dequant(W)^T + bias with W stored as in ``QuantLinear``.
 
     Args:
@@ -250,6 +326,11 @@ def dequant_matmul(x, qweight, scales, zeros, bits: int, group_size: int, sym: b
             the GEMV kernel has not yet been measured faster; see the module docstring).
         gemv_config: (BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMV kernel instead of the
             default's (``quant.tune_gemv`` times candidates).
+        split_nibbles: at 4 bits, multiply the low nibbles by x's even columns and the high nibbles
+            by its odd columns instead of interleaving the codes back into column order (either
+            kernel; same sums in a different order). Not the default until a GPU has timed it:
+            on an H100 (run 4) the interleaving GEMV fell from 591 to 187 GB/s when its K tile grew
+            from 128 to 256 codes while the int8 one, which interleaves nothing, held 1500-1750 GB/s.
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -283,7 +364,8 @@ def dequant_matmul(x, qweight, scales, zeros, bits: int, group_size: int, sym: b
             scales.stride(0), scales.stride(1), y.stride(0), y.stride(1),
             GROUP_SIZE=group_size, OFFSET=storage_offset(bits, sym), BITS=bits, HAS_ZEROS=not sym,
             HAS_BIAS=bias is not None, ONE_GROUP_PER_TILE=group_size % block_k == 0 or group_size == K,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_NIBBLES=split_nibbles,
+            num_warps=warps, num_stages=stages)
         return y.reshape(*lead, N)
     block_m, block_n, block_k, auto_split, warps, stages = _config(M, N, K, group_size, x.device, interpret)
     split_k = auto_split if split_k is None else split_k
@@ -302,7 +384,8 @@ def dequant_matmul(x, qweight, scales, zeros, bits: int, group_size: int, sym: b
         HAS_BIAS=bias is not None, ONE_GROUP_PER_TILE=group_size % block_k == 0 or group_size == K,
         SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        UPCAST=interpret and x.dtype == torch.bfloat16, num_warps=warps, num_stages=stages)
+        UPCAST=interpret and x.dtype == torch.bfloat16, SPLIT_NIBBLES=split_nibbles,
+        num_warps=warps, num_stages=stages)
     return y.to(x.dtype).reshape(*lead, N)
 
 

@@ -7,7 +7,8 @@ At one to four rows the dequantizing GEMV reads each weight byte once and does a
 so its speed is how many bytes it keeps in flight: tiles wide enough along K for long reads, and
 enough programs (output tiles) to occupy every SM. The table prints, per format and shape, each
 candidate's time and achieved bandwidth (weight bytes / time), fastest first; the chosen tiles then
-go into ``triton_dequant._gemv_config``.
+go into ``triton_dequant._gemv_config``. At 4 bits every kernel runs twice, interleaving the two
+nibbles of each byte back into column order (the default) and with ``split_nibbles`` ("split").
 """
 from __future__ import annotations
 
@@ -29,10 +30,13 @@ def time_call(fn, device="cuda") -> float:
 
 
 @torch.inference_mode()
-def tune(preset: str = "llama-2-7b", rows: int = 1, candidates=CANDIDATES, device="cuda") -> list[dict]:
+def tune(preset: str = "llama-2-7b", rows: int = 1, candidates=CANDIDATES, device="cuda",
+         shapes: list[tuple[int, int]] | None = None) -> list[dict]:
+    """One row per (format, shape, kernel variant): us and gb_s, or the error that stopped it.
+    ``shapes``: (out, in) pairs instead of the preset's (a test runs small ones in the interpreter)."""
     from .speed import make_linears, preset_shapes
     from .triton_dequant import dequant_matmul
-    shapes = sorted({(o, i) for _, o, i in preset_shapes(preset)})
+    shapes = sorted(set(shapes) if shapes else {(o, i) for _, o, i in preset_shapes(preset)})
     out = []
     for method in ("int4", "int8"):
         mods = make_linears(method, [("", o, i) for o, i in shapes], device, torch.bfloat16)
@@ -45,16 +49,23 @@ def tune(preset: str = "llama-2-7b", rows: int = 1, candidates=CANDIDATES, devic
             ref = dequant_matmul(x, m.qweight, m.scales, m.zeros, m.bits, m.group_size, m.sym, kernel="tiled")
             base = time_call(lambda: dequant_matmul(x, m.qweight, m.scales, m.zeros, m.bits, m.group_size, m.sym), device)
             out.append(dict(method=method, N=o, K=i, config="tiled (default)", us=base * 1e6, gb_s=nbytes / base / 1e9))
+            # 4 bits: each kernel also with split nibbles (no interleave); 8 bits has none to split
+            variants = [("tiled split", "tiled", None, True)] if m.bits == 4 else []
             for c in candidates:
+                variants.append((c, "gemv", c, False))
+                if m.bits == 4:
+                    variants.append((f"{c} split", "gemv", c, True))
+            for label, kernel, c, split in variants:
                 try:
-                    def call(c=c):
+                    def call(kernel=kernel, c=c, split=split):
                         return dequant_matmul(x, m.qweight, m.scales, m.zeros, m.bits, m.group_size, m.sym,
-                                              kernel="gemv", gemv_config=c)
+                                              kernel=kernel, gemv_config=c, split_nibbles=split)
                     err = float((call().float() - ref.float()).abs().max())
                     t = time_call(call, device)
-                    out.append(dict(method=method, N=o, K=i, config=c, us=t * 1e6, gb_s=nbytes / t / 1e9, max_err=err))
+                    out.append(dict(method=method, N=o, K=i, config=label, us=t * 1e6, gb_s=nbytes / t / 1e9,
+                                    max_err=err))
                 except Exception as e:   # a tile too big for the registers or shared memory
-                    out.append(dict(method=method, N=o, K=i, config=c, error=f"{type(e).__name__}: {str(e)[:80]}"))
+                    out.append(dict(method=method, N=o, K=i, config=label, error=f"{type(e).__name__}: {str(e)[:80]}"))
     return out
 
 
