@@ -27,6 +27,8 @@ def test_bench_quick_runs_and_writes_json(tmp_path):
     batching = [r for r in rows if r["suite"] == "batching" and r.get("peer")]
     assert batching and batching[0]["same_greedy_tokens"] and all(r["ratio"] > 0 for r in batching)
     assert batching[0]["continuous_runs"] == 2            # on a CPU the engine runs before and after static
+    from llmops_lab.paged import cpu_kernel                # which decode attention ran, said
+    assert batching[0]["decode_attention"].startswith("C kernel") == cpu_kernel.available()
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert len(saved["rows"]) == len(rows) and saved["meta"]["quick"]
     assert saved["meta"]["models"] == embedded_fingerprint()          # which weights ran

@@ -70,7 +70,43 @@ def fold_gqa_queries(q, k, v, mask=None):
     return out.reshape(B, H, 1, D)
 
 
-BACKENDS: dict[str, Callable] = {"naive": naive_attention, "sdpa": sdpa_attention}
+def cpu_decode_attention(q, k, v, mask=None, is_causal=False):
+    """``sdpa_attention``, except where one query token per row attends in fp32 on a CPU, with no
+    mask or a mask that keeps a suffix of each row's keys (left padding, a sliding window): there
+    the C decode kernel reads the cache in place (``paged.cpu_kernel.contiguous_decode_cpu``, the
+    kernel the engine's paged decode runs on a CPU). Static batching decodes through it, so that
+    the engine and static batching differ in scheduling, not in their attention kernel."""
+    if q.shape[2] == 1 and not is_causal and q.device.type == "cpu" and k.dim() == 4:
+        from ..paged import cpu_kernel
+        if cpu_kernel.supports(q[:, :, 0], k, k.shape[1]) and cpu_kernel.available():
+            starts = suffix_starts(mask, q.shape[0], k.shape[2])
+            if starts is not False:
+                return cpu_kernel.contiguous_decode_cpu(q[:, :, 0], k, v, starts)[:, :, None]
+    return sdpa_attention(q, k, v, mask, is_causal)
+
+
+_last_suffix: list = [None, None]         # (mask, its starts): every layer of a step has the same mask
+
+
+def suffix_starts(mask, B: int, S: int):
+    """For a boolean key mask [B or 1, 1, 1, S] whose True entries are a suffix of each row (keys
+    starts[b]..S-1), those starts (int32 [B]); None for no mask; False for any other mask."""
+    if mask is None:
+        return None
+    if mask is _last_suffix[0]:
+        return _last_suffix[1]
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:3] != (1, 1) or mask.shape[-1] != S:
+        return False
+    rows = mask[:, 0, 0].expand(B, S)
+    starts = (S - rows.sum(-1)).to(torch.int32)
+    if not torch.equal(rows, torch.arange(S, device=mask.device)[None, :] >= starts[:, None]):
+        starts = False
+    _last_suffix[:] = [mask, starts]
+    return starts
+
+
+BACKENDS: dict[str, Callable] = {"naive": naive_attention, "sdpa": sdpa_attention,
+                                 "cpu_decode": cpu_decode_attention}
 
 
 def get_backend(name_or_fn: str | Callable) -> Callable:

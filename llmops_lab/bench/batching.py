@@ -5,7 +5,9 @@ Targets (same run): continuous >= 3x static on a CPU; >= 8x transformers' padded
 The CPU runs the embedded target; the GPU a Llama-2-7B-shaped model with random bf16 weights
 (throughput does not depend on the weights' values; greedy tokens are compared all the same).
 On a GPU both of ours replay CUDA graphs for their decode steps (the engine's ``cuda_graph``, static
-batching's ``StaticDecoder``); transformers' ``generate`` runs as it ships, eagerly.
+batching's ``StaticDecoder``); on a CPU both attend through the C decode kernel (``paged.cpu_kernel``:
+the engine's paged pool, static batching's contiguous cache); transformers' ``generate`` runs as
+it ships, eagerly.
 """
 from __future__ import annotations
 
@@ -56,16 +58,20 @@ def run(ctx: BenchContext) -> list[dict]:
     agree = {k: experiment.agreement(cont, res[k]) for k in ("static", "transformers")}
     lens = [r.params.max_tokens for r in wl]
     desc = f"{name}, {len(wl)} requests, outputs {min(lens)}-{max(lens)} (mean {sum(lens) / len(lens):.0f}), {seats} seats"
-    bracketed = {}
+    cpu_extra = {}
     if cpu:                                # both engine runs, to show how far the machine drifted
-        bracketed = {"continuous_runs": 2, "continuous_runs_tok_s": [round(res["continuous_before"].throughput, 1),
-                                                                     round(cont.throughput, 1)]}
+        from ..paged import cpu_kernel
+        cpu_extra = {"continuous_runs": 2, "continuous_runs_tok_s": [round(res["continuous_before"].throughput, 1),
+                                                                     round(cont.throughput, 1)],
+                     # which decode attention both ran: the C kernel, or why not
+                     "decode_attention": "C kernel (paged.cpu_kernel)" if cont.engine.runner.cpu_kernel_calls
+                     else f"gather+SDPA reference ({cpu_kernel.reason()})"}
     # the ratio's two factors: how many fewer steps the engine needs, and what each step costs
     static_steps = {f"static_{k}": v for k, v in experiment.step_breakdown(static).items()}
     static_steps["step_count_ratio"] = len(static.steps) / len(cont.steps)
     out = [
         row("batching", f"continuous vs static (ours), {desc}", cont_tput, "tok/s", peer="static (ours)",
-            peer_value=static.throughput, target=">= 3x" if cpu else None, same_greedy_tokens=same, **bracketed,
+            peer_value=static.throughput, target=">= 3x" if cpu else None, same_greedy_tokens=same, **cpu_extra,
             cuda_graph_steps=cont.engine.runner.graph_steps, **experiment.step_breakdown(cont), **static_steps,
             first_token_agreement=agree["static"]["first_token"], prefix_agreement=agree["static"]["prefix"]),
         row("batching", "continuous vs transformers padded generate", cont_tput, "tok/s",

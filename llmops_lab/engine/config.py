@@ -21,6 +21,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     enforce_eager: bool = False           # CUDA: no graphs of decode steps (they are captured by default)
+    cpu_paged_kernel: bool = True         # CPU: decode attention by the C kernel (paged.cpu_kernel) where it can
     seed: int = 0
 
     def __post_init__(self):

@@ -141,8 +141,11 @@ def decode_step_times(model, batch_sizes=(1, 2, 4, 8, 16, 32), contexts=(64, 256
 @torch.inference_mode()
 def static_step_times(model, batch_sizes=(1, 2, 4, 8, 16, 32), contexts=(64, 256), repeats: int = 5) -> list[dict]:
     """Median time of one static-batching decode step (B rows of ``ctx`` cached tokens on a
-    contiguous cache, with the padding mask ``run_static_batch`` passes): its T_token."""
+    contiguous cache, with the padding mask and attention backend ``run_static_batch`` uses): its
+    T_token."""
     from ..kv import KVCache
+    from .static import decode_backend
+    backend = decode_backend(model.device)
     rows = []
     for ctx in contexts:
         for B in batch_sizes:
@@ -153,7 +156,7 @@ def static_step_times(model, batch_sizes=(1, 2, 4, 8, 16, 32), contexts=(64, 256
 
             def step():
                 cache.length = ctx
-                return model(ids, cache=cache, attention_mask=mask)
+                return model(ids, cache=cache, attention_mask=mask, backend=backend)
             t = time_fn(step, warmup=1, repeats=repeats, device=model.device)
             rows.append({"batch": B, "context": ctx, "step_s": t.median})
     return rows

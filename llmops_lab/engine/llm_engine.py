@@ -62,7 +62,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.block_manager)
         graphs = "capture" if not config.enforce_eager and decode_graphs_possible(model) else None
         self.runner = ModelRunner(model, blocks, config.block_size, decode_graphs=graphs,
-                                  max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len)
+                                  max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
+                                  cpu_kernel=config.cpu_paged_kernel)
         if self.runner.use_kernels:           # compile the Triton kernels now, not in a served step
             self.runner.warm_up()
         self.requests: dict[str, _Request] = {}

@@ -41,12 +41,19 @@ class ModelRunner:
     "static" (the same static buffers, run eagerly: the tests' check of that path), or None."""
 
     def __init__(self, model, num_blocks: int, block_size: int, decode_graphs: str | None = None,
-                 max_num_seqs: int = 1, max_model_len: int | None = None):
+                 max_num_seqs: int = 1, max_model_len: int | None = None, cpu_kernel: bool = True):
         self.model = model
         self.block_size = block_size
         self.num_blocks = num_blocks          # those the block manager hands out (no scratch block)
         c, dev, dt = model.config, model.device, model.dtype
         self.use_kernels = dev.type == "cuda"
+        # CPU decode attention: the C kernel, built now (about a second, once per machine) rather
+        # than inside the first step; where it cannot be built, the gather+SDPA reference runs
+        self.cpu_kernel = cpu_kernel and dev.type == "cpu"
+        if self.cpu_kernel:
+            from ..paged import cpu_kernel as ck
+            ck.available()
+        self.cpu_kernel_calls = 0             # decode attentions (one per layer and step) it ran
         if decode_graphs not in (None, "capture", "static"):
             raise ValueError(f"decode_graphs must be None, 'capture' or 'static', got {decode_graphs!r}")
         if decode_graphs is not None and c.sliding_window is not None:
@@ -135,7 +142,8 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
             query_start=qstart, context_lens=ctx,
             block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32).to(dev),
-            sliding_window=self.model.config.sliding_window, use_kernels=self.use_kernels)
+            sliding_window=self.model.config.sliding_window, use_kernels=self.use_kernels,
+            cpu_kernel=self.cpu_kernel)
         return (torch.tensor([ids], device=dev), torch.tensor([pos], device=dev), meta,
                 torch.tensor(sample_at, dtype=torch.long, device=dev))
 
@@ -170,6 +178,7 @@ class ModelRunner:
         ids, pos, meta, sample_at = self.prepare(batch)
         logits = self.model(ids, positions=pos, cache=meta, backend=packed_paged_attention,
                             logits_indices=sample_at)
+        self.cpu_kernel_calls += meta.cpu_kernel_calls
         return logits[0].float()
 
 

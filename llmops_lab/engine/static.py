@@ -7,7 +7,9 @@ new request can join: every request of the batch is answered when the batch ends
 documents' throughput formula N * T_out / (max(L_i) * T_token) describes.
 
 On a GPU each batch's decode steps replay a CUDA graph (``fast_decode.StaticDecoder``), as the
-engine's do, so the two differ in scheduling, not in how a step is launched.
+engine's do, and on a CPU their attention runs the C decode kernel the engine's paged attention
+runs (``attention.backends.cpu_decode_attention``): the two differ in scheduling, not in how a step
+is launched or which attention kernel it calls.
 """
 from __future__ import annotations
 
@@ -15,11 +17,18 @@ import time
 
 import torch
 
+from ..attention.backends import cpu_decode_attention
 from ..kv import KVCache
 from .llm_engine import sample_token
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .sampling_params import SamplingParams, stop_reason
 from .sequence import Sequence
+
+
+def decode_backend(device: torch.device):
+    """The attention backend of static batching's eager decode steps: on a CPU the C kernel the
+    engine's paged decode runs (``cpu_decode_attention``), elsewhere the model's own."""
+    return cpu_decode_attention if device.type == "cpu" else None
 
 
 def left_pad(prompts: list[list[int]], pad_token_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,6 +74,7 @@ def run_static_batch(model, prompts: list[list[int]], params: list[SamplingParam
         decoder = StaticDecoder(model, B, S + new)
     else:
         cache = KVCache.for_model(model, B, S + new)
+    backend = decode_backend(dev)
     eos = set(model.config.eos_token_ids)
     gen = generator or torch.Generator(device="cpu").manual_seed(0)
     t0 = time.perf_counter()
@@ -100,7 +110,7 @@ def run_static_batch(model, prompts: list[list[int]], params: list[SamplingParam
             logits = decoder.step(torch.tensor(nxt, device=dev)).float()
         else:
             logits = model(torch.tensor(nxt, device=dev)[:, None], cache=cache,
-                           attention_mask=mask[:, :cache.length + 1])[:, -1].float()
+                           attention_mask=mask[:, :cache.length + 1], backend=backend)[:, -1].float()
         steps.append({"t_start": t, "t_end": time.perf_counter(), "num_seqs": B, "num_active": active,
                       "num_tokens": B})
     end = time.perf_counter()

@@ -8,9 +8,10 @@ to the model as its ``cache``: where each token's K/V goes (``slot_mapping``), w
 to which sequence (``query_start``), how long each sequence's context is, and its block table.
 
 Sequences computing one token (decodes) are attended together in one call (the Triton paged decode
-kernel on a GPU); each prefill chunk attends causally to its sequence's cached context plus itself
-(the Triton paged prefill kernel on a GPU). On a CPU, and with a sliding window, the references
-gather the blocks and run SDPA.
+kernel on a GPU, the C kernel of ``cpu_kernel`` on a CPU); each prefill chunk attends causally to its
+sequence's cached context plus itself (the Triton paged prefill kernel on a GPU). Otherwise (a CPU
+prefill, a sliding window on a GPU, a CPU without a C compiler) the references gather the blocks
+and run SDPA.
 
 The pools here are *token-major*, [num_blocks, block_size, Hkv, D]: a token's keys for all heads
 are one row, so storing T new tokens is one ``index_copy_`` and gathering a sequence's blocks is
@@ -47,6 +48,7 @@ class PackedBatch:
     block_tables: torch.Tensor        # [B, max_blocks] int32, padded with 0
     sliding_window: int | None = None
     use_kernels: bool = False         # Triton kernels (CUDA) or the gather references
+    cpu_kernel: bool = True           # CPU decodes: the C kernel (cpu_kernel) where it has a variant
     packed = True
     length = 0                        # the model reads cache.length as the start; unused when packed
 
@@ -67,11 +69,8 @@ class PackedBatch:
             self._dec_tables = self.block_tables if self.all_decode else self.block_tables[rows]
             self._dec_lens = self._lens if self.all_decode else self._lens[rows]
             self._dec_L = max(self.context_lens[b] for b in rows)
-            kpos = torch.arange(self._dec_L, device=dev)[None, :]
-            valid = kpos < self._dec_lens[:, None]
-            if self.sliding_window is not None:
-                valid &= kpos >= self._dec_lens[:, None] - self.sliding_window
-            self._dec_mask = valid[:, None, None, :]
+            self._dec_mask = None                            # the reference's, made on first use
+        self.cpu_kernel_calls = 0                            # decode attentions the C kernel ran
         self._layer = None
         self._rows = {}                                      # _row_metadata's copies, by row
 
@@ -116,6 +115,22 @@ class PackedBatch:
             from .triton_paged import paged_decode
             return paged_decode(q, self._heads_first(kp), self._heads_first(vp), self._dec_tables,
                                 self._dec_lens, max_context_len=self._dec_L)
+        if self.cpu_kernel and not self.use_kernels:
+            from . import cpu_kernel
+            if cpu_kernel.supports(q, kp, kp.shape[2]) and cpu_kernel.available():
+                self.cpu_kernel_calls += 1
+                return cpu_kernel.paged_decode_cpu(q, kp, vp, self._dec_tables, self._dec_lens, self.sliding_window)
+        return self._decode_reference(q, kp, vp)
+
+    def _decode_reference(self, q, kp, vp):
+        """Gather each row's blocks into one padded copy, SDPA over it with a mask of each row's
+        length (and window)."""
+        if self._dec_mask is None:
+            kpos = torch.arange(self._dec_L, device=q.device)[None, :]
+            valid = kpos < self._dec_lens[:, None]
+            if self.sliding_window is not None:
+                valid &= kpos >= self._dec_lens[:, None] - self.sliding_window
+            self._dec_mask = valid[:, None, None, :]
         k, v = (self._gather(p, self._dec_tables, self._dec_L) for p in (kp, vp))
         return sdpa_attention(q[:, :, None], k, v, mask=self._dec_mask)[:, :, 0]
 

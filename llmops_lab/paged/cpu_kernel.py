@@ -1,0 +1,190 @@
+"""The paged decode kernel for a CPU: ``csrc/paged_decode_cpu.c``, compiled on first use.
+
+On a GPU the engine's decode attention reads the block pool in place (``triton_paged``). On a CPU
+its reference gathers every sequence's blocks into one padded [B, longest, Hkv, D] copy per layer and
+runs SDPA over it with a mask. In the batching bench's steady state the longest context of a step
+was 2.45x the mean, so that reference copied and scored 2.45 keys for each one it needed (gather,
+SDPA and the mask's conversion took 20% of the engine's CPU time). The C kernel reads each
+sequence's own blocks, to its own length, with no copy: what vLLM's CPU backend does with its own
+paged-attention kernel. It is single-threaded (a second OpenMP runtime beside PyTorch's made both
+slower), fp32 only, and specialised for head dims 32, 64 and 128 with 1, 2, 4 or 8 query heads per
+KV head; anything else, or a machine without a C compiler, takes the reference (``available``
+says why).
+
+The library is built with the system's C compiler (``$CC``, else ``cc``) at ``-O3 -march=native``
+into a per-user cache, keyed by the source, the flags, the compiler and this CPU's feature flags,
+so a machine builds it once (about a second) and never runs code compiled for another CPU.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "paged_decode_cpu.c"
+FLAGS = ["-O3", "-march=native", "-std=gnu11", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math",
+         "-shared", "-fPIC"]
+HEAD_DIMS = (32, 64, 128)
+GROUP_SIZES = (1, 2, 4, 8)          # query heads per KV head
+
+_lock = threading.Lock()
+_lib = None                         # the loaded library, once built
+_why_not: str | None = None         # why it could not be built (then the reference runs)
+
+
+def cache_dir() -> Path:
+    """``$LLMOPS_LAB_CACHE``, else ``$XDG_CACHE_HOME/llmops_lab``, else ``~/.cache/llmops_lab``."""
+    if os.environ.get("LLMOPS_LAB_CACHE"):
+        return Path(os.environ["LLMOPS_LAB_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmops_lab"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc"))
+
+
+def library_path(cc: str) -> Path:
+    """Where the build for this source, compiler, flags and CPU lives."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), cc, *version, *FLAGS, platform.machine(),
+                                    _cpu_flags()]).encode()).hexdigest()[:16]
+    return cache_dir() / f"paged_decode_cpu-{key}.so"
+
+
+def _build():
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError(f"no C compiler ({os.environ.get('CC', 'cc')!r} not found)")
+    path = library_path(cc)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:     # built aside, then moved in whole
+            part = Path(tmp) / path.name
+            done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(part)], capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-500:]}")
+            os.replace(part, path)
+    lib = ctypes.CDLL(str(path))
+    fn = lib.paged_decode_f32
+    fn.restype = ctypes.c_int
+    P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    fn.argtypes = [P, P, P, P, L, P, P, I, P, I, I, I, I, I, L, L, L, ctypes.c_float]
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernel is built and loaded (building it on the first call); if not, ``reason()``."""
+    global _lib, _why_not
+    if _lib is None and _why_not is None:
+        with _lock:
+            if _lib is None and _why_not is None:
+                try:
+                    _lib = _build()
+                except Exception as e:               # no compiler, a failed build: the reference runs
+                    _why_not = f"{type(e).__name__}: {e}"
+    return _lib is not None
+
+
+def reason() -> str | None:
+    """Why the kernel is not available (None when it is, or before the first ``available()``)."""
+    return _why_not
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, num_kv_heads: int) -> bool:
+    """Whether this call has a variant: fp32 CPU tensors, q [B, H, D] with head dim 32/64/128, and
+    1/2/4/8 query heads per KV head."""
+    H, D = q.shape[1], q.shape[2]
+    return (q.device.type == "cpu" and q.dtype == k.dtype == torch.float32 and D in HEAD_DIMS
+            and k.shape[-1] == D and num_kv_heads > 0 and H % num_kv_heads == 0
+            and H // num_kv_heads in GROUP_SIZES)
+
+
+def _run(q, k, v, Hkv, tables, starts, lens, window, bs, block_stride, token_stride, head_stride):
+    """The C call; q [B, H, D], the rest already checked."""
+    if not available():
+        raise RuntimeError(f"the CPU decode kernel is unavailable: {_why_not}")
+    if v.shape != k.shape or v.dtype != k.dtype or v.stride() != k.stride():
+        raise ValueError(f"values {tuple(v.shape)} (strides {v.stride()}) are not laid out as the keys "
+                         f"{tuple(k.shape)} (strides {k.stride()})")
+    if k.stride(-1) != 1:
+        raise ValueError("each head's D values must be consecutive (stride 1)")
+    B, H, D = q.shape
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    status = _lib.paged_decode_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), tables.data_ptr(), tables.stride(0),
+                                   None if starts is None else starts.data_ptr(), lens.data_ptr(),
+                                   sliding_window_arg(window), out.data_ptr(), B, H, Hkv, D, bs,
+                                   block_stride, token_stride, head_stride, 1.0 / math.sqrt(D))
+    if status == 2:
+        raise MemoryError("the CPU decode kernel could not allocate its score buffer")
+    if status:
+        raise ValueError(f"no CPU kernel variant for head dim {D} with {H // Hkv} query heads per KV head")
+    return out
+
+
+def sliding_window_arg(window: int | None) -> int:
+    if window is not None and window < 1:
+        raise ValueError(f"sliding_window must be >= 1, got {window}")
+    return window or 0
+
+
+def paged_decode_cpu(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
+                     context_lens: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
+    """out [B, H, D] = softmax(q K^T / sqrt(D)) V for each row b over its first context_lens[b] tokens
+    (its last ``sliding_window`` of them, when given), reading the token-major pools
+    [num_blocks, block_size, Hkv, D] through block_tables [B, max_blocks] (int32) in place.
+
+    Raises RuntimeError when the kernel is unavailable, ValueError for inputs it has no variant for
+    (``supports``) or that do not fit together."""
+    B, H, D = q.shape
+    N, bs, Hkv, _ = k_pool.shape
+    if not supports(q, k_pool, Hkv):
+        raise ValueError(f"no CPU kernel variant for q {tuple(q.shape)} {q.dtype} on a pool "
+                         f"{tuple(k_pool.shape)} {k_pool.dtype}")
+    if block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32:
+        raise ValueError("block_tables and context_lens must be int32")
+    if block_tables.shape[0] != B or context_lens.shape != (B,):
+        raise ValueError(f"{B} queries, {block_tables.shape[0]} block tables, {tuple(context_lens.shape)} lengths")
+    lens = context_lens.contiguous()
+    if B and int(lens.max()) > block_tables.shape[1] * bs:
+        raise ValueError(f"a context of {int(lens.max())} tokens is longer than its block table "
+                         f"({block_tables.shape[1]} blocks of {bs})")
+    tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
+    return _run(q, k_pool, v_pool, Hkv, tables, None, lens, sliding_window, bs, *k_pool.stride()[:3])
+
+
+def contiguous_decode_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          starts: torch.Tensor | None = None) -> torch.Tensor:
+    """out [B, H, D] for one query per row over a contiguous cache k, v [B, Hkv, S, D] (any strides,
+    each head's D values consecutive: a view of a longer cache will do), row b attending to its
+    positions starts[b] .. S-1 (int32 [B]; left padding before them) or to all S."""
+    B, H, D = q.shape
+    _, Hkv, S, _ = k.shape
+    if not supports(q, k, Hkv) or k.shape[0] != B:
+        raise ValueError(f"no CPU kernel variant for q {tuple(q.shape)} {q.dtype} on a cache "
+                         f"{tuple(k.shape)} {k.dtype}")
+    if starts is not None and (starts.dtype != torch.int32 or starts.shape != (B,)):
+        raise ValueError(f"starts must be int32 [{B}], got {starts.dtype} {tuple(starts.shape)}")
+    tables = torch.arange(B, dtype=torch.int32)[:, None]            # one block of S tokens per row
+    lens = torch.full((B,), S, dtype=torch.int32)
+    return _run(q, k, v, Hkv, tables, None if starts is None else starts.contiguous(), lens, None, S,
+                k.stride(0), k.stride(2), k.stride(1))
