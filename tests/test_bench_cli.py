@@ -29,6 +29,7 @@ def test_bench_quick_runs_and_writes_json(tmp_path):
     assert batching[0]["continuous_runs"] == 2            # on a CPU the engine runs before and after static
     from llmops_lab.paged import cpu_kernel                # which decode attention ran, said
     assert batching[0]["decode_attention"].startswith("C kernel") == cpu_kernel.available()
+    assert batching[0]["static_step_ms_ctx256_sdpa"] > 0 and batching[0]["static_step_ms_ctx256_c_kernel"] > 0
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert len(saved["rows"]) == len(rows) and saved["meta"]["quick"]
     assert saved["meta"]["models"] == embedded_fingerprint()          # which weights ran

@@ -178,9 +178,10 @@ def test_cpu_decode_backend_falls_back_where_it_must():
 
 
 @needs_cc
-def test_static_batching_decodes_through_the_kernel_with_the_same_tokens(monkeypatch):
-    """Static batching's greedy tokens with the C kernel equal those with SDPA (left-padded batch)."""
-    from llmops_lab.attention import backends
+def test_static_batching_through_the_kernel_gives_the_same_tokens(monkeypatch):
+    """Static batching's greedy tokens with the C kernel as its decode backend equal those with its
+    default SDPA (a left-padded batch: the kernel starts each row after its padding)."""
+    from llmops_lab.attention.backends import cpu_decode_attention
     from llmops_lab.engine.sampling_params import SamplingParams
     from llmops_lab.engine.static import run_static_batch
     from llmops_lab.loader import load_model
@@ -191,8 +192,8 @@ def test_static_batching_decodes_through_the_kernel_with_the_same_tokens(monkeyp
     calls = []
     kernel = cpu_kernel.contiguous_decode_cpu
     monkeypatch.setattr(cpu_kernel, "contiguous_decode_cpu", lambda *a, **k: calls.append(1) or kernel(*a, **k))
-    with_kernel = [o.outputs[0].token_ids for o in run_static_batch(model, prompts, params)[0]]
+    with_kernel = [o.outputs[0].token_ids for o in run_static_batch(model, prompts, params, backend=cpu_decode_attention)[0]]
     assert len(calls) == 32 * model.config.num_hidden_layers     # every decode step of every layer
-    monkeypatch.setattr("llmops_lab.engine.static.cpu_decode_attention", backends.sdpa_attention)
+    calls.clear()
     with_sdpa = [o.outputs[0].token_ids for o in run_static_batch(model, prompts, params)[0]]
-    assert with_kernel == with_sdpa
+    assert with_kernel == with_sdpa and not calls

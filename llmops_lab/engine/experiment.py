@@ -139,13 +139,12 @@ def decode_step_times(model, batch_sizes=(1, 2, 4, 8, 16, 32), contexts=(64, 256
 
 
 @torch.inference_mode()
-def static_step_times(model, batch_sizes=(1, 2, 4, 8, 16, 32), contexts=(64, 256), repeats: int = 5) -> list[dict]:
+def static_step_times(model, batch_sizes=(1, 2, 4, 8, 16, 32), contexts=(64, 256), repeats: int = 5,
+                      backend=None) -> list[dict]:
     """Median time of one static-batching decode step (B rows of ``ctx`` cached tokens on a
-    contiguous cache, with the padding mask and attention backend ``run_static_batch`` uses): its
-    T_token."""
+    contiguous cache, with the padding mask ``run_static_batch`` passes): its T_token. ``backend``:
+    the attention backend (default: the model's, as ``run_static_batch``)."""
     from ..kv import KVCache
-    from .static import decode_backend
-    backend = decode_backend(model.device)
     rows = []
     for ctx in contexts:
         for B in batch_sizes:

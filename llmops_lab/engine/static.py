@@ -7,9 +7,10 @@ new request can join: every request of the batch is answered when the batch ends
 documents' throughput formula N * T_out / (max(L_i) * T_token) describes.
 
 On a GPU each batch's decode steps replay a CUDA graph (``fast_decode.StaticDecoder``), as the
-engine's do, and on a CPU their attention runs the C decode kernel the engine's paged attention
-runs (``attention.backends.cpu_decode_attention``): the two differ in scheduling, not in how a step
-is launched or which attention kernel it calls.
+engine's do, so the two differ in scheduling, not in how a step is launched. Attention runs on the
+contiguous cache through SDPA, the layout it is made for (the engine's paged pool needs its own
+kernels); ``backend`` can swap it, e.g. for the C decode kernel on a CPU
+(``attention.backends.cpu_decode_attention``), which the batching bench times both ways.
 """
 from __future__ import annotations
 
@@ -17,18 +18,11 @@ import time
 
 import torch
 
-from ..attention.backends import cpu_decode_attention
 from ..kv import KVCache
 from .llm_engine import sample_token
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .sampling_params import SamplingParams, stop_reason
 from .sequence import Sequence
-
-
-def decode_backend(device: torch.device):
-    """The attention backend of static batching's eager decode steps: on a CPU the C kernel the
-    engine's paged decode runs (``cpu_decode_attention``), elsewhere the model's own."""
-    return cpu_decode_attention if device.type == "cpu" else None
 
 
 def left_pad(prompts: list[list[int]], pad_token_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,10 +41,11 @@ def left_pad(prompts: list[list[int]], pad_token_id: int = 0) -> tuple[torch.Ten
 def run_static_batch(model, prompts: list[list[int]], params: list[SamplingParams],
                      arrivals: list[float] | None = None, request_ids: list[str] | None = None,
                      tokenizer=None, generator: torch.Generator | None = None, pad_token_id: int = 0,
-                     static_cache: bool | None = None):
+                     static_cache: bool | None = None, backend=None):
     """Run one static batch; returns (outputs, steps) where steps are per-step stat rows.
     ``static_cache``: decode on ``StaticDecoder``'s static cache, replayed as a CUDA graph on a GPU
-    (default: on a CUDA device; elsewhere the growing contiguous cache)."""
+    (default: on a CUDA device; elsewhere the growing contiguous cache). ``backend``: the attention
+    backend of the eager decode steps (default: the model's)."""
     B = len(prompts)
     if B == 0:
         raise ValueError("an empty batch")
@@ -74,7 +69,6 @@ def run_static_batch(model, prompts: list[list[int]], params: list[SamplingParam
         decoder = StaticDecoder(model, B, S + new)
     else:
         cache = KVCache.for_model(model, B, S + new)
-    backend = decode_backend(dev)
     eos = set(model.config.eos_token_ids)
     gen = generator or torch.Generator(device="cpu").manual_seed(0)
     t0 = time.perf_counter()
