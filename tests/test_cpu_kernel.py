@@ -197,3 +197,27 @@ def test_static_batching_through_the_kernel_gives_the_same_tokens(monkeypatch):
     calls.clear()
     with_sdpa = [o.outputs[0].token_ids for o in run_static_batch(model, prompts, params)[0]]
     assert with_kernel == with_sdpa and not calls
+
+
+@needs_cc
+def test_heads_first_pools_and_the_paged_cache_backend():
+    """PagedKVCache's pools are [N, Hkv, block_size, D]: the same kernel reads them (strides), and
+    paged.attention.paged_decode on a CPU takes it for the shapes it has a variant for."""
+    from llmops_lab.paged.attention import paged_decode, paged_decode_reference
+    from llmops_lab.paged.experiment import paged_inputs
+    x = paged_inputs([1, 16, 17, 70], H=8, Hkv=2, D=64, block_size=16, dtype=torch.float32)
+    got = cpu_kernel.paged_decode_cpu(*x, heads_first=True)
+    want = paged_decode_reference(*x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(paged_decode(*x), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_cc
+def test_notebook_03_measures_the_c_kernel_on_a_cpu():
+    from llmops_lab.loader import load_model
+    from llmops_lab.paged import experiment
+    res = experiment.decode_attention_latencies(B=2, H=8, Hkv=2, context=64, D=32, dtype=torch.float32, repeats=2)
+    assert res["ours: C paged decode (CPU)"]["max_err"] < 1e-5
+    steps = experiment.decode_step_latency(load_model("target", dtype=torch.float32), batch_size=2, context=32,
+                                           new_tokens=2, repeats=1)
+    assert set(steps) == {"contiguous KVCache", "paged, gather + SDPA", "paged, C kernel"}

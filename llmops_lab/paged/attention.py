@@ -8,7 +8,8 @@ contiguous in memory: the decode kernel streams it in one coalesced read, and a 
 index of the first dimension.
 
 The references gather each sequence's blocks into a contiguous [B, Hkv, S, D] copy and run the
-ordinary attention on it; the Triton kernel (``triton_paged``) reads through the table instead.
+ordinary attention on it; the Triton kernel (``triton_paged``) and, on a CPU, the C kernel
+(``cpu_kernel``) read through the table instead.
 """
 from __future__ import annotations
 
@@ -79,7 +80,13 @@ def paged_prefill_reference(q, k_pool, v_pool, block_tables, context_lens):
 
 
 def paged_decode(q, k_pool, v_pool, block_tables, context_lens, **kwargs):
-    """The Triton kernel where it runs (CUDA, or TRITON_INTERPRET=1), the gather reference elsewhere."""
+    """The Triton kernel on CUDA; on a CPU the C kernel (``cpu_kernel``) where it has a variant, else
+    the Triton kernel under TRITON_INTERPRET=1; the gather reference elsewhere. ``kwargs`` are the
+    Triton kernel's (the C kernel takes none but ``max_context_len``, which it has no use for)."""
+    if q.device.type == "cpu" and set(kwargs) <= {"max_context_len"}:
+        from . import cpu_kernel
+        if cpu_kernel.supports(q, k_pool, k_pool.shape[1]) and cpu_kernel.available():
+            return cpu_kernel.paged_decode_cpu(q, k_pool, v_pool, block_tables, context_lens, heads_first=True)
     if triton_paged.available(q.device):
         return triton_paged.paged_decode(q, k_pool, v_pool, block_tables, context_lens, **kwargs)
     return paged_decode_reference(q, k_pool, v_pool, block_tables, context_lens)
@@ -109,7 +116,8 @@ def paged_prefill(q, k_pool, v_pool, block_tables, context_lens):
 
 def paged_attention(q, k, v, mask=None, is_causal=False):
     """Runtime backend for a ``PagedKVCache``: with ``PagedView``s, decode (one query) and a causal
-    prefill from position 0 read the pool through the block table with the Triton kernels; other
+    prefill from position 0 read the pool through the block table with the kernels (``paged_decode``,
+    ``paged_prefill``); other
     masks (a prefill after a prefix-cache hit, padding, a sliding window) and contiguous tensors
     run SDPA on gathered keys and values."""
     if isinstance(k, PagedView):

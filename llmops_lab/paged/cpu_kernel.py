@@ -109,13 +109,18 @@ def reason() -> str | None:
     return _why_not
 
 
+def supports_shape(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    """Whether the kernel has a variant for these heads: head dim 32/64/128, 1/2/4/8 query heads per
+    KV head."""
+    return (head_dim in HEAD_DIMS and num_kv_heads > 0 and num_heads % num_kv_heads == 0
+            and num_heads // num_kv_heads in GROUP_SIZES)
+
+
 def supports(q: torch.Tensor, k: torch.Tensor, num_kv_heads: int) -> bool:
-    """Whether this call has a variant: fp32 CPU tensors, q [B, H, D] with head dim 32/64/128, and
-    1/2/4/8 query heads per KV head."""
-    H, D = q.shape[1], q.shape[2]
-    return (q.device.type == "cpu" and q.dtype == k.dtype == torch.float32 and D in HEAD_DIMS
-            and k.shape[-1] == D and num_kv_heads > 0 and H % num_kv_heads == 0
-            and H // num_kv_heads in GROUP_SIZES)
+    """Whether this call has a variant: fp32 CPU tensors, q [B, H, D], keys of the same D
+    (``supports_shape``)."""
+    return (q.device.type == "cpu" and q.dtype == k.dtype == torch.float32 and k.shape[-1] == q.shape[2]
+            and supports_shape(q.shape[1], num_kv_heads, q.shape[2]))
 
 
 def _run(q, k, v, Hkv, tables, starts, lens, window, bs, block_stride, token_stride, head_stride):
@@ -148,15 +153,20 @@ def sliding_window_arg(window: int | None) -> int:
 
 
 def paged_decode_cpu(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
-                     context_lens: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
+                     context_lens: torch.Tensor, sliding_window: int | None = None,
+                     heads_first: bool = False) -> torch.Tensor:
     """out [B, H, D] = softmax(q K^T / sqrt(D)) V for each row b over its first context_lens[b] tokens
-    (its last ``sliding_window`` of them, when given), reading the token-major pools
-    [num_blocks, block_size, Hkv, D] through block_tables [B, max_blocks] (int32) in place.
+    (its last ``sliding_window`` of them, when given), reading the pools through block_tables
+    [B, max_blocks] (int32) in place: token-major [num_blocks, block_size, Hkv, D] (the engine's),
+    or [num_blocks, Hkv, block_size, D] with ``heads_first`` (``PagedKVCache``'s).
 
     Raises RuntimeError when the kernel is unavailable, ValueError for inputs it has no variant for
     (``supports``) or that do not fit together."""
     B, H, D = q.shape
-    N, bs, Hkv, _ = k_pool.shape
+    if heads_first:
+        N, Hkv, bs, _ = k_pool.shape
+    else:
+        N, bs, Hkv, _ = k_pool.shape
     if not supports(q, k_pool, Hkv):
         raise ValueError(f"no CPU kernel variant for q {tuple(q.shape)} {q.dtype} on a pool "
                          f"{tuple(k_pool.shape)} {k_pool.dtype}")
@@ -169,7 +179,9 @@ def paged_decode_cpu(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
         raise ValueError(f"a context of {int(lens.max())} tokens is longer than its block table "
                          f"({block_tables.shape[1]} blocks of {bs})")
     tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
-    return _run(q, k_pool, v_pool, Hkv, tables, None, lens, sliding_window, bs, *k_pool.stride()[:3])
+    block, second, third = k_pool.stride()[:3]
+    token, head = (third, second) if heads_first else (second, third)
+    return _run(q, k_pool, v_pool, Hkv, tables, None, lens, sliding_window, bs, block, token, head)
 
 
 def contiguous_decode_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

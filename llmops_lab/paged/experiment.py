@@ -69,8 +69,9 @@ def decode_attention_latencies(B: int, H: int, Hkv: int, context: int, D: int, b
                                dtype=torch.bfloat16, device="cpu", repeats: int = 20,
                                kernel: bool | None = None) -> dict:
     """Timings of one decode-attention call: SDPA on the contiguous cache, gather + SDPA on the
-    paged one, and (on a GPU, or when ``kernel``) our Triton paged kernel; with the max error of
-    each against SDPA's output.
+    paged one, on a CPU our C paged kernel (where it has a variant and a compiler built it), and
+    (on a GPU, or when ``kernel``) our Triton paged kernel; with the max error of each against
+    SDPA's output.
 
     Returns:
         {name: {"timing": Timing, "max_err": float}}
@@ -83,6 +84,10 @@ def decode_attention_latencies(B: int, H: int, Hkv: int, context: int, D: int, b
             q4, gather_kv(x["k_pool"], x["block_tables"], context),
             gather_kv(x["v_pool"], x["block_tables"], context))[:, :, 0],
     }
+    from . import cpu_kernel
+    if torch.device(device).type == "cpu" and cpu_kernel.supports(x["q"], x["k_pool"], Hkv) and cpu_kernel.available():
+        impls["ours: C paged decode (CPU)"] = lambda: cpu_kernel.paged_decode_cpu(
+            x["q"], x["k_pool"], x["v_pool"], x["block_tables"], x["context_lens"], heads_first=True)
     if kernel if kernel is not None else torch.device(device).type == "cuda":
         impls["ours: Triton paged decode"] = lambda: triton_paged.paged_decode(
             x["q"], x["k_pool"], x["v_pool"], x["block_tables"], x["context_lens"], max_context_len=context)
@@ -104,7 +109,8 @@ def decode_step_latency(model, batch_size: int = 4, context: int = 256, block_si
                         new_tokens: int = 8, repeats: int = 3, attentions=None) -> dict:
     """Seconds per greedy decode step after a prompt of ``context`` tokens, with the contiguous
     ``KVCache`` and with the paged cache in each mode of ``attentions`` (default: gather, plus the
-    Triton kernel on a GPU). Each repeat prefills untimed, then times ``new_tokens`` steps.
+    kernel: Triton on a GPU, C on a CPU where it is built). Each repeat prefills untimed, then
+    times ``new_tokens`` steps.
 
     Returns:
         {name: Timing of seconds per step}; tokens/s is batch_size / median.
@@ -112,8 +118,13 @@ def decode_step_latency(model, batch_size: int = 4, context: int = 256, block_si
     dev = model.device
     g = torch.Generator(device=dev).manual_seed(0)
     ids = torch.randint(3, model.config.vocab_size, (batch_size, context), device=dev, generator=g)
+    from . import cpu_kernel
     if attentions is None:
-        attentions = ["gather"] + (["kernel"] if dev.type == "cuda" and triton_paged.available(dev) else [])
+        c = model.config
+        kernel = (triton_paged.available(dev) if dev.type == "cuda" else
+                  dev.type == "cpu" and model.dtype == torch.float32 and cpu_kernel.available()
+                  and cpu_kernel.supports_shape(c.num_attention_heads, c.num_key_value_heads, c.head_dim))
+        attentions = ["gather"] + (["kernel"] if kernel else [])
 
     def contiguous():
         cache = KVCache.for_model(model, batch_size, context + new_tokens)
@@ -133,7 +144,8 @@ def decode_step_latency(model, batch_size: int = 4, context: int = 256, block_si
 
     setups = {"contiguous KVCache": contiguous}
     for att in attentions:
-        setups["paged, Triton kernel" if att == "kernel" else "paged, gather + SDPA"] = lambda att=att: paged(att)
+        name = f"paged, {'Triton' if dev.type == 'cuda' else 'C'} kernel" if att == "kernel" else "paged, gather + SDPA"
+        setups[name] = lambda att=att: paged(att)
     out = {}
     with torch.inference_mode():
         for label, setup in setups.items():
