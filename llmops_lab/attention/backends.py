@@ -74,8 +74,9 @@ def cpu_decode_attention(q, k, v, mask=None, is_causal=False):
     """``sdpa_attention``, except where one query token per row attends in fp32 on a CPU, with no
     mask or a mask that keeps a suffix of each row's keys (left padding, a sliding window): there
     the C decode kernel reads the cache in place (``paged.cpu_kernel.contiguous_decode_cpu``, the
-    kernel the engine's paged decode runs on a CPU). Static batching decodes through it, so that
-    the engine and static batching differ in scheduling, not in their attention kernel."""
+    kernel the engine's paged decode runs on a CPU). On one core it is no faster than SDPA on two
+    for rows of equal length, so static batching keeps SDPA; the batching bench times its decode
+    step both ways."""
     if q.shape[2] == 1 and not is_causal and q.device.type == "cpu" and k.dim() == 4:
         from ..paged import cpu_kernel
         if cpu_kernel.supports(q[:, :, 0], k, k.shape[1]) and cpu_kernel.available():
@@ -85,7 +86,9 @@ def cpu_decode_attention(q, k, v, mask=None, is_causal=False):
     return sdpa_attention(q, k, v, mask, is_causal)
 
 
-_last_suffix: list = [None, None]         # (mask, its starts): every layer of a step has the same mask
+# (mask, its starts) of the last call: every layer of a step passes the same mask tensor. Matched by
+# identity, which holds while masks are not modified in place (build_mask makes a new one each step).
+_last_suffix: list = [None, None]
 
 
 def suffix_starts(mask, B: int, S: int):

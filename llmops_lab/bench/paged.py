@@ -4,7 +4,8 @@ GPU: B=64 sequences of 4096 tokens, 32 query heads and 8 KV heads of dim 128, bf
 scattered over the pool. Targets: the kernel within 10% of SDPA's speed on the same keys and values
 held contiguously, and at least 80% of the copy bandwidth measured in this run (bytes read =
 every key and value once). The gather + SDPA reference shows what reading through a copy costs.
-On a CPU (or with --quick) only the PyTorch paths run, at small sizes.
+On a CPU (or with --quick) the PyTorch paths and, on a CPU, our C paged kernel run, at small sizes
+(the C kernel on one core; SDPA on all of them).
 """
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ from . import BenchContext, row
 
 OURS, SDPA, GATHER = "ours: Triton paged decode", "SDPA, contiguous cache", "gather + SDPA (paged reference)"
 TUNED = "ours: Triton paged decode, tuned tiles"
+OURS_CPU = "ours: C paged decode (CPU)"
 
 
 def short(name: str) -> str:
     if name.startswith(OURS):                 # "ours (Triton paged)", "ours (Triton paged, tuned tiles, 2 splits)"
         return "ours (Triton paged" + name[len(OURS):].replace(", tuned tiles", ", tuned") + ")"
-    return {SDPA: "SDPA contiguous", GATHER: "gather+SDPA"}[name]
+    return {SDPA: "SDPA contiguous", GATHER: "gather+SDPA", OURS_CPU: "ours (C paged, CPU)"}[name]
 
 
 def run(ctx: BenchContext) -> list[dict]:
@@ -42,7 +44,7 @@ def run(ctx: BenchContext) -> list[dict]:
     label = f"B={B} S={S}"                       # shapes and block size: the module docstring
     rows = [row("paged", f"{label}: {short(name)} time", r["timing"].median * 1e6, "µs", max_err=r["max_err"])
             for name, r in res.items()]
-    for name in [n for n in res if n.startswith(OURS)] + [GATHER]:
+    for name in [n for n in res if n.startswith(OURS) or n == OURS_CPU] + [GATHER]:
         ours = gpu and name.startswith(OURS)
         rows.append(row("paged", f"{label}: {short(name)} vs SDPA", gbps[name], "GB/s", peer="SDPA contiguous",
                         peer_value=gbps[SDPA], target=">= 0.9x" if ours else None))
