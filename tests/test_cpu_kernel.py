@@ -95,6 +95,18 @@ def test_unsupported_inputs_are_clear_errors():
         cpu_kernel.paged_decode_cpu(q, kp, vp, bt[:, :1], lens)
     with pytest.raises(ValueError, match="block tables"):
         cpu_kernel.paged_decode_cpu(q, kp, vp, bt[:1], lens)
+    bad = bt.clone()
+    bad[1, 0] = kp.shape[0]                                   # one past the pool: never read out of bounds
+    with pytest.raises(ValueError, match="the pool has"):
+        cpu_kernel.paged_decode_cpu(q, kp, vp, bad, lens)
+    with pytest.raises(ValueError, match="at least 1 token"):
+        cpu_kernel.paged_decode_cpu(q, kp, vp, bt, torch.tensor([0, 5], dtype=torch.int32))
+    with pytest.raises(ValueError, match="sliding_window"):
+        cpu_kernel.paged_decode_cpu(q, kp, vp, bt, lens, sliding_window=0)
+    qc, kc, vc = torch.randn(2, 8, 32), torch.randn(2, 2, 10, 32), torch.randn(2, 2, 10, 32)
+    for starts in ([0, 10], [-1, 0]):
+        with pytest.raises(ValueError, match="starts must lie"):
+            cpu_kernel.contiguous_decode_cpu(qc, kc, vc, torch.tensor(starts, dtype=torch.int32))
 
 
 def test_no_compiler_means_the_reference(monkeypatch, tmp_path):

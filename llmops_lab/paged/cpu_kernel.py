@@ -141,7 +141,7 @@ def _run(q, k, v, Hkv, tables, starts, lens, window, bs, block_stride, token_str
     out = torch.empty_like(q)
     status = _lib.paged_decode_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), tables.data_ptr(), tables.stride(0),
                                    None if starts is None else starts.data_ptr(), lens.data_ptr(),
-                                   sliding_window_arg(window), out.data_ptr(), B, H, Hkv, D, bs,
+                                   _window_arg(window), out.data_ptr(), B, H, Hkv, D, bs,
                                    block_stride, token_stride, head_stride, 1.0 / math.sqrt(D))
     if status == 2:
         raise MemoryError("the CPU decode kernel could not allocate its score buffer")
@@ -150,7 +150,8 @@ def _run(q, k, v, Hkv, tables, starts, lens, window, bs, block_stride, token_str
     return out
 
 
-def sliding_window_arg(window: int | None) -> int:
+def _window_arg(window: int | None) -> int:
+    """The C side's window: 0 for none."""
     if window is not None and window < 1:
         raise ValueError(f"sliding_window must be >= 1, got {window}")
     return window or 0
@@ -179,9 +180,16 @@ def paged_decode_cpu(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
     if block_tables.shape[0] != B or context_lens.shape != (B,):
         raise ValueError(f"{B} queries, {block_tables.shape[0]} block tables, {tuple(context_lens.shape)} lengths")
     lens = context_lens.contiguous()
-    if B and int(lens.max()) > block_tables.shape[1] * bs:
-        raise ValueError(f"a context of {int(lens.max())} tokens is longer than its block table "
-                         f"({block_tables.shape[1]} blocks of {bs})")
+    if B:                                   # the C side trusts these: an index out of range reads out of bounds
+        shortest, longest = (int(x) for x in torch.aminmax(lens))
+        if shortest < 1:
+            raise ValueError(f"every row needs a context of at least 1 token, got {shortest}")
+        if longest > block_tables.shape[1] * bs:
+            raise ValueError(f"a context of {longest} tokens is longer than its block table "
+                             f"({block_tables.shape[1]} blocks of {bs})")
+        lo, hi = (int(x) for x in torch.aminmax(block_tables))
+        if lo < 0 or hi >= N:
+            raise ValueError(f"block tables name blocks {lo}..{hi}; the pool has {N}")
     tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
     block, second, third = k_pool.stride()[:3]
     token, head = (third, second) if heads_first else (second, third)
@@ -198,8 +206,11 @@ def contiguous_decode_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if not supports(q, k, Hkv) or k.shape[0] != B:
         raise ValueError(f"no CPU kernel variant for q {tuple(q.shape)} {q.dtype} on a cache "
                          f"{tuple(k.shape)} {k.dtype}")
-    if starts is not None and (starts.dtype != torch.int32 or starts.shape != (B,)):
-        raise ValueError(f"starts must be int32 [{B}], got {starts.dtype} {tuple(starts.shape)}")
+    if starts is not None:
+        if starts.dtype != torch.int32 or starts.shape != (B,):
+            raise ValueError(f"starts must be int32 [{B}], got {starts.dtype} {tuple(starts.shape)}")
+        if B and not 0 <= int(starts.min()) <= int(starts.max()) < S:
+            raise ValueError(f"starts must lie in 0..{S - 1} (each row attends to at least one key)")
     tables = torch.arange(B, dtype=torch.int32)[:, None]            # one block of S tokens per row
     lens = torch.full((B,), S, dtype=torch.int32)
     return _run(q, k, v, Hkv, tables, None if starts is None else starts.contiguous(), lens, None, S,
