@@ -2,38 +2,23 @@
 dim and query-group size it has a variant for, block sizes that do and do not divide its 16-token
 tile, ragged lengths (1 token, a block's edge, many blocks), shuffled block tables, a sliding
 window; and the engine produces the same greedy tokens with it as with the gather+SDPA reference."""
-import math
-import random
-
 import pytest
 import torch
 
 from llmops_lab.attention import naive_attention
 from llmops_lab.paged import cpu_kernel
+from llmops_lab.paged.experiment import paged_inputs
 from llmops_lab.paged.varlen import PackedBatch
 
 needs_cc = pytest.mark.skipif(not cpu_kernel.available(), reason=f"no CPU kernel: {cpu_kernel.reason()}")
 
 
-def paged_case(lens, H, Hkv, D, bs, seed=0, dtype=torch.float32):
-    """q [B, H, D], pools [N, bs, Hkv, D], shuffled block tables padded with 0, and the K/V each row
-    sees in order ([B, Hkv, L_b, D] lists) for the reference."""
-    rng = random.Random(seed)
-    g = torch.Generator().manual_seed(seed)
-    nblocks = [math.ceil(n / bs) for n in lens]
-    N = sum(nblocks) + 3
-    ids = list(range(N))
-    rng.shuffle(ids)
-    tables, i = [], 0
-    for n in nblocks:
-        tables.append(ids[i:i + n])
-        i += n
-    width = max(nblocks) + 1                                     # one more column of padding
-    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-    kp = torch.randn(N, bs, Hkv, D, generator=g).to(dtype)
-    vp = torch.randn(N, bs, Hkv, D, generator=g).to(dtype)
-    q = torch.randn(len(lens), H, D, generator=g).to(dtype)
-    return q, kp, vp, bt, torch.tensor(lens, dtype=torch.int32)
+def paged_case(lens, H, Hkv, D, bs, seed=0):
+    """``paged.experiment.paged_inputs`` (shuffled block tables) with the pools token-major,
+    [N, bs, Hkv, D] as the engine keeps them, and one more column of table padding."""
+    q, kp, vp, bt, lens = paged_inputs(lens, H, Hkv, D, bs, seed=seed)
+    kp, vp = (p.transpose(1, 2).contiguous() for p in (kp, vp))
+    return q, kp, vp, torch.cat([bt, torch.zeros_like(bt[:, :1])], dim=1), lens
 
 
 def reference(q, kp, vp, bt, lens, window=None):
@@ -216,7 +201,6 @@ def test_heads_first_pools_and_the_paged_cache_backend():
     """PagedKVCache's pools are [N, Hkv, block_size, D]: the same kernel reads them (strides), and
     paged.attention.paged_decode on a CPU takes it for the shapes it has a variant for."""
     from llmops_lab.paged.attention import paged_decode, paged_decode_reference
-    from llmops_lab.paged.experiment import paged_inputs
     x = paged_inputs([1, 16, 17, 70], H=8, Hkv=2, D=64, block_size=16, dtype=torch.float32)
     got = cpu_kernel.paged_decode_cpu(*x, heads_first=True)
     want = paged_decode_reference(*x)

@@ -86,25 +86,17 @@ def cpu_decode_attention(q, k, v, mask=None, is_causal=False):
     return sdpa_attention(q, k, v, mask, is_causal)
 
 
-# (mask, its starts) of the last call: every layer of a step passes the same mask tensor. Matched by
-# identity, which holds while masks are not modified in place (build_mask makes a new one each step).
-_last_suffix: list = [None, None]
-
-
 def suffix_starts(mask, B: int, S: int):
     """For a boolean key mask [B or 1, 1, 1, S] whose True entries are a suffix of each row (keys
     starts[b]..S-1), those starts (int32 [B]); None for no mask; False for any other mask."""
     if mask is None:
         return None
-    if mask is _last_suffix[0]:
-        return _last_suffix[1]
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:3] != (1, 1) or mask.shape[-1] != S:
         return False
     rows = mask[:, 0, 0].expand(B, S)
     starts = (S - rows.sum(-1)).to(torch.int32)
     if not torch.equal(rows, torch.arange(S, device=mask.device)[None, :] >= starts[:, None]):
-        starts = False
-    _last_suffix[:] = [mask, starts]
+        return False
     return starts
 
 

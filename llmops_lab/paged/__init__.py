@@ -2,8 +2,8 @@
 
 ``PagedKVCache`` plugs into the runtime like ``KVCache``; ``paged_generate`` is greedy/sampled
 generation with it; ``paged_decode`` and ``paged_prefill`` run the Triton kernels
-(``triton_paged``, ``triton_prefill``) where they can and their gather-then-attend PyTorch twins
-(``*_reference``) elsewhere; ``simulate`` replays request-length mixes through the block manager
+(``triton_paged``, ``triton_prefill``) where they can (decode on a CPU: the C kernel of
+``cpu_kernel``) and their gather-then-attend PyTorch twins (``*_reference``) elsewhere; ``simulate`` replays request-length mixes through the block manager
 to measure reserved and wasted KV memory.
 """
 from .attention import (PagedView, gather_kv, paged_attention, paged_decode, paged_decode_reference,

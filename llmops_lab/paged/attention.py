@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..attention import naive_attention, sdpa_attention
-from . import triton_paged
+from . import cpu_kernel, triton_paged
 
 
 def gather_kv(pool: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
@@ -84,7 +84,6 @@ def paged_decode(q, k_pool, v_pool, block_tables, context_lens, **kwargs):
     the Triton kernel under TRITON_INTERPRET=1; the gather reference elsewhere. ``kwargs`` are the
     Triton kernel's (the C kernel takes none but ``max_context_len``, which it has no use for)."""
     if q.device.type == "cpu" and set(kwargs) <= {"max_context_len"}:
-        from . import cpu_kernel
         if cpu_kernel.supports(q, k_pool, k_pool.shape[1]) and cpu_kernel.available():
             return cpu_kernel.paged_decode_cpu(q, k_pool, v_pool, block_tables, context_lens, heads_first=True)
     if triton_paged.available(q.device):

@@ -14,7 +14,7 @@ import torch
 from .. import measure
 from ..attention import sdpa_attention
 from ..kv import KVCache
-from . import triton_paged
+from . import cpu_kernel, triton_paged
 from .attention import gather_kv, paged_attention
 from .cache import PagedKVCache
 
@@ -84,7 +84,6 @@ def decode_attention_latencies(B: int, H: int, Hkv: int, context: int, D: int, b
             q4, gather_kv(x["k_pool"], x["block_tables"], context),
             gather_kv(x["v_pool"], x["block_tables"], context))[:, :, 0],
     }
-    from . import cpu_kernel
     if torch.device(device).type == "cpu" and cpu_kernel.supports(x["q"], x["k_pool"], Hkv) and cpu_kernel.available():
         impls["ours: C paged decode (CPU)"] = lambda: cpu_kernel.paged_decode_cpu(
             x["q"], x["k_pool"], x["v_pool"], x["block_tables"], x["context_lens"], heads_first=True)
@@ -118,7 +117,6 @@ def decode_step_latency(model, batch_size: int = 4, context: int = 256, block_si
     dev = model.device
     g = torch.Generator(device=dev).manual_seed(0)
     ids = torch.randint(3, model.config.vocab_size, (batch_size, context), device=dev, generator=g)
-    from . import cpu_kernel
     if attentions is None:
         c = model.config
         kernel = (triton_paged.available(dev) if dev.type == "cuda" else

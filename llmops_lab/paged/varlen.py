@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..attention import sdpa_attention
+from . import cpu_kernel
 
 
 def store_tokens(pool: torch.Tensor, new: torch.Tensor, slots: torch.Tensor, keep: torch.Tensor | None = None):
@@ -116,7 +117,6 @@ class PackedBatch:
             return paged_decode(q, self._heads_first(kp), self._heads_first(vp), self._dec_tables,
                                 self._dec_lens, max_context_len=self._dec_L)
         if self.cpu_kernel and not self.use_kernels:
-            from . import cpu_kernel
             if cpu_kernel.supports(q, kp, kp.shape[2]) and cpu_kernel.available():
                 self.cpu_kernel_calls += 1
                 return cpu_kernel.paged_decode_cpu(q, kp, vp, self._dec_tables, self._dec_lens, self.sliding_window)
