@@ -174,10 +174,35 @@ def test_bad_requests_refused(tiny, prompt, params, match):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(max_tokens=0), "max_tokens"), (dict(n=0), "n must"), (dict(temperature=-1), "temperature"),
     (dict(top_p=0), "top_p"), (dict(stop=[""]), "stop"), (dict(top_k=-5), "top_k"),
+    # a NaN passes every comparison and would sample from NaN probabilities
+    (dict(temperature=float("nan")), "temperature"), (dict(temperature=float("inf")), "temperature"),
+    (dict(temperature="0.7"), "temperature"), (dict(top_p=float("nan")), "top_p"),
+    (dict(min_tokens=1.5, max_tokens=4), "min_tokens"), (dict(max_tokens=True), "max_tokens"),
+    (dict(seed="1"), "seed"), (dict(stop_token_ids=[2.0]), "stop_token_ids"),
 ])
 def test_bad_sampling_params(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kwargs)
+
+
+def test_llm_prompt_forms_and_bad_prompts(tiny):
+    """vLLM's prompt forms all reach the engine as the same ids; a prompt that is not token ids is
+    refused alone (never truncated: int(5.7) would be another prompt), the others run."""
+    llm = LLM(model=tiny, max_num_seqs=4, num_kv_blocks=32, block_size=8)
+    p = [5, 6, 7]
+    greedy = SamplingParams(max_tokens=3, **GREEDY)
+    want = alone(tiny, p, 3)
+    forms = [p, tuple(p), torch.tensor(p), {"prompt_token_ids": p}]
+    for form in forms:
+        assert llm.generate(form, greedy, use_tqdm=False)[0].outputs[0].token_ids == want
+    assert [o.outputs[0].token_ids for o in llm.generate(torch.tensor([p, p]), greedy, use_tqdm=False)] == [want, want]
+    bad = [None, [5.7, 6], torch.tensor([5.0, 6.0]), {"text": "x"}, {"prompt": "x", "prompt_token_ids": p}, [5, True]]
+    with pytest.warns(UserWarning, match="refused"):
+        outs = llm.generate(bad + [p], greedy, use_tqdm=False)
+    assert all(o.outputs[0].finish_reason == "error" and o.error for o in outs[:-1])
+    assert "integers" in outs[1].error and "1-D integer" in outs[2].error and "exactly one" in outs[3].error
+    assert outs[-1].outputs[0].token_ids == want
+    assert llm.engine.block_manager.num_free_blocks == 32
 
 
 def test_bad_engine_config():

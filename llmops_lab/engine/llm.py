@@ -14,7 +14,10 @@ already loaded ``LlamaModel``, or None for the embedded target.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import warnings
+
+import torch
 
 from tqdm.auto import tqdm
 
@@ -49,10 +52,11 @@ class LLM:
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Outputs in the order of ``prompts`` (strings, or lists of token ids). A bad request gets
-        an output whose ``error`` says why (with a warning); the others run."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        """Outputs in the order of ``prompts``: strings, lists of token ids, 1-D tensors, or vLLM's
+        prompt dicts (``{"prompt": text}``, ``{"prompt_token_ids": ids}``); one prompt alone is
+        one too, and a 2-D tensor is one prompt per row. A bad request gets an output whose
+        ``error`` says why (with a warning); the others run."""
+        prompts = _as_prompt_list(prompts)
         params = sampling_params or SamplingParams()
         params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params) != len(prompts):
@@ -64,7 +68,7 @@ class LLM:
             rid = f"llm-{id(self)}-{len(eng.requests)}-{i}"
             order.append(rid)
             try:
-                eng.add_request(rid, p, sp)
+                eng.add_request(rid, _unwrap(p), sp)
             except ValueError as e:
                 warnings.warn(f"prompt {i} refused: {e}")
                 results[rid] = _failed(rid, p, str(e))
@@ -79,14 +83,39 @@ class LLM:
         return [results[r] for r in order]
 
 
+def _as_prompt_list(prompts) -> list:
+    """``generate``'s prompts as a list with one entry per request."""
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if torch.is_tensor(prompts):
+        return [prompts] if prompts.dim() == 1 else list(prompts)
+    prompts = list(prompts)
+    if prompts and isinstance(prompts[0], numbers.Integral):     # one prompt of token ids
+        return [prompts]
+    return prompts
+
+
+def _unwrap(prompt):
+    """vLLM's TextPrompt / TokensPrompt dicts to what ``add_request`` takes."""
+    if not isinstance(prompt, dict):
+        return prompt
+    keys = set(prompt) & {"prompt", "prompt_token_ids"}
+    if len(keys) != 1:
+        raise ValueError(f"a prompt dict needs exactly one of 'prompt' or 'prompt_token_ids', got keys {sorted(prompt)}")
+    return prompt[keys.pop()]
+
+
 def _failed(rid, prompt, msg) -> RequestOutput:
-    return RequestOutput(rid, prompt if isinstance(prompt, str) else None,
-                         [] if isinstance(prompt, str) else list(prompt),
+    prompt = prompt.get("prompt", prompt.get("prompt_token_ids")) if isinstance(prompt, dict) else prompt
+    if torch.is_tensor(prompt) and prompt.dim() == 1:
+        prompt = prompt.tolist()
+    ok = isinstance(prompt, (list, tuple)) and all(isinstance(t, numbers.Integral) for t in prompt)
+    ids = [int(t) for t in prompt] if ok else []        # refused for not being token ids: none shown
+    return RequestOutput(rid, prompt if isinstance(prompt, str) else None, ids,
                          [CompletionOutput(0, "", [], "error")], True, RequestMetrics(0.0), msg)
 
 
 def _dtype(dtype):
     if dtype is None or dtype == "auto":
         return None
-    import torch
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 import time
 
 import torch
@@ -118,12 +119,23 @@ class LLMEngine:
         return request_id
 
     def _encode(self, prompt) -> list[int]:
+        """Token ids of a prompt: text, a sequence of integer ids, or a 1-D integer tensor. Anything
+        else (None, floats, a 2-D tensor) is a ValueError, not a guess: int(5.7) would be a
+        silently different prompt."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("a text prompt needs a tokenizer; pass token ids instead")
             return list(self.tokenizer(prompt).input_ids) if prompt else []
         if torch.is_tensor(prompt):
-            prompt = prompt.flatten().tolist()
+            if prompt.dim() != 1 or prompt.dtype.is_floating_point or prompt.dtype.is_complex:
+                raise ValueError(f"a tensor prompt must be 1-D integer token ids, got {prompt.dim()}-D {prompt.dtype}")
+            return prompt.tolist()
+        if not isinstance(prompt, (list, tuple, range)):
+            raise ValueError(f"a prompt must be a string, a list of token ids or a 1-D tensor, got "
+                             f"{type(prompt).__name__}")
+        bad = next((t for t in prompt if not isinstance(t, numbers.Integral) or isinstance(t, bool)), None)
+        if bad is not None:
+            raise ValueError(f"token ids must be integers, got {bad!r} ({type(bad).__name__})")
         return [int(t) for t in prompt]
 
     def _check_stop_strings(self, stops) -> None:

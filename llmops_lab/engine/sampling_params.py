@@ -8,6 +8,8 @@ Validated on construction: a bad value is an error here, never a silent change o
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 
@@ -28,24 +30,27 @@ class SamplingParams:
     def __post_init__(self):
         def bad(msg):
             raise ValueError(f"SamplingParams: {msg}")
-        if not isinstance(self.n, int) or self.n < 1:
+        if not _is_int(self.n) or self.n < 1:
             bad(f"n must be an integer >= 1, got {self.n!r}")
-        if self.temperature < 0:
-            bad(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            bad(f"top_p must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
+        # a NaN passes every comparison below and would sample from NaN probabilities
+        if not _is_real(self.temperature) or not 0 <= self.temperature < math.inf:
+            bad(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+            bad(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.top_k) or self.top_k < -1:
             bad(f"top_k must be -1, 0 (off) or a positive integer, got {self.top_k!r}")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
             bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
-            bad(f"min_tokens must lie in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            bad(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            bad(f"seed must be an integer or None, got {self.seed!r}")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         if any(not isinstance(s, str) or not s for s in stop):
             bad(f"stop must be non-empty strings, got {self.stop!r}")
         object.__setattr__(self, "stop", stop)
         ids = tuple(self.stop_token_ids or ())
-        if any(not isinstance(t, int) or t < 0 for t in ids):
+        if any(not _is_int(t) or t < 0 for t in ids):
             bad(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
         object.__setattr__(self, "stop_token_ids", ids)
 
@@ -60,6 +65,15 @@ class SamplingParams:
     @property
     def top_p_or_none(self) -> float | None:
         return self.top_p if self.top_p < 1 else None
+
+
+def _is_int(x) -> bool:
+    """An integer (Python's or numpy's), not a bool: ``max_tokens=True`` is a mistake, not 1."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def stop_reason(seq, tok: int, eos_ids, max_model_len: int, tokenizer=None):
