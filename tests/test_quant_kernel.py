@@ -185,15 +185,53 @@ def test_split_nibbles_half_activations(dtype, tol):
 
 
 @needs_kernel
+@pytest.mark.parametrize("kernel", ["gemv", "tiled"])
+@pytest.mark.parametrize("bits, sym, split", [(4, False, False), (4, True, False), (4, False, True), (4, True, True),
+                                              (8, True, False), (8, False, False), (3, False, False),
+                                              (2, True, False), (7, False, False)])
+def test_fast_convert_is_exact(kernel, bits, sym, split):
+    """Codes turned into floats by bit arithmetic (2^23 + u read as a float) give the same products
+    as the int-to-float conversion: every code value of every width, signed int8 storage (sym and
+    asym store different ranges), groups narrower than the tile, K not a tile multiple."""
+    N, K = 19, 112                                    # 3.5 of the interpreter's K tiles
+    q, s, z, g = stored(N, K, bits, 16 if bits == 4 else None, sym, seed=3)
+    x = torch.randn(2, K, generator=torch.Generator().manual_seed(4)).to(DEV)
+    kw = dict(kernel=kernel, split_nibbles=split)
+    got = dequant_matmul(x, q, s, z, bits, g, sym, fast_convert=True, **kw)
+    plain = dequant_matmul(x, q, s, z, bits, g, sym, **kw)
+    want = dequant_matmul_reference(x, q, s, z, bits, g, sym)
+    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+    torch.testing.assert_close(got, plain, rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
+def test_fast_convert_covers_every_code():
+    """One weight row per code value at 8 bits (sym -127..127, asym 0..255 stored as int8 -128..127)
+    and at 4 bits: identity activations read the dequantized weight back exactly."""
+    for bits, sym in ((8, True), (8, False), (4, True), (4, False)):
+        lo, hi = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if sym else (0, 2 ** bits - 1)
+        codes = torch.arange(lo, hi + 1, dtype=torch.int32)[:, None].repeat(1, 32)       # [codes, K]
+        q = pack_codes(codes, bits, sym).to(DEV)
+        scales = torch.full((codes.shape[0], 1), 0.5, dtype=torch.float16, device=DEV)
+        zeros = torch.full_like(scales, 0.0 if sym else 3.0)
+        x = torch.eye(32, device=DEV)[:4]                                                # 4 rows: GEMV too
+        for kernel in ("gemv", "tiled"):
+            got = dequant_matmul(x, q, scales, zeros, bits, 32, sym, kernel=kernel, fast_convert=True)
+            want = dequant_matmul_reference(x, q, scales, zeros, bits, 32, sym)
+            assert torch.equal(got, want), (bits, sym, kernel)
+
+
+@needs_kernel
 def test_tune_gemv_times_every_variant_and_checks_it():
     """The GPU tuning table, run small: each kernel variant is timed and its output compared with
-    the tiled kernel's; at 4 bits each also with split nibbles."""
+    the tiled kernel's; at 4 bits each also with split nibbles (and fast conversion), at 8 bits
+    with fast conversion."""
     from llmops_lab.quant.tune_gemv import tune
     rows = tune(rows=1, candidates=[(16, 32, 4, 1)], device=DEV, shapes=[(24, 64)])
     configs = {(r["method"], str(r["config"])) for r in rows}
-    assert {("int4", "tiled split"), ("int4", "(16, 32, 4, 1) split"), ("int4", "(16, 32, 4, 1)"),
-            ("int8", "(16, 32, 4, 1)")} <= configs
-    assert ("int8", "tiled split") not in configs and ("int8", "(16, 32, 4, 1) split") not in configs
+    assert configs == {("int4", c) for c in ("bf16 F.linear", "tiled (default)", "tiled split", "tiled split fast",
+                                             "(16, 32, 4, 1)", "(16, 32, 4, 1) split", "(16, 32, 4, 1) split fast")} | {
+        ("int8", c) for c in ("bf16 F.linear", "tiled (default)", "tiled fast", "(16, 32, 4, 1)", "(16, 32, 4, 1) fast")}
     assert not [r for r in rows if "error" in r]
     assert all(r["max_err"] < 0.05 for r in rows if "max_err" in r)      # bf16 activations
 

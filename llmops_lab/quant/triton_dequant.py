@@ -41,7 +41,10 @@ two half-width tiles multiplied by x's even and odd columns, with no interleave.
 of 2026-11-26 (H100) the interleaving GEMV slowed from 591 to 187 GB/s when its K tile went from
 128 to 256 codes, while the int8 GEMV (nothing to interleave) held 1500-1750 GB/s at any tile:
 the interleave is the suspect. The split variant is checked under the interpreter; no GPU has
-timed it yet, so it is not the default.
+timed it yet, so it is not the default. Nor is ``fast_convert``, the other candidate: codes become
+floats by bit arithmetic (``_codes_to_float``) instead of an int-to-float instruction, which the
+CUDA programming guide's throughput table lists at a fraction of the float-add rate; the GEMV needs
+one per weight, and at 4 bits reads only half a byte per weight.
 
 Runs on a CPU under TRITON_INTERPRET=1 at small sizes (tests/test_quant_kernel.py).
 """
@@ -96,10 +99,28 @@ def dequant_matmul_reference(x, qweight, scales, zeros, bits: int, group_size: i
 
 if triton is not None:
     @triton.jit
+    def _codes_to_float(codes, OFFSET: tl.constexpr, SIGNED: tl.constexpr, FAST_CONVERT: tl.constexpr):
+        """float32(codes + OFFSET) for int32 codes in [0, 2^bits) (or [-128, 128) when SIGNED).
+
+        FAST_CONVERT does it without an int-to-float instruction (slower than a float add on NVIDIA
+        GPUs, by the CUDA programming guide's throughput table): 2^23 + u, for 0 <= u < 2^23, is the float whose
+        mantissa bits are u, so OR-ing (or adding) u into the bits of 2^23 and reading them as a
+        float gives 2^23 + u exactly; one subtraction then leaves u + OFFSET (the trick of
+        FasterTransformer's and Marlin's int4 converters)."""
+        if FAST_CONVERT:
+            if SIGNED:       # int8 codes: shift into [0, 256) with the same add that sets the bits
+                f = (codes + (0x4B000000 + 128)).to(tl.float32, bitcast=True)
+                return f - (8388608.0 + 128 - OFFSET)
+            f = (codes | 0x4B000000).to(tl.float32, bitcast=True)
+            return f - (8388608.0 - OFFSET)
+        return (codes + OFFSET).to(tl.float32)
+
+    @triton.jit
     def _dequantized_tile(q_ptr, s_ptr, z_ptr, offs_n, in_n, k0, offs_k, in_k, k_hi,
                           stride_qn, stride_qk, stride_sn, stride_sg,
                           GROUP_SIZE: tl.constexpr, OFFSET: tl.constexpr, BITS: tl.constexpr,
-                          HAS_ZEROS: tl.constexpr, ONE_GROUP_PER_TILE: tl.constexpr, BLOCK_K: tl.constexpr):
+                          HAS_ZEROS: tl.constexpr, ONE_GROUP_PER_TILE: tl.constexpr, BLOCK_K: tl.constexpr,
+                          FAST_CONVERT: tl.constexpr = False):
         """The fp32 weight tile [BLOCK_N, BLOCK_K] at rows offs_n, columns k0.. (< k_hi): codes read
         (and unpacked), zero point subtracted, scaled; 0 outside the weight (s = 0 there)."""
         if BITS == 4:    # two 4-bit codes per byte, column 2j in the low nibble of byte j
@@ -119,7 +140,7 @@ if triton is not None:
             spans = (shift + BITS > 8)[None, :]            # then the next byte is in the row too
             hi = tl.load(row + (byte + 1)[None, :] * stride_qk, mask=inside & spans, other=0).to(tl.int32)
             codes = ((lo | (hi << 8)) >> shift[None, :]) & ((1 << BITS) - 1)
-        w = (codes + OFFSET).to(tl.float32)
+        w = _codes_to_float(codes, OFFSET, BITS == 8, FAST_CONVERT)
         if ONE_GROUP_PER_TILE:   # the whole K tile lies in one group: one scale per row
             g = k0 // GROUP_SIZE
             s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=in_n, other=0.0).to(tl.float32)[:, None]
@@ -141,7 +162,8 @@ if triton is not None:
     def _dequantized_nibbles(q_ptr, s_ptr, z_ptr, offs_n, in_n, k0, k_hi,
                              stride_qn, stride_qk, stride_sn, stride_sg,
                              GROUP_SIZE: tl.constexpr, OFFSET: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                             ONE_GROUP_PER_TILE: tl.constexpr, BLOCK_K: tl.constexpr):
+                             ONE_GROUP_PER_TILE: tl.constexpr, BLOCK_K: tl.constexpr,
+                             FAST_CONVERT: tl.constexpr = False):
         """A 4-bit weight tile at columns k0.. as its two nibble halves, fp32 [BLOCK_N, BLOCK_K/2]
         each: the even columns k0, k0+2, ... (low nibbles) and the odd ones (high nibbles). The
         caller multiplies them by the even and odd columns of x, so the codes never have to be
@@ -149,8 +171,8 @@ if triton is not None:
         offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         raw = tl.load(q_ptr + offs_n[:, None] * stride_qn + offs_b[None, :] * stride_qk,
                       mask=in_n[:, None] & (offs_b < k_hi // 2)[None, :], other=0).to(tl.int32)
-        lo = ((raw & 0xF) + OFFSET).to(tl.float32)
-        hi = ((raw >> 4) + OFFSET).to(tl.float32)
+        lo = _codes_to_float(raw & 0xF, OFFSET, False, FAST_CONVERT)
+        hi = _codes_to_float(raw >> 4, OFFSET, False, FAST_CONVERT)
         if ONE_GROUP_PER_TILE:   # both halves lie in the tile's one group: one scale per row
             g = k0 // GROUP_SIZE
             s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=in_n, other=0.0).to(tl.float32)[:, None]
@@ -189,7 +211,7 @@ if triton is not None:
                               HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, ONE_GROUP_PER_TILE: tl.constexpr,
                               SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                              SPLIT_NIBBLES: tl.constexpr):
+                              SPLIT_NIBBLES: tl.constexpr, FAST_CONVERT: tl.constexpr):
         pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -202,7 +224,7 @@ if triton is not None:
                 x_e, x_o = _even_odd_columns(x_ptr, offs_m, in_m, k0, k_hi, stride_xm, stride_xk, BLOCK_K)
                 w_lo, w_hi = _dequantized_nibbles(q_ptr, s_ptr, z_ptr, offs_n, in_n, k0, k_hi,
                                                   stride_qn, stride_qk, stride_sn, stride_sg, GROUP_SIZE,
-                                                  OFFSET, HAS_ZEROS, ONE_GROUP_PER_TILE, BLOCK_K)
+                                                  OFFSET, HAS_ZEROS, ONE_GROUP_PER_TILE, BLOCK_K, FAST_CONVERT)
                 if UPCAST:
                     x_e, x_o = x_e.to(tl.float32), x_o.to(tl.float32)
                 else:
@@ -216,7 +238,7 @@ if triton is not None:
                             mask=in_m[:, None] & in_k[None, :], other=0.0)             # [BM, BK]
                 w = _dequantized_tile(q_ptr, s_ptr, z_ptr, offs_n, in_n, k0, offs_k, in_k, k_hi,
                                       stride_qn, stride_qk, stride_sn, stride_sg, GROUP_SIZE, OFFSET, BITS,
-                                      HAS_ZEROS, ONE_GROUP_PER_TILE, BLOCK_K)       # [BN, BK]
+                                      HAS_ZEROS, ONE_GROUP_PER_TILE, BLOCK_K, FAST_CONVERT)   # [BN, BK]
                 if UPCAST:   # Triton's CPU interpreter computes bf16 dots wrongly; on a GPU this is off
                     x = x.to(tl.float32)
                 else:
@@ -239,7 +261,7 @@ if triton is not None:
                             GROUP_SIZE: tl.constexpr, OFFSET: tl.constexpr, BITS: tl.constexpr,
                             HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, ONE_GROUP_PER_TILE: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            SPLIT_NIBBLES: tl.constexpr):
+                            SPLIT_NIBBLES: tl.constexpr, FAST_CONVERT: tl.constexpr):
         """y[:M, n-tile] = x[:M] @ dequant(W[n-tile])^T for M <= BLOCK_M (a handful of rows)."""
         pid_n = tl.program_id(0)
         offs_m = tl.arange(0, BLOCK_M)
@@ -253,7 +275,7 @@ if triton is not None:
             for k0 in range(0, K, BLOCK_K):
                 w_lo, w_hi = _dequantized_nibbles(q_ptr, s_ptr, z_ptr, offs_n, in_n, k0, K,
                                                   stride_qn, stride_qk, stride_sn, stride_sg, GROUP_SIZE,
-                                                  OFFSET, HAS_ZEROS, ONE_GROUP_PER_TILE, BLOCK_K)
+                                                  OFFSET, HAS_ZEROS, ONE_GROUP_PER_TILE, BLOCK_K, FAST_CONVERT)
                 x_e, x_o = _even_odd_columns(x_ptr, offs_m, in_m, k0, K, stride_xm, stride_xk, BLOCK_K)
                 acc3 += x_e.to(tl.float32)[:, None, :] * w_lo[None, :, :]
                 acc3 += x_o.to(tl.float32)[:, None, :] * w_hi[None, :, :]
@@ -264,7 +286,7 @@ if triton is not None:
                 in_k = offs_k < K
                 w = _dequantized_tile(q_ptr, s_ptr, z_ptr, offs_n, in_n, k0, offs_k, in_k, K,
                                       stride_qn, stride_qk, stride_sn, stride_sg, GROUP_SIZE, OFFSET, BITS,
-                                      HAS_ZEROS, ONE_GROUP_PER_TILE, BLOCK_K)       # [BN, BK]
+                                      HAS_ZEROS, ONE_GROUP_PER_TILE, BLOCK_K, FAST_CONVERT)   # [BN, BK]
                 x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                             mask=in_m[:, None] & in_k[None, :], other=0.0).to(tl.float32)  # [BM, BK]
                 acc3 += x[:, None, :] * w[None, :, :]
@@ -314,7 +336,7 @@ def _gemv_config(M: int, N: int, K: int, group_size: int, device: torch.device, 
 def dequant_matmul(x, qweight, scales, zeros, bits: int, group_size: int, sym: bool, bias=None,
                    split_k: int | None = None, kernel: str | None = None,
                    gemv_config: tuple[int, int, int, int] | None = None,
-                   split_nibbles: bool = False) -> torch.Tensor:
+                   split_nibbles: bool = False, fast_convert: bool = False) -> torch.Tensor:
     """y [..., N] = x [..., K] @ dequant(W)^T + bias with W stored as in ``QuantLinear``.
 
     Args:
@@ -331,6 +353,9 @@ def dequant_matmul(x, qweight, scales, zeros, bits: int, group_size: int, sym: b
             kernel; same sums in a different order). Not the default until a GPU has timed it:
             on an H100 (run 4) the interleaving GEMV fell from 591 to 187 GB/s when its K tile grew
             from 128 to 256 codes while the int8 one, which interleaves nothing, held 1500-1750 GB/s.
+        fast_convert: turn codes into floats by bit arithmetic instead of an int-to-float
+            conversion (``_codes_to_float``; exact, so the same result). Not the default until a
+            GPU has timed it (``quant.tune_gemv``).
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -365,7 +390,7 @@ def dequant_matmul(x, qweight, scales, zeros, bits: int, group_size: int, sym: b
             GROUP_SIZE=group_size, OFFSET=storage_offset(bits, sym), BITS=bits, HAS_ZEROS=not sym,
             HAS_BIAS=bias is not None, ONE_GROUP_PER_TILE=group_size % block_k == 0 or group_size == K,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_NIBBLES=split_nibbles,
-            num_warps=warps, num_stages=stages)
+            FAST_CONVERT=fast_convert, num_warps=warps, num_stages=stages)
         return y.reshape(*lead, N)
     block_m, block_n, block_k, auto_split, warps, stages = _config(M, N, K, group_size, x.device, interpret)
     split_k = auto_split if split_k is None else split_k
@@ -385,7 +410,7 @@ def dequant_matmul(x, qweight, scales, zeros, bits: int, group_size: int, sym: b
         SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         UPCAST=interpret and x.dtype == torch.bfloat16, SPLIT_NIBBLES=split_nibbles,
-        num_warps=warps, num_stages=stages)
+        FAST_CONVERT=fast_convert, num_warps=warps, num_stages=stages)
     return y.to(x.dtype).reshape(*lead, N)
 
 

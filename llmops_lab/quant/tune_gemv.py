@@ -7,8 +7,10 @@ At one to four rows the dequantizing GEMV reads each weight byte once and does a
 so its speed is how many bytes it keeps in flight: tiles wide enough along K for long reads, and
 enough programs (output tiles) to occupy every SM. The table prints, per format and shape, each
 candidate's time and achieved bandwidth (weight bytes / time), fastest first; the chosen tiles then
-go into ``triton_dequant._gemv_config``. At 4 bits every kernel runs twice, interleaving the two
-nibbles of each byte back into column order (the default) and with ``split_nibbles`` ("split").
+go into ``triton_dequant._gemv_config``. At 4 bits every kernel runs interleaving the two nibbles
+of each byte back into column order (the default), with ``split_nibbles`` ("split"), and split with
+``fast_convert`` ("split fast": codes to floats by bit arithmetic, no int-to-float instruction); at
+8 bits plain and "fast".
 """
 from __future__ import annotations
 
@@ -16,10 +18,14 @@ import argparse
 
 import torch
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages)
-CANDIDATES = [(16, 128, 4, 3), (16, 256, 4, 3), (16, 512, 4, 3), (16, 512, 8, 3), (16, 1024, 8, 2),
-              (32, 256, 4, 3), (32, 256, 8, 3), (32, 512, 8, 3), (64, 256, 8, 3), (64, 512, 8, 2),
-              (8, 512, 4, 3), (8, 1024, 4, 3)]
+# (BLOCK_N, BLOCK_K, num_warps, num_stages). The H100 run of 2026-11-26 (data/bench/logs) timed 12;
+# these are its fastest six for int4 or int8, so that three variants of each fit the GPU script's
+# 100 s for this tool (8 warps and 64-wide tiles were slowest at every shape).
+CANDIDATES = [(16, 128, 4, 3), (16, 256, 4, 3), (16, 512, 4, 3), (32, 256, 4, 3), (8, 512, 4, 3), (8, 1024, 4, 3)]
+
+# (label suffix, split_nibbles, fast_convert) of each variant, per bit width
+VARIANTS = {4: [("", False, False), (" split", True, False), (" split fast", True, True)],
+            8: [("", False, False), (" fast", False, True)]}
 
 
 def time_call(fn, device="cuda") -> float:
@@ -49,17 +55,15 @@ def tune(preset: str = "llama-2-7b", rows: int = 1, candidates=CANDIDATES, devic
             ref = dequant_matmul(x, m.qweight, m.scales, m.zeros, m.bits, m.group_size, m.sym, kernel="tiled")
             base = time_call(lambda: dequant_matmul(x, m.qweight, m.scales, m.zeros, m.bits, m.group_size, m.sym), device)
             out.append(dict(method=method, N=o, K=i, config="tiled (default)", us=base * 1e6, gb_s=nbytes / base / 1e9))
-            # 4 bits: each kernel also with split nibbles (no interleave); 8 bits has none to split
-            variants = [("tiled split", "tiled", None, True)] if m.bits == 4 else []
+            # the tiled kernel's other variants (its default ran above), then every GEMV tile in each
+            variants = [(f"tiled{sfx}", "tiled", None, split, fast) for sfx, split, fast in VARIANTS[m.bits][1:]]
             for c in candidates:
-                variants.append((c, "gemv", c, False))
-                if m.bits == 4:
-                    variants.append((f"{c} split", "gemv", c, True))
-            for label, kernel, c, split in variants:
+                variants += [(f"{c}{sfx}", "gemv", c, split, fast) for sfx, split, fast in VARIANTS[m.bits]]
+            for label, kernel, c, split, fast in variants:
                 try:
-                    def call(kernel=kernel, c=c, split=split):
+                    def call(kernel=kernel, c=c, split=split, fast=fast):
                         return dequant_matmul(x, m.qweight, m.scales, m.zeros, m.bits, m.group_size, m.sym,
-                                              kernel=kernel, gemv_config=c, split_nibbles=split)
+                                              kernel=kernel, gemv_config=c, split_nibbles=split, fast_convert=fast)
                     err = float((call().float() - ref.float()).abs().max())
                     t = time_call(call, device)
                     out.append(dict(method=method, N=o, K=i, config=label, us=t * 1e6, gb_s=nbytes / t / 1e9,
