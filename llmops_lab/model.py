@@ -229,14 +229,17 @@ class LlamaModel(nn.Module):
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
 
-    def forward_packed(self, input_ids, positions, cache, backend):
+    def forward_packed(self, input_ids, positions, cache, backend, logits_indices=None):
         """``forward`` of a packed batch (input_ids, positions [1, T]) without its checks, each of
         which reads a device value on the host: what a CUDA graph captures, and what the engine
-        runs once its scheduler has vouched for the ids and positions. Logits [1, T, vocab]."""
+        runs once its scheduler has vouched for the ids and positions. Logits [1, T, vocab], or
+        [1, len(logits_indices), vocab] at those positions (a device tensor: capturable)."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(positions, x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache, 0, None, False, backend)
+        if logits_indices is not None:
+            x = x[:, logits_indices]
         return self.lm_head(self.model.norm(x))
 
     def decode_step_static(self, input_ids, pos, cache, attention_mask=None, positions=None, run_layer=None):

@@ -319,14 +319,16 @@ def test_agreement_counts_first_tokens_and_common_prefixes():
         agreement(a, RunResult("c"))
 
 
-def static_decode_engine(model, use_kernels: bool, **cfg):
+def static_decode_engine(model, use_kernels: bool, prefill_graphs: int | None = None, **cfg):
     """An engine whose decode steps take the CUDA-graph path's static buffers, run eagerly (no
-    capture on a CPU); counts how many steps went that way."""
+    capture on a CPU); counts how many steps went that way. ``prefill_graphs``: new whole prompts
+    (up to that many tokens a step) through the prefill graphs' buffers as well."""
     from llmops_lab.engine.model_runner import ModelRunner
     eng = LLMEngine(model, config=EngineConfig(**cfg))
     c = eng.config
     eng.runner = ModelRunner(model, eng.num_kv_blocks, c.block_size, decode_graphs="static",
-                             max_num_seqs=c.max_num_seqs, max_model_len=eng.max_model_len)
+                             max_num_seqs=c.max_num_seqs, max_model_len=eng.max_model_len,
+                             prefill_graphs=prefill_graphs)
     eng.runner.graphs.use_kernels = use_kernels
     eng.static_steps = 0
     run = eng.runner.graphs.run
@@ -385,6 +387,61 @@ def test_static_decode_path_samples_like_the_eager_one(tiny):
         assert [c.token_ids for c in static[str(i)].outputs] == [c.token_ids for c in eager[str(i)].outputs]
 
 
+def test_token_buckets():
+    from llmops_lab.engine.cuda_graph import token_buckets
+    assert token_buckets(16) == [16]
+    assert token_buckets(40) == [16, 32, 40]
+    assert token_buckets(512) == [16, 32, 48, 64, 96, 128, 192, 256, 384, 512]
+
+
+@pytest.mark.parametrize("use_kernels", [False, True])
+@pytest.mark.parametrize("cfg", [
+    dict(max_num_seqs=5, max_num_batched_tokens=64),                     # mixed steps of prompts + decodes
+    dict(max_num_seqs=16, max_num_batched_tokens=64, num_kv_blocks=12),  # preemption, recompute
+])
+def test_prefill_graph_path_equals_alone(tiny, use_kernels, cfg):
+    """Steps whose prompts are new and whole run them through the prefill graphs' static buffers
+    (packed, padded to a token bucket, each prompt causal on itself) and their decodes through the
+    decode graphs' (both run eagerly on a CPU): the same greedy tokens as each prompt alone; a
+    prefix-cache hit, a chunked prompt or too many tokens leave the step to the eager path."""
+    from llmops_lab.paged import triton_paged
+    if use_kernels and not triton_paged.available(torch.device("cpu")):
+        pytest.skip("needs TRITON_INTERPRET=1 (scripts/test sets it without a GPU)")
+    ps = prompts(9, seed=4)
+    ps[4] = ps[2][:17] + ps[4]                      # a prefix-cache hit
+    if "num_kv_blocks" not in cfg:
+        ps[7] = ps[7] * 3                           # chunked: past the 64-token budget of a step
+    lens = [1 + (i * 5) % 13 for i in range(len(ps))]
+    eng = static_decode_engine(tiny, use_kernels, prefill_graphs=48, block_size=8, **cfg)
+    reqs = [(str(i), p, SamplingParams(max_tokens=n, **GREEDY)) for i, (p, n) in enumerate(zip(ps, lens))]
+    outs = run_all(eng, reqs, shuffle_seed=1, add_every=3)
+    for i, (p, n) in enumerate(zip(ps, lens)):
+        assert outs[str(i)].outputs[0].token_ids == alone(tiny, p, n), f"request {i}"
+    steps = len(eng.step_stats)
+    assert 0 < eng.runner.prefill_graph_steps < steps and eng.static_steps > eng.runner.prefill_graph_steps
+    assert eng.block_manager.num_free_blocks == eng.num_kv_blocks
+    if cfg.get("num_kv_blocks") == 12:
+        assert eng.scheduler.num_preemptions > 0
+
+
+def test_prefill_graph_path_samples_like_the_eager_one(tiny):
+    """Seeded sampling with n > 1 (the prompt's blocks shared, copy-on-write) through both graphs'
+    buffers: the same tokens as the eager engine; and the runner refuses prefill graphs without the
+    decode graphs they run beside."""
+    from llmops_lab.engine.model_runner import ModelRunner
+    ps = prompts(5, 5, 30, seed=9)
+    params = SamplingParams(max_tokens=7, temperature=0.8, top_k=20, n=2, seed=3, ignore_eos=True)
+    reqs = [(str(i), p, params) for i, p in enumerate(ps)]
+    eager = run_all(LLMEngine(tiny, config=EngineConfig(block_size=8, max_num_seqs=8)), reqs, add_every=2)
+    eng = static_decode_engine(tiny, False, prefill_graphs=64, block_size=8, max_num_seqs=8)
+    graphed = run_all(eng, reqs, add_every=2)
+    assert eng.runner.prefill_graph_steps > 0
+    for i in range(len(ps)):
+        assert [c.token_ids for c in graphed[str(i)].outputs] == [c.token_ids for c in eager[str(i)].outputs]
+    with pytest.raises(ValueError, match="decode graphs"):
+        ModelRunner(tiny, 8, 8, prefill_graphs=32)
+
+
 def test_decode_graphs_refuse_what_they_cannot_hold(tiny):
     from llmops_lab.engine.cuda_graph import DecodeGraphs
     from llmops_lab.engine.model_runner import ModelRunner, decode_graphs_possible
@@ -415,12 +472,16 @@ def test_captured_decode_graphs_match_eager():
     ps = prompts(11, seed=2)
     reqs = [(str(i), p, SamplingParams(max_tokens=3 + i % 9, **GREEDY)) for i, p in enumerate(ps)]
     outs = {}
-    for eager in (True, False):
+    for mode in ("eager", "decode graphs", "prefill graphs too"):
         eng = LLMEngine(model, config=EngineConfig(block_size=16, max_num_seqs=6, num_kv_blocks=64,
-                                                   enforce_eager=eager))
-        assert (eng.runner.graphs is None) == eager
-        outs[eager] = {k: v.outputs[0].token_ids for k, v in run_all(eng, reqs, add_every=2).items()}
-    assert outs[True] == outs[False]
+                                                   enforce_eager=mode == "eager",
+                                                   prefill_graphs=mode == "prefill graphs too"))
+        assert (eng.runner.graphs is None) == (mode == "eager")
+        assert (eng.runner.prefill is None) == (mode != "prefill graphs too")
+        outs[mode] = {k: v.outputs[0].token_ids for k, v in run_all(eng, reqs, add_every=2).items()}
+        if eng.runner.prefill is not None:
+            assert eng.runner.prefill_graph_steps > 0 and eng.runner.prefill.graphs
+    assert outs["eager"] == outs["decode graphs"] == outs["prefill graphs too"]
 
 
 @pytest.mark.parametrize("mixed", [False, True])

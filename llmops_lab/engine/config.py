@@ -21,6 +21,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     enforce_eager: bool = False           # CUDA: no graphs of decode steps (they are captured by default)
+    prefill_graphs: bool = False          # CUDA: new whole prompts (up to 512 tokens a step) by captured graphs too (a candidate)
     cpu_paged_kernel: bool = True         # CPU: decode attention by the C kernel (paged.cpu_kernel) where it can
     seed: int = 0
 

@@ -86,7 +86,35 @@ def decode_batch_attention(q, k, v, mask=None, is_causal=False):
     return k.attend(q)
 
 
-class DecodeGraphs:
+class _BucketGraphs:
+    """One CUDA graph per bucket size (``self.sizes``), captured largest first in one memory pool and
+    replayed on static buffers; a subclass gives ``_forward(bucket)``, the step to capture."""
+
+    graphs: dict[int, torch.cuda.CUDAGraph]
+    logits: dict[int, torch.Tensor]
+
+    @torch.inference_mode()
+    def _capture_all(self, desc: str) -> None:
+        pool = None                      # the graphs share one memory pool, largest captured first
+        for size in tqdm(list(reversed(self.sizes)), desc=desc, leave=False, disable=len(self.sizes) < 8):
+            self._forward(size)          # warm-up: Triton compiles, cuBLAS and SDPA pick their kernels
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                self.logits[size] = self._forward(size)
+            pool = g.pool() if pool is None else pool
+            self.graphs[size] = g
+        torch.cuda.synchronize()
+
+    def _replay(self, size: int) -> torch.Tensor:
+        """The bucket's logits: its graph replayed, or (not captured: a CPU, the tests) run eagerly."""
+        if size in self.graphs:
+            self.graphs[size].replay()
+            return self.logits[size]
+        return self._forward(size)
+
+
+class DecodeGraphs(_BucketGraphs):
     """Static input buffers and one captured decode step per batch bucket.
 
     ``scratch_block``: a pool block outside the block manager's range, where padding rows write.
@@ -109,10 +137,9 @@ class DecodeGraphs:
         self.lens = torch.ones(max_batch, dtype=torch.int32, device=dev)
         self.tables = torch.full((max_batch, self.max_blocks), scratch_block, dtype=torch.int32, device=dev)
         self.scratch_block = scratch_block
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        self.graphs, self.logits = {}, {}
         if capture:
-            self._capture_all()
+            self._capture_all("capturing CUDA graphs")
 
     @property
     def max_batch(self) -> int:
@@ -131,20 +158,6 @@ class DecodeGraphs:
         return self.model.forward_packed(self.ids[None, :B], self.positions[None, :B], batch,
                                          decode_batch_attention)[0]
 
-    @torch.inference_mode()
-    def _capture_all(self) -> None:
-        pool = None                      # the graphs share one memory pool, largest captured first
-        for B in tqdm(list(reversed(self.sizes)), desc="capturing CUDA graphs", leave=False,
-                      disable=len(self.sizes) < 8):
-            self._forward(B)             # warm-up: Triton compiles, cuBLAS picks its kernels
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                self.logits[B] = self._forward(B)
-            pool = g.pool() if pool is None else pool
-            self.graphs[B] = g
-        torch.cuda.synchronize()
-
     def run(self, ids: list[int], positions: list[int], slots: list[int], lens: list[int],
             tables: list[list[int]]) -> torch.Tensor:
         """One decode step of len(ids) <= max_batch sequences; logits [B, vocab] in batch order."""
@@ -162,9 +175,112 @@ class DecodeGraphs:
         # a padding row's one key is slot 0 of the scratch block.
         rows = [t + [self.scratch_block] * (width - len(t)) for t in tables] + [[self.scratch_block] * width] * pad
         self.tables[:bucket, :width].copy_(torch.tensor(rows, dtype=torch.int32), non_blocking=True)
-        if bucket in self.graphs:
-            self.graphs[bucket].replay()
-            out = self.logits[bucket]
-        else:
-            out = self._forward(bucket)
-        return out[:B]
+        return self._replay(bucket)[:B]
+
+
+# -- prefill graphs (a candidate, EngineConfig(prefill_graphs=True)) ----------------------------------
+
+def token_buckets(max_tokens: int) -> list[int]:
+    """The token counts prefill graphs are captured for: 16, 32, 48, 64, 96, 128, ... (each a power
+    of two or 1.5 times one), up to and including max_tokens."""
+    sizes, t = [], 16
+    while t < max_tokens:
+        sizes += [t] + ([t * 3 // 2] if t * 3 // 2 < max_tokens and t >= 32 else [])
+        t *= 2
+    return sorted(set(sizes) | {max_tokens})
+
+
+class PrefillBatch:
+    """The cache of a graphed prefill: whole prompts packed into T tokens (padding at the end), each
+    attending causally to its own tokens only, so nothing is read from the pools; the keys and
+    values are stored into them at ``slot_mapping`` for the decodes that follow. ``segments`` [T]
+    numbers each token's prompt (padding: -1, a causal run of its own, so no row is all masked)."""
+
+    packed = True
+    length = 0
+
+    def __init__(self, k_pools, v_pools, slot_mapping, segments):
+        self.k_pools, self.v_pools, self.slot_mapping = k_pools, v_pools, slot_mapping
+        pos = torch.arange(segments.shape[0], device=segments.device)
+        self.mask = ((segments[:, None] == segments[None, :]) & (pos[:, None] >= pos[None, :]))[None, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start=None):
+        store_tokens(self.k_pools[layer], k, self.slot_mapping)
+        store_tokens(self.v_pools[layer], v, self.slot_mapping)
+        self._k, self._v = k, v
+        return self, self
+
+    def attend(self, q: torch.Tensor) -> torch.Tensor:
+        return sdpa_attention(q, self._k, self._v, mask=self.mask)
+
+
+class PrefillGraphs(_BucketGraphs):
+    """Whole new prompts (no cached prefix, no chunk) computed by a captured graph per token bucket.
+
+    Why: a step that computes prompt tokens cannot replay a decode graph, and an eager forward of a
+    7B model spends more host time launching kernels than the GPU spends on a short prompt (the
+    H100 run of 2026-11-26: mixed steps 119 ms against 13 ms for a graphed decode step). Here such a
+    step becomes two replays, this graph for its prompts and ``DecodeGraphs``' for its decodes, at
+    the price of reading the weights twice. vLLM's answer is piecewise graphs around attention;
+    this is the smaller one for prompts that attend only to themselves. A candidate: the engine
+    takes it only when asked (``EngineConfig(prefill_graphs=True)``), until a GPU has timed it.
+
+    ``max_tokens``: the largest packed prompt total captured (bigger steps run eagerly);
+    ``max_prompts``: rows of logits (one per prompt) each replay returns.
+    """
+
+    def __init__(self, model, k_pools, v_pools, scratch_slot: int, max_tokens: int, max_prompts: int,
+                 capture: bool = True):
+        if capture and model.device.type != "cuda":
+            raise ValueError("CUDA graphs need the model on a CUDA device")
+        if max_tokens < 1 or max_prompts < 1:
+            raise ValueError(f"max_tokens and max_prompts must be >= 1, got {max_tokens}, {max_prompts}")
+        self.model, self.k_pools, self.v_pools, self.scratch_slot = model, k_pools, v_pools, scratch_slot
+        self.sizes = token_buckets(max_tokens)
+        self.max_prompts = max_prompts
+        dev = model.device
+        T = self.sizes[-1]
+        self.ids = torch.zeros(T, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(T, dtype=torch.long, device=dev)
+        self.slots = torch.full((T,), scratch_slot, dtype=torch.long, device=dev)
+        self.segments = torch.full((T,), -1, dtype=torch.long, device=dev)
+        self.last = torch.zeros(max_prompts, dtype=torch.long, device=dev)    # each prompt's last token
+        self.graphs, self.logits = {}, {}
+        if capture:
+            self._capture_all("capturing prefill graphs")
+
+    @property
+    def max_tokens(self) -> int:
+        return self.sizes[-1]
+
+    def _forward(self, T: int) -> torch.Tensor:
+        batch = PrefillBatch(self.k_pools, self.v_pools, self.slots[:T], self.segments[:T])
+        return self.model.forward_packed(self.ids[None, :T], self.positions[None, :T], batch,
+                                         decode_batch_attention, logits_indices=self.last)[0]
+
+    def run(self, prompts: list[list[int]], slots: list[list[int]]) -> torch.Tensor:
+        """Compute len(prompts) <= max_prompts whole prompts (sum of lengths <= max_tokens), storing
+        their keys and values at ``slots`` (one list per prompt); logits [len(prompts), vocab] at
+        each prompt's last token."""
+        n = sum(len(p) for p in prompts)
+        if not prompts or len(prompts) > self.max_prompts or n > self.max_tokens:
+            raise ValueError(f"{len(prompts)} prompts of {n} tokens; this holds 1-{self.max_prompts} "
+                             f"prompts of at most {self.max_tokens} tokens")
+        T = next(s for s in self.sizes if s >= n)
+        ids, pos, slot, seg, last = [], [], [], [], []
+        for i, (p, sl) in enumerate(zip(prompts, slots)):
+            ids += p
+            pos += range(len(p))
+            slot += sl
+            seg += [i] * len(p)
+            last.append(len(ids) - 1)
+        pad = T - n
+        host = torch.tensor([ids + [0] * pad, pos + [0] * pad, slot + [self.scratch_slot] * pad,
+                             seg + [-1] * pad], dtype=torch.long)
+        self.ids[:T].copy_(host[0], non_blocking=True)
+        self.positions[:T].copy_(host[1], non_blocking=True)
+        self.slots[:T].copy_(host[2], non_blocking=True)
+        self.segments[:T].copy_(host[3], non_blocking=True)
+        self.last.copy_(torch.tensor(last + [0] * (self.max_prompts - len(last)), dtype=torch.long),
+                        non_blocking=True)
+        return self._replay(T)[:len(prompts)]

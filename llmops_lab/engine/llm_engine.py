@@ -26,6 +26,11 @@ from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
 
 
+# the largest packed prompt total ``EngineConfig(prefill_graphs=True)`` captures: past a few hundred
+# tokens a step is compute-bound and its eager launches no longer cost more than the GPU's work
+PREFILL_GRAPH_TOKENS = 512
+
+
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """One token from one row of logits [V] under params (argmax when greedy)."""
     if params.greedy:
@@ -62,9 +67,10 @@ class LLMEngine:
                                           track_computed=True)
         self.scheduler = Scheduler(config, self.block_manager)
         graphs = "capture" if not config.enforce_eager and decode_graphs_possible(model) else None
+        prefill = min(PREFILL_GRAPH_TOKENS, config.max_num_batched_tokens) if graphs and config.prefill_graphs else None
         self.runner = ModelRunner(model, blocks, config.block_size, decode_graphs=graphs,
                                   max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
-                                  cpu_kernel=config.cpu_paged_kernel)
+                                  cpu_kernel=config.cpu_paged_kernel, prefill_graphs=prefill)
         if self.runner.use_kernels:           # compile the Triton kernels now, not in a served step
             self.runner.warm_up()
         self.requests: dict[str, _Request] = {}

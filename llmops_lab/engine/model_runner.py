@@ -6,7 +6,9 @@ see ``paged.varlen``), turns a
 tables, context lengths: built on the host in plain Python, moved to the device once), performs the
 copy-on-write block copies the block manager asked for, and returns the logits of the sequences
 that sample this step (those whose every known token is now computed). A step of decodes alone
-replays a captured CUDA graph when the runner has them (``cuda_graph.DecodeGraphs``).
+replays a captured CUDA graph when the runner has them (``cuda_graph.DecodeGraphs``); with
+``prefill_graphs``, a step whose prompts are all whole and new replays ``cuda_graph.PrefillGraphs``
+for them beside the decode graph for the rest (a candidate, off by default).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 from ..measure import synchronize
 from ..paged.varlen import PackedBatch, packed_paged_attention
 from .config import EngineConfig
-from .cuda_graph import DecodeGraphs
+from .cuda_graph import DecodeGraphs, PrefillGraphs
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
 
@@ -38,10 +40,13 @@ def decode_graphs_possible(model) -> bool:
 
 class ModelRunner:
     """``decode_graphs``: "capture" (CUDA graphs of decode steps up to ``max_num_seqs`` sequences),
-    "static" (the same static buffers, run eagerly: the tests' check of that path), or None."""
+    "static" (the same static buffers, run eagerly: the tests' check of that path), or None.
+    ``prefill_graphs``: the largest packed total of new whole prompts computed by prefill graphs
+    (captured or static like the decode graphs, which they need), or None."""
 
     def __init__(self, model, num_blocks: int, block_size: int, decode_graphs: str | None = None,
-                 max_num_seqs: int = 1, max_model_len: int | None = None, cpu_kernel: bool = True):
+                 max_num_seqs: int = 1, max_model_len: int | None = None, cpu_kernel: bool = True,
+                 prefill_graphs: int | None = None):
         self.model = model
         self.block_size = block_size
         self.num_blocks = num_blocks          # those the block manager hands out (no scratch block)
@@ -70,6 +75,13 @@ class ModelRunner:
                                        max_model_len or c.max_position_embeddings, scratch_block=num_blocks,
                                        use_kernels=triton_paged.available(dev),
                                        capture=decode_graphs == "capture")
+        self.prefill = None
+        self.prefill_graph_steps = 0         # steps whose prompts took the prefill graphs
+        if prefill_graphs is not None:
+            if self.graphs is None:
+                raise ValueError("prefill graphs run beside the decode graphs: set decode_graphs too")
+            self.prefill = PrefillGraphs(model, self.k_pools, self.v_pools, num_blocks * block_size,
+                                         prefill_graphs, max_num_seqs, capture=decode_graphs == "capture")
 
     @torch.inference_mode()
     def warm_up(self) -> bool:
@@ -103,7 +115,7 @@ class ModelRunner:
     def release(self) -> None:
         """Drop the pools (the engine's statistics stay readable); a GPU gets its memory back."""
         self.k_pools, self.v_pools = [], []
-        self.graphs = None
+        self.graphs = self.prefill = None
         if self.model.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -153,9 +165,12 @@ class ModelRunner:
         batch that size; else None (the step runs eagerly)."""
         if self.graphs is None or len(batch) > self.graphs.max_batch:
             return None
+        return self._decode_inputs(batch.seqs, batch.num_tokens)
+
+    def _decode_inputs(self, seqs, num_tokens):
         bs = self.block_size
         ids, pos, slots, lens, tables = [], [], [], [], []
-        for seq, n in zip(batch.seqs, batch.num_tokens):
+        for seq, n in zip(seqs, num_tokens):
             p = seq.num_computed_tokens
             if n != 1 or p + 1 != len(seq) or p < seq.num_cached_tokens:
                 return None
@@ -166,6 +181,32 @@ class ModelRunner:
             tables.append(seq.block_table)
         return ids, pos, slots, lens, tables
 
+    def prepare_split(self, batch: ScheduledBatch):
+        """The prefill graphs' inputs: (rows of new whole prompts, their token lists, their slots, other
+        rows, those rows' decode inputs) when every other row is a decode the decode graphs hold
+        and the prompts fit the prefill graphs; else None (the step runs eagerly)."""
+        if self.prefill is None:
+            return None
+        bs = self.block_size
+        pre, dec = [], []
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
+            # computed from its first token to its last, no block of it cached: a new prompt (or a
+            # preempted sequence's recompute), which samples after it; anything else must decode
+            whole = seq.num_computed_tokens == 0 and n == len(seq) and seq.num_cached_tokens == 0
+            (pre if whole else dec).append(i)
+        total = sum(batch.num_tokens[i] for i in pre)
+        if not pre or len(pre) > self.prefill.max_prompts or total > self.prefill.max_tokens:
+            return None
+        if len(dec) > self.graphs.max_batch:
+            return None
+        decode = self._decode_inputs([batch.seqs[i] for i in dec], [batch.num_tokens[i] for i in dec]) if dec else None
+        if dec and decode is None:
+            return None
+        prompts = [batch.seqs[i].token_ids[:batch.num_tokens[i]] for i in pre]
+        tables = [batch.seqs[i].block_table for i in pre]
+        slots = [[t[p // bs] * bs + p % bs for p in range(len(p_))] for t, p_ in zip(tables, prompts)]
+        return pre, prompts, slots, dec, decode
+
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         """Run the step; logits [num_sampling, vocab] (fp32) for the sequences that sample, in
@@ -175,6 +216,17 @@ class ModelRunner:
         if decode is not None:
             self.graph_steps += 1
             return self.graphs.run(*decode).float()
+        split = self.prepare_split(batch)
+        if split is not None:
+            pre, prompts, slots, dec, decode = split
+            self.prefill_graph_steps += 1
+            parts = [self.prefill.run(prompts, slots)]
+            if dec:
+                self.graph_steps += 1
+                parts.append(self.graphs.run(*decode))
+            where = {row: j for j, row in enumerate(pre + dec)}        # batch row -> row of the parts
+            order = torch.tensor([where[i] for i in range(len(batch))], device=self.model.device)
+            return torch.cat(parts)[order].float()
         ids, pos, meta, sample_at = self.prepare(batch)
         logits = self.model(ids, positions=pos, cache=meta, backend=packed_paged_attention,
                             logits_indices=sample_at)
