@@ -7,6 +7,7 @@ window, Llama 3's RoPE scaling), so one frozen dataclass covers them all.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,16 @@ class ModelConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        # each of these loads without complaint otherwise and gives wrong logits (NaN or silently
+        # masked attention): a checkpoint's typo is an error here, not a model that runs
+        if not math.isfinite(self.rope_theta) or self.rope_theta <= 0:
+            raise ValueError(f"rope_theta must be a positive number, got {self.rope_theta}")
+        if not math.isfinite(self.rms_norm_eps) or self.rms_norm_eps < 0:
+            raise ValueError(f"rms_norm_eps must be >= 0, got {self.rms_norm_eps}")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise ValueError(f"sliding_window must be a positive number of tokens or None, got {self.sliding_window!r}")
+        if self.rope_scaling is not None:
+            _check_rope_scaling(self.rope_scaling)
 
     @property
     def n_rep(self) -> int:
@@ -92,6 +103,9 @@ class ModelConfig:
                 raise ValueError(f"RoPE scaling {kind!r} is not supported (default, linear, llama3 are)")
             if kind == "default":
                 scaling = None
+        act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
+        if act != "silu":       # the MLP is SwiGLU; another activation would be silently replaced
+            raise ValueError(f"hidden_act {act!r} is not supported: this runtime's MLP is SwiGLU (silu)")
         sliding = cfg.get("sliding_window")
         if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
             sliding = None
@@ -135,3 +149,20 @@ class ModelConfig:
         d["hidden_act"] = "silu"
         d["mlp_bias"] = False
         return d
+
+
+def _check_rope_scaling(s: dict) -> None:
+    """A linear or Llama-3 RoPE scaling needs a positive factor; Llama 3's frequency bounds must be
+    ordered, or its blend divides by zero."""
+    kind = s.get("rope_type", s.get("type"))
+    if kind not in ("linear", "llama3"):
+        raise ValueError(f"RoPE scaling {kind!r} is not supported (linear, llama3 are)")
+    factor = s.get("factor")
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not math.isfinite(factor) or factor <= 0:
+        raise ValueError(f"rope_scaling needs a positive 'factor', got {factor!r}")
+    if kind == "llama3":
+        lo, hi = s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+        if not 0 < lo < hi:
+            raise ValueError(f"llama3 rope_scaling needs 0 < low_freq_factor < high_freq_factor, got {lo}, {hi}")
+        if s.get("original_max_position_embeddings", 8192) < 1:
+            raise ValueError("llama3 rope_scaling's original_max_position_embeddings must be >= 1")

@@ -6,6 +6,8 @@ become a distribution, so speculative decoding can process target and draft iden
 """
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 
 import torch
@@ -14,17 +16,30 @@ from .kv import KVCache
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    """Refuse what would sample wrongly rather than fail: a NaN passes every comparison, and a NaN
+    or infinite temperature turns the distribution into NaN."""
+    if not _real(temperature) or not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not _integer(top_k) or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
+    if top_p is not None and (not _real(top_p) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
+def _real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _integer(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                     top_p: float | None = None) -> torch.Tensor:
     """Next-token distribution [..., V] after temperature, top-k and top-p (temperature > 0)."""
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        raise ValueError("temperature 0 is greedy: take the argmax, there is no distribution to sample")
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
@@ -42,6 +57,7 @@ def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int |
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
            top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row from logits [B, V]; temperature 0 is argmax."""
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(-1)
     probs = logits_to_probs(logits, temperature, top_k, top_p)
@@ -59,12 +75,19 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
     A row stops at any of ``stop_token_ids`` (default: the config's eos ids; ``()`` for none) and
     is filled with ``pad_token_id`` afterwards; generation also stops at the model's context.
     """
+    if not torch.is_tensor(input_ids) or input_ids.dtype.is_floating_point or input_ids.dtype in (torch.bool, torch.complex64):
+        raise TypeError(f"input_ids must be an integer tensor of token ids, got "
+                        f"{input_ids.dtype if torch.is_tensor(input_ids) else type(input_ids).__name__}")
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     model.check_ids(input_ids)
     check_sampling(temperature, top_k, top_p)
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not _integer(max_new_tokens) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if isinstance(stop_token_ids, numbers.Integral):
+        stop_token_ids = (stop_token_ids,)          # one stop token, as transformers' eos_token_id takes it
+    if pad_token_id is not None and (not _integer(pad_token_id) or not 0 <= pad_token_id < model.config.vocab_size):
+        raise ValueError(f"pad_token_id must be a token id in [0, {model.config.vocab_size}), got {pad_token_id!r}")
     B, S = input_ids.shape
     ctx = model.config.max_position_embeddings
     if S >= ctx:

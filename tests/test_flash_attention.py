@@ -111,3 +111,40 @@ def test_flash_is_a_runtime_backend():
         assert (step[:, -1] - m(ids, backend="sdpa")[:, -1]).abs().max() < 1e-4
         with pytest.raises(ValueError, match="mask"):
             m(ids, attention_mask=torch.ones(2, 21, dtype=torch.long, device=DEV), backend="flash")
+
+
+@pytest.mark.parametrize("Sq, Sk", [(1, 4), (2, 4), (4, 4)])
+def test_backends_agree_on_causal_alignment(Sq, Sk):
+    """A causal pass with fewer queries than keys (new queries after a cached prefix): every
+    backend aligns the last query with the last key. SDPA's own is_causal aligns the first with
+    the first, so sdpa_attention passes an explicit mask there."""
+    from llmops_lab.attention import get_backend
+    q, k, v = qkv(1, 4, 2, Sq, Sk, 8)
+    want = naive_attention(q, k, v, is_causal=True)
+    for name in ("sdpa", "cpu_decode"):
+        torch.testing.assert_close(get_backend(name)(q, k, v, is_causal=True), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tiled_attention(q, k, v, is_causal=True, block_m=2, block_n=2), want,
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["naive", "sdpa", "cpu_decode"])
+def test_backends_refuse_what_they_would_read_differently(name):
+    """A float mask (SDPA adds it, the naive backend cannot invert it), no keys, and a causal pass
+    with more queries than keys: a clear error from every backend, not four different answers."""
+    from llmops_lab.attention import get_backend
+    fn = get_backend(name)
+    q, k, v = qkv(1, 2, 2, 3, 4, 8)
+    with pytest.raises(TypeError, match="boolean"):
+        fn(q, k, v, mask=torch.ones(1, 1, 3, 4))
+    with pytest.raises(ValueError, match="at least one key"):
+        fn(q, k[:, :, :0], v[:, :, :0])
+    with pytest.raises(ValueError, match="more queries"):
+        fn(*qkv(1, 2, 2, 5, 4, 8), is_causal=True)
+
+
+@pytest.mark.parametrize("bad", [0, -16, 2.5, True])
+def test_tiled_block_sizes_must_be_positive_integers(bad):
+    q, k, v = qkv(1, 2, 2, 4, 4, 8)
+    for kw in ("block_m", "block_n"):
+        with pytest.raises(ValueError, match=kw):
+            tiled_attention(q, k, v, **{kw: bad})

@@ -221,3 +221,30 @@ def test_h2o_needs_the_queries():
     cache = HeavyHitterKVCache(1, 1, HKV, D, 4, 4)
     with pytest.raises(ValueError, match="queries"):
         cache.update(0, torch.zeros(1, HKV, 3, D), torch.zeros(1, HKV, 3, D), 0)
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES) + ["full", "int8"])
+def test_negative_start_is_refused(model, name):
+    """A negative position used to slice from the end of the buffer: the full cache wrote into
+    slot 6 and returned 7 positions, the int8 and sink caches returned no keys at all."""
+    makers = dict(FACTORIES, full=lambda m, B: KVCache.for_model(m, B, 16), int8=lambda m, B: Int8KVCache.for_model(m, B, 16))
+    cache = makers[name](model, 1)
+    extra = {"q": torch.zeros(1, 4, 1, D)} if name == "h2o" else {}
+    with pytest.raises(ValueError, match="start must be"):
+        cache.update(0, torch.zeros(1, HKV, 1, D), torch.zeros(1, HKV, 1, D), -2, **extra)
+
+
+def test_int8_cache_refuses_values_its_scales_cannot_hold():
+    """fp16 scales hold |x| up to 127 x 65504; past that (or at inf) the codes used to come back
+    as NaN. fp32 scales hold them; a non-float scale dtype is refused up front."""
+    big = torch.full((1, HKV, 1, D), 1e7)
+    with pytest.raises(ValueError, match="float32"):
+        Int8KVCache(1, 1, HKV, D, 4).update(0, big, big, 0)
+    k, _ = Int8KVCache(1, 1, HKV, D, 4, scale_dtype=torch.float32).update(0, big, big, 0)
+    assert torch.allclose(k, big)
+    inf = big.clone()
+    inf[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="inf or NaN"):
+        Int8KVCache(1, 1, HKV, D, 4, scale_dtype=torch.float32).update(0, inf, inf, 0)
+    with pytest.raises(ValueError, match="floating-point"):
+        Int8KVCache(1, 1, HKV, D, 4, scale_dtype=torch.int8)

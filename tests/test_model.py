@@ -156,6 +156,10 @@ def test_bad_input_is_a_clear_error(bad, match):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(temperature=-1.0), "temperature"), (dict(top_k=0, temperature=1.0), "top_k"),
     (dict(top_p=0.0, temperature=1.0), "top_p"), (dict(max_new_tokens=0), "max_new_tokens"),
+    # NaN passes every comparison: it used to reach torch.multinomial as NaN probabilities
+    (dict(temperature=float("nan")), "temperature"), (dict(temperature=float("inf")), "temperature"),
+    (dict(top_p=float("nan"), temperature=1.0), "top_p"), (dict(top_k=2.5, temperature=1.0), "top_k"),
+    (dict(max_new_tokens=2.5), "max_new_tokens"), (dict(pad_token_id=-7), "pad_token_id"),
 ])
 def test_bad_sampling_arguments(kwargs, match):
     m = LlamaModel(TINY).eval()
@@ -163,11 +167,54 @@ def test_bad_sampling_arguments(kwargs, match):
         m.generate(torch.tensor([[0, 4]]), **kwargs)
 
 
+def test_sampling_helpers_check_their_arguments():
+    """``sample`` and ``logits_to_probs`` are public: a negative temperature used to return the
+    least likely token, top_p = -0.5 NaN probabilities, temperature 0 NaN."""
+    from llmops_lab.generation import logits_to_probs, sample
+    logits = torch.tensor([[1.0, 2.0]])
+    for kw in (dict(temperature=-1.0), dict(temperature=1.0, top_p=-0.5), dict(temperature=1.0, top_p=1.5),
+               dict(temperature=1.0, top_k=-1), dict(temperature=float("nan"))):
+        with pytest.raises(ValueError):
+            sample(logits, **kw)
+        with pytest.raises(ValueError):
+            logits_to_probs(logits, **kw)
+    with pytest.raises(ValueError, match="greedy"):
+        logits_to_probs(logits, 0.0)
+    assert sample(logits, 0.0).tolist() == [1]
+
+
+def test_generate_takes_integer_ids_and_one_stop_token():
+    m = LlamaModel(TINY).eval()
+    with pytest.raises(TypeError, match="integer tensor"):
+        m.generate(torch.tensor([[0.0, 4.0]]), max_new_tokens=2)
+    free = m.generate(torch.tensor([[0, 4]]), max_new_tokens=6, stop_token_ids=())
+    stop = int(free[0, 3])
+    assert m.generate(torch.tensor([[0, 4]]), max_new_tokens=6, stop_token_ids=stop).tolist() == \
+        m.generate(torch.tensor([[0, 4]]), max_new_tokens=6, stop_token_ids=(stop,)).tolist()
+
+
 def test_generation_stops_at_context_with_a_warning():
     m = LlamaModel(TINY).eval()
     with pytest.warns(UserWarning, match="context"):
         out = m.generate(torch.zeros(1, 250, dtype=torch.long), max_new_tokens=20, stop_token_ids=())
     assert out.shape[1] == 256
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("rope_theta", 0, "rope_theta"), ("rope_theta", float("nan"), "rope_theta"),
+    ("rms_norm_eps", -1.0, "rms_norm_eps"), ("sliding_window", 0, "sliding_window"),
+    ("sliding_window", -4, "sliding_window"), ("rope_scaling", {"rope_type": "linear", "factor": 0}, "factor"),
+    ("rope_scaling", {"type": "linear"}, "factor"),
+    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0}, "low_freq"),
+    ("hidden_act", "gelu", "hidden_act"),
+])
+def test_config_values_that_would_give_wrong_logits(field, value, match):
+    """Each of these used to load and give finite, wrong logits (or NaN): RoPE of theta 0 or factor
+    0, a window of 0 that masks every key, a GELU model run as SwiGLU."""
+    d = TINY.to_hf_dict()
+    d[field] = value
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_hf_dict(d)
 
 
 def test_config_errors():

@@ -12,7 +12,11 @@ import torch
 import torch.nn.functional as F
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, is_causal: bool = False) -> None:
+    """Shapes, and what every backend must agree on: a boolean mask (True = attend; SDPA would read
+    a float one as an additive bias, the naive backend could not read it at all), at least one key,
+    and a causal pass with no more queries than keys (aligned bottom right: query i sees the keys
+    up to i + Sk - Sq; more queries would leave rows with no key at all)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be [B, H, S, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[-1] != k.shape[-1] or k.shape[-1] != v.shape[-1]:
@@ -21,11 +25,25 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"key and value lengths differ: {k.shape[-2]} vs {v.shape[-2]}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    if k.shape[-2] == 0:
+        raise ValueError("attention needs at least one key")
+    if mask is not None and (not torch.is_tensor(mask) or mask.dtype != torch.bool):
+        raise TypeError(f"mask must be a boolean tensor (True = attend), got "
+                        f"{mask.dtype if torch.is_tensor(mask) else type(mask).__name__}")
+    if is_causal and q.shape[-2] > k.shape[-2]:
+        raise ValueError(f"causal attention with more queries ({q.shape[-2]}) than keys ({k.shape[-2]}) "
+                         f"leaves rows with no key")
+
+
+def causal_mask(Sq: int, Sk: int, device=None) -> torch.Tensor:
+    """[Sq, Sk] boolean, True where query i may see key j: j <= i + Sk - Sq (the last query sees
+    every key: new queries after a cached prefix)."""
+    return torch.ones(Sq, Sk, dtype=torch.bool, device=device).tril(Sk - Sq)
 
 
 def naive_attention(q, k, v, mask=None, is_causal=False):
     """softmax(Q K^T / sqrt(D)) V with the S x S score matrix in memory (fp32 softmax)."""
-    _check(q, k, v)
+    _check(q, k, v, mask, is_causal)
     n_rep = q.shape[1] // k.shape[1]
     if n_rep > 1:  # grouped-query: each KV head serves n_rep query heads
         k = k.repeat_interleave(n_rep, dim=1)
@@ -35,8 +53,7 @@ def naive_attention(q, k, v, mask=None, is_causal=False):
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     elif is_causal:
-        causal = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device).tril(Sk - Sq)
-        scores = scores.masked_fill(~causal, float("-inf"))
+        scores = scores.masked_fill(~causal_mask(Sq, Sk, q.device), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return (probs @ v.float()).to(q.dtype)
 
@@ -44,10 +61,14 @@ def naive_attention(q, k, v, mask=None, is_causal=False):
 def sdpa_attention(q, k, v, mask=None, is_causal=False):
     """PyTorch's fused attention; it picks flash, memory-efficient, cuDNN or math by itself.
 
-    One query token per row with grouped-query heads on a CPU takes ``fold_gqa_queries``."""
-    _check(q, k, v)
+    One query token per row with grouped-query heads on a CPU takes ``fold_gqa_queries``. A causal
+    pass with fewer queries than keys gets an explicit mask: SDPA's own ``is_causal`` aligns the
+    first query with the first key, where the other backends align the last with the last."""
+    _check(q, k, v, mask, is_causal)
     B, H, Sq, D = q.shape
     Hkv = k.shape[1]
+    if is_causal and mask is None and Sq != k.shape[2]:
+        mask, is_causal = causal_mask(Sq, k.shape[2], q.device), False
     one_mask = mask is None or (mask.dim() == 4 and mask.shape[1] == 1)          # the same for every head
     if Sq == 1 and H != Hkv and q.device.type == "cpu" and not is_causal and one_mask:
         return fold_gqa_queries(q, k, v, mask)

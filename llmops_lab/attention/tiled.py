@@ -27,13 +27,14 @@ def tiled_attention(q, k, v, is_causal: bool = False, block_m: int = 64, block_n
     If ``trace`` is a list, each (query block, key block) step appends its running max and sum for
     the block's first query, for the notebook's picture.
     """
-    _check(q, k, v)
+    if q.dim() == k.dim() == 4 and 0 in (q.shape[2], k.shape[2]):
+        raise ValueError("empty sequence: attention needs at least one query and one key")
+    _check(q, k, v, None, is_causal)
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
-    if Sq == 0 or Sk == 0:
-        raise ValueError("empty sequence: attention needs at least one query and one key")
-    if is_causal and Sq > Sk:
-        raise ValueError(f"causal attention with more queries ({Sq}) than keys ({Sk}) leaves rows with no key")
+    for name, size in (("block_m", block_m), ("block_n", block_n)):
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"{name} must be a positive integer, got {size!r}")
     rep = H // k.shape[1]
     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     scale = 1.0 / math.sqrt(D)

@@ -5,6 +5,8 @@ with batch and grouped-query heads in it (see ``formulas.kv_cache_bytes``).
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 
@@ -43,6 +45,7 @@ class KVCache:
         """
         if torch.is_tensor(start):
             return write_at(self.k[layer], self.v[layer], k, v, start)
+        check_start(start)
         end = start + k.shape[2]
         if end > self.max_seq_len:
             raise ValueError(f"KV cache overflow: writing up to position {end} in a cache of {self.max_seq_len}")
@@ -65,3 +68,10 @@ class KVCache:
     def nbytes(self) -> int:
         """Bytes actually allocated for keys and values."""
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+def check_start(start) -> None:
+    """A write position must be a non-negative integer: a negative one would slice from the end of
+    the buffer and write (or return) the wrong positions without a word."""
+    if isinstance(start, bool) or not isinstance(start, numbers.Integral) or start < 0:
+        raise ValueError(f"start must be a position >= 0, got {start!r}")

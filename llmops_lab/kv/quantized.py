@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import formulas
+from .cache import check_start
 from .sliding_window import model_dims
 
 QMAX = 127  # int8 codes -127..127; -128 is left unused so the grid is symmetric
@@ -23,6 +24,12 @@ def quantize_per_token(x: torch.Tensor, scale_dtype=torch.float16) -> tuple[torc
     xf = x.float()
     tiny = torch.finfo(scale_dtype).tiny  # an all-zero vector still gets a usable scale
     scale = (xf.abs().amax(-1, keepdim=True) / QMAX).clamp(min=tiny).to(scale_dtype)
+    if not bool(torch.isfinite(scale).all()):   # an inf or NaN input, or a scale past fp16's 65504
+        big = xf.abs().amax().item()
+        if not big < float("inf"):
+            raise ValueError("keys/values hold inf or NaN: there is nothing to quantize")
+        raise ValueError(f"cannot quantize keys/values up to {big:.3g} with {scale_dtype} scales (they hold "
+                         f"up to {torch.finfo(scale_dtype).max * QMAX:.3g}); pass scale_dtype=torch.float32")
     # Rounding against the stored (rounded) scale keeps the error within half of that scale.
     q = (xf / scale.float()).round().clamp(-QMAX, QMAX).to(torch.int8)
     return q, scale
@@ -57,6 +64,8 @@ class Int8KVCache:
             raise ValueError("cache dimensions must all be >= 1")
         if context_len is not None and max_seq_len > context_len:
             raise ValueError(f"max_seq_len of {max_seq_len} exceeds the model's context of {context_len}")
+        if not scale_dtype.is_floating_point:
+            raise ValueError(f"scale_dtype must be a floating-point dtype, got {scale_dtype}")
         shape = (batch_size, num_kv_heads, max_seq_len, head_dim)
         codes = lambda: [torch.zeros(shape, dtype=torch.int8, device=device) for _ in range(num_layers)]
         scales = lambda: [torch.zeros(shape[:3] + (1,), dtype=scale_dtype, device=device)
@@ -77,6 +86,7 @@ class Int8KVCache:
         """Quantize k, v [B, Hkv, S, D] into positions start..start+S; return 0..start+S dequantized."""
         if torch.is_tensor(start):
             raise ValueError("Int8KVCache does not support the static-shape decode step (per-row start)")
+        check_start(start)
         end = start + k.shape[2]
         if end > self.max_seq_len:
             raise ValueError(f"KV cache overflow: writing up to position {end} in a cache of {self.max_seq_len}")

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from .cache import check_start
+
 
 def document_sliding_window_update(key_states: torch.Tensor, value_states: torch.Tensor,
                                    window_size: int = 2048):
@@ -70,6 +72,7 @@ def check_prefill_or_decode(start, S: int) -> None:
     """
     if torch.is_tensor(start):
         raise ValueError("this cache does not support the static-shape decode step (per-row start)")
+    check_start(start)
     if start != 0 and S != 1:
         raise ValueError(f"a compressing KV cache takes a prefill (start 0) or one token at a time; got "
                          f"{S} tokens at position {start} (chunked prefill is not supported)")
