@@ -12,37 +12,89 @@ al. 2022) and the roofline model (Williams et al. 2009). No torch: these are pla
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 
 # ---------------------------------------------------------------------------------------------
-# Input checks
+# Input checks. Each names the argument and the bad value. A non-number raises TypeError; a
+# number out of range raises ValueError. NaN and inf are refused: they pass "< 0" and "<= 0"
+# and would come out as a silent NaN.
+
+
+def _real(name: str, v) -> None:
+    """v must be a finite real number (numpy's too); a bool is not one."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {v!r}")
+    if not isinstance(v, numbers.Integral) and not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+
+
+def _integer(name: str, v, minimum: int) -> None:
+    """v must be an integer (Python's or numpy's, not a bool) >= minimum. 16.0 is refused too."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be an integer, got {v!r}")
+    if not isinstance(v, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {v!r}")
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+
+
+def _finite(**values) -> None:
+    for name, v in values.items():
+        _real(name, v)
 
 
 def _nonneg(**values) -> None:
     for name, v in values.items():
+        _real(name, v)
         if v < 0:
             raise ValueError(f"{name} must be >= 0, got {v}")
 
 
 def _positive(**values) -> None:
     for name, v in values.items():
+        _real(name, v)
         if v <= 0:
             raise ValueError(f"{name} must be > 0, got {v}")
 
 
+def _nonneg_int(**values) -> None:
+    """Counts that may be 0: tokens, layers, heads, batch sizes."""
+    for name, v in values.items():
+        _integer(name, v, 0)
+
+
+def _positive_int(**values) -> None:
+    """Counts that must be at least 1: block sizes, window sizes, group sizes."""
+    for name, v in values.items():
+        _integer(name, v, 1)
+
+
+def _check_lengths(name: str, lens: Sequence[int]) -> None:
+    """A non-empty list of token counts, each an integer >= 0."""
+    if len(lens) == 0:
+        raise ValueError(f"{name} is empty")
+    _nonneg_int(**{f"{name}[{i}]": n for i, n in enumerate(lens)})
+
+
 def _check_bits(bits: int, minimum: int = 1) -> None:
-    if bits < minimum:
-        raise ValueError(f"bits must be >= {minimum}, got {bits}")
+    _integer("bits", bits, minimum)
+
+
+def _check_range(w_min: float, w_max: float) -> None:
+    _finite(w_min=w_min, w_max=w_max)
+    if w_max < w_min:
+        raise ValueError(f"w_max ({w_max}) must be >= w_min ({w_min})")
 
 
 def _check_alpha(alpha: float) -> None:
+    _real("alpha", alpha)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha (acceptance rate) must lie in [0, 1], got {alpha}")
 
 
 def _check_k(k: int) -> None:
-    if k < 1:
-        raise ValueError(f"k (draft length) must be >= 1, got {k}")
+    _integer("k (draft length)", k, 1)
 
 
 def to_gb(num_bytes: float) -> float:
@@ -68,7 +120,7 @@ def kv_cache_bytes_as_written(num_layers: int, num_heads: int, head_dim: int, se
     per query head; that is right for multi-head attention but not for Llama-2-70B, whose 64 query
     heads share 8 KV heads (see ``kv_cache_bytes``).
     """
-    _nonneg(num_layers=num_layers, num_heads=num_heads, head_dim=head_dim, seq_len=seq_len)
+    _nonneg_int(num_layers=num_layers, num_heads=num_heads, head_dim=head_dim, seq_len=seq_len)
     _positive(dtype_bytes=dtype_bytes)
     return 2 * num_layers * num_heads * head_dim * seq_len * dtype_bytes
 
@@ -81,8 +133,8 @@ def kv_cache_bytes(num_layers: int, num_kv_heads: int, head_dim: int, seq_len: i
     fewer of them than query heads: Llama-2-70B's 8 KV heads give 1,342,177,280 bytes = 1.34 GB at
     4096 tokens, 8x less than the document's 10.7 GB. Every sequence of a batch has its own cache.
     """
-    _nonneg(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, seq_len=seq_len,
-            batch_size=batch_size)
+    _nonneg_int(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, seq_len=seq_len,
+                batch_size=batch_size)
     _positive(dtype_bytes=dtype_bytes)
     return 2 * num_layers * batch_size * num_kv_heads * head_dim * seq_len * dtype_bytes
 
@@ -111,8 +163,8 @@ def sliding_window_kv_tokens(seq_len: int, window_size: int) -> int:
     Memory stops growing at W tokens (Mistral 7B: W = 4096; Jiang et al. 2023); tokens older than the
     window are dropped, so attention beyond W is no longer exact full attention.
     """
-    _nonneg(seq_len=seq_len)
-    _positive(window_size=window_size)
+    _nonneg_int(seq_len=seq_len)
+    _positive_int(window_size=window_size)
     return min(seq_len, window_size)
 
 
@@ -126,8 +178,7 @@ def quant_step_asymmetric(w_min: float, w_max: float, bits: int) -> float:
     2^b codes 0..2^b-1 span [w_min, w_max] in 2^b - 1 equal steps; units of w.
     """
     _check_bits(bits)
-    if w_max < w_min:
-        raise ValueError(f"w_max ({w_max}) must be >= w_min ({w_min})")
+    _check_range(w_min, w_max)
     return (w_max - w_min) / (2**bits - 1)
 
 
@@ -142,8 +193,7 @@ def quant_error_bound_asymmetric(w_min: float, w_max: float, bits: int) -> float
     (``group_size`` weights), not per tensor.
     """
     _check_bits(bits)
-    if w_max < w_min:
-        raise ValueError(f"w_max ({w_max}) must be >= w_min ({w_min})")
+    _check_range(w_min, w_max)
     return (w_max - w_min) / (2 ** (bits + 1) - 2)
 
 
@@ -183,16 +233,19 @@ def quantized_bits_per_weight(bits: int, group_size: int | None = None, scale_bi
     4 + 20/128 = 4.156 bits per weight. ``group_size=None`` means per-tensor (overhead ~ 0).
     """
     _check_bits(bits)
-    _nonneg(scale_bits=scale_bits, zero_bits=zero_bits)
+    _nonneg_int(scale_bits=scale_bits, zero_bits=zero_bits)
     if group_size is None:
         return float(bits)
-    _positive(group_size=group_size)
+    _positive_int(group_size=group_size)
     return bits + (scale_bits + zero_bits) / group_size
 
 
 def weight_bytes(config, bits: float) -> float:
-    """Bytes of all weights of a ``ModelConfig`` stored at ``bits`` per parameter: N x b / 8."""
-    _check_bits(bits)
+    """Bytes of all weights of a ``ModelConfig`` stored at ``bits`` per parameter: N x b / 8.
+
+    ``bits`` is a mean over the parameters, so it may be fractional (4.156 with group scales).
+    """
+    _positive(bits=bits)
     return config.num_parameters() * bits / 8
 
 
@@ -211,6 +264,7 @@ def quantized_model_bytes(config, bits: int, group_size: int | None = 128, scale
     Embeddings, LM head, norms and biases stay in 16 bits. Llama-2-7B, 4-bit, g128: ~3.9 GB, the
     document's "~4GB instead of ~14GB for FP16" (13.5 GB = 6.74e9 x 2 bytes).
     """
+    _nonneg_int(other_bits=other_bits)
     n_lin = linear_weight_count(config)
     rest = config.num_parameters() - n_lin
     return (n_lin * quantized_bits_per_weight(bits, group_size, scale_bits, zero_bits)
@@ -238,6 +292,8 @@ def weight_only_speedup(batch: int, bits: float, peak_flops: float, bandwidth_by
     when the quantized linear turns compute-bound, at B = peak x bits / (16 x bandwidth), and reaches
     1 when the float one does too (``weight_only_crossover_batch``). It assumes a kernel that
     dequantizes for free while streaming the codes (what a fused GPU kernel approaches).
+    ``batch`` and ``bits`` may be fractional: the roofline is a curve in both, and the crossover
+    batch is a real number.
     """
     _positive(batch=batch, bits=bits, base_bits=base_bits, peak_flops=peak_flops,
               bandwidth_bytes_per_s=bandwidth_bytes_per_s)
@@ -315,7 +371,7 @@ def speculative_speedup_with_verify_cost(alpha: float, k: int, c: float, verify_
 
 def best_draft_length(alpha: float, c: float, k_max: int = 16, verify_cost: float = 1.0) -> int:
     """The draft length k in 1..k_max with the largest ``speculative_speedup_with_verify_cost``."""
-    _check_k(k_max)
+    _integer("k_max", k_max, 1)
     return max(range(1, k_max + 1),
                key=lambda k: speculative_speedup_with_verify_cost(alpha, k, c, verify_cost))
 
@@ -332,8 +388,10 @@ def throughput_as_written(batch_size: int, mean_output_len: float, max_len: int,
     fact static batching's throughput: the batch runs max(L_i) steps of T_token each and yields
     N * T_out useful tokens. Continuous batching removes the max(L_i) (``continuous_batching_throughput``).
     """
-    _nonneg(batch_size=batch_size, mean_output_len=mean_output_len)
-    _positive(max_len=max_len, t_token=t_token)
+    _nonneg_int(batch_size=batch_size)
+    _nonneg(mean_output_len=mean_output_len)
+    _positive_int(max_len=max_len)
+    _positive(t_token=t_token)
     return batch_size * mean_output_len / (max_len * t_token)
 
 
@@ -345,9 +403,7 @@ def static_batching_throughput(output_lens: Sequence[int],
     of the max(L_i) steps costs a batch-N step. ``step_time`` is seconds per step, or a function of
     the batch size giving it. With a constant it equals ``throughput_as_written``.
     """
-    if not output_lens:
-        raise ValueError("output_lens is empty")
-    _nonneg(**{f"output_lens[{i}]": n for i, n in enumerate(output_lens)})
+    _check_lengths("output_lens", output_lens)
     n = len(output_lens)
     t = step_time(n) if callable(step_time) else step_time
     _positive(max_len=max(output_lens), step_time=t)
@@ -367,8 +423,9 @@ def continuous_batching_throughput(mean_batch_size: float, step_time: float) -> 
 
 def static_batching_utilization(output_lens: Sequence[int]) -> float:
     """Fraction of static-batch slot-steps doing useful work: sum(L_i) / (N x max(L_i)) = mean/max."""
-    if not output_lens or max(output_lens) <= 0:
-        raise ValueError("output_lens must be non-empty with a positive maximum")
+    _check_lengths("output_lens", output_lens)
+    if max(output_lens) == 0:
+        raise ValueError(f"output_lens must have a positive total, got {list(output_lens)}")
     return sum(output_lens) / (len(output_lens) * max(output_lens))
 
 
@@ -392,7 +449,7 @@ def attention_scores_bytes(batch: int, heads: int, seq_len: int, dtype_bytes: fl
     same size) in HBM, per layer.
     """
     seq_k = seq_len if seq_k is None else seq_k
-    _nonneg(batch=batch, heads=heads, seq_len=seq_len, seq_k=seq_k)
+    _nonneg_int(batch=batch, heads=heads, seq_len=seq_len, seq_k=seq_k)
     _positive(dtype_bytes=dtype_bytes)
     return batch * heads * seq_len * seq_k * dtype_bytes
 
@@ -404,28 +461,28 @@ def flash_attention_extra_bytes(batch: int, heads: int, seq_len: int, head_dim: 
     The document's "Memory_flash = O(n)": S and P live only in on-chip tiles; HBM holds
     O [B, H, S, D] and the softmax statistic L [B, H, S] (fp32, kept for the backward pass).
     """
-    _nonneg(batch=batch, heads=heads, seq_len=seq_len, head_dim=head_dim)
+    _nonneg_int(batch=batch, heads=heads, seq_len=seq_len, head_dim=head_dim)
     _positive(dtype_bytes=dtype_bytes)
     return batch * heads * seq_len * (head_dim * dtype_bytes + 4)
 
 
 def attention_memory_saving(seq_len: int, head_dim: int, dtype_bytes: float = 2) -> float:
     """Score-matrix bytes / FlashAttention extra bytes = S x sizeof / (D x sizeof + 4), ~ S/D."""
-    _positive(seq_len=seq_len)
+    _positive_int(seq_len=seq_len)
     return (attention_scores_bytes(1, 1, seq_len, dtype_bytes)
             / flash_attention_extra_bytes(1, 1, seq_len, head_dim, dtype_bytes))
 
 
 def attention_hbm_accesses_standard(seq_len: int, head_dim: int) -> float:
     """HBM element accesses of standard attention, Theta(N d + N^2) (Dao et al. 2022, Theorem 2)."""
-    _nonneg(seq_len=seq_len, head_dim=head_dim)
+    _nonneg_int(seq_len=seq_len, head_dim=head_dim)
     return seq_len * head_dim + seq_len**2
 
 
 def attention_hbm_accesses_flash(seq_len: int, head_dim: int, sram_elements: int) -> float:
     """HBM element accesses of FlashAttention, Theta(N^2 d^2 / M), M the SRAM size in elements."""
-    _nonneg(seq_len=seq_len, head_dim=head_dim)
-    _positive(sram_elements=sram_elements)
+    _nonneg_int(seq_len=seq_len, head_dim=head_dim)
+    _positive_int(sram_elements=sram_elements)
     return seq_len**2 * head_dim**2 / sram_elements
 
 
@@ -435,7 +492,7 @@ def attention_hbm_accesses_flash(seq_len: int, head_dim: int, sram_elements: int
 
 def matmul_flops(m: int, n: int, k: int) -> float:
     """FLOPs of an [m, k] x [k, n] matmul: 2mnk (one multiply and one add per term)."""
-    _nonneg(m=m, n=n, k=k)
+    _nonneg_int(m=m, n=n, k=k)
     return 2 * m * n * k
 
 
@@ -446,7 +503,7 @@ def attention_flops(batch: int, heads: int, seq_q: int, seq_k: int, head_dim: in
     Halving for causal is the convention of FlashAttention's benchmarks (about half the scores are
     masked; exactly (S+1)/(2S) of them remain when S_q = S_k = S).
     """
-    _nonneg(batch=batch, heads=heads, seq_q=seq_q, seq_k=seq_k, head_dim=head_dim)
+    _nonneg_int(batch=batch, heads=heads, seq_q=seq_q, seq_k=seq_k, head_dim=head_dim)
     flops = 4 * batch * heads * seq_q * seq_k * head_dim
     return flops / 2 if causal else flops
 
@@ -477,7 +534,7 @@ def decode_tokens_per_s_bound(bandwidth_bytes_per_s: float, bytes_per_token: flo
     3.35e12 / 13.5e9 = 249 tokens/s at batch 1.
     """
     _positive(bandwidth_bytes_per_s=bandwidth_bytes_per_s, bytes_per_token=bytes_per_token)
-    _nonneg(batch_size=batch_size)
+    _nonneg_int(batch_size=batch_size)
     return bandwidth_bytes_per_s / bytes_per_token * batch_size
 
 
@@ -507,15 +564,15 @@ def ridge_point(peak_flops: float, bandwidth_bytes_per_s: float) -> float:
 
 def contiguous_reserved_bytes(max_len: int, bytes_per_token: float, batch_size: int = 1) -> float:
     """Bytes a contiguous cache reserves: max_len x bytes/token x B, however short the sequences."""
-    _nonneg(max_len=max_len, batch_size=batch_size)
+    _nonneg_int(max_len=max_len, batch_size=batch_size)
     _positive(bytes_per_token=bytes_per_token)
     return max_len * bytes_per_token * batch_size
 
 
 def num_blocks(seq_len: int, block_size: int) -> int:
     """KV blocks a sequence of seq_len tokens occupies: ceil(s / block_size)."""
-    _nonneg(seq_len=seq_len)
-    _positive(block_size=block_size)
+    _nonneg_int(seq_len=seq_len)
+    _positive_int(block_size=block_size)
     return -(-seq_len // block_size)
 
 
@@ -535,16 +592,20 @@ def kv_waste_fraction_contiguous(seq_lens: Sequence[int], max_len: int) -> float
     Kwon et al. 2023 measured 60-80% of KV memory wasted this way in earlier systems, which is the
     document's "60-80% KV cache" reduction for PagedAttention.
     """
-    if not seq_lens:
-        raise ValueError("seq_lens is empty")
-    _positive(max_len=max_len)
-    if max(seq_lens) > max_len or min(seq_lens) < 0:
-        raise ValueError(f"sequence lengths must lie in [0, max_len={max_len}]")
+    _check_lengths("seq_lens", seq_lens)
+    _positive_int(max_len=max_len)
+    if max(seq_lens) > max_len:
+        raise ValueError(f"sequence lengths must lie in [0, max_len={max_len}], got {max(seq_lens)}")
     return 1 - sum(seq_lens) / (len(seq_lens) * max_len)
 
 
 def kv_waste_fraction_paged(seq_lens: Sequence[int], block_size: int) -> float:
-    """Fraction of a paged cache's reserved slots left empty: only the last block of each sequence."""
+    """Fraction of a paged cache's reserved slots left empty: only the last block of each sequence.
+
+    Sequences of 0 tokens reserve no block, so if all are empty nothing is wasted (0.0).
+    """
+    _check_lengths("seq_lens", seq_lens)
+    _positive_int(block_size=block_size)
     reserved = sum(paged_reserved_tokens(s, block_size) for s in seq_lens)
     return 0.0 if reserved == 0 else 1 - sum(seq_lens) / reserved
 

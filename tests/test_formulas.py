@@ -1,6 +1,7 @@
 """Each formula of llmops_lab.formulas pinned to a hand-worked number, and its input checks."""
 import math
 
+import numpy as np
 import pytest
 
 from llmops_lab import formulas as F
@@ -249,6 +250,104 @@ def test_waste_fractions():
         F.kv_waste_fraction_contiguous([3000], 2048)
     with pytest.raises(ValueError):
         F.num_blocks(10, 0)
+
+
+# --- input checks shared by every formula ------------------------------------------------------
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: F.kv_cache_bytes(NAN, 8, 128, 4096, 2), "num_layers.*nan"),
+    (lambda: F.kv_cache_bytes(80, 8, 128, 4096, NAN), "dtype_bytes must be finite, got nan"),
+    (lambda: F.kv_cache_bytes(80, 8, 128, 4096, INF), "dtype_bytes must be finite, got inf"),
+    (lambda: F.kv_cache_capacity_tokens(INF, get_preset("llama-2-7b")), "free_bytes must be finite, got inf"),
+    (lambda: F.kv_cache_capacity_tokens(NAN, get_preset("llama-2-7b")), "free_bytes must be finite, got nan"),
+    (lambda: F.roofline_flops_bound(1e15, 3e12, NAN), "intensity must be finite, got nan"),
+    (lambda: F.roofline_flops_bound(1e15, 3e12, INF), "intensity must be finite, got inf"),
+    (lambda: F.ridge_point(NAN, 3e12), "peak_flops must be finite"),
+    (lambda: F.best_draft_length(0.8, NAN), "c must be finite, got nan"),
+    (lambda: F.speculative_speedup(0.8, 4, INF), "c must be finite, got inf"),
+    (lambda: F.expected_tokens_per_step(NAN, 4), "alpha"),
+    (lambda: F.speculative_speedup_as_written(NAN, 0.1, 0.5, 4), "t_target must be finite"),
+    (lambda: F.quant_step_asymmetric(NAN, 1.0, 4), "w_min must be finite, got nan"),
+    (lambda: F.quant_error_bound_asymmetric(0.0, INF, 4), "w_max must be finite, got inf"),
+    (lambda: F.quant_step_symmetric(NAN, 8), "abs_max must be finite"),
+    (lambda: F.memory_reduction(16, NAN), "bits_after must be finite"),
+    (lambda: F.weight_bytes(get_preset("llama-2-7b"), INF), "bits must be finite"),
+    (lambda: F.continuous_batching_throughput(NAN, 0.02), "mean_batch_size must be finite"),
+    (lambda: F.static_batching_throughput([3, 5], INF), "step_time must be finite"),
+    (lambda: F.decode_bytes_per_token(NAN, 2), "num_params must be finite"),
+])
+def test_rejects_nan_and_inf(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: F.kv_cache_bytes("80", 8, 128, 4096, 2), "num_layers must be an integer, got '80'"),
+    (lambda: F.kv_cache_bytes(80, 8, 128, 4096, None), "dtype_bytes must be a real number, got None"),
+    (lambda: F.kv_cache_bytes(80, 8, 128, 4096, "2"), "dtype_bytes must be a real number, got '2'"),
+    (lambda: F.roofline_flops_bound(1e15, "3e12", 10), "bandwidth_bytes_per_s must be a real number"),
+    (lambda: F.expected_tokens_per_step("0.5", 4), "alpha must be a real number"),
+    (lambda: F.expected_tokens_per_step(0.5, None), r"k \(draft length\) must be an integer, got None"),
+    (lambda: F.num_blocks(None, 16), "seq_len must be an integer, got None"),
+    (lambda: F.num_blocks(True, 16), "seq_len must be an integer, got True"),
+    (lambda: F.memory_reduction(True, 4), "bits_before must be a real number, got True"),
+])
+def test_rejects_non_numbers(call, match):
+    with pytest.raises(TypeError, match=match):
+        call()
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: F.num_blocks(10, 2.5), "block_size must be an integer, got 2.5"),
+    (lambda: F.num_blocks(10, 16.0), "block_size must be an integer, got 16.0"),
+    (lambda: F.num_blocks(10.5, 16), "seq_len must be an integer, got 10.5"),
+    (lambda: F.expected_tokens_per_step(0.5, 2.5), r"k \(draft length\) must be an integer, got 2.5"),
+    (lambda: F.best_draft_length(0.8, 0.05, k_max=4.5), "k_max must be an integer, got 4.5"),
+    (lambda: F.kv_cache_bytes(80, 8, 128, 4096.5, 2), "seq_len must be an integer"),
+    (lambda: F.kv_cache_bytes(80, 8, 128, 4096, 2, batch_size=1.5), "batch_size must be an integer"),
+    (lambda: F.sliding_window_kv_tokens(10, 4.5), "window_size must be an integer"),
+    (lambda: F.quant_step_asymmetric(0.0, 1.0, 4.5), "bits must be an integer, got 4.5"),
+    (lambda: F.quantized_bits_per_weight(4, 128.5), "group_size must be an integer"),
+    (lambda: F.attention_flops(1, 2.5, 8, 8, 16), "heads must be an integer"),
+    (lambda: F.matmul_flops(2, 3, np.float64(4.0)), "k must be an integer"),
+    (lambda: F.throughput_as_written(2.5, 10, 20, 0.01), "batch_size must be an integer"),
+    (lambda: F.decode_tokens_per_s_bound(1e12, 1e9, batch_size=0.5), "batch_size must be an integer"),
+    (lambda: F.static_batching_throughput([3, 4.5], 0.01), r"output_lens\[1\] must be an integer"),
+])
+def test_counts_must_be_integers(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_counts_take_numpy_integers_and_reals_stay_real():
+    assert F.num_blocks(np.int64(17), np.int32(16)) == 2
+    assert F.kv_cache_bytes(np.int64(80), 8, 128, 4096, np.float32(2)) == 1_342_177_280
+    assert F.expected_tokens_per_step(np.float64(0.0), np.int64(4)) == 1.0
+    # Mean bits per parameter and the roofline's batch are real numbers.
+    cfg = get_preset("llama-2-7b")
+    assert F.weight_bytes(cfg, 4.5) == cfg.num_parameters() * 4.5 / 8
+    assert F.weight_only_speedup(8.0, 4, 1e15, 1e12) == F.weight_only_speedup(8, 4, 1e15, 1e12)
+    assert F.kv_cache_bytes(2, 2, 1, 10, 64 * 8 / 8 + 2) == 2 * 2 * 2 * 10 * 66
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: F.static_batching_utilization([5, -3]), r"output_lens\[1\] must be >= 0, got -3"),
+    (lambda: F.continuous_batching_gain([5, -5]), r"output_lens\[1\] must be >= 0, got -5"),
+    (lambda: F.continuous_batching_gain([0, 0]), "positive total"),
+    (lambda: F.static_batching_utilization([]), "output_lens is empty"),
+    (lambda: F.continuous_batching_gain([]), "output_lens is empty"),
+    (lambda: F.kv_waste_fraction_paged([], 16), "seq_lens is empty"),
+    (lambda: F.kv_waste_fraction_contiguous([], 2048), "seq_lens is empty"),
+    (lambda: F.kv_waste_fraction_paged([4, -1], 16), r"seq_lens\[1\] must be >= 0, got -1"),
+    (lambda: F.kv_waste_fraction_contiguous([4, -1], 2048), r"seq_lens\[1\] must be >= 0, got -1"),
+    (lambda: F.kv_waste_fraction_paged([4], 0), "block_size must be >= 1, got 0"),
+])
+def test_lengths_must_be_non_negative_and_non_empty(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
 
 
 # --- tables -----------------------------------------------------------------------------------

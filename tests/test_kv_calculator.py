@@ -1,4 +1,5 @@
 """The KV-memory calculator against numbers worked by hand."""
+import numpy as np
 import pytest
 
 from llmops_lab.config import ModelConfig
@@ -60,12 +61,62 @@ def test_concurrency_falls_with_request_length():
     (dict(block_size=2.5), "block_size"),
     (dict(weight_bytes=4900), "no room"),
     (dict(gpu_memory_bytes=-1), "gpu_memory_bytes"),
+    (dict(gpu_memory_bytes=float("nan")), "gpu_memory_bytes must be finite, got nan"),
+    (dict(gpu_memory_bytes=float("inf")), "gpu_memory_bytes must be finite, got inf"),
+    (dict(gpu_memory_utilization=float("nan")), "gpu_memory_utilization must be finite, got nan"),
+    (dict(dtype_bytes=float("nan")), "dtype_bytes must be finite, got nan"),
+    (dict(dtype_bytes=0), "dtype_bytes must be > 0, got 0"),
+    (dict(activation_bytes=float("nan")), "activation_bytes must be finite, got nan"),
+    (dict(activation_bytes=-1), "activation_bytes must be >= 0, got -1"),
+    (dict(weight_bytes=float("nan")), "weight_bytes must be finite, got nan"),
+    (dict(weight_bytes=-1e12), "weight_bytes must be >= 0"),
+    (dict(weight_bytes=None, dtype_bytes=float("inf")), "dtype_bytes must be finite, got inf"),
+    (dict(max_model_len=0), "max_model_len must be >= 1, got 0"),
+    (dict(max_model_len=-5), "max_model_len must be >= 1, got -5"),
+    (dict(max_model_len=2.5), "max_model_len must be an integer, got 2.5"),
+    (dict(max_model_len=65), r"max_model_len \(65\) is larger than the model's context.* = 64"),
 ])
 def test_bad_input(kwargs, match):
     args = dict(gpu_memory_bytes=10_000, gpu_memory_utilization=0.5, block_size=4, weight_bytes=1000)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         kv_cache_budget(SMALL, **args)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(gpu_memory_bytes="80GB"), "gpu_memory_bytes must be a real number, got '80GB'"),
+    (dict(gpu_memory_utilization=None), "gpu_memory_utilization must be a real number, got None"),
+    (dict(block_size="16"), "block_size must be an integer, got '16'"),
+    (dict(max_model_len="4096"), "max_model_len must be an integer, got '4096'"),
+    (dict(weight_bytes="1000"), "weight_bytes must be a real number"),
+])
+def test_bad_input_type(kwargs, match):
+    args = dict(gpu_memory_bytes=10_000, gpu_memory_utilization=0.5, block_size=4, weight_bytes=1000)
+    args.update(kwargs)
+    with pytest.raises(TypeError, match=match):
+        kv_cache_budget(SMALL, **args)
+
+
+def test_max_model_len_bounds_and_numpy_numbers():
+    kw = dict(gpu_memory_bytes=10_000, gpu_memory_utilization=0.5, block_size=4, weight_bytes=1000)
+    assert kv_cache_budget(SMALL, max_model_len=64, **kw).max_model_len == 64       # the whole context
+    assert kv_cache_budget(SMALL, max_model_len=None, **kw).max_model_len == 64
+    assert kv_cache_budget(SMALL, max_model_len=1, **kw).blocks_per_sequence == 1
+    b = kv_cache_budget(SMALL, np.float64(10_000), block_size=np.int64(4), weight_bytes=np.int64(1000),
+                        gpu_memory_utilization=0.5, max_model_len=np.int64(10))
+    assert b.num_gpu_blocks == 15 and b.max_concurrency == 5.0
+    with pytest.raises(ValueError, match="4097.*4096"):
+        kv_cache_budget("llama-2-7b", 80 * 2**30, max_model_len=4097)
+
+
+@pytest.mark.parametrize("lengths, match", [
+    ([4, 0], "max_model_len must be >= 1, got 0"),
+    ([4, 100], r"max_model_len \(100\) is larger than the model's context"),
+])
+def test_concurrency_curve_rejects_bad_lengths(lengths, match):
+    with pytest.raises(ValueError, match=match):
+        concurrency_curve(SMALL, lengths, gpu_memory_bytes=10_000, gpu_memory_utilization=0.5,
+                          block_size=4, weight_bytes=1000)
 
 
 def test_unknown_preset():

@@ -292,3 +292,41 @@ def test_a_refused_batch_leaves_no_uncomputed_block_in_the_prefix_cache(tiny):
     out = paged_generate(tiny, ids[:1], 3, cache=cache, attention="gather")
     assert cache.block_manager.prefix_hits == 0
     assert torch.equal(out, tiny.generate(ids[:1], max_new_tokens=3, stop_token_ids=()))
+
+
+def test_paged_attention_refuses_lengths_and_tables_it_would_misread():
+    """A context of 0 used to return zeros, one shorter than the queries zero rows, a table entry
+    past the pool an IndexError from inside the gather, a float length a silent truncation."""
+    q, kp, vp, bt, lens = paged_inputs([5, 9], 4, 2, 16, 4)
+    for fn in (paged_decode_reference, llmops_lab.paged.paged_decode):
+        with pytest.raises(ValueError, match="context_lens"):
+            fn(q, kp, vp, bt, torch.tensor([0, 9], dtype=torch.int32))
+        with pytest.raises(ValueError, match="context_lens"):
+            fn(q, kp, vp, bt, torch.tensor([5, 9 + 4 * bt.shape[1]], dtype=torch.int32))
+        bad = bt.clone()
+        bad[1, 0] = kp.shape[0]
+        with pytest.raises(ValueError, match="outside the pool"):
+            fn(q, kp, vp, bad, lens)
+        with pytest.raises(TypeError, match="integers"):
+            fn(q, kp, vp, bt, lens.float())
+        bad[1, 0], bad[0, -1] = bt[1, 0], -1          # padding past row 0's 5 tokens (the gather reads it)
+        with pytest.raises(ValueError, match="outside the pool"):
+            fn(q, kp, vp, bad, lens)
+    with pytest.raises(ValueError, match="queries"):
+        paged_prefill_reference(q[:, :, None].expand(-1, -1, 6, -1), kp, vp, bt, lens)
+
+
+def test_paged_generate_refuses_what_it_would_ignore(tiny):
+    cache = PagedKVCache.for_model(tiny, 1, num_blocks=8, block_size=4)
+    with pytest.raises(ValueError, match="attention must be"):
+        paged_generate(tiny, prompt(1, 5), 2, cache=cache, attention="bogus")
+    with pytest.raises(ValueError, match="has its own"):
+        paged_generate(tiny, prompt(1, 5), 2, cache=cache, block_size=8)
+    with pytest.raises(ValueError, match="has its own"):
+        paged_generate(tiny, prompt(1, 5), 2, cache=cache, num_blocks=3)
+    assert cache.num_free_blocks == 8 and not cache.live
+    small = PagedKVCache.for_model(tiny, 1, num_blocks=2, block_size=4)
+    with pytest.raises(NoFreeBlocksError, match="cache.release"):
+        paged_generate(tiny, prompt(1, 6), 4, cache=small, attention="gather")
+    small.release()                        # what the message says: then the pool serves again
+    assert paged_generate(tiny, prompt(1, 3), 2, cache=small, attention="gather").shape == (1, 5)

@@ -13,8 +13,8 @@ from llmops_lab.evaluate import encode, perplexity
 from llmops_lab.measure import module_bytes
 from llmops_lab.model import LlamaModel
 from llmops_lab.quant.packing import pack_bits, unpack_bits
-from llmops_lab.quant import (QuantLinear, check_error_bound, pack_codes, pack_int4, quantize,
-                              quantize_rtn, unpack_codes, unpack_int4)
+from llmops_lab.quant import (QuantizedWeight, QuantLinear, check_error_bound, pack_codes, pack_int4,
+                              quantize, quantize_rtn, unpack_codes, unpack_int4)
 
 TINY = ModelConfig(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -91,6 +91,29 @@ def test_packing_bad_input():
         pack_codes(torch.full((1, 2), -8), 4, sym=True)
 
 
+@pytest.mark.parametrize("call", [
+    lambda: unpack_codes(torch.zeros(2, 4, dtype=torch.uint8), 0, False),       # was ZeroDivisionError
+    lambda: unpack_codes(torch.zeros(2, 4, dtype=torch.uint8), 9, False),
+    lambda: pack_codes(torch.zeros(2, 4, dtype=torch.int8), True, True),
+])
+def test_packing_bad_bits(call):
+    with pytest.raises(ValueError, match="bits must be an int in 2..8"):
+        call()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(group_size=0), "group_size must be a positive int, got 0"),           # was ZeroDivisionError
+    (dict(group_size=-1), "group_size must be a positive int"),
+    (dict(group_size=True), "group_size must be a positive int, got True"),
+    (dict(bits=4.0), "bits must be an int"),
+])
+def test_quantized_weight_bad_fields(kwargs, match):
+    fields = dict(codes=torch.zeros(2, 4, dtype=torch.int8), scales=torch.ones(2, 1), zeros=torch.zeros(2, 1),
+                  bits=4, group_size=4, sym=False)
+    with pytest.raises(ValueError, match=match):
+        QuantizedWeight(**{**fields, **kwargs})
+
+
 # --- the error bound on every weight -------------------------------------------------------------
 
 @pytest.mark.parametrize("sym", [False, True])
@@ -139,6 +162,25 @@ def test_quantize_rtn_bad_arguments(kwargs, match):
         quantize_rtn(torch.randn(4, 64), **kwargs)
 
 
+@pytest.mark.parametrize("w, sym", [
+    (torch.tensor([[3e38, -3e38, 1.0, 2.0]]), False),      # max - min overflows float32: was all NaN
+    (torch.tensor([[1e300, 1.0]], dtype=torch.float64), True),   # beyond float32 altogether
+    (torch.tensor([[1e300, 1.0]], dtype=torch.float64), False),
+])
+def test_quantize_rtn_refuses_a_range_float32_cannot_hold(w, sym):
+    with pytest.raises(ValueError, match="overflow to inf"):
+        quantize_rtn(w, 8, sym=sym)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(sym="no"), "sym must be True or False, got 'no'"), (dict(sym=None), "sym must be True or False"),
+    (dict(per_tensor=1), "per_tensor must be True or False"),
+])
+def test_quantize_rtn_wants_real_bools(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        quantize_rtn(torch.randn(4, 64), **kwargs)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_quantize_rtn_rejects_non_finite(bad):
     w = torch.randn(4, 64)
@@ -166,6 +208,42 @@ def test_quant_linear_matches_dequantized_reference(bits, group_size, sym, batch
     half = QuantLinear.from_linear(lin, qw)                         # fp16 scales: default storage
     assert half.scales.dtype == torch.float16
     assert (half(x) - ref).abs().max() < 1e-2 * ref.abs().max()
+
+
+def weights_of_std(std, bits):
+    """A bias-free linear whose weights have std ``std`` (a float output to compare with)."""
+    lin = torch.nn.Linear(64, 8, bias=False)
+    torch.nn.init.normal_(lin.weight, std=std, generator=torch.Generator().manual_seed(0))
+    return lin, quantize_rtn(lin.weight.detach(), bits)
+
+
+@pytest.mark.parametrize("std, bits, match", [
+    (1e-7, 8, "underflow to 0 in torch.float16; pass scale_dtype=torch.float32"),   # was all-zero output
+    (3e5, 4, "overflow torch.float16.*pass scale_dtype=torch.float32"),             # was NaN output
+])
+def test_quant_linear_refuses_scales_fp16_cannot_hold(std, bits, match):
+    lin, qw = weights_of_std(std, bits)
+    with pytest.raises(ValueError, match=match):
+        QuantLinear.from_linear(lin, qw)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    ref = x @ qw.dequantize().T
+    out = QuantLinear.from_linear(lin, qw, scale_dtype=torch.float32)(x)          # the suggested fix works
+    assert torch.isfinite(out).all() and ref.abs().max() > 0
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_quant_linear_checks_zero_points_too():
+    qw = quantize_rtn(torch.randn(2, 8), 4)
+    qw.zeros[0, 0] = 1e6                                      # not an RTN zero point, but fp16 cannot hold it
+    with pytest.raises(ValueError, match=r"zero points up to 1e\+06 overflow torch.float16"):
+        QuantLinear(qw)
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.int8, torch.int32, torch.bool, "float16", None])
+def test_quant_linear_refuses_a_non_float_scale_dtype(scale_dtype):
+    qw = quantize_rtn(torch.randn(4, 8), 8)                    # int8 scales used to give all-zero outputs
+    with pytest.raises(ValueError, match="scale_dtype must be a floating-point torch.dtype"):
+        QuantLinear(qw, scale_dtype=scale_dtype)
 
 
 def test_quant_linear_storage_shrinks():
@@ -203,6 +281,10 @@ def test_quantize_tiny_model_8bit_logits_close_and_bytes_shrink():
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(bits=9), ValueError, "bits"), (dict(group_size=48), ValueError, "does not divide"),
     (dict(method="hqq"), ValueError, "rtn"), (dict(sym=True, damp_percent=0.1), ValueError, "damp_percent"),
+    (dict(sym=None), ValueError, "sym must be True or False, got None"),
+    (dict(sym="no"), ValueError, "sym must be True or False, got 'no'"),
+    (dict(bits=True), ValueError, "bits must be an int"), (dict(group_size=True), ValueError, "group_size"),
+    (dict(scale_dtype=torch.int8), ValueError, "scale_dtype must be a floating-point"),
 ])
 def test_quantize_bad_input_leaves_model_untouched(kwargs, error, match):
     m = tiny_model()
@@ -220,6 +302,21 @@ def test_quantize_nan_in_last_layer_leaves_model_untouched():
     with pytest.raises(ValueError, match="down_proj.*NaN"):
         quantize(m, group_size=32, progress=False)
     assert not any(isinstance(x, QuantLinear) for x in m.modules())
+
+
+@pytest.mark.parametrize("factor, bits, match", [(1e-6, 8, "underflow"), (1e7, 4, "overflow")])
+def test_quantize_scales_fp16_cannot_hold_leave_model_untouched(factor, bits, match):
+    m = tiny_model()
+    with torch.no_grad():
+        m.model.layers[-1].mlp.down_proj.weight *= factor      # the last linear quantized: the others pass
+    modules = dict(m.named_modules())
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match=f"down_proj: .*{match}.*scale_dtype=torch.float32"):
+        quantize(m, bits=bits, group_size=None, progress=False)
+    assert dict(m.named_modules()) == modules                  # the same module objects, none swapped
+    assert all(torch.equal(state[k], v) for k, v in m.state_dict().items())
+    q = quantize(m, bits=bits, group_size=None, progress=False, scale_dtype=torch.float32)
+    assert isinstance(q.model.layers[-1].mlp.down_proj, QuantLinear)
 
 
 # --- the embedded target: perplexity ----------------------------------------------------------------

@@ -75,6 +75,15 @@ def test_calibration_helpers():
     ("bnb_int8", dict(bits=8), "do not apply"),
     ("rtn", dict(calibration=[torch.arange(8)]), "no config or calibration"),
     ("nf4", {}, "method in"),
+    ("gptq", dict(sym="no"), "sym must be True or False, got 'no'"),
+    ("awq", dict(sym=None), "sym must be True or False, got None"),     # was zero_point=True
+    ("awq", dict(zero_point="no"), "zero_point must be True or False"),
+    ("gptq", dict(desc_act=1), "desc_act must be True or False"),
+    ("gptq", dict(group_size=True), "group_size must be a positive int or -1"),
+    ("awq", dict(bits=True), "w_bit must be an int"),
+    ("gptq", dict(scale_dtype=torch.int8), "scale_dtype must be a floating-point"),
+    ("gptq", dict(calibration=torch.zeros(2, 16)), "integer token ids, got dtype torch.float32"),
+    ("awq", dict(calibration=[torch.arange(16.0), torch.arange(16.0)]), "integer token ids"),
 ])
 def test_bad_input_leaves_model_untouched(small, method, kwargs, match):
     m = copy.deepcopy(small)
@@ -84,6 +93,43 @@ def test_bad_input_leaves_model_untouched(small, method, kwargs, match):
                  if method in ("gptq", "awq") else kwargs)
     assert not any(isinstance(x, QuantLinear) for x in m.modules())
     assert state.keys() == m.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in m.state_dict().items())
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: GPTQConfig(sym="no"), "sym must be True or False, got 'no'"),
+    (lambda: GPTQConfig(desc_act="yes"), "desc_act must be True or False"),
+    (lambda: GPTQConfig(group_size=True), "group_size must be a positive int or -1"),
+    (lambda: GPTQConfig(bits=True), "bits must be an int"),
+    (lambda: GPTQConfig(block_size=True), "block_size must be a positive int"),
+    (lambda: GPTQConfig(damp_percent="0.01"), "damp_percent must be a number"),
+    (lambda: AWQConfig(zero_point="no"), "zero_point must be True or False, got 'no'"),
+    (lambda: AWQConfig(q_group_size=False), "q_group_size must be a positive int or -1"),
+    (lambda: AWQConfig(w_bit=True), "w_bit must be an int"),
+])
+def test_configs_want_real_bools_and_ints(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("direct", [gptq_quantize_model, awq_quantize_model])
+def test_float_calibration_ids_are_refused(small, direct):
+    with pytest.raises(ValueError, match="calibration_ids must be integer token ids"):
+        direct(copy.deepcopy(small), embedded_calibration(2, 16).float(), progress=False)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_scales_fp16_cannot_hold_leave_model_untouched(small, method):
+    """Tiny weights in the last layer: their fp16 scales would be 0. AWQ has folded its scales into
+    layer 0 by then; the refusal must undo that too."""
+    m = copy.deepcopy(small)
+    with torch.no_grad():
+        m.model.layers[1].mlp.down_proj.weight *= 1e-6
+    modules = dict(m.named_modules())
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match=r"layers\.1\.mlp\.down_proj: .*underflow.*scale_dtype=torch\.float32"):
+        quantize(m, method, calibration=embedded_calibration(2, 16), progress=False)
+    assert dict(m.named_modules()) == modules                  # the same module objects, none swapped
     assert all(torch.equal(state[k], v) for k, v in m.state_dict().items())
 
 

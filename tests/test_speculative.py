@@ -114,6 +114,41 @@ def test_bad_input(pair):
         SpeculativeDecoder(target, draft, 2).generate(torch.zeros(1, 5, dtype=torch.long), 0)
 
 
+@pytest.mark.parametrize("lean", [True, False])
+@pytest.mark.parametrize("k", [4, 300])
+def test_drafts_shrink_at_the_end_of_the_context(pair, lean, k):
+    """250 prompt tokens + 6 new fit a context of 256, but pending + k drafts scored at once would
+    not: the last steps draft fewer tokens instead of failing midway. In a batch, a row that has
+    finished stops moving, so it cannot push the others past the context either."""
+    target, draft = pair
+    ids = torch.randint(2, 64, (1, 250), generator=torch.Generator().manual_seed(3))
+    want = target.generate(ids, max_new_tokens=6, stop_token_ids=())
+    got, _ = SpeculativeDecoder(target, draft, k, lean=lean).generate(ids, 6)
+    assert torch.equal(got, want)
+    ids = torch.full((2, 240), 2)
+    ids[0] = torch.randint(2, 64, (240,), generator=torch.Generator().manual_seed(5))
+    ids[1, 200:] = torch.randint(2, 64, (40,), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(2, 240, dtype=torch.long)
+    mask[1, :200] = 0                                  # row 1: 40 tokens, left-padded
+    want = target.generate(ids[1:, 200:], max_new_tokens=16, stop_token_ids=())[0, 40:].tolist()
+    row0 = target.generate(ids[:1], max_new_tokens=4, stop_token_ids=())[0, 240:].tolist()
+    stop = next(t for t in row0 if t not in want)      # row 0 (240 tokens) stops early; row 1 goes on
+    got, _ = SpeculativeDecoder(target, draft, 4, lean=lean).generate(ids, 16, attention_mask=mask,
+                                                                      stop_token_ids=(stop,))
+    assert got[1, 240:].tolist() == want
+    assert got[0, 240:240 + row0.index(stop) + 1].tolist() == row0[:row0.index(stop) + 1]
+
+
+def test_attention_mask_must_match_the_ids(pair):
+    target, draft = pair
+    with pytest.raises(ValueError, match="attention_mask"):
+        SpeculativeDecoder(target, draft, 2).generate(torch.ones(1, 3, dtype=torch.long), 4,
+                                                      attention_mask=torch.ones(1, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_mask"):
+        SpeculativeDecoder(target, draft, 2).generate(torch.ones(2, 3, dtype=torch.long), 4,
+                                                      attention_mask=torch.ones(1, 3, dtype=torch.long))
+
+
 def test_document_decoder_departs_from_greedy_by_its_off_by_one(pair):
     target, draft = pair
 

@@ -77,25 +77,26 @@ def kv_cache_budget(config: ModelConfig | str, gpu_memory_bytes: float, gpu_memo
         block_size: tokens per KV block.
         weight_bytes: memory of the weights; default ``config.num_parameters() x dtype_bytes``.
         activation_bytes: peak activation memory of a forward pass (vLLM profiles it).
-        max_model_len: the per-request length for the concurrency figure; default the model's context.
+        max_model_len: the per-request length for the concurrency figure, 1 to the model's context
+            (``config.max_position_embeddings``); default the model's context.
 
     Returns:
-        KVBudget. Raises ValueError when the weights and activations leave no room for one block.
+        KVBudget. Raises ValueError when the weights and activations leave no room for one block,
+        and TypeError or ValueError for a bad argument (NaN and inf included).
     """
     if isinstance(config, str):
         from ..presets import get_preset
         config = get_preset(config)
+    formulas._positive(gpu_memory_bytes=gpu_memory_bytes, dtype_bytes=dtype_bytes)
+    formulas._finite(gpu_memory_utilization=gpu_memory_utilization)
     if not 0 < gpu_memory_utilization <= 1:
         raise ValueError(f"gpu_memory_utilization must lie in (0, 1], got {gpu_memory_utilization}")
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
-    if gpu_memory_bytes <= 0 or dtype_bytes <= 0 or activation_bytes < 0:
-        raise ValueError("gpu_memory_bytes and dtype_bytes must be > 0 and activation_bytes >= 0")
+    formulas._positive_int(block_size=block_size)
+    formulas._nonneg(activation_bytes=activation_bytes)
     if weight_bytes is None:
         weight_bytes = formulas.weight_bytes(config, 8 * dtype_bytes)
-    max_model_len = max_model_len or config.max_position_embeddings
-    if max_model_len < 1:
-        raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")
+    formulas._nonneg(weight_bytes=weight_bytes)
+    max_model_len = _check_max_model_len(config, max_model_len)
     available = gpu_memory_bytes * gpu_memory_utilization - weight_bytes - activation_bytes
     per_token = formulas.kv_cache_bytes_per_token(config, dtype_bytes)
     blocks = int(max(available, 0) // (per_token * block_size))
@@ -109,6 +110,18 @@ def kv_cache_budget(config: ModelConfig | str, gpu_memory_bytes: float, gpu_memo
                     activation_bytes=activation_bytes, kv_bytes_available=available,
                     bytes_per_token=per_token, block_size=block_size, num_gpu_blocks=blocks,
                     max_model_len=max_model_len)
+
+
+def _check_max_model_len(config: ModelConfig, max_model_len: int | None) -> int:
+    """max_model_len, or the model's context when None; refused below 1 or beyond the context."""
+    context = config.max_position_embeddings
+    if max_model_len is None:
+        return context
+    formulas._positive_int(max_model_len=max_model_len)
+    if max_model_len > context:
+        raise ValueError(f"max_model_len ({max_model_len}) is larger than the model's context "
+                         f"(config.max_position_embeddings = {context})")
+    return max_model_len
 
 
 def concurrency_curve(config: ModelConfig | str, max_model_lens, **kwargs) -> list[float]:

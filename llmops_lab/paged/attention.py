@@ -69,7 +69,13 @@ def paged_decode_reference(q, k_pool, v_pool, block_tables, context_lens, return
 def paged_prefill_reference(q, k_pool, v_pool, block_tables, context_lens):
     """Prefill (or a chunk of it) over a paged cache: q [B, H, S, D] are the last S positions of each
     row's context of context_lens[b] tokens (already stored); causal. Gather, then SDPA with a mask."""
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, H, S, D], got {tuple(q.shape)}")
+    triton_paged._check(q[:, :, 0], k_pool, v_pool, block_tables, context_lens)
     B, H, S, D = q.shape
+    if int(context_lens.min()) < S:
+        raise ValueError(f"each row's context must hold its {S} queries; got context_lens down to "
+                         f"{int(context_lens.min())}")
     L = int(context_lens.max())
     k, v = gather_kv(k_pool, block_tables, L), gather_kv(v_pool, block_tables, L)
     lens = context_lens.to(q.device).long()

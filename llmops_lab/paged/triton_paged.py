@@ -160,6 +160,21 @@ def _check(q, k_pool, v_pool, block_tables, context_lens):
     if block_tables.dim() != 2 or block_tables.shape[0] != B or context_lens.shape != (B,):
         raise ValueError(f"block_tables must be [B, max_blocks] and context_lens [B] for B={B}; got "
                          f"{tuple(block_tables.shape)}, {tuple(context_lens.shape)}")
+    for name, t in (("block_tables", block_tables), ("context_lens", context_lens)):
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integers, got {t.dtype}")
+    if B and context_lens.device.type == "cpu" and block_tables.device.type == "cpu":
+        # The values, where reading them costs no device sync (a GPU step must not wait on its host;
+        # the engine's scheduler vouches for what it sends there): a length of 0 returns zeros, a
+        # table entry past the pool reads another sequence's memory or none at all.
+        lens = context_lens.long()
+        if int(lens.min()) < 1 or int(lens.max()) > block_tables.shape[1] * block_size:
+            raise ValueError(f"context_lens must lie in 1..{block_tables.shape[1] * block_size} (the block "
+                             f"table's width x block_size), got {lens.min().item()}..{lens.max().item()}")
+        # every entry, padding too: the gather references read a table to its full width
+        if int(block_tables.min()) < 0 or int(block_tables.max()) >= k_pool.shape[0]:
+            raise ValueError(f"block tables point at blocks {block_tables.min().item()}.."
+                             f"{block_tables.max().item()}, outside the pool's 0..{k_pool.shape[0] - 1}")
 
 
 def paged_decode(q, k_pool, v_pool, block_tables, context_lens, num_splits: int | None = None,

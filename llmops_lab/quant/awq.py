@@ -36,7 +36,7 @@ import torch.nn as nn
 
 from .gptq import LINEAR_NAMES, LayerRunner, _progress, check_calibration, check_linears
 from .rtn import quantize_rtn
-from .weights import QuantizedWeight
+from .weights import QuantizedWeight, check_bool, is_int
 
 N_GRID = 20                 # alphas searched for the scales, and shrink steps of the clip grid
 MAX_SHRINK = 0.5            # clipping keeps at least half the range
@@ -53,10 +53,11 @@ class AWQConfig:
     version: str = "GEMM"
 
     def __post_init__(self):
-        if isinstance(self.w_bit, bool) or not isinstance(self.w_bit, int) or not 2 <= self.w_bit <= 8:
+        if not is_int(self.w_bit) or not 2 <= self.w_bit <= 8:
             raise ValueError(f"w_bit must be an int in 2..8, got {self.w_bit!r}")
-        if not isinstance(self.q_group_size, int) or not (self.q_group_size == -1 or self.q_group_size > 0):
+        if not is_int(self.q_group_size) or not (self.q_group_size == -1 or self.q_group_size > 0):
             raise ValueError(f"q_group_size must be a positive int or -1 (per channel), got {self.q_group_size!r}")
+        check_bool("zero_point", self.zero_point)
         if self.version not in ("GEMM", "GEMV"):
             raise ValueError(f"version must be 'GEMM' or 'GEMV', got {self.version!r}")
 
@@ -196,7 +197,8 @@ def apply_clip(lin: nn.Linear, max_val: torch.Tensor) -> None:
 
 @torch.no_grad()
 def awq_quantize_model(model, calibration_ids: torch.Tensor, config: AWQConfig = AWQConfig(),
-                       progress: bool = True, apply: bool = True, clip: bool = True) -> dict[str, QuantizedWeight]:
+                       progress: bool = True, apply: bool = True, clip: bool = True,
+                       check=None) -> dict[str, QuantizedWeight]:
     """AWQ on every decoder linear of ``model``, layer by layer.
 
     The scales are always folded into the model (RMSNorm weights, v_proj and up_proj rows): the
@@ -205,6 +207,8 @@ def awq_quantize_model(model, calibration_ids: torch.Tensor, config: AWQConfig =
     can then be measured with the plain runtime); apply=False leaves the folded fp weights (the
     same function as before, up to float rounding) and returns the clipped, quantized ones.
     clip=False skips the clipping search (scales only), to measure what each half contributes.
+    check: called as check(name, QuantizedWeight) on each layer's results; an error it raises
+    restores the model like any other (``quantize`` checks the scales fit its scale_dtype there).
     Returns {"model.layers.{i}.{name}": QuantizedWeight}. On a bad input nothing is changed.
     """
     ids = check_calibration(model, calibration_ids)
@@ -217,6 +221,9 @@ def awq_quantize_model(model, calibration_ids: torch.Tensor, config: AWQConfig =
             layer = model.model.layers[i]
             backups[i] = {k: v.detach().to("cpu", copy=True) for k, v in layer.state_dict().items()}
             _awq_layer(layer, i, runner, config, apply, clip, result)
+            if check is not None:
+                for n in LINEAR_NAMES:
+                    check(f"model.layers.{i}.{n}", result[f"model.layers.{i}.{n}"])
     except BaseException:   # a failure half way (out of memory, interrupt) leaves the model as it was
         for i, state in backups.items():
             model.model.layers[i].load_state_dict(state)

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from .rtn import quantize_rtn, resolve_group_size
-from .weights import QuantizedWeight
+from .weights import QuantizedWeight, check_bool, is_int
 
 # Linears of a Llama decoder layer in execution order; each inner list shares one input.
 LINEAR_SETS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
@@ -53,14 +53,17 @@ class GPTQConfig:
     block_size: int = 128
 
     def __post_init__(self):
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+        if not is_int(self.bits) or not 2 <= self.bits <= 8:
             raise ValueError(f"bits must be an int in 2..8, got {self.bits!r}")
-        if not isinstance(self.group_size, int) or not (self.group_size == -1 or self.group_size > 0):
+        if not is_int(self.group_size) or not (self.group_size == -1 or self.group_size > 0):
             raise ValueError(f"group_size must be a positive int or -1 (per channel), got {self.group_size!r}")
-        if not 0 < self.damp_percent < 1:
-            raise ValueError(f"damp_percent must lie in (0, 1), got {self.damp_percent}")
-        if not isinstance(self.block_size, int) or self.block_size <= 0:
+        damp = self.damp_percent
+        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp < 1:
+            raise ValueError(f"damp_percent must be a number in (0, 1), got {damp!r}")
+        if not is_int(self.block_size) or self.block_size <= 0:
             raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
+        check_bool("desc_act", self.desc_act)
+        check_bool("sym", self.sym)
 
 
 class HessianAccumulator:
@@ -186,6 +189,8 @@ def check_calibration(model, calibration_ids) -> torch.Tensor:
     """Raise ValueError on a calibration set that cannot calibrate ``model``; return it on device."""
     if not isinstance(calibration_ids, torch.Tensor) or calibration_ids.dim() != 2:
         raise ValueError("calibration_ids must be a 2-D tensor [n_seq, seq_len]")
+    if calibration_ids.is_floating_point() or calibration_ids.is_complex() or calibration_ids.dtype == torch.bool:
+        raise ValueError(f"calibration_ids must be integer token ids, got dtype {calibration_ids.dtype}")
     n, S = calibration_ids.shape
     if n == 0:
         raise ValueError("the calibration set is empty (0 sequences)")
@@ -249,7 +254,7 @@ def _progress(iterable, enabled: bool, desc: str):
 
 @torch.no_grad()
 def gptq_quantize_model(model, calibration_ids: torch.Tensor, config: GPTQConfig = GPTQConfig(),
-                        progress: bool = True, apply: bool = True) -> dict[str, QuantizedWeight]:
+                        progress: bool = True, apply: bool = True, check=None) -> dict[str, QuantizedWeight]:
     """GPTQ on every decoder linear of ``model``, sequentially, layer by layer.
 
     Args:
@@ -258,6 +263,8 @@ def gptq_quantize_model(model, calibration_ids: torch.Tensor, config: GPTQConfig
             perplexity can be measured with the plain runtime). With apply=False the original
             weights are put back at the end (they are written during the run, since later
             linears must see the quantized ones' outputs). Embeddings and lm_head stay as they are.
+        check: called as check(name, QuantizedWeight) on each result as it is made; an error it
+            raises restores the model like any other (``quantize`` checks the scales fit there).
     Returns {"model.layers.{i}.{name}": QuantizedWeight}. On a bad input nothing is changed.
     """
     ids = check_calibration(model, calibration_ids)
@@ -275,6 +282,8 @@ def gptq_quantize_model(model, calibration_ids: torch.Tensor, config: GPTQConfig
                     lin: nn.Linear = layer.get_submodule(n)
                     q = gptq_quantize_weight(lin.weight, acc[n].H, config)
                     key = f"model.layers.{i}.{n}"
+                    if check is not None:
+                        check(key, q)
                     originals[key] = lin.weight.detach().to("cpu", copy=True)
                     result[key] = q
                     lin.weight.copy_(q.dequantize(torch.float32).to(lin.weight.dtype))

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .weights import is_int
+
 
 def _check_codes(codes: torch.Tensor, lo: int, hi: int, what: str) -> None:
     if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
@@ -86,11 +88,15 @@ def storage_offset(bits: int, sym: bool) -> int:
     return 0 if sym else 2 ** (bits - 1)
 
 
+def _check_bits(bits) -> None:
+    if not is_int(bits) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an int in 2..8, got {bits!r}")
+
+
 def pack_codes(codes: torch.Tensor, bits: int, sym: bool) -> torch.Tensor:
     """Codes of a ``QuantizedWeight`` -> stored tensor: uint8 [out, packed_width(in, bits)] below 8
     bits, int8 [out, in] at 8."""
-    if not 2 <= bits <= 8:
-        raise ValueError(f"bits must be in 2..8, got {bits}")
+    _check_bits(bits)
     lo, hi = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if sym else (0, 2 ** bits - 1)
     _check_codes(codes, lo, hi, f"{bits}-bit {'symmetric' if sym else 'asymmetric'} codes")
     shifted = codes.to(torch.int16) - storage_offset(bits, sym)
@@ -102,6 +108,7 @@ def pack_codes(codes: torch.Tensor, bits: int, sym: bool) -> torch.Tensor:
 def unpack_codes(stored: torch.Tensor, bits: int, sym: bool, K: int | None = None) -> torch.Tensor:
     """Stored tensor -> codes as int16 [out, in], the inverse of ``pack_codes``. ``K`` (in) is
     needed below 8 bits when it is not a whole number of bytes' worth (else it is inferred)."""
+    _check_bits(bits)
     if bits == 8:
         raw = stored
     elif bits == 4 and (K is None or K == 2 * stored.shape[-1]):

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from . import triton_dequant
 from .packing import pack_codes, unpack_codes
 from .rtn import quantize_rtn
-from .weights import QuantizedWeight
+from .weights import QuantizedWeight, check_bool, check_scale_dtype
 
 METHODS = ("rtn", "gptq", "awq", "bnb_int8", "bnb_nf4")
 KERNEL_MAX_TOKENS = 64      # the fused kernel serves decode batches; larger ones are compute-bound
@@ -27,11 +27,13 @@ class QuantLinear(nn.Module):
     ``qweight`` is uint8 [out, in/2] at 4 bits (two codes per byte), uint8 [out, ceil(in*bits/8)]
     at 2, 3 and 5-7 bits (a bit stream: 3-bit codes 8 to 3 bytes), int8 [out, in] at 8 (see
     ``packing``). ``scales`` and ``zeros`` are [out, n_groups] in ``scale_dtype`` (fp16 by default;
-    RTN zero points are integers and exact in fp16). The forward pass dequantizes the whole weight
-    and calls ``F.linear``: the plain PyTorch path, right on a CPU and for large batches. On CUDA,
-    up to ``KERNEL_MAX_TOKENS`` tokens go through the fused Triton kernel (``triton_dequant``),
-    which reads the packed codes directly and never materialises the float weight. ``kernel``:
-    "auto" (that rule), "triton" (always the kernel: tests under TRITON_INTERPRET=1) or "torch".
+    RTN zero points are integers and exact in fp16; scales fp16 cannot hold, under about 6e-8 or
+    over 65504, raise a ValueError: pass ``scale_dtype=torch.float32`` for such weights). The
+    forward pass dequantizes the whole weight and calls ``F.linear``: the plain PyTorch path,
+    right on a CPU and for large batches. On CUDA, up to ``KERNEL_MAX_TOKENS`` tokens go through
+    the fused Triton kernel (``triton_dequant``), which reads the packed codes directly and never
+    materialises the float weight. ``kernel``: "auto" (that rule), "triton" (always the kernel:
+    tests under TRITON_INTERPRET=1) or "torch".
     """
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None,
@@ -45,9 +47,10 @@ class QuantLinear(nn.Module):
         self.dtype = dtype                                  # the compute dtype of the forward pass
         self.kernel = "auto"
         self.split_nibbles = False     # the kernel's 4-bit variant (triton_dequant.dequant_matmul); untimed on a GPU
+        scales, zeros = qw.stored_scales(scale_dtype)     # ValueError if they do not fit scale_dtype
         self.register_buffer("qweight", pack_codes(qw.codes, qw.bits, qw.sym))
-        self.register_buffer("scales", qw.scales.to(scale_dtype).contiguous())
-        self.register_buffer("zeros", qw.zeros.to(scale_dtype).contiguous())
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
 
     @classmethod
@@ -175,9 +178,16 @@ def _quantize_calibrated(model, method, config, calibration, skip, progress, sca
     _check_packable(linear_targets(model, skip), bits)
     ids = as_calibration_ids(calibration)
     run = gptq_quantize_model if method == "gptq" else awq_quantize_model
+    def check(name, qw):          # called inside the run, so a refusal also undoes AWQ's folding
+        if not _skipped(name, skip):
+            try:
+                qw.stored_scales(scale_dtype)
+            except ValueError as e:
+                raise ValueError(f"cannot quantize {name}: {e}") from None
+
     # apply=False: GPTQ puts the float weights back; AWQ leaves its scales folded into the model
     # (the same function) and returns the codes of the folded, clipped weights.
-    result = run(model, ids, config, progress=progress, apply=False)
+    result = run(model, ids, config, progress=progress, apply=False, check=check)
     new = {name: QuantLinear.from_linear(model.get_submodule(name), qw, scale_dtype=scale_dtype)
            .to(model.get_submodule(name).weight.device)
            for name, qw in result.items() if not _skipped(name, skip)}
@@ -203,13 +213,20 @@ def quantize(model: nn.Module, method: str = "rtn", bits=DEFAULT, group_size=DEF
             ``compute_dtype``.
         calibration: token ids [n_seq, seq_len] or a list of 1-D tensors (cut to the shortest);
             default: the embedded calibration slice (8 x 128 tokens; for the embedded models).
+        scale_dtype: storage of the scales and zero points (rtn, gptq, awq). fp16 cannot hold
+            scales of very small or very large weights: that raises a ValueError; use torch.float32.
     Every check runs before anything changes: on any error (bad bits, a group size that does not
-    divide a layer, NaN/inf weights, an empty or too short calibration set) the model is left
-    untouched, and every new module is built before the first is swapped in.
+    divide a layer, NaN/inf weights, scales that do not fit scale_dtype, an empty or too short
+    calibration set) the model is left untouched, and every new module is built before the first
+    is swapped in.
     """
     from .bnb import BNB_METHODS, bnb_quantize
     if method not in METHODS:
         raise ValueError(f"quantize supports method in {METHODS}, got {method!r}")
+    if sym is not DEFAULT:
+        check_bool("sym", sym)
+    if method in ("rtn", "gptq", "awq"):
+        check_scale_dtype(scale_dtype)
     if method in ("gptq", "awq"):
         cfg = _calibrated_config(method, config, bits, group_size, sym, kwargs)
         return _quantize_calibrated(model, method, cfg, calibration, skip, progress, scale_dtype)
@@ -230,8 +247,8 @@ def quantize(model: nn.Module, method: str = "rtn", bits=DEFAULT, group_size=DEF
     for name, mod in tqdm(targets, desc=f"quantize {method} int{bits}", disable=not progress):
         try:
             qw = quantize_rtn(mod.weight, bits=bits, group_size=group_size, sym=sym)
+            new[name] = QuantLinear.from_linear(mod, qw, scale_dtype=scale_dtype).to(mod.weight.device)
         except ValueError as e:
             raise ValueError(f"cannot quantize {name}: {e}") from None
-        new[name] = QuantLinear.from_linear(mod, qw, scale_dtype=scale_dtype).to(mod.weight.device)
     swap_modules(model, new)
     return model

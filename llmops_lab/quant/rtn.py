@@ -23,7 +23,7 @@ import math
 import torch
 
 from .. import formulas
-from .weights import QuantizedWeight
+from .weights import QuantizedWeight, check_bool, is_int
 
 # Float rounding in scale * (code - zero): a few ulps of the group's magnitude, not a bound failure.
 _ULPS = 8
@@ -33,7 +33,7 @@ def resolve_group_size(in_features: int, group_size: int | None) -> int:
     """``None`` or -1 -> per output channel (``in_features``); else a positive divisor of it."""
     if group_size is None or group_size == -1:
         return in_features
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+    if not is_int(group_size) or group_size <= 0:
         raise ValueError(f"group_size must be a positive int, None or -1 (per channel), got {group_size!r}")
     if in_features % group_size:
         raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
@@ -42,7 +42,7 @@ def resolve_group_size(in_features: int, group_size: int | None) -> int:
 
 def validate_weight(w: torch.Tensor, bits: int, group_size: int | None = None) -> int:
     """Raise ValueError on a weight RTN cannot quantize; return the resolved group size."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+    if not is_int(bits) or not 2 <= bits <= 8:
         raise ValueError(f"bits must be an int in 2..8, got {bits!r}")
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
         raise ValueError("weight must be a 2-D float tensor [out, in]")
@@ -58,6 +58,14 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(out, cols // group_size, group_size)   # [O, G, g]
 
 
+def _check_finite_scale(scale: torch.Tensor, w: torch.Tensor) -> None:
+    """The range max - min overflows float32 for weights near +-3.4e38 (or float64 beyond it)."""
+    if not torch.isfinite(scale).all():
+        lo, hi = (float(v) for v in torch.aminmax(w.detach()))
+        raise ValueError(f"w spans [{lo:.3g}, {hi:.3g}], a range whose float32 scales overflow "
+                         f"to inf; cannot quantize it")
+
+
 def quantize_rtn(w: torch.Tensor, bits: int = 4, group_size: int | None = None, sym: bool = False,
                  per_tensor: bool = False) -> QuantizedWeight:
     """Round-to-nearest quantization of ``w`` [out, in] into the shared ``QuantizedWeight`` format.
@@ -70,6 +78,8 @@ def quantize_rtn(w: torch.Tensor, bits: int = 4, group_size: int | None = None, 
     scales/zeros. ``w`` is never modified.
     """
     g = validate_weight(w, bits, group_size)
+    check_bool("sym", sym)
+    check_bool("per_tensor", per_tensor)
     if per_tensor and g != w.shape[1]:
         raise ValueError(f"per_tensor=True uses one group for the whole tensor; group_size must be "
                          f"None or -1, got {group_size}")
@@ -79,6 +89,7 @@ def quantize_rtn(w: torch.Tensor, bits: int = 4, group_size: int | None = None, 
         qmax = 2 ** (bits - 1) - 1
         absmax = reduce(x.abs(), torch.amax)
         scale = absmax / qmax
+        _check_finite_scale(scale, w)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         zero = torch.zeros_like(scale)
         codes = torch.clamp(torch.round(x / scale), -qmax, qmax)
@@ -87,6 +98,7 @@ def quantize_rtn(w: torch.Tensor, bits: int = 4, group_size: int | None = None, 
         lo = torch.clamp(reduce(x, torch.amin), max=0.0)
         hi = torch.clamp(reduce(x, torch.amax), min=0.0)
         scale = (hi - lo) / qmax
+        _check_finite_scale(scale, w)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         zero = torch.clamp(torch.round(-lo / scale), 0, qmax)
         codes = torch.clamp(torch.round(x / scale) + zero, 0, qmax)

@@ -16,6 +16,23 @@ from dataclasses import dataclass
 import torch
 
 
+def check_bool(name: str, value) -> None:
+    """Raise ValueError unless ``value`` is True or False (a string like "no" is truthy)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def is_int(value) -> bool:
+    """A real int: True and False are ints to Python but never a bit width or a size."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_scale_dtype(dtype) -> None:
+    """Scales and zero points are stored as floats: an integer dtype would truncate the scales."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"scale_dtype must be a floating-point torch.dtype such as torch.float16, got {dtype!r}")
+
+
 @dataclass
 class QuantizedWeight:
     codes: torch.Tensor        # [out, in] integer codes (int8 storage before packing)
@@ -26,14 +43,37 @@ class QuantizedWeight:
     sym: bool
 
     def __post_init__(self):
-        if not 2 <= self.bits <= 8:
-            raise ValueError(f"bits must be in 2..8, got {self.bits}")
+        if not is_int(self.bits) or not 2 <= self.bits <= 8:
+            raise ValueError(f"bits must be an int in 2..8, got {self.bits!r}")
+        if not is_int(self.group_size) or self.group_size <= 0:
+            raise ValueError(f"group_size must be a positive int, got {self.group_size!r}")
         out, cols = self.codes.shape
         if cols % self.group_size:
             raise ValueError(f"group_size {self.group_size} does not divide {cols} input columns")
         if self.scales.shape != (out, cols // self.group_size) or self.zeros.shape != self.scales.shape:
             raise ValueError(f"scales/zeros must be [{out}, {cols // self.group_size}], got "
                              f"{tuple(self.scales.shape)} and {tuple(self.zeros.shape)}")
+
+    def stored_scales(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scales, zeros) cast to ``dtype`` for storage (``QuantLinear``'s ``scale_dtype``).
+
+        Raises ValueError when the cast breaks them: a value that overflows to inf (or is NaN),
+        or a nonzero one that underflows to 0. fp16 keeps magnitudes from about 6e-8 to 65504.
+        """
+        check_scale_dtype(dtype)
+        hint = "; pass scale_dtype=torch.float32" if dtype.itemsize < 4 else ""
+        cast = []
+        for what, t in (("scales", self.scales), ("zero points", self.zeros)):
+            c = t.to(dtype)
+            if not torch.isfinite(c).all():
+                raise ValueError(f"{what} up to {float(t.abs().max()):.3g} overflow {dtype} "
+                                 f"(largest {torch.finfo(dtype).max:.3g}){hint}")
+            lost = (c == 0) & (t != 0)
+            if lost.any():
+                raise ValueError(f"{what} as small as {float(t[lost].abs().min()):.3g} underflow "
+                                 f"to 0 in {dtype}{hint}")
+            cast.append(c.contiguous())
+        return cast[0], cast[1]
 
     @property
     def shape(self) -> tuple[int, int]:

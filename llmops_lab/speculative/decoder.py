@@ -177,6 +177,8 @@ class SpeculativeDecoder:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         B, S = input_ids.shape
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, S):
+            raise ValueError(f"attention_mask must be [B, S] = {[B, S]} like input_ids, got {list(attention_mask.shape)}")
         ctx = min(self.target.config.max_position_embeddings, self.draft.config.max_position_embeddings)
         n_prompt = attention_mask.sum(-1) if attention_mask is not None else torch.full((B,), S)
         if int(n_prompt.max()) + max_new_tokens > ctx:
@@ -196,7 +198,14 @@ class SpeculativeDecoder:
         new = [[] for _ in range(B)]
         done = [False] * B
         stops = set(stop_token_ids or ())
+        # RoPE position of each row's pending token. A finished row keeps none of what it is fed
+        # later (its rollback keeps nothing), so its position stays where it finished.
+        pend_pos = [int(n) - 1 for n in n_prompt.tolist()]
+        k_max = k
         while not all(done):
+            # Near the end of the context the step drafts fewer tokens: the target scores pending
+            # + k drafts at positions up to pend_pos + k, which must stay inside the context.
+            k = min(k_max, ctx - 1 - max(pend_pos))
             # 1. Draft k tokens autoregressively.
             t0 = time.perf_counter()
             if carry is not None:
@@ -242,8 +251,10 @@ class SpeculativeDecoder:
                         new[b].append(tok)
                         done[b] = tok in stops or len(new[b]) >= max_new_tokens
             n_in = d_in.shape[1]
-            tgt.rollback(t_start, [a + 1 for a in n_acc], k + 1)          # pending + accepted drafts stay
-            dft.rollback(d_start, [min(a, k - 1) + n_in for a in n_acc], n_in + k - 1)
+            live = [not d for d in done]                                  # finished rows keep nothing more
+            tgt.rollback(t_start, [(a + 1) * v for a, v in zip(n_acc, live)], k + 1)   # pending + accepted drafts
+            dft.rollback(d_start, [(min(a, k - 1) + n_in) * v for a, v in zip(n_acc, live)], n_in + k - 1)
+            pend_pos = [p + (a + 1) * v for p, a, v in zip(pend_pos, n_acc, live)]
             full = [a == k for a in n_acc]
             if any(full):
                 carry = (drafts[:, -1:], None if all(full) else torch.tensor(full, device=dev).long()[:, None])
