@@ -32,6 +32,8 @@ def main(argv=None):
     sub.add_parser("bench", help="the benchmark suite (same as python -m llmops_lab.bench)", add_help=False)
     a, rest = ap.parse_known_args(argv)
     if a.cmd == "info":
+        if rest:                    # only bench passes its arguments on; anything else is a typo
+            ap.error(f"unrecognized arguments: {' '.join(rest)}")
         print(info())
     elif a.cmd == "bench":
         from .bench.__main__ import main as bench_main

@@ -62,6 +62,19 @@ def test_cli_info_names_the_models(capsys):
     assert "torch" in out and "embedded target" in out
 
 
+def test_cli_refuses_unknown_arguments():
+    """``info`` used to exit 0 past a typo (parse_known_args kept it for bench); ``bench --only``
+    with no suite named used to mean every suite."""
+    import subprocess
+    import sys
+    for argv in (["info", "--bogus-flag"], ["--bogus", "info"], ["bench", "--only"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 2, argv
+    r = subprocess.run([sys.executable, "-m", "llmops_lab", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "info" in r.stdout and "bench" in r.stdout
+
+
 def test_kv_cache_allocates_exactly_the_formula():
     m = load_model("target", device="cpu")
     c = m.config
