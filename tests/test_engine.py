@@ -575,10 +575,13 @@ def engine_machine(tiny):
         return cache[key]
 
     class Machine(RuleBasedStateMachine):
+        graphs = False          # True: decodes and new prompts through the CUDA graphs' static buffers
+
         def __init__(self):
             super().__init__()
-            self.eng = LLMEngine(tiny, config=EngineConfig(block_size=4, num_kv_blocks=10, max_num_seqs=4,
-                                                           max_num_batched_tokens=16))
+            cfg = dict(block_size=4, num_kv_blocks=10, max_num_seqs=4, max_num_batched_tokens=16)
+            self.eng = (static_decode_engine(tiny, False, prefill_graphs=16, **cfg) if self.graphs
+                        else LLMEngine(tiny, config=EngineConfig(**cfg)))
             self.reqs, self.aborted, self.outs, self.ids = {}, set(), {}, 0
 
         @rule(which=st.integers(0, 2), cut=st.integers(1, 12), tail=st.lists(st.integers(2, 300), max_size=6),
@@ -630,6 +633,8 @@ def engine_machine(tiny):
     return Machine
 
 
-def test_engine_random_interleavings(engine_machine):
+@pytest.mark.parametrize("graphs", [False, True])
+def test_engine_random_interleavings(engine_machine, graphs):
     from hypothesis.stateful import run_state_machine_as_test
+    engine_machine.graphs = graphs
     run_state_machine_as_test(engine_machine, settings=engine_machine.TestCase.settings)
