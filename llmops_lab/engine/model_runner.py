@@ -80,8 +80,10 @@ class ModelRunner:
         if prefill_graphs is not None:
             if self.graphs is None:
                 raise ValueError("prefill graphs run beside the decode graphs: set decode_graphs too")
+            # each bucket's graph keeps logits for every prompt slot: 64 covers a step of many
+            # short prompts (more than 64 new prompts in one step run eagerly)
             self.prefill = PrefillGraphs(model, self.k_pools, self.v_pools, num_blocks * block_size,
-                                         prefill_graphs, max_num_seqs, capture=decode_graphs == "capture")
+                                         prefill_graphs, min(max_num_seqs, 64), capture=decode_graphs == "capture")
 
     @torch.inference_mode()
     def warm_up(self) -> bool:
