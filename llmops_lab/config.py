@@ -41,8 +41,12 @@ class ModelConfig:
                              f"supported: {SUPPORTED_MODEL_TYPES}")
         for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
-            if getattr(self, f) < 1:
-                raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{f} must be an integer >= 1, got {v!r}")
+        if self.head_dim is not None and (isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int)
+                                          or self.head_dim < 1):
+            raise ValueError(f"head_dim must be an integer >= 1 or None, got {self.head_dim!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                              f"num_key_value_heads ({self.num_key_value_heads})")
@@ -89,6 +93,12 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, cfg: dict, name: str = "") -> "ModelConfig":
+        if not isinstance(cfg, dict):
+            raise ValueError(f"a config must be a JSON object, got {type(cfg).__name__}")
+        need = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                            "num_attention_heads") if k not in cfg]
+        if need:
+            raise ValueError(f"config lacks {need}")
         model_type = cfg.get("model_type", "llama")
         # transformers 5 moved rope_theta/rope_scaling into rope_parameters; read both spellings.
         rope = dict(cfg.get("rope_parameters") or {})
@@ -137,7 +147,14 @@ class ModelConfig:
             path = path / "config.json"
         if not path.exists():
             raise FileNotFoundError(f"no config.json at {path}")
-        return cls.from_hf_dict(json.loads(path.read_text()), name=path.parent.name)
+        try:
+            cfg = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        try:
+            return cls.from_hf_dict(cfg, name=path.parent.name)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def to_hf_dict(self) -> dict:
         """The config.json transformers expects for this shape (LlamaConfig field names)."""

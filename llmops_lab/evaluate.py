@@ -11,6 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import formulas
+
 
 def encode(tokenizer, text: str) -> torch.Tensor:
     """Token ids of ``text`` as a 1-D tensor, without special tokens."""
@@ -21,10 +23,17 @@ def encode(tokenizer, text: str) -> torch.Tensor:
 def perplexity(model, ids: torch.Tensor, window: int = 512, max_windows: int | None = None,
                batch_size: int = 4) -> float:
     """exp of the mean cross-entropy over consecutive windows of ``ids`` (1-D), each window scored
-    on its own (no context carried across windows)."""
+    on its own (no context carried across windows). A text shorter than one window is scored as
+    one window of all its tokens."""
     if ids.dim() != 1 or len(ids) < 2:
         raise ValueError("perplexity needs a 1-D tensor of at least 2 token ids")
-    window = min(window, model.config.max_position_embeddings, len(ids) - 1)
+    formulas._positive_int(window=window, batch_size=batch_size)
+    if max_windows is not None:
+        formulas._positive_int(max_windows=max_windows)
+    ctx = model.config.max_position_embeddings
+    if window > ctx:
+        raise ValueError(f"window {window} exceeds the model's context of {ctx}")
+    window = min(window, len(ids) - 1)
     n = (len(ids) - 1) // window
     if max_windows is not None:
         n = min(n, max_windows)
@@ -51,6 +60,8 @@ def greedy_agreement(target, draft, prompts: list[torch.Tensor], new_tokens: int
     Returns ``alpha`` (the fraction of positions that agree: the per-token acceptance rate of
     greedy speculative decoding) and ``per_prompt`` rates.
     """
+    if len(prompts) == 0:
+        raise ValueError("greedy_agreement needs at least one prompt, got none")
     rates = []
     for p in prompts:
         seq = target.generate(p[None].to(target.device), max_new_tokens=new_tokens, stop_token_ids=())
@@ -62,9 +73,21 @@ def greedy_agreement(target, draft, prompts: list[torch.Tensor], new_tokens: int
 
 
 def held_out_prompts(tokenizer, text: str, n: int = 16, prompt_tokens: int = 32, seed: int = 0) -> list[torch.Tensor]:
-    """``n`` prompts of ``prompt_tokens`` tokens taken at seeded random places in ``text``, BOS first."""
+    """``n`` prompts of ``prompt_tokens`` tokens taken at seeded random places in ``text``.
+
+    A prompt starts with the tokenizer's BOS when it has one (then ``prompt_tokens - 1`` text
+    tokens follow); without one, all ``prompt_tokens`` are text.
+    """
+    bos = tokenizer.bos_token_id
+    formulas._positive_int(n=n, prompt_tokens=prompt_tokens)
+    if bos is not None and prompt_tokens < 2:
+        raise ValueError(f"prompt_tokens must be >= 2 (BOS and at least one text token), got {prompt_tokens}")
     ids = encode(tokenizer, text)
+    if len(ids) <= prompt_tokens:
+        raise ValueError(f"text of {len(ids)} tokens is too short for prompts of {prompt_tokens} tokens "
+                         f"(need more than {prompt_tokens})")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(ids) - prompt_tokens, (n,), generator=g).tolist()
-    bos = tokenizer.bos_token_id
+    if bos is None:
+        return [ids[s: s + prompt_tokens].clone() for s in starts]
     return [torch.cat([torch.tensor([bos]), ids[s: s + prompt_tokens - 1]]) for s in starts]

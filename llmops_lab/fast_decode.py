@@ -46,7 +46,12 @@ class StaticDecoder:
 
     def __init__(self, model, batch_size: int, max_seq_len: int, cuda_graph: bool | None = None,
                  compile: bool = False):
+        ctx = model.config.max_position_embeddings
+        for name, v, hi in (("batch_size", batch_size, None), ("max_seq_len", max_seq_len, ctx)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1 or (hi is not None and v > hi):
+                raise ValueError(f"{name} must be an integer in 1..{hi or 'inf'}, got {v!r}")
         self.model = model
+        self.length = 0         # tokens in the cache, counted on the host (reading pos would sync)
         # torch.compile fuses each layer's small elementwise kernels (norms, RoPE, SwiGLU, the
         # cache write); the matmuls stay cuBLAS. One layer is compiled, with its cache tensors as
         # arguments, so every layer reuses the one graph: seconds of compiling, not a minute.
@@ -80,6 +85,9 @@ class StaticDecoder:
     def prefill(self, input_ids, attention_mask=None):
         """Fill the cache with the prompt [B, S] the ordinary way; returns last-position logits."""
         B, S = input_ids.shape
+        if B != self.cache.batch_size or S > self.cache.max_seq_len:
+            raise ValueError(f"a prompt of {B} x {S} tokens does not fit this decoder's "
+                             f"{self.cache.batch_size} x {self.cache.max_seq_len} cache")
         self.cache.reset()
         self.key_mask.fill_(True)
         if attention_mask is not None:
@@ -88,11 +96,14 @@ class StaticDecoder:
         self.pos.fill_(S)
         pads = (S - attention_mask.long().sum(-1)) if attention_mask is not None else 0
         self.rope_pos.copy_(self.pos - pads)
+        self.length = S
         return logits[:, -1]
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row [B] at the current positions; returns next-token logits [B, V]."""
+        if self.length >= self.cache.max_seq_len:
+            raise ValueError(f"the decoder's cache of {self.cache.max_seq_len} tokens is full")
         self.tok.copy_(tokens[:, None])
         if self.use_graph:
             if self.graph is None:
@@ -103,6 +114,7 @@ class StaticDecoder:
             out = self._step()
         self.pos += 1
         self.rope_pos += 1
+        self.length += 1
         return out[:, -1]
 
 
@@ -111,6 +123,8 @@ def check_fixed_length(model, input_ids, max_new_tokens, temperature, top_k, top
     model.check_ids(input_ids)
     check_sampling(temperature, top_k, top_p)
     B, S = input_ids.shape
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise ValueError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
     if max_new_tokens < 1 or S + max_new_tokens > model.config.max_position_embeddings:
         raise ValueError(f"need 1 <= max_new_tokens and prompt + new tokens <= context "
                          f"({S} + {max_new_tokens} > {model.config.max_position_embeddings})")
@@ -125,6 +139,9 @@ def generate_static(model, input_ids, max_new_tokens: int = 32, temperature: flo
     static cache; pass a ``decoder`` to reuse its captured graph across calls of the same shape."""
     B, S = check_fixed_length(model, input_ids, max_new_tokens, temperature, top_k, top_p)
     dec = decoder or StaticDecoder(model, B, S + max_new_tokens, cuda_graph)
+    if dec.cache.batch_size != B or dec.cache.max_seq_len < S + max_new_tokens - 1:
+        raise ValueError(f"the decoder holds {dec.cache.batch_size} rows of {dec.cache.max_seq_len} tokens; this "
+                         f"generation needs {B} of {S + max_new_tokens - 1}")
     logits = dec.prefill(input_ids, attention_mask)
     out = [input_ids]
     for i in range(max_new_tokens):

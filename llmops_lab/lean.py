@@ -146,12 +146,33 @@ class LeanModel:
         self._grow(max_seq_len)
         return KVCache.for_model(self.model, batch_size, max_seq_len)
 
+    def _check(self, input_ids, cache, attention_mask) -> None:
+        """What ``LlamaModel.forward`` checks, but the value checks only on a CPU (speculative
+        decoding calls this per token; on a GPU a host read of the ids would stall the step, and its
+        callers already vouch for them)."""
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.dtype.is_floating_point:
+            raise ValueError(f"input_ids must be non-empty integer ids [batch, seq], got {input_ids.dtype} "
+                             f"{tuple(input_ids.shape)}")
+        B, S = input_ids.shape
+        if B != cache.batch_size:
+            raise ValueError(f"batch of {B} rows does not match the cache's {cache.batch_size}")
+        end = cache.length + S
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, end):
+            raise ValueError(f"attention_mask must be [B, cache.length + S] = {[B, end]}, got {list(attention_mask.shape)}")
+        if input_ids.device.type == "cpu":
+            V = self.config.vocab_size
+            if int(input_ids.min()) < 0 or int(input_ids.max()) >= V:
+                raise ValueError(f"token ids must lie in [0, {V})")
+            if attention_mask is not None and int(attention_mask.long().sum(-1).max()) > self.config.max_position_embeddings:
+                raise ValueError(f"a row of more than the model's context of {self.config.max_position_embeddings} tokens")
+
     def __call__(self, input_ids, cache: KVCache, attention_mask=None, last_only: bool = False):
         """Logits [B, S, V] (or [B, 1, V]) for input_ids [B, S] appended at ``cache.length``.
 
         attention_mask: [B, cache.length + S] of 1/0 as in ``LlamaModel.forward`` (padding and
         rolled-back slots are 0); positions then count only a row's real tokens.
         """
+        self._check(input_ids, cache, attention_mask)
         B, S = input_ids.shape
         st = cache.length
         end = st + S

@@ -42,6 +42,9 @@ def resolve(path_or_id: str | Path) -> Path:
     if str(path_or_id) in EMBEDDED:
         return embedded_model_path(str(path_or_id))
     p = Path(path_or_id).expanduser()
+    if p.is_file():
+        raise ValueError(f"{p} is a file; give the checkpoint's folder (with config.json and the "
+                         f"safetensors weights), e.g. {p.parent}")
     if p.exists():
         return p
     try:
@@ -57,7 +60,10 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} has no weight_map naming the safetensors files")
+        files = sorted(set(weight_map.values()))
     else:
         files = sorted(p.name for p in folder.glob("*.safetensors"))
     if not files:
@@ -79,10 +85,18 @@ def load_model(path_or_id="target", device=None, dtype=None, backend="sdpa") -> 
 
     device: default CUDA when present, else CPU. dtype: default the checkpoint's own.
     """
+    if isinstance(dtype, str):                  # "float16", "bfloat16", "float32" as transformers takes them
+        dtype = None if dtype == "auto" else getattr(torch, dtype, None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError("dtype must be a floating-point torch.dtype, 'auto' or its name, e.g. 'bfloat16'")
     folder = resolve(path_or_id)
     config = ModelConfig.from_json(folder)
     state = read_safetensors(folder)
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    kinds = {v.dtype for v in state.values() if v.is_floating_point()}
+    if dtype is None and len(kinds) > 1:        # the model would load, then fail in its first matmul
+        raise ValueError(f"checkpoint at {folder} mixes {sorted(map(str, kinds))}: pass dtype= to load it "
+                         f"in one of them")
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     with torch.device("meta"):

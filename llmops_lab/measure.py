@@ -191,6 +191,9 @@ def _allocation_deltas(prof) -> list[tuple[int, int]]:
                 for e in inner.function_events if e.self_cpu_memory_usage]
 
 
+_measuring = False      # a peak_memory call is running (they cannot nest)
+
+
 def peak_memory(fn: Callable, *args: Any, device: str | torch.device | None = None,
                 **kwargs: Any) -> PeakMemory:
     """Measure the peak extra memory ``fn(*args, **kwargs)`` allocates.
@@ -200,19 +203,26 @@ def peak_memory(fn: Callable, *args: Any, device: str | torch.device | None = No
     The CPU profiler cannot see frees of tensors allocated before it started, so there the peak
     counts only new allocations (never less than what fn needed at its worst moment).
     """
+    global _measuring
     device = _as_device(device)
-    if device.type == "cuda":
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        result = fn(*args, **kwargs)
-        synchronize(device)
-        return PeakMemory(torch.cuda.max_memory_allocated(device) - before, "cuda-allocator", result)
-    prof = _start_cpu_profiler()
+    if _measuring:   # the inner call would reset the allocator's peak (CUDA) or stop the profiler (CPU)
+        raise RuntimeError("peak_memory calls cannot be nested: the inner one would spoil the outer one's peak")
+    _measuring = True
     try:
-        result = fn(*args, **kwargs)
+        if device.type == "cuda":
+            synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            result = fn(*args, **kwargs)
+            synchronize(device)
+            return PeakMemory(torch.cuda.max_memory_allocated(device) - before, "cuda-allocator", result)
+        prof = _start_cpu_profiler()
+        try:
+            result = fn(*args, **kwargs)
+        finally:
+            prof.__exit__(None, None, None)
     finally:
-        prof.__exit__(None, None, None)
+        _measuring = False
     running = peak = 0
     for _, delta in sorted(_allocation_deltas(prof)):
         running += delta

@@ -26,15 +26,16 @@ def new_figure(ncols: int = 1, nrows: int = 1, width: float = 6.0, height: float
     return fig, axes[0] if axes.size == 1 else axes
 
 
-def _evaluate(formula: Formula, x: np.ndarray) -> np.ndarray:
-    """A formula's values at x: called point by point, so scalar-only functions work too."""
+def _evaluate(formula: Formula, x: Sequence) -> np.ndarray:
+    """A formula's values at x: called point by point with the x values as given (a count stays an
+    int: the formulas refuse 512.0 tokens), so scalar-only functions work too."""
     if callable(formula):
-        values = [float(formula(xi.item())) for xi in x]
+        values = [float(formula(xi.item() if isinstance(xi, np.generic) else xi)) for xi in x]
     else:
         values = list(formula)
     values = np.asarray(values, dtype=float)
-    if values.shape != x.shape:
-        raise ValueError(f"formula gives {values.shape[0]} values for {x.shape[0]} x points")
+    if values.shape != (len(x),):
+        raise ValueError(f"formula gives {values.shape[0]} values for {len(x)} x points")
     return values
 
 
@@ -60,14 +61,20 @@ def measured_vs_formula(ax, x: Sequence[float], measured: Sequence[float],
         if not formula_name:
             raise ValueError("formula_name is required with formula: the curve must be named")
         curves = {formula_name: formula, **curves}
-    x_given = np.asarray(x, dtype=float)
+    x_points = x.tolist() if hasattr(x, "tolist") else list(x)      # numpy or torch: Python numbers
+    x_given = np.asarray(x_points, dtype=float)
+    if x_given.ndim != 1 or len(x_given) == 0:
+        raise ValueError(f"x must be a non-empty list of values, got shape {x_given.shape}")
+    for name, values in (("measured", measured), ("spread", spread)):
+        if values is not None and len(values) != len(x_given):   # extra points would be dropped unseen
+            raise ValueError(f"{len(values)} {name} values for {len(x_given)} x values")
     order = np.argsort(x_given)  # lines and end-of-line labels assume increasing x
     x, measured = x_given[order], np.asarray(measured, dtype=float)[order]
     yerr = None if spread is None else np.asarray(spread, dtype=float)[order] / 2
 
     ax.errorbar(x, measured, yerr=yerr, fmt="o", capsize=3, label=label, zorder=3)
     for name, f in curves.items():
-        y = _evaluate(f, x_given)[order]
+        y = _evaluate(f, list(x_points))[order]
         (line,) = ax.plot(x, y, "-", label=name)
         ax.annotate(name, xy=(x[-1], y[-1]), xytext=(4, 0), textcoords="offset points",
                     va="center", color=line.get_color(), fontsize="small")

@@ -48,7 +48,15 @@ def bytes_per_step(model, batch_size: int, context_len: int) -> int:
 
 
 def decode_bound(model, batch_size: int, context_len: int, bandwidth: float, flops: float | None = None) -> float:
-    """Tokens/s ceiling at this batch size: memory-bound, and compute-bound when ``flops`` is given."""
+    """Tokens/s ceiling at this batch size: memory-bound, and compute-bound when ``flops`` is given.
+
+    batch_size: sequences decoded together (>= 1). context_len: tokens in each sequence's KV cache.
+    bandwidth: bytes/s. flops: FLOP/s.
+    """
+    formulas._positive_int(batch_size=batch_size)
+    formulas._nonneg_int(context_len=context_len)
+    if flops is not None:
+        formulas._positive(flops=flops)
     bound = formulas.decode_tokens_per_s_bound(bandwidth, bytes_per_step(model, batch_size, context_len), batch_size)
     if flops is not None:
         n_params = sum(p.numel() for p in model.parameters())
@@ -61,6 +69,11 @@ def decode_throughput(model, batch_size: int = 1, prompt_len: int = 16, new_toke
     """Measured seconds per decode step (prefill excluded: the time of ``new_tokens`` generated
     minus the time of one, over new_tokens - 1) for a random prompt batch; tokens/s is
     ``batch_size / timing.median``."""
+    formulas._positive_int(batch_size=batch_size, prompt_len=prompt_len)
+    formulas._integer("new_tokens", new_tokens, 2)  # the time of 1 token is taken off the time of new_tokens
+    ctx = model.config.max_position_embeddings
+    if prompt_len + new_tokens > ctx:  # generation would stop early and the per-step time would be wrong
+        raise ValueError(f"prompt_len {prompt_len} + new_tokens {new_tokens} exceeds the model's context of {ctx}")
     from .fast_decode import generate_static
     g = torch.Generator(device=model.device).manual_seed(0)
     ids = torch.randint(3, model.config.vocab_size, (batch_size, prompt_len), device=model.device, generator=g)
@@ -77,6 +90,7 @@ def decode_throughput(model, batch_size: int = 1, prompt_len: int = 16, new_toke
 def config_decode_bound(config, batch_size: int, context_len: int, bandwidth: float,
                         dtype_bytes: float = 2) -> float:
     """The same memory-bound ceiling from a shape alone (a preset; no weights needed)."""
+    formulas._positive_int(batch_size=batch_size)
     weights = config.num_parameters() * dtype_bytes
     if not config.tie_word_embeddings:
         weights -= config.vocab_size * config.hidden_size * dtype_bytes  # one embedding row is read

@@ -134,11 +134,24 @@ def load_state(run: Path, model, opt) -> tuple[int, list, list]:
     return meta["step"], meta["log"], meta.get("commands", [])
 
 
+def check_run(steps, lr, batch, seq_len, max_minutes=None, save_every=1, eval_every=1) -> None:
+    """A training run's numbers, checked before the corpus and the model are loaded."""
+    for name, v in (("steps", steps), ("batch", batch), ("seq_len", seq_len), ("save_every", save_every),
+                    ("eval_every", eval_every)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if not (isinstance(lr, (int, float)) and 0 < lr < math.inf):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if max_minutes is not None and not 0 < max_minutes:
+        raise ValueError(f"max_minutes must be > 0 (or None for no limit), got {max_minutes}")
+
+
 def train_model(which: str, steps: int, lr: float, batch: int, seq_len: int = 1024, seed: int = 0,
                 max_minutes: float | None = None, save_every: int = 100, eval_every: int = 250,
                 threads: int | None = None, distill: bool | None = None,
                 distill_weight: float = DISTILL_WEIGHT) -> dict:
     from transformers import AutoTokenizer
+    check_run(steps, lr, batch, seq_len, max_minutes, save_every, eval_every)
     if not 0.0 <= distill_weight <= 1.0:
         raise ValueError(f"distill_weight must be in [0, 1], got {distill_weight}")
     if threads:
@@ -240,20 +253,25 @@ def main(argv=None):
                          "text's cross-entropy (1.0: learn from the target alone)")
     ap.add_argument("--fresh", action="store_true", help="discard a saved run instead of resuming it")
     a = ap.parse_args(argv)
+    # a flag left out takes the model's default; a 0 given is refused, not replaced by the default
+    runs = {which: {k: DEFAULTS[which][k] if getattr(a, k) is None else getattr(a, k) for k in ("steps", "lr", "batch")}
+            for which in ("target", "draft") if a.what in (which, "all")}
+    for r in runs.values():                      # before anything is fetched or trained
+        try:
+            check_run(r["steps"], r["lr"], r["batch"], a.seq_len, a.max_minutes)
+        except ValueError as e:
+            ap.error(str(e))
     texts = corpus.fetch_texts()
     if a.what in ("slices", "all"):
         print(corpus.write_slices(texts, DATA_DIR / "corpus"))
     if a.what in ("tokenizer", "all"):
         train, _ = corpus.split(corpus.load_works(texts))
         print("tokenizer ->", train_tokenizer(list(train.values())))
-    for which in ("target", "draft"):
-        if a.what in (which, "all"):
-            if a.fresh and (RUNS / which).exists():
-                shutil.rmtree(RUNS / which)
-            d = DEFAULTS[which]
-            print(json.dumps(train_model(which, a.steps or d["steps"], a.lr or d["lr"], a.batch or d["batch"],
-                                         a.seq_len, a.seed, a.max_minutes, threads=a.threads,
-                                         distill_weight=a.distill_weight), indent=2))
+    for which, r in runs.items():
+        if a.fresh and (RUNS / which).exists():
+            shutil.rmtree(RUNS / which)
+        print(json.dumps(train_model(which, r["steps"], r["lr"], r["batch"], a.seq_len, a.seed, a.max_minutes,
+                                     threads=a.threads, distill_weight=a.distill_weight), indent=2))
     if a.what in ("card", "all"):
         from .model_card import write_card
         print("card ->", write_card())

@@ -47,8 +47,12 @@ def log_slider(description: str, min: float, max: float, value: float | None = N
     min and max are values, not exponents (FloatLogSlider's own min/max are exponents);
     step is in exponents: ``log_slider("tokens", 1, 4096, base=2, step=1)`` gives powers of two.
     """
-    if min <= 0 or max <= min:
-        raise ValueError(f"need 0 < min < max, got {min=} {max=}")
+    if not (0 < min < max < math.inf):      # a NaN fails every comparison: refused too
+        raise ValueError(f"need 0 < min < max (finite), got {min=} {max=}")
+    if not (base > 0 and base != 1 and math.isfinite(base)):
+        raise ValueError(f"base must be a positive number other than 1, got {base}")
+    if value is not None and not min <= value <= max:
+        raise ValueError(f"value {value} lies outside [{min}, {max}]")
     return _ipywidgets().FloatLogSlider(value=min if value is None else value, base=base,
                                         min=math.log(min, base), max=math.log(max, base),
                                         step=step, description=description,
@@ -58,6 +62,8 @@ def log_slider(description: str, min: float, max: float, value: float | None = N
 def dropdown(description: str, options: Sequence | Mapping, value: Any = None):
     """A Dropdown; options are a list of values or a {label: value} dict."""
     options = dict(options) if isinstance(options, Mapping) else list(options)
+    if not options:
+        raise ValueError(f"dropdown {description!r} needs at least one option")
     if value is None:
         value = next(iter(options.values())) if isinstance(options, dict) else options[0]
     return _ipywidgets().Dropdown(options=options, value=value, description=description,

@@ -102,6 +102,26 @@ def test_distill_weight_out_of_range_is_refused_before_training():
             train_model("draft", steps=1, lr=1e-3, batch=1, distill_weight=w)
 
 
+@pytest.mark.parametrize("kw, match", [(dict(steps=0), "steps"), (dict(steps=-5), "steps"), (dict(batch=0), "batch"),
+                                       (dict(lr=0.0), "lr"), (dict(lr=float("nan")), "lr")])
+def test_bad_run_numbers_are_refused_before_training(kw, match):
+    """steps=0 used to load the corpus and the model, then fail on an empty log (IndexError)."""
+    from llmops_lab.train import train_model
+    with pytest.raises(ValueError, match=match):
+        train_model("draft", **{**dict(steps=1, lr=1e-3, batch=1), **kw})
+
+
+@pytest.mark.parametrize("flag", [["--steps", "0"], ["--lr", "0"], ["--batch", "0"]])
+def test_train_cli_refuses_zero_instead_of_using_the_default(flag, monkeypatch):
+    """``--steps 0`` used to mean the default 1200 steps (``a.steps or default``)."""
+    from llmops_lab import corpus as corpus_mod
+    from llmops_lab import train
+    monkeypatch.setattr(corpus_mod, "fetch_texts", lambda: pytest.fail("fetched before the check"))
+    with pytest.raises(SystemExit) as e:
+        train.main(["draft", *flag])
+    assert e.value.code == 2
+
+
 def test_greedy_agreement_of_a_model_with_itself_is_one(tokenizer):
     from llmops_lab.evaluate import greedy_agreement
     m = llmops_lab.load_model("target", device="cpu")            # parameters that require grad

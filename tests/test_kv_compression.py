@@ -248,3 +248,95 @@ def test_int8_cache_refuses_values_its_scales_cannot_hold():
         Int8KVCache(1, 1, HKV, D, 4, scale_dtype=torch.float32).update(0, inf, inf, 0)
     with pytest.raises(ValueError, match="floating-point"):
         Int8KVCache(1, 1, HKV, D, 4, scale_dtype=torch.int8)
+
+
+# --- kv.experiment: bad arguments are refused, not turned into a wrong number -------------------
+
+def _flat_ids(n, seed=2):
+    return torch.randint(3, TINY.vocab_size, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def test_compression_quality_rows_name_what_each_cache_holds(model):
+    from llmops_lab.kv import experiment
+    rows = experiment.compression_quality(model, _flat_ids(64), budgets=(8,), window_len=32, num_windows=1,
+                                          num_prompts=1, prefix=8, methods=("full", "sliding window"))
+    held = {(r["method"], r["budget"]): r["tokens_held"] for r in rows}
+    assert held == {("full", None): 32, ("sliding window", 8): 8}
+    assert all(math.isfinite(r["perplexity"]) for r in rows)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(budgets=(0,)), "budget must be >= 1, got 0"),  # used to run a full cache labelled budget 0
+    (dict(budgets=(-4,)), "budget must be >= 1, got -4"),
+    (dict(num_windows=0), "num_windows must be >= 1, got 0"),  # used to give perplexity NaN
+    (dict(num_prompts=0), "num_prompts must be >= 1, got 0"),
+    (dict(prefix=0), "prefix must be >= 1, got 0"),
+    (dict(prefix=32), r"prefix must be < window_len \(32\), got 32"),
+    (dict(window_len=300), "window_len 300 exceeds the model's context"),
+    (dict(num_windows=4), "at least 160 token ids"),
+    (dict(methods=("full", "foo")), r"unknown methods \['foo'\]"),
+])
+def test_compression_quality_refuses_bad_arguments(model, kwargs, match):
+    from llmops_lab.kv import experiment
+    args = dict(budgets=(8,), window_len=32, num_windows=1, num_prompts=1, prefix=8,
+                methods=("full", "sliding window"))
+    with pytest.raises(ValueError, match=match):
+        experiment.compression_quality(model, _flat_ids(64), **{**args, **kwargs})
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prefix=40), r"prefix must be < window_len \(32\), got 40"),  # used to return NaN
+    (dict(prefix=32), r"prefix must be < window_len \(32\), got 32"),
+    (dict(prefix=0), "prefix must be >= 1, got 0"),  # used to be a shape mismatch
+    (dict(num_windows=0), "num_windows must be >= 1, got 0"),
+    (dict(num_windows=3), "at least 96 token ids, got shape \\(64,\\)"),  # used to be a view error
+    (dict(window_len=300), "window_len 300 exceeds the model's context"),
+])
+def test_parallel_perplexity_refuses_bad_arguments(model, kwargs, match):
+    from llmops_lab.kv import experiment
+    with pytest.raises(ValueError, match=match):
+        experiment.parallel_perplexity(model, _flat_ids(64), **{**dict(window_len=32, num_windows=2, prefix=8), **kwargs})
+
+
+def test_parallel_perplexity_matches_the_full_cache(model):
+    from llmops_lab.kv import experiment
+    ids = _flat_ids(64)
+    rows = experiment.compression_quality(model, ids, budgets=(), window_len=32, num_windows=1, num_prompts=1,
+                                          prefix=8, methods=("full",))
+    parallel = experiment.parallel_perplexity(model, ids, window_len=32, num_windows=1, prefix=8)
+    assert rows[0]["perplexity"] == pytest.approx(parallel, rel=1e-4)
+
+
+@pytest.mark.parametrize("method, budget, match, error", [
+    ("foo", 8, "unknown method 'foo'; methods:", ValueError),  # used to return 4096
+    ("sliding window", None, "'sliding window' needs a budget", ValueError),
+    ("H2O", 0, "budget must be >= 1, got 0", ValueError),
+    ("attention sinks", 8.5, "budget must be an integer", ValueError),
+])
+def test_expected_kv_bytes_refuses_bad_arguments(method, budget, match, error):
+    from llmops_lab.kv import experiment
+    with pytest.raises(error, match=match):
+        experiment.expected_kv_bytes(TINY, method, 32, budget)
+
+
+def test_expected_kv_bytes_of_known_methods():
+    from llmops_lab.kv import experiment
+    full = formulas.kv_cache_bytes(L, HKV, D, 32, 4)
+    assert experiment.expected_kv_bytes(TINY, "full", 32) == full
+    assert experiment.expected_kv_bytes(TINY, "sliding window", 32, 8) == full // 4
+    assert experiment.expected_kv_bytes(TINY, "document as written", 32) == 0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(new_tokens=(8, 60)), "prompt_len 8 \\+ new_tokens 60 exceeds the model's context of 32"),
+    (dict(new_tokens=(8, 25)), "prompt_len 8 \\+ new_tokens 25 exceeds"),
+    (dict(new_tokens=(0,)), "new_tokens must be >= 1, got 0"),
+    (dict(prompt_len=0), "prompt_len must be >= 1, got 0"),
+    (dict(batch_size=0), "batch_size must be >= 1, got 0"),
+])
+def test_generation_peak_vs_formula_refuses_lengths_past_the_context(random_llama, kwargs, match):
+    """It used to report x = prompt + new_tokens and its formula for lengths generate had cut short."""
+    from llmops_lab.kv import experiment
+    short = random_llama(dataclasses.replace(TINY, max_position_embeddings=32))
+    with pytest.raises(ValueError, match=match):
+        experiment.generation_peak_vs_formula(short, **{**dict(new_tokens=(8,), prompt_len=8, batch_size=1), **kwargs})

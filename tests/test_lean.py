@@ -93,3 +93,38 @@ def test_linear_packs_only_fp32_cpu_weights_where_onednn_is_built():
     assert Linear(w.bfloat16(), True).packed is None              # bf16 keeps the plain paths
     lean = LeanModel(tiny(0), pack=False)
     assert all(lin.packed is None for layer in lean.layers for lin in layer if isinstance(lin, Linear))
+
+
+def test_lean_model_checks_what_the_model_checks():
+    """An id past the vocabulary, a cache of another batch, a mask of the wrong width and an empty
+    input used to fail deep inside (IndexError, expand errors) or return empty logits."""
+    m = tiny(0)
+    lm = LeanModel(m)
+    V = m.config.vocab_size
+    for ids, cache, mask, match in ((torch.tensor([[V, 3]]), lm.new_cache(1, 4), None, "token ids"),
+                                    (torch.tensor([[2, 3]]), lm.new_cache(2, 4), None, "batch"),
+                                    (torch.tensor([[2, 3]]), lm.new_cache(1, 4), torch.ones(1, 3), "attention_mask"),
+                                    (torch.zeros(1, 0, dtype=torch.long), lm.new_cache(1, 4), None, "non-empty")):
+        with pytest.raises(ValueError, match=match):
+            lm(ids, cache, mask)
+
+
+def test_static_decoder_refuses_what_it_cannot_hold():
+    """A step past the decoder's cache (an IndexError from inside before), a decoder too small for
+    the generation it is handed, a cache length of 0 (which silently meant the whole context)."""
+    from llmops_lab.fast_decode import StaticDecoder, generate_static
+    m = tiny(0)
+    ids = torch.tensor([[2, 3, 4, 5, 6, 7]])
+    d = StaticDecoder(m, 1, 8)
+    logits = d.prefill(ids)
+    for _ in range(2):
+        logits = d.step(logits.argmax(-1))
+    with pytest.raises(ValueError, match="full"):
+        d.step(logits.argmax(-1))
+    with pytest.raises(ValueError, match="needs 1 of 13"):
+        generate_static(m, ids, 8, decoder=StaticDecoder(m, 1, 10))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        StaticDecoder(m, 1, 0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate_static(m, ids, 2.5)
+    assert torch.equal(generate_static(m, ids, 3, decoder=StaticDecoder(m, 1, 8)), m.generate(ids, max_new_tokens=3, stop_token_ids=()))

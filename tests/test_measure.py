@@ -152,3 +152,11 @@ def test_bandwidth_and_tflops():
     assert measure.tflops(3e12, 1.5) == 2.0
     with pytest.raises(ValueError):
         measure.bandwidth_gbs(1, 0)
+
+
+def test_peak_memory_refuses_to_nest():
+    """The inner call used to stop the outer one's profiler: the outer peak came back as 0."""
+    from llmops_lab import measure
+    with pytest.raises(RuntimeError, match="nested"):
+        measure.peak_memory(lambda: measure.peak_memory(lambda: torch.zeros(1000)))
+    assert measure.peak_memory(lambda: torch.zeros(1 << 20)).peak_bytes >= 4 << 20     # usable again

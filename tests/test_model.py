@@ -234,6 +234,35 @@ def test_loader_refuses_pickles_and_mismatched_checkpoints(tmp_path):
         llmops_lab.load_model(tmp_path / "nowhere", device="cpu")
 
 
+def test_loader_says_what_is_wrong_with_a_checkpoint(tmp_path):
+    """Each used to fail with a bare JSONDecodeError, KeyError, UnicodeDecodeError, or (mixed
+    dtypes) load fine and fail in the first matmul."""
+    import json
+    from safetensors.torch import load_file, save_file
+    random_checkpoint(TINY, tmp_path)
+    cfg = tmp_path / "config.json"
+    good = cfg.read_text()
+    for text, match in (("{not json", "not valid JSON"), ("[1, 2]", "JSON object"), ("{}", "lacks"),
+                        (good.replace('"vocab_size": 320', '"vocab_size": "320"'), "vocab_size")):
+        cfg.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            llmops_lab.load_model(tmp_path, device="cpu")
+    cfg.write_text(good)
+    for f in ("config.json", "model.safetensors"):
+        with pytest.raises(ValueError, match="checkpoint's folder"):
+            llmops_lab.load_model(tmp_path / f, device="cpu")
+    w = load_file(str(tmp_path / "model.safetensors"))
+    w["lm_head.weight"] = w["lm_head.weight"].half()
+    save_file(w, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="mixes"):
+        llmops_lab.load_model(tmp_path, device="cpu")
+    m = llmops_lab.load_model(tmp_path, device="cpu", dtype="float32")      # a dtype resolves it
+    assert m.dtype == torch.float32 and m(torch.tensor([[0, 5]])).isfinite().all()
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(ValueError, match="weight_map"):
+        llmops_lab.load_model(tmp_path, device="cpu")
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral-window"])    # a window of 16, outgrown here
 @pytest.mark.parametrize("lengths", [[9], [14, 6, 11]])
 def test_static_decode_equals_dynamic_generate(lengths, family):

@@ -60,6 +60,24 @@ def test_measured_vs_formula_errors():
         plots.measured_vs_formula(ax, [1, 2], [1, 2], [1, 2, 3], formula_name="f")
 
 
+def test_measured_vs_formula_refuses_mismatched_lengths():
+    """Extra measured points (or spreads) used to be dropped without a word, too few an IndexError."""
+    _, ax = plots.new_figure()
+    for measured, spread in (([30, 10, 20, 99, 5], None), ([30, 10], None), ([30, 10, 20], [1, 2, 3, 4])):
+        with pytest.raises(ValueError, match="values for 3 x values"):
+            plots.measured_vs_formula(ax, [3, 1, 2], measured, lambda x: 10 * x, formula_name="f", spread=spread)
+    with pytest.raises(ValueError, match="non-empty"):
+        plots.measured_vs_formula(ax, [], [], lambda x: x, formula_name="f")
+
+
+def test_formulas_get_the_x_values_as_given():
+    """Integer x stays integer for the formula (the formulas refuse 512.0 tokens), numpy's too."""
+    from llmops_lab import formulas
+    _, ax = plots.new_figure()
+    for x in ([512, 1024], np.array([512, 1024])):
+        plots.measured_vs_formula(ax, x, [1.0, 2.0], lambda s: formulas.num_blocks(s, 16), formula_name="blocks")
+
+
 def test_bar_compare_against_reference():
     _, ax = plots.new_figure()
     out = plots.bar_compare(ax, ["naive", "fused"], [100.0, 250.0], ylabel="GB/s",
@@ -78,6 +96,16 @@ def test_widget_helpers_return_widgets():
     assert log.value == 64
     menu = widgets.dropdown("dtype", {"fp16": 2, "int4": 0.5})
     assert isinstance(menu, ipywidgets.Dropdown) and menu.value == 2
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: widgets.dropdown("d", {}), "at least one"), (lambda: widgets.dropdown("d", []), "at least one"),
+    (lambda: widgets.log_slider("f", 1, float("nan")), "min < max"), (lambda: widgets.log_slider("f", 0, 8), "min < max"),
+    (lambda: widgets.log_slider("f", 1, 8, base=1), "base"), (lambda: widgets.log_slider("f", 1, 8, value=16), "outside"),
+])
+def test_widget_helpers_refuse_bad_ranges(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
 
 
 def test_interactive_plot_redraws_on_change():

@@ -59,6 +59,12 @@ def generation_peak_vs_formula(model, new_tokens=(8, 24, 56, 120), prompt_len: i
     length: measured - formula should be one constant. Returns {"x" (total tokens), "peak",
     "formula", "activations" (peak - formula)}.
     """
+    formulas._positive_int(prompt_len=prompt_len, batch_size=batch_size)
+    ctx = model.config.max_position_embeddings
+    for n in new_tokens:
+        formulas._positive_int(new_tokens=n)
+        if prompt_len + n > ctx:  # generate would stop at the context: the x and formula would be wrong
+            raise ValueError(f"prompt_len {prompt_len} + new_tokens {n} exceeds the model's context of {ctx}")
     dev = model.device
     ids = torch.randint(3, model.config.vocab_size, (batch_size, prompt_len), device=dev,
                         generator=torch.Generator(device=dev).manual_seed(0))
@@ -176,6 +182,19 @@ def attention_shares(model, ids: torch.Tensor, num_sinks: int = 4, window: int =
 # Compression quality
 
 METHODS = ("full", "int8", "sliding window", "attention sinks", "H2O", "document as written")
+_HOLD_ALL = ("full", "int8", "document as written")  # methods that take no budget
+
+
+def _check_windows(model, ids, window_len: int, num_windows: int, prefix: int, need: int) -> None:
+    """Arguments that cut ``ids`` into windows of ``window_len`` tokens, scored from ``prefix`` on."""
+    formulas._positive_int(window_len=window_len, num_windows=num_windows, prefix=prefix)
+    if prefix >= window_len:
+        raise ValueError(f"prefix must be < window_len ({window_len}), got {prefix}")
+    if window_len > model.config.max_position_embeddings:
+        raise ValueError(f"window_len {window_len} exceeds the model's context "
+                         f"{model.config.max_position_embeddings}")
+    if ids.dim() != 1 or len(ids) < need:
+        raise ValueError(f"need a 1-D tensor of at least {need} token ids, got shape {tuple(ids.shape)}")
 
 
 def held_out_ids(tokenizer, name: str = "validation") -> torch.Tensor:
@@ -218,6 +237,12 @@ def expected_kv_bytes(config, method: str, seq_len: int, budget: int | None = No
     Evicting caches hold ``budget`` tokens (H2O adds one fp32 score per held token, head and layer);
     full and int8 hold ``seq_len`` tokens; the document's class holds nothing.
     """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; methods: {METHODS}")
+    if method not in _HOLD_ALL:
+        if budget is None:
+            raise ValueError(f"{method!r} needs a budget (tokens kept)")
+        formulas._positive_int(budget=budget)
     L, H, D = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
     if method == "full":
         return formulas.kv_cache_bytes(L, H, D, seq_len, dtype_bytes)
@@ -234,6 +259,7 @@ def parallel_perplexity(model, ids: torch.Tensor, window_len: int = 512, num_win
                         prefix: int = 32) -> float:
     """The slow twin of the full cache's decoded perplexity: one causal forward pass per window,
     scoring the same tokens (prefix..window_len-1 of the first ``num_windows`` windows of ids)."""
+    _check_windows(model, ids, window_len, num_windows, prefix, num_windows * window_len)
     text = ids[: num_windows * window_len].view(num_windows, window_len).to(model.device)
     logp = F.log_softmax(model(text[:, :-1]).float(), -1)[:, prefix - 1:]
     return math.exp(-logp.gather(2, text[:, prefix:, None]).mean().item())
@@ -275,25 +301,29 @@ def compression_quality(model, ids: torch.Tensor, budgets=(64, 128, 256), window
     first_divergence (mean tokens generated before the first disagreement, i.e. how long its own
     greedy output would match), and kv_bytes_per_seq (the cache's ``nbytes`` / batch size).
     """
+    formulas._positive_int(num_prompts=num_prompts)
+    _check_windows(model, ids, window_len, num_windows, prefix, (num_windows + num_prompts) * window_len)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; methods: {METHODS}")
+    if any(m not in _HOLD_ALL for m in methods):
+        for b in budgets:
+            formulas._positive_int(budget=b)
     need = (num_windows + num_prompts) * window_len
-    if ids.dim() != 1 or len(ids) < need:
-        raise ValueError(f"need a 1-D tensor of at least {need} token ids, got shape {tuple(ids.shape)}")
-    if window_len > model.config.max_position_embeddings:
-        raise ValueError(f"window_len {window_len} exceeds the model's context "
-                         f"{model.config.max_position_embeddings}")
     rows = ids[:need].view(-1, window_len).to(model.device)
     text = rows[:num_windows]
     greedy = model.generate(rows[num_windows:, :prefix], max_new_tokens=window_len - prefix, stop_token_ids=())
     batch = torch.cat([text, greedy])
-    runs = [(m, None) for m in methods if m in ("full", "int8", "document as written")]
-    runs += [(m, b) for m in methods if m not in ("full", "int8", "document as written") for b in budgets]
+    runs = [(m, None) for m in methods if m in _HOLD_ALL]
+    runs += [(m, b) for m in methods if m not in _HOLD_ALL for b in budgets]
     results = []
     for method, budget in runs:
-        cache = make_cache(model, method, len(batch), window_len, budget or window_len, num_sinks)
+        size = window_len if budget is None else budget  # no budget: the whole window (a 0 is refused above)
+        cache = make_cache(model, method, len(batch), window_len, size, num_sinks)
         nll, pred = teacher_forced_decode(model, batch, cache, prefix)
         agree = pred[num_windows:] == greedy[:, prefix:]
         first = [int(a.logical_not().nonzero()[0]) if not a.all() else a.numel() for a in agree]
-        held = 0 if method == "document as written" else min(budget or window_len, window_len)
+        held = 0 if method == "document as written" else min(size, window_len)
         results.append({"method": method, "budget": budget, "tokens_held": held,
                         "perplexity": math.exp(nll[:num_windows].mean().item()),
                         "agreement": agree.float().mean().item(), "first_divergence": sum(first) / len(first),
