@@ -638,3 +638,96 @@ def test_engine_random_interleavings(engine_machine, graphs):
     from hypothesis.stateful import run_state_machine_as_test
     engine_machine.graphs = graphs
     run_state_machine_as_test(engine_machine, settings=engine_machine.TestCase.settings)
+
+
+WORKLOAD_TOKENS = [t % 300 + 2 for t in range(500)]
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(arrival_rate=float("nan")), "arrival_rate must be > 0"),
+    (dict(arrival_rate=0), "arrival_rate must be > 0"),
+    (dict(arrival_rate=-float("inf")), "arrival_rate must be > 0"),
+    (dict(mean_output=0), "mean_output must be .* > 0, got 0"),
+    (dict(mean_output=float("inf")), "mean_output must be a finite"),
+    (dict(mean_output=float("nan")), "mean_output must be a finite"),
+    (dict(spread=float("nan")), "spread must be a finite"),
+    (dict(spread=-0.5), "spread must be .* >= 0"),
+    (dict(max_output=0), "max_output must be >= 1, got 0"),
+    (dict(max_output=float("nan")), "max_output must be >= 1"),
+])
+def test_make_workload_refuses_bad_numbers(kw, match):
+    with pytest.raises(ValueError, match=match):
+        make_workload(WORKLOAD_TOKENS, 3, prompt_len=(2, 8), **kw)
+
+
+def test_make_workload_edge_values_still_work():
+    same = make_workload(WORKLOAD_TOKENS, 5, prompt_len=(2, 8), mean_output=7, spread=0.0)   # a slider at 0
+    assert [r.params.max_tokens for r in same] == [7] * 5
+    assert all(r.arrival == 0.0 for r in same)                                           # inf: all at once
+    assert make_workload(WORKLOAD_TOKENS, 1, prompt_len=(2, 8), max_output=1)[0].params.max_tokens == 1
+
+
+def test_fit_step_time_refuses_empty_and_non_finite_rows():
+    from llmops_lab.engine import experiment
+    with pytest.raises(ValueError, match="no rows"):
+        experiment.fit_step_time([])
+    for bad in (dict(step_s=float("nan")), dict(step_s=float("inf")), dict(context=float("nan"))):
+        rows = [{"batch": 1, "context": 8, "step_s": 1e-3}, {"batch": 2, "context": 8, "step_s": 2e-3, **bad}]
+        with pytest.raises(ValueError, match="finite batch, context and step_s"):
+            experiment.fit_step_time(rows)
+
+
+def _finished_run():
+    from llmops_lab.engine.workload import RunResult
+    res = RunResult("r", makespan=1.0)
+    res.requests = [{"request_id": "a", "arrival": 0.0, "n_in": 4, "n_out": 3}]
+    res.steps = [{"num_seqs": 1}]
+    return res
+
+
+@pytest.mark.parametrize("run, kind, seats, match", [
+    ("finished", "statc", 2, "kind must be 'static' or 'continuous', got 'statc'"),
+    ("finished", "static", 0, "max_num_seqs must be >= 1, got 0"),
+    ("empty", "static", 2, "'x' has no requests"),
+    ("no steps", "continuous", 2, "has no steps"),
+])
+def test_predict_refuses_what_it_cannot_predict(run, kind, seats, match):
+    from llmops_lab.engine import experiment
+    from llmops_lab.engine.workload import RunResult
+    fn = lambda B, ctx=0.0: 1e-3
+    assert experiment.predict(_finished_run(), fn, "static", 2)["throughput_tok_s"] > 0
+    result = {"finished": _finished_run(), "empty": RunResult("x"), "no steps": _finished_run()}[run]
+    if run == "no steps":
+        result.steps = []
+    with pytest.raises(ValueError, match=match):
+        experiment.predict(result, fn, kind, seats)
+
+
+def test_empty_runs_say_so():
+    from llmops_lab.engine import experiment
+    from llmops_lab.engine.workload import RunResult
+    with pytest.raises(ValueError, match="no continuous runs"):
+        experiment.continuous_throughput({})
+    with pytest.raises(ValueError, match="no continuous runs"):
+        experiment.continuous_throughput({"static": _finished_run()})
+    with pytest.raises(ValueError, match="'x' has no requests"):
+        RunResult("x").summary()
+    assert _finished_run().summary()["throughput_tok_s"] == 3.0
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(params=[SamplingParams(max_tokens=3)]), "params has 1 entries for 2 prompts"),
+    (dict(arrivals=[0.0, 0.0, 0.0]), "arrivals has 3 entries for 2 prompts"),
+    (dict(request_ids=["a"]), "request_ids has 1 entries for 2 prompts"),
+])
+def test_static_batch_refuses_mismatched_lists(tiny, kw, match):
+    kw = {"params": [SamplingParams(max_tokens=3)] * 2, **kw}
+    with pytest.raises(ValueError, match=match):
+        run_static_batch(tiny, [[2, 3], [4, 5, 6]], **kw)
+
+
+@pytest.mark.parametrize("batch_size", [0, -1])
+def test_run_static_refuses_a_batch_of_none(tiny, batch_size):
+    wl = make_workload(WORKLOAD_TOKENS, 2, prompt_len=(2, 8), mean_output=2, max_output=4)
+    with pytest.raises(ValueError, match=f"batch_size must be >= 1, got {batch_size}"):
+        run_static(tiny, wl, batch_size, progress=False)

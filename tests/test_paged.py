@@ -330,3 +330,33 @@ def test_paged_generate_refuses_what_it_would_ignore(tiny):
         paged_generate(tiny, prompt(1, 6), 4, cache=small, attention="gather")
     small.release()                        # what the message says: then the pool serves again
     assert paged_generate(tiny, prompt(1, 3), 2, cache=small, attention="gather").shape == (1, 5)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(prompt_median=0), "prompt_median must be a finite number > 0, got 0"),
+    (dict(prompt_median=float("nan")), "prompt_median must be"),
+    (dict(output_median=-3), "output_median must be a finite number > 0, got -3"),
+    (dict(output_median=float("inf")), "output_median must be"),
+    (dict(sigma=-1), "sigma must be a finite number >= 0, got -1"),
+    (dict(sigma=float("nan")), "sigma must be"),
+])
+def test_sample_requests_refuses_bad_lengths(kw, match):
+    from llmops_lab.paged import simulate
+    with pytest.raises(ValueError, match=match):
+        simulate.sample_requests(5, **kw)
+
+
+def test_sample_requests_sigma_zero_gives_the_medians():
+    from llmops_lab.paged import simulate
+    assert set(simulate.sample_requests(4, prompt_median=10, output_median=20, sigma=0)) == {simulate.Request(10, 20)}
+
+
+@pytest.mark.parametrize("requests, max_len, match", [
+    ([], 512, "no requests"),
+    (None, 0, "max_len must be >= 1, got 0"),
+])
+def test_memory_report_refuses_nothing_to_report(requests, max_len, match):
+    from llmops_lab.paged import simulate
+    requests = simulate.sample_requests(5, max_len=64) if requests is None else requests
+    with pytest.raises(ValueError, match=match):
+        simulate.memory_report(requests, max_len, 16)

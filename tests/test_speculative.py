@@ -197,3 +197,34 @@ def test_sweep_reports_measured_inputs_to_the_formulas(pair):
     from llmops_lab import formulas
     assert r["predicted_in_loop"] == pytest.approx(formulas.speculative_speedup_with_verify_cost(
         min(r["alpha"], 1 - 1e-9), 2, r["c_in_loop"], r["verify_cost_in_loop"]))
+
+
+@pytest.mark.parametrize("n, match", [(0, "n must be >= 1"), (1, "n=1 is too small"), (4, "use a larger n")])
+def test_distribution_test_refuses_too_few_cells(pair, n, match):
+    # Fewer than 5 draws in all: no cell expects 5, so the chi-square test has nothing to test.
+    from llmops_lab.speculative import experiment
+    target, draft = pair
+    with pytest.raises(ValueError, match=match):
+        experiment.distribution_test(target, draft, torch.tensor([0, 3, 8]), n=n, k=2)
+
+
+def test_distribution_test_refuses_a_flat_wide_distribution():
+    # The prober's case: 320 tokens, 300 draws, every expected count below 5.
+    from llmops_lab.speculative import experiment
+    t = tiny(0, std=0.01, vocab_size=320)
+    with pytest.raises(ValueError, match="too small for this distribution"):
+        experiment.distribution_test(t, t, torch.tensor([0, 3, 8]), n=300, temperature=1.0, k=2)
+
+
+@pytest.mark.parametrize("ids, batch_sizes, match", [
+    (torch.tensor([[0, 4, 6], [0, 5, 7]]), (1, 4), "batch size 4 .* 2 rows"),
+    (torch.tensor([[0, 4, 6], [0, 5, 7]]), (0, 1), "batch size 0"),
+    (torch.tensor([0, 4, 6]), (1,), r"\[rows, S\] tensor"),
+])
+def test_sweep_batch_refuses_batches_it_cannot_fill(pair, ids, batch_sizes, match):
+    from llmops_lab.speculative import experiment
+    target, draft = pair
+    with pytest.raises(ValueError, match=match):
+        experiment.sweep_batch(target, draft, ids, batch_sizes=batch_sizes, k=2, new_tokens=2, repeats=1)
+    with pytest.raises(TypeError, match="prompts_ids must be a"):
+        experiment.sweep_batch(target, draft, [[0, 4, 6]], batch_sizes=(1,), k=2, new_tokens=2, repeats=1)

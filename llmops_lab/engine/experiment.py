@@ -52,6 +52,10 @@ def continuous_throughput(results: dict[str, RunResult]) -> float:
     """Output tokens per second of the engine's run(s) in a ``compare`` result: both runs pooled
     (tokens over summed makespans) when it was bracketed."""
     runs = [results[k] for k in ("continuous_before", "continuous") if k in results]
+    if not runs:
+        raise ValueError(f"no continuous runs in results (keys: {sorted(results)})")
+    if sum(r.makespan for r in runs) <= 0:
+        raise ValueError("the continuous runs have no makespan, so no throughput")
     return sum(r.output_tokens for r in runs) / sum(r.makespan for r in runs)
 
 
@@ -166,6 +170,11 @@ def fit_step_time(rows: list[dict]):
     cannot shrink as work is added; noise must not make the fit say so): the best fit over every
     subset of the three terms whose coefficients come out non-negative. Returns (fn, (a, b, c))."""
     from itertools import combinations
+    if not rows:
+        raise ValueError("no rows to fit the step time to")
+    for r in rows:
+        if not all(math.isfinite(r[key]) for key in ("batch", "context", "step_s")):
+            raise ValueError(f"rows must hold finite batch, context and step_s, got {r}")
     X = np.array([[1.0, r["batch"], r["batch"] * r["context"]] for r in rows])
     y = np.array([r["step_s"] for r in rows])
     best, best_err = np.zeros(3), float(np.sum(y ** 2))
@@ -190,7 +199,13 @@ def predict(result: RunResult, step_time, kind: str, max_num_seqs: int) -> dict:
     continuous: mean running batch (measured) over step_time at that batch and mean context, fitted
     on ``decode_step_times`` (the engine's own step).
     """
+    if kind not in ("static", "continuous"):
+        raise ValueError(f"kind must be 'static' or 'continuous', got {kind!r}")
+    if max_num_seqs < 1:
+        raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
     reqs = result.requests
+    if not reqs:
+        raise ValueError(f"run {result.name!r} has no requests to predict from")
     ctx = sum(r["n_in"] + r["n_out"] / 2 for r in reqs) / len(reqs)
     if kind == "static":
         order = sorted(reqs, key=lambda r: (r["arrival"], r["request_id"]))
@@ -204,6 +219,8 @@ def predict(result: RunResult, step_time, kind: str, max_num_seqs: int) -> dict:
             seconds += sum(lens) / per_batch
         return {"formula": "document (static)", "throughput_tok_s": tokens / seconds}
     busy = [s["num_seqs"] for s in result.steps]
+    if not busy:
+        raise ValueError(f"run {result.name!r} has no steps to take the mean batch from")
     mean_batch = sum(busy) / len(busy)
     return {"formula": "continuous: mean batch / t(batch)", "mean_batch": mean_batch,
             "throughput_tok_s": formulas.continuous_batching_throughput(mean_batch, step_time(mean_batch, ctx))}

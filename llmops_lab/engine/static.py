@@ -49,6 +49,9 @@ def run_static_batch(model, prompts: list[list[int]], params: list[SamplingParam
     B = len(prompts)
     if B == 0:
         raise ValueError("an empty batch")
+    for name, xs in (("params", params), ("arrivals", arrivals), ("request_ids", request_ids)):
+        if xs is not None and len(xs) != B:
+            raise ValueError(f"{name} has {len(xs)} entries for {B} prompts; give one per prompt")
     dev, ctx = model.device, model.config.max_position_embeddings
     now = time.perf_counter()
     arrivals = arrivals or [now] * B

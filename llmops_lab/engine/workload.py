@@ -47,8 +47,14 @@ def make_workload(tokens: list[int], n: int, prompt_len: tuple[int, int] = (8, 6
     lo, hi = prompt_len
     if not 1 <= lo <= hi or hi >= len(tokens):
         raise ValueError(f"prompt_len {prompt_len} must satisfy 1 <= lo <= hi < len(tokens)={len(tokens)}")
-    if arrival_rate <= 0:
+    if math.isnan(arrival_rate) or arrival_rate <= 0:
         raise ValueError(f"arrival_rate must be > 0 (inf = all at once), got {arrival_rate}")
+    if not (math.isfinite(mean_output) and mean_output > 0):
+        raise ValueError(f"mean_output must be a finite number > 0, got {mean_output}")
+    if not (math.isfinite(spread) and spread >= 0):
+        raise ValueError(f"spread must be a finite number >= 0 (0 = all outputs equal), got {spread}")
+    if not max_output >= 1:           # also refuses NaN
+        raise ValueError(f"max_output must be >= 1, got {max_output}")
     rng = random.Random(seed + 1)
     outs = output_lengths(n, mean_output, spread, max_output, seed)
     t, reqs = 0.0, []
@@ -78,6 +84,10 @@ class RunResult:
     @property
     def throughput(self) -> float:
         """Output tokens per second over the whole run."""
+        if not self.requests:
+            raise ValueError(f"run {self.name!r} has no requests, so no throughput")
+        if self.makespan <= 0:
+            raise ValueError(f"run {self.name!r} has makespan {self.makespan}, so no throughput")
         return self.output_tokens / self.makespan
 
     def mean(self, key: str) -> float:

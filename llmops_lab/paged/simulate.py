@@ -39,6 +39,11 @@ def sample_requests(n: int = 1000, max_len: int = 2048, prompt_median: float = 1
     of about 1.65 x the median, near ShareGPT's 161 prompt / 338 output tokens), each cut to max_len."""
     if n < 1 or max_len < 2:
         raise ValueError(f"need n >= 1 and max_len >= 2, got {n}, {max_len}")
+    for name, v in (("prompt_median", prompt_median), ("output_median", output_median)):
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {v}")
+    if not (math.isfinite(sigma) and sigma >= 0):
+        raise ValueError(f"sigma must be a finite number >= 0, got {sigma}")
     rng = random.Random(seed)
     out = []
     for _ in range(n):
@@ -76,6 +81,10 @@ def memory_report(requests: list[Request], max_len: int, block_size: int, when: 
     (reserves exactly its final length: the best a contiguous allocator can do), "paged"
     (ceil(s / block_size) blocks, counted by the BlockManager).
     """
+    if not requests:
+        raise ValueError("no requests to report on")
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
     lens = current_lengths(requests, when, seed)
     used = sum(lens)
     paged = paged_blocks_used(lens, block_size) * block_size

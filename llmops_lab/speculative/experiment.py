@@ -72,14 +72,22 @@ def distribution_test(target, draft, prompt, n: int = 2000, temperature: float =
     """Chi-square test of the first speculatively sampled token against the target's distribution
     (``n`` rows of one prompt, decoded as one batch)."""
     from ..generation import logits_to_probs
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
     ids = prompt.reshape(1, -1).to(target.device)
+    probs = logits_to_probs(target(ids)[0, -1], temperature, top_k, top_p).double()
+    expected = probs.cpu() * n
+    keep = expected >= 5                      # pool rare tokens into one cell, as the test requires
+    # The test needs at least 2 cells (dof >= 1); with fewer it has nothing to test. Checked before
+    # sampling, since the expected counts do not depend on the samples.
+    cells = int(keep.sum()) + int(expected[~keep].sum() >= 5)
+    if cells < 2:
+        raise ValueError(f"n={n} is too small for this distribution: only {cells} cell(s) expect >= 5 "
+                         f"draws, and the chi-square test needs 2 or more; use a larger n")
     out, st = SpeculativeDecoder(target, draft, k).generate(
         ids.expand(n, -1), 1, temperature=temperature, top_k=top_k, top_p=top_p,
         generator=torch.Generator(device=ids.device).manual_seed(seed))
-    probs = logits_to_probs(target(ids)[0, -1], temperature, top_k, top_p).double()
     counts = torch.bincount(out[:, -1], minlength=probs.numel()).double().cpu()
-    expected = probs.cpu() * n
-    keep = expected >= 5                      # pool rare tokens into one cell, as the test requires
     obs = torch.cat([counts[keep], counts[~keep].sum()[None]])
     exp = torch.cat([expected[keep], expected[~keep].sum()[None]])
     if exp[-1] < 5:
@@ -159,6 +167,15 @@ def sweep_batch(target, draft, prompts_ids, batch_sizes=(1, 2, 4, 8), k: int = 4
                 repeats: int = 2) -> list[dict]:
     """Speedup against batch size: the target's batched step gets cheaper per row, the draft's
     relative cost and the verify cost grow, and rows wait for each other."""
+    if not torch.is_tensor(prompts_ids):
+        raise TypeError(f"prompts_ids must be a [rows, S] tensor, got {type(prompts_ids).__name__}")
+    if prompts_ids.dim() != 2:
+        raise ValueError(f"prompts_ids must be a [rows, S] tensor, got shape {tuple(prompts_ids.shape)}")
+    rows_given = prompts_ids.shape[0]
+    for B in batch_sizes:
+        if not 1 <= B <= rows_given:     # a larger B would run fewer rows than it reports
+            raise ValueError(f"batch size {B} in batch_sizes must be between 1 and the {rows_given} "
+                             f"rows of prompts_ids")
     rows = []
     runner, dec = LeanModel(target), SpeculativeDecoder(target, draft, k)
     for B in batch_sizes:
