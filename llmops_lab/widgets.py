@@ -78,24 +78,34 @@ def interactive_plot(fn: Callable, **controls):
         controls: widgets by argument name; plain values are passed through unchanged.
 
     Returns:
-        A VBox (controls above the plot) for the notebook to display.
+        A VBox (controls above the plot) for the notebook to display. A label after the controls
+        says when a redraw is running and how long the last one took: some measure for tens of
+        seconds, and a plot that stays as it was would look frozen.
     """
+    import time
     ipw = _ipywidgets()
     kwargs = {name: c if isinstance(c, ipw.ValueWidget) else ipw.fixed(c)
               for name, c in controls.items()}
+    status = ipw.Label()
 
     def draw(**values):
         import matplotlib.pyplot as plt
         from IPython.display import display
 
         from llmops_lab.plots import new_figure
+        status.value = "measuring and redrawing..."
+        t0 = time.perf_counter()
         fig, ax = new_figure()
         try:
             fn(ax, **values)
             display(fig)
+            status.value = f"drawn in {time.perf_counter() - t0:.1f} s"
+        except Exception:
+            status.value = "failed: see below"
+            raise
         finally:
             plt.close(fig)  # one live figure per redraw, not one more per slider move
 
     output = ipw.interactive_output(draw, kwargs)
     visible = [c for c in kwargs.values() if isinstance(c, ipw.DOMWidget)]
-    return ipw.VBox([ipw.HBox(visible), output])
+    return ipw.VBox([ipw.HBox(visible + [status]), output])

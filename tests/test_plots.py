@@ -119,7 +119,9 @@ def test_interactive_plot_redraws_on_change():
     box = widgets.interactive_plot(draw, bits=slider, label="fixed")
     assert isinstance(box, ipywidgets.VBox)
     controls, output = box.children
-    assert controls.children == (slider,) and isinstance(output, ipywidgets.Output)
+    assert controls.children[0] is slider and isinstance(output, ipywidgets.Output)
+    status = controls.children[1]                     # how long the last redraw took
+    assert isinstance(status, ipywidgets.Label) and status.value.startswith("drawn in")
     slider.value = 6
     assert seen == [(4, "fixed"), (6, "fixed")]
     assert plt.get_fignums() == []  # each redraw closes its figure

@@ -26,7 +26,9 @@ def gantt(ax, result: RunResult, max_requests: int = 24, title: str | None = Non
     ax.set_xlabel("seconds since the run started")
     ax.set_title(title or f"{result.name}: {result.throughput:.0f} output tok/s")
     from matplotlib.patches import Patch
-    ax.legend(handles=[Patch(color=c, label=k) for k, c in COLORS.items()], loc="lower right", fontsize=7)
+    # outside the axes: the lower right corner is where the last requests' bars end
+    ax.legend(handles=[Patch(color=c, label=k) for k, c in COLORS.items()], loc="upper left",
+              bbox_to_anchor=(1.01, 1.0), fontsize=7, borderaxespad=0)
     return rows
 
 
