@@ -94,6 +94,24 @@ def test_unsupported_inputs_are_clear_errors():
             cpu_kernel.contiguous_decode_cpu(qc, kc, vc, torch.tensor(starts, dtype=torch.int32))
 
 
+@needs_cc
+def test_the_engine_step_reads_its_tables_once(monkeypatch):
+    """A step's decode attention runs once per layer over the same tables and lengths: only the
+    first call reads their values (two reductions each); the rest pass values_checked."""
+    q, kp, vp, bt, lens = paged_case([5, 40], 8, 2, 32, bs=16)
+    want = cpu_kernel.paged_decode_cpu(q, kp, vp, bt, lens)
+    assert torch.equal(cpu_kernel.paged_decode_cpu(q, kp, vp, bt, lens, values_checked=True), want)
+    seen = []
+    real = cpu_kernel.paged_decode_cpu
+    monkeypatch.setattr(cpu_kernel, "paged_decode_cpu", lambda *a, **k: seen.append(k["values_checked"]) or real(*a, **k))
+    batch = PackedBatch([kp] * 3, [vp] * 3, slot_mapping=torch.tensor([-1, -1]), query_start=[0, 1, 2],
+                        context_lens=lens.tolist(), block_tables=bt)
+    for layer in range(3):
+        batch._layer = layer
+        torch.testing.assert_close(batch.attend(q.transpose(0, 1)[None])[0].transpose(0, 1), want)
+    assert seen == [False, True, True]
+
+
 def test_no_compiler_means_the_reference(monkeypatch, tmp_path):
     """Without a C compiler the kernel is unavailable, says why, and the packed batch falls back to
     gather+SDPA with the same result."""

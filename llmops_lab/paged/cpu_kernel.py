@@ -159,14 +159,16 @@ def _window_arg(window: int | None) -> int:
 
 def paged_decode_cpu(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, sliding_window: int | None = None,
-                     heads_first: bool = False) -> torch.Tensor:
+                     heads_first: bool = False, values_checked: bool = False) -> torch.Tensor:
     """out [B, H, D] = softmax(q K^T / sqrt(D)) V for each row b over its first context_lens[b] tokens
     (its last ``sliding_window`` of them, when given), reading the pools through block_tables
     [B, max_blocks] (int32) in place: token-major [num_blocks, block_size, Hkv, D] (the engine's),
     or [num_blocks, Hkv, block_size, D] with ``heads_first`` (``PagedKVCache``'s).
 
     Raises RuntimeError when the kernel is unavailable, ValueError for inputs it has no variant for
-    (``supports``) or that do not fit together."""
+    (``supports``) or that do not fit together. ``values_checked``: these same tables and lengths
+    (unchanged) went through an earlier call on a pool of as many blocks, so their values are not
+    read again (the engine's step calls once per layer with the same two tensors)."""
     B, H, D = q.shape
     if heads_first:
         N, Hkv, bs, _ = k_pool.shape
@@ -180,7 +182,7 @@ def paged_decode_cpu(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
     if block_tables.shape[0] != B or context_lens.shape != (B,):
         raise ValueError(f"{B} queries, {block_tables.shape[0]} block tables, {tuple(context_lens.shape)} lengths")
     lens = context_lens.contiguous()
-    if B:                                   # the C side trusts these: an index out of range reads out of bounds
+    if B and not values_checked:            # the C side trusts these: an index out of range reads out of bounds
         shortest, longest = (int(x) for x in torch.aminmax(lens))
         if shortest < 1:
             raise ValueError(f"every row needs a context of at least 1 token, got {shortest}")

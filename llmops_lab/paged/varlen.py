@@ -118,8 +118,11 @@ class PackedBatch:
                                 self._dec_lens, max_context_len=self._dec_L)
         if self.cpu_kernel and not self.use_kernels:
             if cpu_kernel.supports(q, kp, kp.shape[2]) and cpu_kernel.available():
+                # every layer's pool has as many blocks, and the step's tables and lengths never change
+                out = cpu_kernel.paged_decode_cpu(q, kp, vp, self._dec_tables, self._dec_lens, self.sliding_window,
+                                                  values_checked=self.cpu_kernel_calls > 0)
                 self.cpu_kernel_calls += 1
-                return cpu_kernel.paged_decode_cpu(q, kp, vp, self._dec_tables, self._dec_lens, self.sliding_window)
+                return out
         return self._decode_reference(q, kp, vp)
 
     def _decode_reference(self, q, kp, vp):
