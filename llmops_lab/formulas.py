@@ -12,8 +12,9 @@ al. 2022) and the roofline model (Williams et al. 2009). No torch: these are pla
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Sequence
+
+from .checks import is_int, is_real
 
 # ---------------------------------------------------------------------------------------------
 # Input checks. Each names the argument and the bad value. A non-number raises TypeError; a
@@ -23,17 +24,17 @@ from collections.abc import Callable, Sequence
 
 def _real(name: str, v) -> None:
     """v must be a finite real number (numpy's too); a bool is not one."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+    if not is_real(v):
         raise TypeError(f"{name} must be a real number, got {v!r}")
-    if not isinstance(v, numbers.Integral) and not math.isfinite(v):
+    if not is_int(v) and not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {v}")
 
 
 def _integer(name: str, v, minimum: int) -> None:
     """v must be an integer (Python's or numpy's, not a bool) >= minimum. 16.0 is refused too."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+    if not is_real(v):
         raise TypeError(f"{name} must be an integer, got {v!r}")
-    if not isinstance(v, numbers.Integral):
+    if not is_int(v):
         raise ValueError(f"{name} must be an integer, got {v!r}")
     if v < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {v}")

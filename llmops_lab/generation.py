@@ -12,6 +12,8 @@ import warnings
 
 import torch
 
+from .checks import is_int as _integer
+from .checks import is_real as _real
 from .kv import KVCache
 
 
@@ -26,20 +28,17 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
 
 
-def _real(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _integer(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
 def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                     top_p: float | None = None) -> torch.Tensor:
     """Next-token distribution [..., V] after temperature, top-k and top-p (temperature > 0)."""
     check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         raise ValueError("temperature 0 is greedy: take the argmax, there is no distribution to sample")
+    return _probs(logits, temperature, top_k, top_p)
+
+
+def _probs(logits, temperature, top_k, top_p):
+    """``logits_to_probs`` on arguments already checked."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
@@ -60,7 +59,7 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
     check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(-1)
-    probs = logits_to_probs(logits, temperature, top_k, top_p)
+    probs = _probs(logits, temperature, top_k, top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

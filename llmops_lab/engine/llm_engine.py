@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import itertools
 import math
-import numbers
 import time
 
 import torch
 
+from ..checks import is_int
 from ..generation import logits_to_probs
 from ..measure import synchronize
 from .block_manager import BlockManager
@@ -139,7 +139,7 @@ class LLMEngine:
         if not isinstance(prompt, (list, tuple, range)):
             raise ValueError(f"a prompt must be a string, a list of token ids or a 1-D tensor, got "
                              f"{type(prompt).__name__}")
-        bad = next((t for t in prompt if not isinstance(t, numbers.Integral) or isinstance(t, bool)), None)
+        bad = next((t for t in prompt if not is_int(t)), None)
         if bad is not None:
             raise ValueError(f"token ids must be integers, got {bad!r} ({type(bad).__name__})")
         return [int(t) for t in prompt]

@@ -9,8 +9,10 @@ Validated on construction: a bad value is an error here, never a silent change o
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
+
+from ..checks import is_int as _is_int
+from ..checks import is_real as _is_real
 
 
 @dataclass(frozen=True)
@@ -65,15 +67,6 @@ class SamplingParams:
     @property
     def top_p_or_none(self) -> float | None:
         return self.top_p if self.top_p < 1 else None
-
-
-def _is_int(x) -> bool:
-    """An integer (Python's or numpy's), not a bool: ``max_tokens=True`` is a mistake, not 1."""
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _is_real(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def stop_reason(seq, tok: int, eos_ids, max_model_len: int, tokenizer=None):

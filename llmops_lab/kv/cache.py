@@ -5,9 +5,9 @@ with batch and grouped-query heads in it (see ``formulas.kv_cache_bytes``).
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
+
+from ..checks import is_int
 
 
 def write_at(k_buf, v_buf, k, v, pos):
@@ -73,5 +73,5 @@ class KVCache:
 def check_start(start) -> None:
     """A write position must be a non-negative integer: a negative one would slice from the end of
     the buffer and write (or return) the wrong positions without a word."""
-    if isinstance(start, bool) or not isinstance(start, numbers.Integral) or start < 0:
+    if not is_int(start) or start < 0:
         raise ValueError(f"start must be a position >= 0, got {start!r}")
