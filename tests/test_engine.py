@@ -8,6 +8,7 @@ import torch
 from llmops_lab.config import ModelConfig
 from llmops_lab.engine import LLM, EngineConfig, LLMEngine, SamplingParams, Scheduler, Sequence
 from llmops_lab.engine.block_manager import BlockManager
+from llmops_lab.engine.sequence import PENDING
 from llmops_lab.engine.static import run_static_batch
 from llmops_lab.engine.workload import make_workload, run_continuous, run_static
 from llmops_lab.generation import generate
@@ -333,9 +334,9 @@ def static_decode_engine(model, use_kernels: bool, prefill_graphs: int | None = 
     eng.static_steps = 0
     run = eng.runner.graphs.run
 
-    def counted(*a):
+    def counted(*a, **kw):
         eng.static_steps += 1
-        return run(*a)
+        return run(*a, **kw)
     eng.runner.graphs.run = counted
     return eng
 
@@ -442,6 +443,104 @@ def test_prefill_graph_path_samples_like_the_eager_one(tiny):
         ModelRunner(tiny, 8, 8, prefill_graphs=32)
 
 
+def _stop_ids(model, ps, lens):
+    """Three tokens the prompts' greedy continuations often produce: as stop tokens they end about
+    half the requests early, at steps the host cannot know in advance."""
+    from collections import Counter
+    seen = Counter(t for p, n in zip(ps, lens) for t in alone(model, p, n)[1:])
+    return tuple(t for t, _ in seen.most_common(3))
+
+
+@pytest.mark.parametrize("runner", ["eager", "graph buffers"])
+@pytest.mark.parametrize("cfg", [
+    dict(max_num_seqs=16, max_num_batched_tokens=512),                    # whole prompts, big batches
+    dict(max_num_seqs=3, max_num_batched_tokens=7),                       # tiny chunks, few seats
+    # the pool runs dry: preemption (without stop tokens, which end requests too early for it)
+    dict(max_num_seqs=16, max_num_batched_tokens=64, num_kv_blocks=12),
+    dict(max_num_seqs=8, max_num_batched_tokens=33, block_size=1),        # every token fills a block
+])
+def test_async_scheduling_equals_lockstep(tiny, runner, cfg):
+    """Async scheduling (each step launched before the previous step's tokens are read, placeholders
+    fed from the device) gives every request the tokens and finish reason of the lockstep engine,
+    with stop tokens ending requests at unforeseen steps, preemption, chunks and prefix-cache hits;
+    every block comes back. On the graph buffers (the GPU's path, run eagerly) the fed rows go through
+    ``DecodeGraphs.run``, else through the eager packed forward."""
+    cfg = {"block_size": 8, **cfg}
+    ps = prompts(12, seed=1)
+    ps[5] = ps[3][:17] + ps[5]
+    ps[7] = list(ps[3])
+    lens = [1 + (i * 7) % 23 for i in range(len(ps))]
+    preempt = cfg.get("num_kv_blocks") == 12
+    stops = () if preempt else _stop_ids(tiny, ps, lens)
+    reqs = [(str(i), p, SamplingParams(max_tokens=n, temperature=0.0, stop_token_ids=stops, ignore_eos=preempt))
+            for i, (p, n) in enumerate(zip(ps, lens))]
+    runs = {}
+    for mode in ("lockstep", "async"):
+        c = dict(cfg, async_scheduling=mode == "async")
+        eng = static_decode_engine(tiny, False, **c) if runner == "graph buffers" else LLMEngine(tiny, config=EngineConfig(**c))
+        outs = run_all(eng, reqs, shuffle_seed=3, add_every=2)
+        runs[mode] = eng, {k: (o.outputs[0].token_ids, o.outputs[0].finish_reason) for k, o in outs.items()}
+        assert eng.block_manager.num_free_blocks == eng.num_kv_blocks
+        assert all(PENDING not in s.token_ids for r in eng.requests.values() for s in r.seqs)
+    (lock, a), (asy, b) = runs["lockstep"], runs["async"]
+    assert a == b
+    assert asy.overlapped_steps > len(asy.step_stats) // 2 and lock.overlapped_steps == 0
+    assert asy.block_manager.prefix_hits > 0
+    if preempt:
+        assert asy.scheduler.num_preemptions > 0
+    else:
+        assert sum(r == "stop" for _, r in a.values()) >= 3
+    if runner == "graph buffers":
+        assert asy.static_steps > 0
+    # the step rows tile the timeline, each ending when its tokens were read
+    for r0, r1 in zip(asy.step_stats, asy.step_stats[1:]):
+        assert r0["t_start"] <= r0["t_end"] <= r1["t_start"] + 1e-9 or r1["t_start"] == r0["t_end"]
+
+
+def test_async_scheduling_skips_what_it_cannot_overlap(tiny):
+    """A sampled request with n = 2 needs its logits on the host: while it is in the engine the
+    steps run in lockstep (seeded samples equal the lockstep engine's), and the greedy requests
+    around it overlap before and after; a request whose last token is certain (max_tokens) sits
+    out the step after it; an abort while a token is on its way keeps only the tokens read."""
+    ps = prompts(6, 5, 20, seed=5)
+    greedy = SamplingParams(max_tokens=9, **GREEDY)
+    sampled = SamplingParams(max_tokens=4, temperature=0.9, n=2, seed=11, ignore_eos=True)
+    reqs = [(str(i), p, sampled if i == 3 else greedy) for i, p in enumerate(ps)]
+    outs = {}
+    for mode in (False, True):
+        eng = LLMEngine(tiny, config=EngineConfig(block_size=4, max_num_seqs=4, async_scheduling=mode))
+        outs[mode] = {k: [c.token_ids for c in o.outputs] for k, o in run_all(eng, reqs, add_every=1).items()}
+    assert outs[False] == outs[True] and 0 < eng.overlapped_steps < len(eng.step_stats)
+    # one request of 3 tokens: prefill and two decodes, no step past its end
+    eng = LLMEngine(tiny, config=EngineConfig(block_size=4, async_scheduling=True))
+    out = run_all(eng, [("a", ps[0], SamplingParams(max_tokens=3, **GREEDY))])["a"]
+    assert out.outputs[0].token_ids == alone(tiny, ps[0], 3) and len(eng.step_stats) == 3
+    # a follow-up whose prompt is the first prompt and its answer finds the answer's full blocks in
+    # the prefix cache: blocks completed by a placeholder were registered when its value arrived
+    p = prompts(1, 8, 8, seed=6)[0]
+    for mode in (False, True):
+        eng = LLMEngine(tiny, config=EngineConfig(block_size=4, async_scheduling=mode))
+        first = run_all(eng, [("a", p, SamplingParams(max_tokens=13, **GREEDY))])["a"].outputs[0].token_ids
+        run_all(eng, [("b", p + first + [5], SamplingParams(max_tokens=2, **GREEDY))])
+        assert eng.block_manager.prefix_hits == (8 + 13) // 4, mode
+    # abort between steps: one token is on the device, the output holds only those read
+    eng = LLMEngine(tiny, config=EngineConfig(block_size=4, num_kv_blocks=40, async_scheduling=True))
+    for i, p in enumerate(ps[:3]):
+        eng.add_request(str(i), p, SamplingParams(max_tokens=30, **GREEDY))
+    for _ in range(4):
+        eng.step()
+    seq = eng.requests["1"].seqs[0]
+    assert seq.num_pending == 1 and len(eng.get_output("1").outputs[0].token_ids) == 3
+    eng.abort("1")
+    out = eng.get_output("1").outputs[0]
+    assert out.finish_reason == "abort" and out.token_ids == alone(tiny, ps[1], 3)
+    while eng.has_unfinished_requests():
+        eng.step()
+        eng.check()
+    assert eng.block_manager.num_free_blocks == eng.num_kv_blocks
+    assert eng.get_output("0").outputs[0].token_ids == alone(tiny, ps[0], 30)
+
+
 def test_decode_graphs_refuse_what_they_cannot_hold(tiny):
     from llmops_lab.engine.cuda_graph import DecodeGraphs
     from llmops_lab.engine.model_runner import ModelRunner, decode_graphs_possible
@@ -458,8 +557,9 @@ def test_decode_graphs_refuse_what_they_cannot_hold(tiny):
 
 @pytest.mark.gpu
 def test_captured_decode_graphs_match_eager():
-    """On a GPU: the engine with CUDA graphs (the default) gives the eager engine's greedy tokens
-    (fp32, so batching cannot round differently)."""
+    """On a GPU: the engine with CUDA graphs (the default), with prefill graphs and with async
+    scheduling (graphed and eager) gives the eager engine's greedy tokens (fp32, so batching cannot
+    round differently)."""
     from llmops_lab.config import ModelConfig
     from llmops_lab.model import LlamaModel
     cfg = ModelConfig(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -472,16 +572,20 @@ def test_captured_decode_graphs_match_eager():
     ps = prompts(11, seed=2)
     reqs = [(str(i), p, SamplingParams(max_tokens=3 + i % 9, **GREEDY)) for i, p in enumerate(ps)]
     outs = {}
-    for mode in ("eager", "decode graphs", "prefill graphs too"):
+    modes = ("eager", "decode graphs", "prefill graphs too", "async", "async eager")
+    for mode in modes:
         eng = LLMEngine(model, config=EngineConfig(block_size=16, max_num_seqs=6, num_kv_blocks=64,
-                                                   enforce_eager=mode == "eager",
-                                                   prefill_graphs=mode == "prefill graphs too"))
-        assert (eng.runner.graphs is None) == (mode == "eager")
-        assert (eng.runner.prefill is None) == (mode != "prefill graphs too")
+                                                   enforce_eager=mode in ("eager", "async eager"),
+                                                   prefill_graphs=mode in ("prefill graphs too", "async"),
+                                                   async_scheduling=mode.startswith("async")))
+        assert (eng.runner.graphs is None) == mode.endswith("eager")
+        assert (eng.runner.prefill is None) == (mode not in ("prefill graphs too", "async"))
         outs[mode] = {k: v.outputs[0].token_ids for k, v in run_all(eng, reqs, add_every=2).items()}
         if eng.runner.prefill is not None:
             assert eng.runner.prefill_graph_steps > 0 and eng.runner.prefill.graphs
-    assert outs["eager"] == outs["decode graphs"] == outs["prefill graphs too"]
+        if mode.startswith("async"):
+            assert eng.overlapped_steps > 0
+    assert all(outs[m] == outs["eager"] for m in modes)
 
 
 @pytest.mark.parametrize("mixed", [False, True])
@@ -576,10 +680,12 @@ def engine_machine(tiny):
 
     class Machine(RuleBasedStateMachine):
         graphs = False          # True: decodes and new prompts through the CUDA graphs' static buffers
+        overlap = False         # True: async scheduling (greedy n = 1 steps launched before reads)
 
         def __init__(self):
             super().__init__()
-            cfg = dict(block_size=4, num_kv_blocks=10, max_num_seqs=4, max_num_batched_tokens=16)
+            cfg = dict(block_size=4, num_kv_blocks=10, max_num_seqs=4, max_num_batched_tokens=16,
+                       async_scheduling=self.overlap)
             self.eng = (static_decode_engine(tiny, False, prefill_graphs=16, **cfg) if self.graphs
                         else LLMEngine(tiny, config=EngineConfig(**cfg)))
             self.reqs, self.aborted, self.outs, self.ids = {}, set(), {}, 0
@@ -633,10 +739,10 @@ def engine_machine(tiny):
     return Machine
 
 
-@pytest.mark.parametrize("graphs", [False, True])
-def test_engine_random_interleavings(engine_machine, graphs):
+@pytest.mark.parametrize("graphs, overlap", [(False, False), (True, False), (True, True)])
+def test_engine_random_interleavings(engine_machine, graphs, overlap):
     from hypothesis.stateful import run_state_machine_as_test
-    engine_machine.graphs = graphs
+    engine_machine.graphs, engine_machine.overlap = graphs, overlap
     run_state_machine_as_test(engine_machine, settings=engine_machine.TestCase.settings)
 
 

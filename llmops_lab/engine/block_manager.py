@@ -176,15 +176,24 @@ class BlockManager:
                 last.ref_count -= 1
                 seq.block_table[-1] = new.block_id
                 copy = (last.block_id, new.block_id)
-        if n % self.block_size == 0:                              # block just became full
-            b = self.blocks[seq.block_table[-1]]
-            toks = tuple(seq.token_ids[n - self.block_size:n])
-            prev = seq.last_hash if n > self.block_size else None
-            h = block_hash(toks, prev)
-            if b.hash is None:
-                self._register(b, h, toks)
-            seq.last_hash = h
+        # the block just became full; a newest token still on the device (PENDING, async
+        # scheduling) has no value to hash yet: the engine seals the block when it arrives
+        if n % self.block_size == 0 and seq.token_ids[n - 1] >= 0:
+            self.seal_last_block(seq)
         return copy
+
+    def seal_last_block(self, seq: Sequence) -> None:
+        """seq's newest token filled its last block: register the block under the hash of its tokens
+        and of everything before them (prefix caching), and continue seq's hash chain from it."""
+        n, bs = len(seq), self.block_size
+        if n % bs or len(seq.block_table) != n // bs:
+            raise RuntimeError(f"sequence {seq.seq_id}: {n} tokens do not end its last block")
+        b = self.blocks[seq.block_table[-1]]
+        toks = tuple(seq.token_ids[n - bs:n])
+        h = block_hash(toks, seq.last_hash if n > bs else None)
+        if b.hash is None:
+            self._register(b, h, toks)
+        seq.last_hash = h
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """child shares every block of parent (parallel sampling); writes will copy-on-write."""

@@ -22,6 +22,9 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     enforce_eager: bool = False           # CUDA: no graphs of decode steps (they are captured by default)
     prefill_graphs: bool = False          # CUDA: new whole prompts (up to 512 tokens a step) by captured graphs too (a candidate)
+    # schedule and launch each step before the previous step's tokens reach the host, so the host's
+    # work hides behind the GPU's (greedy n=1 requests; others run in lockstep): a candidate
+    async_scheduling: bool = False
     cpu_paged_kernel: bool = True         # CPU: decode attention by the C kernel (paged.cpu_kernel) where it can
     seed: int = 0
 

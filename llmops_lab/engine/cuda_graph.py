@@ -159,22 +159,31 @@ class DecodeGraphs(_BucketGraphs):
                                          decode_batch_attention)[0]
 
     def run(self, ids: list[int], positions: list[int], slots: list[int], lens: list[int],
-            tables: list[list[int]]) -> torch.Tensor:
-        """One decode step of len(ids) <= max_batch sequences; logits [B, vocab] in batch order."""
+            tables: list[list[int]], feed: tuple[torch.Tensor, list[int]] | None = None) -> torch.Tensor:
+        """One decode step of len(ids) <= max_batch sequences; logits [B, vocab] in batch order.
+        ``feed`` (async scheduling): (tokens on the device, rows): row i's token id is
+        ``tokens[rows[i]]`` where rows[i] >= 0 (its entry in ``ids`` is a placeholder)."""
         B = len(ids)
         bucket = next(s for s in self.sizes if s >= B)
         pad = bucket - B
         width = max(len(t) for t in tables)
         host = torch.tensor([ids + [0] * pad, positions + [0] * pad, slots + [self.scratch_slot] * pad,
-                             lens + [1] * pad], dtype=torch.long)
+                             lens + [1] * pad] + ([feed[1] + [-1] * pad] if feed else []), dtype=torch.long)
+        rows = [t + [self.scratch_block] * (width - len(t)) for t in tables] + [[self.scratch_block] * width] * pad
+        table = torch.tensor(rows, dtype=torch.int32)
+        if self.ids.is_cuda:           # from pageable memory a copy would wait for the GPU to be idle
+            host, table = host.pin_memory(), table.pin_memory()
         self.ids[:bucket].copy_(host[0], non_blocking=True)
         self.positions[:bucket].copy_(host[1], non_blocking=True)
         self.slots[:bucket].copy_(host[2], non_blocking=True)
         self.lens[:bucket].copy_(host[3], non_blocking=True)
         # Entries past a sequence's length are never read, so only the used width is refreshed;
         # a padding row's one key is slot 0 of the scratch block.
-        rows = [t + [self.scratch_block] * (width - len(t)) for t in tables] + [[self.scratch_block] * width] * pad
-        self.tables[:bucket, :width].copy_(torch.tensor(rows, dtype=torch.int32), non_blocking=True)
+        self.tables[:bucket, :width].copy_(table, non_blocking=True)
+        if feed is not None:           # tokens the previous step sampled, still on the device
+            src = host[4].to(self.ids.device, non_blocking=True)
+            ids = self.ids[:bucket]
+            ids.copy_(torch.where(src >= 0, feed[0][src.clamp(min=0)], ids))
         return self._replay(bucket)[:B]
 
 
@@ -277,10 +286,12 @@ class PrefillGraphs(_BucketGraphs):
         pad = T - n
         host = torch.tensor([ids + [0] * pad, pos + [0] * pad, slot + [self.scratch_slot] * pad,
                              seg + [-1] * pad], dtype=torch.long)
+        lasts = torch.tensor(last + [0] * (self.max_prompts - len(last)), dtype=torch.long)
+        if self.ids.is_cuda:           # from pageable memory a copy would wait for the GPU to be idle
+            host, lasts = host.pin_memory(), lasts.pin_memory()
         self.ids[:T].copy_(host[0], non_blocking=True)
         self.positions[:T].copy_(host[1], non_blocking=True)
         self.slots[:T].copy_(host[2], non_blocking=True)
         self.segments[:T].copy_(host[3], non_blocking=True)
-        self.last.copy_(torch.tensor(last + [0] * (self.max_prompts - len(last)), dtype=torch.long),
-                        non_blocking=True)
+        self.last.copy_(lasts, non_blocking=True)
         return self._replay(T)[:len(prompts)]

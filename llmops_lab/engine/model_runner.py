@@ -210,26 +210,37 @@ class ModelRunner:
         return pre, prompts, slots, dec, decode
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+    def execute(self, batch: ScheduledBatch, feed: tuple[torch.Tensor, list[int]] | None = None) -> torch.Tensor:
         """Run the step; logits [num_sampling, vocab] (fp32) for the sequences that sample, in
-        batch order."""
+        batch order.
+
+        ``feed`` (async scheduling): (tokens, rows). A sequence whose newest token is still on the
+        device (``PENDING`` in its token list) takes it from ``tokens[rows[i]]``, batch row i
+        (-1: its tokens are all known); no value crosses to the host."""
         self.copy_blocks(batch.copies)
+        if feed is not None and len(feed[1]) != len(batch):
+            raise ValueError(f"feed has {len(feed[1])} rows for a batch of {len(batch)}")
         decode = self.prepare_decode(batch)
         if decode is not None:
             self.graph_steps += 1
-            return self.graphs.run(*decode).float()
+            return self.graphs.run(*decode, feed=feed).float()
         split = self.prepare_split(batch)
         if split is not None:
             pre, prompts, slots, dec, decode = split
             self.prefill_graph_steps += 1
-            parts = [self.prefill.run(prompts, slots)]
+            parts = [self.prefill.run(prompts, slots)]         # new prompts: every token known
             if dec:
                 self.graph_steps += 1
-                parts.append(self.graphs.run(*decode))
+                parts.append(self.graphs.run(*decode, feed=feed and (feed[0], [feed[1][i] for i in dec])))
             where = {row: j for j, row in enumerate(pre + dec)}        # batch row -> row of the parts
             order = torch.tensor([where[i] for i in range(len(batch))], device=self.model.device)
             return torch.cat(parts)[order].float()
         ids, pos, meta, sample_at = self.prepare(batch)
+        if feed is not None:           # a pending token is its sequence's newest: the chunk's last
+            rows = [(meta.query_start[i + 1] - 1, r) for i, r in enumerate(feed[1]) if r >= 0]
+            if rows:
+                dst, src = torch.tensor(rows, dtype=torch.long).to(ids.device).unbind(1)
+                ids[0, dst] = feed[0][src]
         logits = self.model(ids, positions=pos, cache=meta, backend=packed_paged_attention,
                             logits_indices=sample_at)
         self.cpu_kernel_calls += meta.cpu_kernel_calls

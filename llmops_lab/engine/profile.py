@@ -2,6 +2,7 @@
 over mixed steps (``--mixed``: a prompt's prefill joins the decodes, as when a seat is refilled).
 
     python -m llmops_lab.engine.profile [--preset llama-2-7b] [--device cuda] [--batch 16] [--mixed]
+                                        [--compare-eager] [--async-scheduling]
 
 On a GPU an eager step of a 7B model reads 13 GB of weights (a few milliseconds at HBM speed), and
 the host has to launch every kernel of every layer before the GPU can run it. The tables show which
@@ -27,7 +28,8 @@ from .sampling_params import SamplingParams
 
 @torch.inference_mode()
 def profile_decode_steps(model, batch_size: int = 16, prompt_len: int = 128, steps: int = 10,
-                         row_limit: int = 12, enforce_eager: bool = False, mixed: bool = False) -> dict:
+                         row_limit: int = 12, enforce_eager: bool = False, mixed: bool = False,
+                         async_scheduling: bool = False) -> dict:
     """Profile ``steps`` engine steps in which ``batch_size`` sequences each decode one token, or
     (``mixed``) in which ``batch_size - 1`` sequences decode and one new prompt of ``prompt_len``
     tokens is prefilled (it asks for one token, so its seat is free again for the next step's).
@@ -39,7 +41,7 @@ def profile_decode_steps(model, batch_size: int = 16, prompt_len: int = 128, ste
         raise ValueError("a mixed step needs batch_size >= 2: one prefill beside the decodes")
     dev = model.device
     engine = LLMEngine(model, config=EngineConfig(max_num_seqs=batch_size, max_num_batched_tokens=batch_size * prompt_len,
-                                                  enforce_eager=enforce_eager))
+                                                  enforce_eager=enforce_eager, async_scheduling=async_scheduling))
     g = torch.Generator().manual_seed(0)
     prompt = lambda: torch.randint(3, model.config.vocab_size, (prompt_len,), generator=g).tolist()
     for i in range(batch_size - mixed):
@@ -83,6 +85,8 @@ def main(argv=None):
     ap.add_argument("--compare-eager", action="store_true", help="also profile with enforce_eager=True")
     ap.add_argument("--mixed", action="store_true",
                     help="also profile mixed steps: batch-1 decodes and one prompt's prefill")
+    ap.add_argument("--async-scheduling", action="store_true",
+                    help="also profile decode steps with async scheduling (each launched before the last is read)")
     a = ap.parse_args(argv)
     if a.preset:
         from ..presets import random_model
@@ -90,10 +94,12 @@ def main(argv=None):
     else:
         from ..loader import load_model
         model = load_model("target", device=a.device, dtype=torch.float32)
-    runs = [(False, False)] + [(True, False)] * a.compare_eager + [(False, True)] * a.mixed
-    for eager, mixed in runs:
-        r = profile_decode_steps(model, a.batch, a.prompt_len, a.steps, enforce_eager=eager, mixed=mixed)
-        how = "CUDA graphs" if r["graphs"] else "eager"
+    runs = ([(False, False, False)] + [(True, False, False)] * a.compare_eager + [(False, True, False)] * a.mixed
+            + [(False, False, True)] * a.async_scheduling)
+    for eager, mixed, overlap in runs:
+        r = profile_decode_steps(model, a.batch, a.prompt_len, a.steps, enforce_eager=eager, mixed=mixed,
+                                 async_scheduling=overlap)
+        how = ("CUDA graphs" if r["graphs"] else "eager") + (", async scheduling" if overlap else "")
         what = f"{a.batch - 1} decodes and a {a.prompt_len}-token prefill" if mixed else f"{a.batch} decodes"
         print(f"{how}: {what} per step: {r['step_ms']:.2f} ms per step (wall), "
               f"{r['device_ms']:.2f} ms of device time")

@@ -71,6 +71,7 @@ class Scheduler:
         if seq.block_table:
             self.bm.free(seq)
             seq.block_table = []
+        seq.drop_pending()                   # tokens sampled past its end are never read
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason, seq.error = reason, error
 
@@ -104,6 +105,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.last_pending:                # async scheduling: its last token is on its way
+                i += 1
+                continue
             if seq.num_slotted_tokens < len(seq):               # its newest token needs a slot
                 while not self.bm.can_append(seq):
                     if len(self.running) == 1:                  # alone and still no room: never fits
@@ -130,7 +134,8 @@ class Scheduler:
             i += 1
         if batch.preempted:
             return batch                                        # no admissions in a step that preempted
-        seats = sum(self._seats(s) for s in self.running)     # a request with n > 1 will fork
+        # a request with n > 1 will fork; one whose last token is on its way leaves when it arrives
+        seats = sum(self._seats(s) for s in self.running if not s.last_pending)
         while self.waiting and budget > 0:
             seq = self.waiting[0]
             if seats + self._seats(seq) > self.config.max_num_seqs:

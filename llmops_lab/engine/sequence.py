@@ -10,6 +10,10 @@ from __future__ import annotations
 import itertools
 from enum import Enum, auto
 
+# A token sampled on the device that the host has not read yet (``EngineConfig(async_scheduling=True)``):
+# it stands in the token list, so lengths, slots and blocks are right, until the engine fills it in.
+PENDING = -1
+
 
 class SequenceStatus(Enum):
     WAITING = auto()
@@ -37,6 +41,8 @@ class Sequence:
         self.num_slotted_tokens = 0           # tokens that have a slot in block_table
         self.num_cached_tokens = 0            # leading tokens found in the prefix cache (not written)
         self.num_preemptions = 0
+        self.num_pending = 0                  # trailing PENDING tokens (async scheduling: 0, 1 or 2)
+        self.last_pending = False             # its newest PENDING token is certainly its last (length)
         self.finish_reason: str | None = None  # "stop", "length", "abort" or "error"
         self.error: str | None = None
         self.stop_reason = None               # the stop token id or string that ended it
@@ -52,6 +58,15 @@ class Sequence:
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
 
+    def drop_pending(self) -> int:
+        """Remove the trailing PENDING tokens (a finished sequence's, computed past its end); returns
+        how many there were."""
+        n = self.num_pending
+        if n:
+            del self.token_ids[-n:]
+        self.num_pending, self.last_pending = 0, False
+        return n
+
     @property
     def num_completion_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
@@ -62,7 +77,8 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        """The completion's tokens the host knows (not the PENDING ones still on the device)."""
+        return self.token_ids[self.num_prompt_tokens:len(self.token_ids) - self.num_pending]
 
     @property
     def is_finished(self) -> bool:
