@@ -109,3 +109,29 @@ def test_quant_bench_split_candidate_rows_and_failure(monkeypatch):
     monkeypatch.setattr(experiment, "linear_speed", broken)
     rows, failed = bq.split_candidate((1,), shapes, torch.device("cpu"), torch.float32, repeats=1, label="cand")
     assert rows == [] and failed[0]["name"] == "cand: failed" and "no such kernel" in failed[0]["error"]
+
+
+def test_batching_candidates_rows_and_failure(random_llama, monkeypatch):
+    """The GPU suite's engine candidates (prefill graphs; async scheduling on top) run here too, on
+    the CPU's eager path: each row compares with the default engine's run and agrees with it; a
+    candidate that fails becomes one row saying so."""
+    from llmops_lab.bench import batching
+    from llmops_lab.config import ModelConfig
+    from llmops_lab.engine import experiment
+    from llmops_lab.engine import workload as wlmod
+    cfg = ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+    model = random_llama(cfg)
+    wl = wlmod.make_workload(list(range(2, 120)) * 4, 6, prompt_len=(4, 12), mean_output=6, max_output=12)
+    res = experiment.compare(model, wl, max_num_seqs=3, max_num_batched_tokens=256)
+    rows = batching.candidate_rows(model, wl, 3, res["continuous"], res["static"])
+    assert [r["name"].split(" (")[0] for r in rows] == ["continuous, prefill graphs",
+                                                        "continuous, prefill graphs + async scheduling"]
+    assert all(r["prefix_agreement"] == 1 and r["vs_default"] > 0 for r in rows)
+    assert rows[1]["overlapped_steps"] > 0 and rows[0]["overlapped_steps"] == 0
+
+    def broken(*a, **k):
+        raise RuntimeError("capture failed")
+    monkeypatch.setattr(wlmod, "run_continuous", broken)
+    rows = batching.candidate_rows(model, wl, 3, res["continuous"], res["static"])
+    assert len(rows) == 2 and all("capture failed" in r["error"] for r in rows)

@@ -16,6 +16,8 @@ read), each in its own row.
 """
 from __future__ import annotations
 
+import traceback
+
 import torch
 
 from . import BenchContext, row
@@ -93,7 +95,7 @@ def run(ctx: BenchContext) -> list[dict]:
             peer="transformers generate", peer_value=hf.throughput),
     ]
     if ctx.device.type == "cuda":          # the candidates for the default, after the default's run
-        out += [engine_candidate(model, wl, seats, cont, hf, **kw) for kw in CANDIDATES]
+        out += candidate_rows(model, wl, seats, cont, hf)
     for r in (cont, static):
         s = r.summary()
         out.append(row("batching", f"{r.name}: mean TTFT", s["mean_ttft_s"] * 1e3, "ms"))
@@ -115,6 +117,19 @@ def run(ctx: BenchContext) -> list[dict]:
 # on the same workload: new prompts' steps by captured graphs; then also each step launched before
 # the previous step's tokens are read (async scheduling), hiding the host's work behind the GPU's
 CANDIDATES = (dict(prefill_graphs=True), dict(prefill_graphs=True, async_scheduling=True))
+
+
+def candidate_rows(model, wl, seats: int, cont, hf) -> list[dict]:
+    """A row per candidate in ``CANDIDATES``; one that fails becomes a row saying so, and the
+    suite's other rows stay."""
+    out = []
+    for options in CANDIDATES:
+        try:
+            out.append(engine_candidate(model, wl, seats, cont, hf, **options))
+        except Exception as e:  # noqa: BLE001 - a broken candidate must not lose the suite's rows
+            out.append(row("batching", f"candidate {options}: failed", float("nan"), "",
+                           error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=8)))
+    return out
 
 
 def engine_candidate(model, wl, seats: int, cont, hf, **options) -> dict:
