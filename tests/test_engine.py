@@ -132,11 +132,13 @@ def test_abort_frees_blocks(tiny):
         eng.abort("nope")
 
 
-def test_load_1000_requests(tiny):
-    """1000 random requests through a small pool: none lost, every block back at the end."""
+@pytest.mark.parametrize("overlap", [False, True])
+def test_load_1000_requests(tiny, overlap):
+    """1000 random requests through a small pool: none lost, every block back at the end (and so
+    with async scheduling)."""
     rng = random.Random(0)
     eng = LLMEngine(tiny, config=EngineConfig(block_size=8, num_kv_blocks=48, max_num_seqs=32,
-                                              max_num_batched_tokens=256))
+                                              max_num_batched_tokens=256, async_scheduling=overlap))
     reqs = [(str(i), p, SamplingParams(max_tokens=rng.randint(1, 6), **GREEDY))
             for i, p in enumerate(prompts(1000, 1, 60, seed=5))]
     outs = run_all(eng, reqs, add_every=25)
@@ -663,8 +665,8 @@ def engine_machine(tiny):
     small enough to preempt, with prompts that share prefixes (prefix-cache hits) and n = 2
     (copy-on-write). After every operation the block manager's invariants hold; at the end every
     request is accounted for, every block is free, and each request that was not aborted produced
-    exactly what its prompt produces alone. (Without the copy half of copy-on-write it fails at
-    once; about 3 preemptions and 1.4 aborts per example.)"""
+    exactly what its prompt produces alone (up to its stop token, when it has one). (Without the
+    copy half of copy-on-write it fails at once; about 3 preemptions and 1.4 aborts per example.)"""
     from hypothesis import settings
     from hypothesis import strategies as st
     from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -672,11 +674,16 @@ def engine_machine(tiny):
     base = prompts(3, 12, 20, seed=21)
     cache = {}
 
-    def expected(p, n):
+    def expected(p, n, stops=()):
         key = (tuple(p), n)
         if key not in cache:
             cache[key] = alone(tiny, p, n)
-        return cache[key]
+        out = cache[key]
+        cut = next((i for i, t in enumerate(out) if t in stops), None)   # a stop token ends it, kept
+        return out if cut is None else out[:cut + 1]
+
+    # a token the base prompts' continuations produce: as a stop token it ends some requests early
+    STOP = _stop_ids(tiny, base, [14] * len(base))[:1]
 
     class Machine(RuleBasedStateMachine):
         graphs = False          # True: decodes and new prompts through the CUDA graphs' static buffers
@@ -691,13 +698,16 @@ def engine_machine(tiny):
             self.reqs, self.aborted, self.outs, self.ids = {}, set(), {}, 0
 
         @rule(which=st.integers(0, 2), cut=st.integers(1, 12), tail=st.lists(st.integers(2, 300), max_size=6),
-              n=st.sampled_from([1, 1, 2]), max_tokens=st.integers(1, 14))
-        def add(self, which, cut, tail, n, max_tokens):
+              two=st.integers(0, 8), max_tokens=st.integers(1, 14), stops=st.sampled_from([(), STOP]))
+        def add(self, which, cut, tail, two, max_tokens, stops):
+            # n = 2 for a third of the requests; for a ninth with async scheduling, where any n > 1
+            # request in the engine puts the steps back in lockstep
+            n = 2 if two < (1 if self.overlap else 3) else 1
             p = base[which][:cut] + tail
             rid = f"r{self.ids}"
             self.ids += 1
-            self.eng.add_request(rid, p, SamplingParams(n=n, max_tokens=max_tokens, **GREEDY))
-            self.reqs[rid] = (p, n, max_tokens)
+            self.eng.add_request(rid, p, SamplingParams(n=n, max_tokens=max_tokens, stop_token_ids=stops, **GREEDY))
+            self.reqs[rid] = (p, n, max_tokens, stops)
 
         @rule(pick=st.integers(0, 1000))
         def abort(self, pick):
@@ -725,7 +735,7 @@ def engine_machine(tiny):
                 for out in self.eng.step():
                     self.outs[out.request_id] = out
             assert self.eng.block_manager.num_free_blocks == self.eng.num_kv_blocks
-            for rid, (p, n, max_tokens) in self.reqs.items():
+            for rid, (p, n, max_tokens, stops) in self.reqs.items():
                 out = self.outs.get(rid) or self.eng.get_output(rid)
                 assert out.finished, rid
                 if rid in self.aborted and rid not in self.outs:
@@ -733,7 +743,7 @@ def engine_machine(tiny):
                 if out.error:          # refused while running: only a request the pool cannot hold
                     assert "too small" in out.error, out.error
                     continue
-                assert [c.token_ids for c in out.outputs] == [expected(p, max_tokens)] * n, rid
+                assert [c.token_ids for c in out.outputs] == [expected(p, max_tokens, stops)] * n, rid
 
     Machine.TestCase.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
     return Machine
