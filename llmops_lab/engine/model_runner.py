@@ -233,7 +233,9 @@ class ModelRunner:
                 self.graph_steps += 1
                 parts.append(self.graphs.run(*decode, feed=feed and (feed[0], [feed[1][i] for i in dec])))
             where = {row: j for j, row in enumerate(pre + dec)}        # batch row -> row of the parts
-            order = torch.tensor([where[i] for i in range(len(batch))], device=self.model.device)
+            order = torch.tensor([where[i] for i in range(len(batch))])
+            if order.device != self.model.device:   # pinned: a pageable copy waits for the GPU to idle
+                order = order.pin_memory().to(self.model.device, non_blocking=True)
             return torch.cat(parts)[order].float()
         ids, pos, meta, sample_at = self.prepare(batch)
         if feed is not None:           # a pending token is its sequence's newest: the chunk's last
