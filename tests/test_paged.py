@@ -43,6 +43,7 @@ def prompt(B, S, seed=0):
     (8, 2, 32, 4, [37]),                 # GQA, odd length
     (4, 4, 16, 8, [8, 16, 24]),          # lengths exactly at block boundaries
     (8, 1, 16, 16, [1, 17, 50, 33]),     # batch of different lengths, one token, MQA
+    (4, 2, 16, 64, [70, 5]),             # blocks longer than the kernel's tile (the GPU bench's 64)
 ])
 def test_kernel_matches_gather_reference(num_splits, H, Hkv, D, block_size, lens):
     q, kp, vp, tables, ctx = paged_inputs(lens, H, Hkv, D, block_size, torch.float32, DEV)

@@ -67,11 +67,12 @@ def kv_bytes_read(B: int, Hkv: int, context: int, D: int, dtype) -> int:
 
 def decode_attention_latencies(B: int, H: int, Hkv: int, context: int, D: int, block_size: int = 16,
                                dtype=torch.bfloat16, device="cpu", repeats: int = 20,
-                               kernel: bool | None = None) -> dict:
+                               kernel: bool | None = None, splits: tuple = (None, 2, 4)) -> dict:
     """Timings of one decode-attention call: SDPA on the contiguous cache, gather + SDPA on the
     paged one, on a CPU our C paged kernel (where it has a variant and a compiler built it), and
     (on a GPU, or when ``kernel``) our Triton paged kernel; with the max error of each against
-    SDPA's output.
+    SDPA's output. On a GPU the kernel also runs with its tiles tuned, once per entry of ``splits``
+    (None: as many splits as it picks itself).
 
     Returns:
         {name: {"timing": Timing, "max_err": float}}
@@ -91,9 +92,9 @@ def decode_attention_latencies(B: int, H: int, Hkv: int, context: int, D: int, b
         impls["ours: Triton paged decode"] = lambda: triton_paged.paged_decode(
             x["q"], x["k_pool"], x["v_pool"], x["block_tables"], x["context_lens"], max_context_len=context)
         if torch.device(device).type == "cuda":       # the same kernel with its tiles chosen by timing,
-            for splits in (None, 2, 4):              # and with the context split over 2 and 4 programs
-                name = "ours: Triton paged decode, tuned tiles" + (f", {splits} splits" if splits else "")
-                impls[name] = lambda n=splits: triton_paged.paged_decode(
+            for n_split in splits:                   # and with the context split over n programs
+                name = "ours: Triton paged decode, tuned tiles" + (f", {n_split} splits" if n_split else "")
+                impls[name] = lambda n=n_split: triton_paged.paged_decode(
                     x["q"], x["k_pool"], x["v_pool"], x["block_tables"], x["context_lens"],
                     max_context_len=context, tune=True, num_splits=n)
     ref = impls["SDPA, contiguous cache"]().float()
