@@ -73,11 +73,21 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, cache, start, mask, is_causal, backend):
-        B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, D]
-        k = self.k_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)     # [B, Hkv, S, D]
-        v = self.v_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return self.attend(q, k, v, cache, start, mask, is_causal, backend)
+
+    def project(self, x):
+        """x [B, S, hidden] -> q [B, H, S, D], k, v [B, Hkv, S, D] (views of the projections)."""
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def attend(self, q, k, v, cache, start, mask, is_causal, backend):
+        """Store k, v in the cache, attend, project back: [B, S, hidden]."""
+        B, _, S, _ = q.shape
         if cache is not None:  # a cache that selects what to keep by attention (H2O) also sees q
             k, v = (cache.update(self.layer_idx, k, v, start, q=q) if getattr(cache, "needs_query", False)
                     else cache.update(self.layer_idx, k, v, start))
@@ -229,18 +239,25 @@ class LlamaModel(nn.Module):
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
 
-    def forward_packed(self, input_ids, positions, cache, backend, logits_indices=None):
+    def forward_packed(self, input_ids, positions, cache, backend, logits_indices=None, fused: bool = False):
         """``forward`` of a packed batch (input_ids, positions [1, T]) without its checks, each of
         which reads a device value on the host: what a CUDA graph captures, and what the engine
         runs once its scheduler has vouched for the ids and positions. Logits [1, T, vocab], or
-        [1, len(logits_indices), vocab] at those positions (a device tensor: capturable)."""
+        [1, len(logits_indices), vocab] at those positions (a device tensor: capturable).
+        ``fused``: the layers' elementwise ops as one Triton kernel each (``fused_ops``)."""
+        if fused:
+            from . import fused_ops
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(positions, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, 0, None, False, backend)
+            if fused:
+                x = fused_ops.decoder_layer(layer, x, cos, sin, cache, 0, None, False, backend)
+            else:
+                x = layer(x, cos, sin, cache, 0, None, False, backend)
         if logits_indices is not None:
             x = x[:, logits_indices]
-        return self.lm_head(self.model.norm(x))
+        norm = self.model.norm
+        return self.lm_head(fused_ops.rms_norm(x, norm.weight, norm.eps) if fused else norm(x))
 
     def decode_step_static(self, input_ids, pos, cache, attention_mask=None, positions=None, run_layer=None):
         """One decode step with static shapes, so it can be captured in a CUDA graph or compiled.

@@ -125,8 +125,9 @@ def test_batching_candidates_rows_and_failure(random_llama, monkeypatch):
     wl = wlmod.make_workload(list(range(2, 120)) * 4, 6, prompt_len=(4, 12), mean_output=6, max_output=12)
     res = experiment.compare(model, wl, max_num_seqs=3, max_num_batched_tokens=256)
     rows = batching.candidate_rows(model, wl, 3, res["continuous"], res["static"])
-    assert [r["name"].split(" (")[0] for r in rows] == ["continuous, prefill graphs",
-                                                        "continuous, prefill graphs + async scheduling"]
+    assert [r["name"].split(" (")[0] for r in rows] == [
+        "continuous, prefill graphs", "continuous, prefill graphs + async scheduling",
+        "continuous, prefill graphs + async scheduling + fused ops"]
     assert all(r["prefix_agreement"] == 1 and r["vs_default"] > 0 for r in rows)
     assert rows[1]["overlapped_steps"] > 0 and rows[0]["overlapped_steps"] == 0
 
@@ -134,4 +135,4 @@ def test_batching_candidates_rows_and_failure(random_llama, monkeypatch):
         raise RuntimeError("capture failed")
     monkeypatch.setattr(wlmod, "run_continuous", broken)
     rows = batching.candidate_rows(model, wl, 3, res["continuous"], res["static"])
-    assert len(rows) == 2 and all("capture failed" in r["error"] for r in rows)
+    assert len(rows) == 3 and all("capture failed" in r["error"] for r in rows)

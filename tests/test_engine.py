@@ -331,7 +331,7 @@ def static_decode_engine(model, use_kernels: bool, prefill_graphs: int | None = 
     c = eng.config
     eng.runner = ModelRunner(model, eng.num_kv_blocks, c.block_size, decode_graphs="static",
                              max_num_seqs=c.max_num_seqs, max_model_len=eng.max_model_len,
-                             prefill_graphs=prefill_graphs)
+                             prefill_graphs=prefill_graphs, fused_ops=c.fused_ops)
     eng.runner.graphs.use_kernels = use_kernels
     eng.static_steps = 0
     run = eng.runner.graphs.run
@@ -543,6 +543,31 @@ def test_async_scheduling_skips_what_it_cannot_overlap(tiny):
     assert eng.get_output("0").outputs[0].token_ids == alone(tiny, ps[0], 30)
 
 
+def test_fused_ops_in_graphed_steps_equal_alone(tiny):
+    """``EngineConfig(fused_ops=True)``: the graphed steps (decodes, new prompts) run each layer's
+    elementwise ops as one Triton kernel each (under the interpreter here), with async scheduling on
+    top: the same greedy tokens as each prompt alone; the eager steps (chunks, prefix hits) keep the
+    modules. The runner refuses fused ops without graphs to run them in."""
+    from llmops_lab.engine.model_runner import ModelRunner
+    from llmops_lab.paged import triton_paged
+    if not triton_paged.available(torch.device("cpu")):
+        pytest.skip("needs TRITON_INTERPRET=1 (scripts/test sets it without a GPU)")
+    ps = prompts(7, seed=12)
+    ps[3] = ps[1][:17] + ps[3]                      # a prefix-cache hit: an eager step
+    ps[5] = ps[5] * 3                               # chunked past the budget: eager steps
+    lens = [1 + (i * 5) % 11 for i in range(len(ps))]
+    eng = static_decode_engine(tiny, True, prefill_graphs=48, block_size=8, max_num_seqs=4,
+                               max_num_batched_tokens=64, fused_ops=True, async_scheduling=True)
+    reqs = [(str(i), p, SamplingParams(max_tokens=n, **GREEDY)) for i, (p, n) in enumerate(zip(ps, lens))]
+    outs = run_all(eng, reqs, add_every=2)
+    for i, (p, n) in enumerate(zip(ps, lens)):
+        assert outs[str(i)].outputs[0].token_ids == alone(tiny, p, n), f"request {i}"
+    assert eng.runner.graphs.fused and eng.runner.prefill.fused
+    assert eng.static_steps > 5 and eng.runner.prefill_graph_steps > 0 and eng.overlapped_steps > 0
+    with pytest.raises(ValueError, match="graphed steps"):
+        ModelRunner(tiny, 8, 8, fused_ops=True)
+
+
 def test_decode_graphs_refuse_what_they_cannot_hold(tiny):
     from llmops_lab.engine.cuda_graph import DecodeGraphs
     from llmops_lab.engine.model_runner import ModelRunner, decode_graphs_possible
@@ -557,12 +582,8 @@ def test_decode_graphs_refuse_what_they_cannot_hold(tiny):
         ModelRunner(windowed, 4, 8, decode_graphs="static")
 
 
-@pytest.mark.gpu
-def test_captured_decode_graphs_match_eager():
-    """On a GPU: the engine with CUDA graphs (the default), with prefill graphs and with async
-    scheduling (graphed and eager) gives the eager engine's greedy tokens (fp32, so batching cannot
-    round differently)."""
-    from llmops_lab.config import ModelConfig
+def gpu_model_and_requests():
+    """The GPU tests' fp32 model (wider than ``tiny``, a 512-token context) and greedy requests."""
     from llmops_lab.model import LlamaModel
     cfg = ModelConfig(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -571,8 +592,15 @@ def test_captured_decode_graphs_match_eager():
     model = LlamaModel(cfg).eval().cuda()
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.08)
-    ps = prompts(11, seed=2)
-    reqs = [(str(i), p, SamplingParams(max_tokens=3 + i % 9, **GREEDY)) for i, p in enumerate(ps)]
+    return model, [(str(i), p, SamplingParams(max_tokens=3 + i % 9, **GREEDY)) for i, p in enumerate(prompts(11, seed=2))]
+
+
+@pytest.mark.gpu
+def test_captured_decode_graphs_match_eager():
+    """On a GPU: the engine with CUDA graphs (the default), with prefill graphs and with async
+    scheduling (graphed and eager) gives the eager engine's greedy tokens (fp32, so batching cannot
+    round differently)."""
+    model, reqs = gpu_model_and_requests()
     outs = {}
     modes = ("eager", "decode graphs", "prefill graphs too", "async", "async eager")
     for mode in modes:
@@ -588,6 +616,22 @@ def test_captured_decode_graphs_match_eager():
         if mode.startswith("async"):
             assert eng.overlapped_steps > 0
     assert all(outs[m] == outs["eager"] for m in modes)
+
+
+@pytest.mark.gpu
+def test_captured_fused_ops_match_eager():
+    """On a GPU: the engine with the fused elementwise kernels in its captured graphs (and prefill
+    graphs, async scheduling) gives the eager engine's greedy tokens (fp32; the kernels' exp and
+    sqrt are the GPU's own, a rounding apart from PyTorch's: a near-tie could flip, none should)."""
+    model, reqs = gpu_model_and_requests()
+    outs = {}
+    for fused in (False, True):
+        eng = LLMEngine(model, config=EngineConfig(block_size=16, max_num_seqs=6, num_kv_blocks=64,
+                                                   enforce_eager=not fused, prefill_graphs=fused,
+                                                   async_scheduling=fused, fused_ops=fused))
+        assert (eng.runner.graphs is not None and eng.runner.graphs.fused) == fused
+        outs[fused] = {k: v.outputs[0].token_ids for k, v in run_all(eng, reqs, add_every=2).items()}
+    assert outs[True] == outs[False]
 
 
 @pytest.mark.parametrize("mixed", [False, True])

@@ -10,9 +10,9 @@ engine's decode attention is the C kernel (``paged.cpu_kernel``) and static batc
 contiguous cache; the row also times a static decode step through the C kernel, to show that SDPA
 is not the slower choice for it. On a GPU the engine also runs once with prefill graphs
 (``EngineConfig(prefill_graphs=True)``, a candidate for the default: new prompts' steps replay
-graphs instead of running eagerly), and once more with async scheduling on top
+graphs instead of running eagerly), once more with async scheduling on top
 (``EngineConfig(async_scheduling=True)``: each step launched before the previous one's tokens are
-read), each in its own row.
+read), and once more with fused elementwise kernels on top (``fused_ops=True``), each in its own row.
 """
 from __future__ import annotations
 
@@ -115,8 +115,10 @@ def run(ctx: BenchContext) -> list[dict]:
 
 # engine settings that wait for a GPU's verdict before they become the default, each run once more
 # on the same workload: new prompts' steps by captured graphs; then also each step launched before
-# the previous step's tokens are read (async scheduling), hiding the host's work behind the GPU's
-CANDIDATES = (dict(prefill_graphs=True), dict(prefill_graphs=True, async_scheduling=True))
+# the previous step's tokens are read (async scheduling), hiding the host's work behind the GPU's;
+# then also each layer's elementwise ops as one kernel each in the graphed steps (fused_ops)
+CANDIDATES = (dict(prefill_graphs=True), dict(prefill_graphs=True, async_scheduling=True),
+              dict(prefill_graphs=True, async_scheduling=True, fused_ops=True))
 
 
 def candidate_rows(model, wl, seats: int, cont, hf) -> list[dict]:
@@ -146,5 +148,6 @@ def engine_candidate(model, wl, seats: int, cont, hf, **options) -> dict:
                cand.throughput, "tok/s", peer="transformers generate", peer_value=hf.throughput,
                default_continuous_tok_s=cont.throughput, vs_default=cand.throughput / cont.throughput,
                prefill_graph_steps=eng.runner.prefill_graph_steps, overlapped_steps=eng.overlapped_steps,
+               fused_ops=eng.runner.graphs is not None and eng.runner.graphs.fused,
                cuda_graph_steps=eng.runner.graph_steps, **experiment.step_breakdown(cand),
                first_token_agreement=agree["first_token"], prefix_agreement=agree["prefix"])

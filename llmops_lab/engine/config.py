@@ -25,6 +25,9 @@ class EngineConfig:
     # schedule and launch each step before the previous step's tokens reach the host, so the host's
     # work hides behind the GPU's (greedy n=1 requests; others run in lockstep): a candidate
     async_scheduling: bool = False
+    # CUDA: the captured steps run each layer's elementwise ops as one Triton kernel each (norms,
+    # rotary, SwiGLU's gate, the residual add beside the second norm): ``fused_ops``, a candidate
+    fused_ops: bool = False
     cpu_paged_kernel: bool = True         # CPU: decode attention by the C kernel (paged.cpu_kernel) where it can
     seed: int = 0
 

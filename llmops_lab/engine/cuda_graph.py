@@ -22,6 +22,8 @@ What a graph needs, and how the step provides it:
 
 ``DecodeBatch`` is the model's cache for such a step. On a CPU (or with ``capture=False``) the same
 buffers run eagerly, which is how the tests check the static path against the engine's ordinary one.
+With ``fused`` the captured layers run their elementwise ops as one Triton kernel each
+(``fused_ops``; ``EngineConfig(fused_ops=True)``, a candidate).
 """
 from __future__ import annotations
 
@@ -122,10 +124,10 @@ class DecodeGraphs(_BucketGraphs):
     """
 
     def __init__(self, model, k_pools, v_pools, block_size: int, max_batch: int, max_model_len: int,
-                 scratch_block: int, use_kernels: bool = True, capture: bool = True):
+                 scratch_block: int, use_kernels: bool = True, capture: bool = True, fused: bool = False):
         if capture and model.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
-        self.model, self.k_pools, self.v_pools = model, k_pools, v_pools
+        self.model, self.k_pools, self.v_pools, self.fused = model, k_pools, v_pools, fused
         self.block_size, self.max_model_len, self.use_kernels = block_size, max_model_len, use_kernels
         self.max_blocks = math.ceil(max_model_len / block_size)
         self.scratch_slot = scratch_block * block_size
@@ -156,7 +158,7 @@ class DecodeGraphs(_BucketGraphs):
         batch = DecodeBatch(self.k_pools, self.v_pools, self.slots[:B], self.lens[:B], self.tables[:B],
                             self.max_model_len, self._splits(B), self.use_kernels)
         return self.model.forward_packed(self.ids[None, :B], self.positions[None, :B], batch,
-                                         decode_batch_attention)[0]
+                                         decode_batch_attention, fused=self.fused)[0]
 
     def run(self, ids: list[int], positions: list[int], slots: list[int], lens: list[int],
             tables: list[list[int]], feed: tuple[torch.Tensor, list[int]] | None = None) -> torch.Tensor:
@@ -239,12 +241,13 @@ class PrefillGraphs(_BucketGraphs):
     """
 
     def __init__(self, model, k_pools, v_pools, scratch_slot: int, max_tokens: int, max_prompts: int,
-                 capture: bool = True):
+                 capture: bool = True, fused: bool = False):
         if capture and model.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
         if max_tokens < 1 or max_prompts < 1:
             raise ValueError(f"max_tokens and max_prompts must be >= 1, got {max_tokens}, {max_prompts}")
         self.model, self.k_pools, self.v_pools, self.scratch_slot = model, k_pools, v_pools, scratch_slot
+        self.fused = fused
         self.sizes = token_buckets(max_tokens)
         self.max_prompts = max_prompts
         dev = model.device
@@ -265,7 +268,7 @@ class PrefillGraphs(_BucketGraphs):
     def _forward(self, T: int) -> torch.Tensor:
         batch = PrefillBatch(self.k_pools, self.v_pools, self.slots[:T], self.segments[:T])
         return self.model.forward_packed(self.ids[None, :T], self.positions[None, :T], batch,
-                                         decode_batch_attention, logits_indices=self.last)[0]
+                                         decode_batch_attention, logits_indices=self.last, fused=self.fused)[0]
 
     def run(self, prompts: list[list[int]], slots: list[list[int]]) -> torch.Tensor:
         """Compute len(prompts) <= max_prompts whole prompts (sum of lengths <= max_tokens), storing

@@ -108,7 +108,8 @@ class LLMEngine:
         prefill = min(PREFILL_GRAPH_TOKENS, config.max_num_batched_tokens) if graphs and config.prefill_graphs else None
         self.runner = ModelRunner(model, blocks, config.block_size, decode_graphs=graphs,
                                   max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
-                                  cpu_kernel=config.cpu_paged_kernel, prefill_graphs=prefill)
+                                  cpu_kernel=config.cpu_paged_kernel, prefill_graphs=prefill,
+                                  fused_ops=config.fused_ops and graphs is not None)
         if self.runner.use_kernels:           # compile the Triton kernels now, not in a served step
             self.runner.warm_up()
         self.requests: dict[str, _Request] = {}

@@ -8,7 +8,8 @@ copy-on-write block copies the block manager asked for, and returns the logits o
 that sample this step (those whose every known token is now computed). A step of decodes alone
 replays a captured CUDA graph when the runner has them (``cuda_graph.DecodeGraphs``); with
 ``prefill_graphs``, a step whose prompts are all whole and new replays ``cuda_graph.PrefillGraphs``
-for them beside the decode graph for the rest (a candidate, off by default).
+for them beside the decode graph for the rest (a candidate, off by default); with ``fused_ops`` the
+graphed steps run each layer's elementwise ops as one kernel each (``fused_ops``, a candidate).
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ class ModelRunner:
 
     def __init__(self, model, num_blocks: int, block_size: int, decode_graphs: str | None = None,
                  max_num_seqs: int = 1, max_model_len: int | None = None, cpu_kernel: bool = True,
-                 prefill_graphs: int | None = None):
+                 prefill_graphs: int | None = None, fused_ops: bool = False):
         self.model = model
         self.block_size = block_size
         self.num_blocks = num_blocks          # those the block manager hands out (no scratch block)
@@ -69,12 +70,16 @@ class ModelRunner:
         self.v_pools = [torch.zeros(shape, dtype=dt, device=dev) for _ in range(c.num_hidden_layers)]
         self.graphs = None
         self.graph_steps = 0                 # steps that took the static (graphed) decode path
+        if fused_ops and decode_graphs is None:
+            raise ValueError("the fused ops run in the graphed steps: set decode_graphs too")
         if decode_graphs is not None:
             from ..paged import triton_paged
+            if fused_ops and not triton_paged.available(dev):
+                raise ValueError(f"the fused ops need CUDA or TRITON_INTERPRET=1, not {dev}")
             self.graphs = DecodeGraphs(model, self.k_pools, self.v_pools, block_size, max_num_seqs,
                                        max_model_len or c.max_position_embeddings, scratch_block=num_blocks,
                                        use_kernels=triton_paged.available(dev),
-                                       capture=decode_graphs == "capture")
+                                       capture=decode_graphs == "capture", fused=fused_ops)
         self.prefill = None
         self.prefill_graph_steps = 0         # steps whose prompts took the prefill graphs
         if prefill_graphs is not None:
@@ -83,7 +88,8 @@ class ModelRunner:
             # each bucket's graph keeps logits for every prompt slot: 64 covers a step of many
             # short prompts (more than 64 new prompts in one step run eagerly)
             self.prefill = PrefillGraphs(model, self.k_pools, self.v_pools, num_blocks * block_size,
-                                         prefill_graphs, min(max_num_seqs, 64), capture=decode_graphs == "capture")
+                                         prefill_graphs, min(max_num_seqs, 64), capture=decode_graphs == "capture",
+                                         fused=fused_ops)
 
     @torch.inference_mode()
     def warm_up(self) -> bool:

@@ -2,7 +2,7 @@
 over mixed steps (``--mixed``: a prompt's prefill joins the decodes, as when a seat is refilled).
 
     python -m llmops_lab.engine.profile [--preset llama-2-7b] [--device cuda] [--batch 16] [--mixed]
-                                        [--compare-eager] [--async-scheduling]
+                                        [--compare-eager] [--async-scheduling] [--fused-ops]
 
 On a GPU an eager step of a 7B model reads 13 GB of weights (a few milliseconds at HBM speed), and
 the host has to launch every kernel of every layer before the GPU can run it. The tables show which
@@ -29,19 +29,20 @@ from .sampling_params import SamplingParams
 @torch.inference_mode()
 def profile_decode_steps(model, batch_size: int = 16, prompt_len: int = 128, steps: int = 10,
                          row_limit: int = 12, enforce_eager: bool = False, mixed: bool = False,
-                         async_scheduling: bool = False) -> dict:
+                         async_scheduling: bool = False, fused_ops: bool = False) -> dict:
     """Profile ``steps`` engine steps in which ``batch_size`` sequences each decode one token, or
     (``mixed``) in which ``batch_size - 1`` sequences decode and one new prompt of ``prompt_len``
     tokens is prefilled (it asks for one token, so its seat is free again for the next step's).
 
     Returns {"step_ms": wall ms per step, "device_ms": device ms per step (summed kernel time),
-    "graphs": whether the steps replayed CUDA graphs, "mixed": bool, "cpu_table": str,
-    "device_table": str}."""
+    "graphs": whether the steps replayed CUDA graphs, "mixed": bool, "fused": whether the graphed
+    steps ran the fused ops (``fused_ops`` needs the graphs), "cpu_table": str, "device_table": str}."""
     if mixed and batch_size < 2:
         raise ValueError("a mixed step needs batch_size >= 2: one prefill beside the decodes")
     dev = model.device
     engine = LLMEngine(model, config=EngineConfig(max_num_seqs=batch_size, max_num_batched_tokens=batch_size * prompt_len,
-                                                  enforce_eager=enforce_eager, async_scheduling=async_scheduling))
+                                                  enforce_eager=enforce_eager, async_scheduling=async_scheduling,
+                                                  fused_ops=fused_ops))
     g = torch.Generator().manual_seed(0)
     prompt = lambda: torch.randint(3, model.config.vocab_size, (prompt_len,), generator=g).tolist()
     for i in range(batch_size - mixed):
@@ -66,11 +67,13 @@ def profile_decode_steps(model, batch_size: int = 16, prompt_len: int = 128, ste
         synchronize(dev)
         wall = (time.perf_counter() - t0) / steps
     graphs = engine.runner.graph_steps - graphs_before == steps
+    fused = engine.runner.graphs is not None and engine.runner.graphs.fused
     engine.runner.release()
     events = prof.key_averages()
     device_us = sum(getattr(e, "self_device_time_total", 0) for e in events)
     sort_dev = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     return {"step_ms": wall * 1e3, "device_ms": device_us / 1e3 / steps, "graphs": graphs, "mixed": mixed,
+            "fused": fused,
             "cpu_table": events.table(sort_by="self_cpu_time_total", row_limit=row_limit),
             "device_table": events.table(sort_by=sort_dev, row_limit=row_limit)}
 
@@ -87,6 +90,8 @@ def main(argv=None):
                     help="also profile mixed steps: batch-1 decodes and one prompt's prefill")
     ap.add_argument("--async-scheduling", action="store_true",
                     help="also profile decode steps with async scheduling (each launched before the last is read)")
+    ap.add_argument("--fused-ops", action="store_true",
+                    help="also profile decode steps with async scheduling and the fused elementwise kernels")
     a = ap.parse_args(argv)
     if a.preset:
         from ..presets import random_model
@@ -94,12 +99,15 @@ def main(argv=None):
     else:
         from ..loader import load_model
         model = load_model("target", device=a.device, dtype=torch.float32)
-    runs = ([(False, False, False)] + [(True, False, False)] * a.compare_eager + [(False, True, False)] * a.mixed
-            + [(False, False, True)] * a.async_scheduling)
-    for eager, mixed, overlap in runs:
+    # (enforce_eager, mixed, async_scheduling, fused_ops) of each profiled run
+    runs = ([(False, False, False, False)] + [(True, False, False, False)] * a.compare_eager
+            + [(False, True, False, False)] * a.mixed + [(False, False, True, False)] * a.async_scheduling
+            + [(False, False, True, True)] * a.fused_ops)
+    for eager, mixed, overlap, fused in runs:
         r = profile_decode_steps(model, a.batch, a.prompt_len, a.steps, enforce_eager=eager, mixed=mixed,
-                                 async_scheduling=overlap)
-        how = ("CUDA graphs" if r["graphs"] else "eager") + (", async scheduling" if overlap else "")
+                                 async_scheduling=overlap, fused_ops=fused)
+        how = (("CUDA graphs" if r["graphs"] else "eager") + (", async scheduling" if overlap else "")
+               + (", fused ops" if r["fused"] else ""))
         what = f"{a.batch - 1} decodes and a {a.prompt_len}-token prefill" if mixed else f"{a.batch} decodes"
         print(f"{how}: {what} per step: {r['step_ms']:.2f} ms per step (wall), "
               f"{r['device_ms']:.2f} ms of device time")
