@@ -55,6 +55,24 @@ def test_kernel_matches_reference(dtype, causal, B, H, Hkv, Sq, Sk, D):
 
 
 @needs_triton
+@pytest.mark.parametrize("varlen", [False, True])
+def test_reversed_query_block_order_gives_the_same_output(monkeypatch, varlen):
+    """REVERSE_M (a candidate the GPU autotuner times: causal query blocks launched heaviest first)
+    only reorders the grid: the same output, for a fixed and a packed batch."""
+    q, k, v = qkv(2, 4, 2, 45, 45, 16, device=DEV)
+    if varlen:
+        q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], 16) for t in (q, k, v))
+        cu = torch.tensor([0, 45, 90], dtype=torch.int32, device=DEV)
+        run = lambda: triton_flash.flash_attention_varlen(q, k, v, cu, cu, 45, is_causal=True)
+    else:
+        run = lambda: triton_flash.flash_attention(q, k, v, is_causal=True)
+    monkeypatch.setattr(triton_flash, "TUNE", False)
+    want = run()
+    monkeypatch.setattr(triton_flash, "REVERSE_M", True)
+    assert torch.equal(run(), want)
+
+
+@needs_triton
 def test_kernel_head_dim_128_bf16():
     q, k, v = qkv(1, 2, 1, 19, 19, 128, torch.bfloat16, device=DEV)
     want = naive_attention(q.float(), k.float(), v.float(), is_causal=True)
