@@ -6,20 +6,8 @@ finished sequences are retired and their blocks freed at once), ``abort`` cancel
 point. Bad input is refused at ``add_request`` with a clear error and leaves the engine untouched; a
 request that can never fit in the pool is finished with an error while the others go on.
 
-Async scheduling (``EngineConfig(async_scheduling=True)``, a candidate, off by default; vLLM has an
-option of that name). In lockstep the GPU idles while the host reads a step's tokens, checks stops,
-schedules and launches the next step: 4.4 ms of a 13 ms graphed decode step of a 7B model on the
-H100 (``engine.profile``, 2026-11-26). Instead, a step of greedy requests samples on the device and
-the host goes on at once: it schedules the next step with a ``PENDING`` placeholder standing for
-each new token (lengths, slots and blocks need no values), launches it with the placeholders taken
-from the device (``ModelRunner.execute(feed=...)``), and only then reads the previous step's tokens
-and fills them in. A sequence that turns out to have stopped was computed one token too far: that
-token is dropped, and its blocks, freed at once, are reused only by work queued after it on the
-same stream. One whose last token is certain (``max_tokens``, the context) sits the next step out.
-A block completed by a placeholder is registered for prefix caching when its value arrives. A
-request that ends while a token is on its way (``abort``, the pool error) keeps the tokens the host
-has read. Sampled (non-greedy) or n > 1 requests need their logits on the host: while any is in the engine,
-steps run in lockstep.
+With ``EngineConfig(async_scheduling=True)`` steps of greedy requests overlap the host's work with
+the GPU's (``async_scheduling``, a candidate).
 """
 from __future__ import annotations
 
@@ -32,13 +20,14 @@ import torch
 from ..checks import is_int
 from ..generation import logits_to_probs
 from ..measure import synchronize
+from .async_scheduling import AsyncScheduling, InFlight
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .model_runner import ModelRunner, decode_graphs_possible, num_kv_blocks
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .sampling_params import SamplingParams, stop_reason
 from .scheduler import Scheduler
-from .sequence import PENDING, Sequence, SequenceStatus
+from .sequence import Sequence, SequenceStatus
 
 
 # the largest packed prompt total ``EngineConfig(prefill_graphs=True)`` captures: past a few hundred
@@ -68,30 +57,7 @@ class _Request:
         self.generators: list[torch.Generator | None] = []
 
 
-class _InFlight:
-    """A launched step whose sampled tokens are still on the device (async scheduling): its sampling
-    sequences in row order, the tokens, their copy to the host (started at once) and its stats row."""
-
-    __slots__ = ("seqs", "tokens", "host", "event", "stats")
-
-    def __init__(self, seqs: list[Sequence], tokens: torch.Tensor, stats: dict):
-        self.seqs, self.tokens, self.stats = seqs, tokens, stats
-        if tokens.is_cuda:
-            self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            self.host.copy_(tokens, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
-        else:
-            self.host, self.event = tokens, None
-
-    def read(self) -> list[int]:
-        """The tokens on the host: waits for this step only, not for any launched after it."""
-        if self.event is not None:
-            self.event.synchronize()
-        return self.host.tolist()
-
-
-class LLMEngine:
+class LLMEngine(AsyncScheduling):
     def __init__(self, model, tokenizer=None, config: EngineConfig | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -116,7 +82,7 @@ class LLMEngine:
         self.eos_ids = set(model.config.eos_token_ids)
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
         self.step_stats: list[dict] = []      # one row per step: time, batch, tokens, blocks in use
-        self._inflight: _InFlight | None = None  # async scheduling: the step whose tokens are unread
+        self._inflight: InFlight | None = None  # async scheduling: the step whose tokens are unread
         self.overlapped_steps = 0             # steps launched before the previous step's tokens were read
         self._ids = itertools.count()
 
@@ -255,87 +221,6 @@ class LLMEngine:
         seq.num_computed_tokens += n
         self.block_manager.mark_computed(seq, seq.num_computed_tokens)
         return seq.num_computed_tokens == len(seq)
-
-    # -- async scheduling -------------------------------------------------------------------------
-    def _can_overlap(self) -> bool:
-        """Whether the next step may sample on the device and be read later: every request that
-        could take part is greedy with n = 1 (the others need their logits on the host)."""
-        return all(s.sampling_params.greedy and s.sampling_params.n == 1
-                   for q in (self.scheduler.running, self.scheduler.waiting) for s in q)
-
-    def _step_overlapped(self) -> list[RequestOutput]:
-        """Schedule and launch a step, then read and retire the previous one's tokens."""
-        t0 = time.perf_counter()
-        prev = self._inflight
-        batch, touched = self._schedule(t0)
-        new = None
-        if batch.seqs:
-            row_of = {id(s): r for r, s in enumerate(prev.seqs)} if prev is not None else {}
-            rows = []
-            for seq in batch.seqs:
-                if seq.num_pending:       # its newest token is the one the previous step sampled
-                    if id(seq) not in row_of or seq.num_pending != 1:
-                        raise RuntimeError(f"sequence {seq.seq_id}: a pending token no launched step samples")
-                    rows.append(row_of[id(seq)])
-                else:
-                    rows.append(-1)
-            feed = (prev.tokens, rows) if any(r >= 0 for r in rows) else None
-            self.overlapped_steps += prev is not None
-            tokens = self.runner.execute(batch, feed=feed).argmax(-1)
-            sampled = []
-            for seq, n in zip(batch.seqs, batch.num_tokens):
-                if self._computed(seq, n, t0):
-                    seq.append_token(PENDING)
-                    seq.num_pending += 1
-                    seq.last_pending = (seq.num_completion_tokens >= seq.sampling_params.max_tokens
-                                        or len(seq) >= self.max_model_len)
-                    sampled.append(seq)
-            new = _InFlight(sampled, tokens, self._stats_row(batch, t0, None))
-        if prev is not None:
-            touched |= self._resolve(prev)
-            if new is not None:           # rows tile the timeline: this one starts as that one ends
-                new.stats["t_start"] = max(t0, prev.stats["t_end"])
-        self._inflight = new
-        if new is not None and not self.scheduler.has_unfinished():
-            touched |= self._resolve(new)       # every row stopped in the step before: nothing to read
-            self._inflight = None
-        return [self._output(self.requests[r]) for r in touched if self._finished(self.requests[r])]
-
-    def _resolve(self, flight: _InFlight) -> set[str]:
-        """Read a launched step's tokens and put each in its sequence's place (a sequence finished
-        meanwhile, by a stop or an abort, is skipped: its token was computed past its end). Returns
-        the request ids touched."""
-        toks = flight.read()
-        now = time.perf_counter()
-        flight.stats["t_end"] = now
-        self.step_stats.append(flight.stats)
-        touched = set()
-        bs = self.block_manager.block_size
-        for seq, tok in zip(flight.seqs, toks):
-            if seq.is_finished:
-                continue
-            later, last = seq.num_pending - 1, seq.last_pending   # a step launched since holds one more
-            if later:
-                del seq.token_ids[-later:]
-            if seq.token_ids[-1] != PENDING:
-                raise RuntimeError(f"sequence {seq.seq_id}: no pending token where step's token goes")
-            seq.token_ids[-1] = tok
-            seq.num_pending, seq.last_pending = 0, False
-            if len(seq) % bs == 0 and seq.block_table and seq.num_slotted_tokens >= len(seq):
-                self.block_manager.seal_last_block(seq)        # the block it completed, now hashable
-                self.block_manager.mark_computed(seq, seq.num_computed_tokens)
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            touched.add(seq.request_id)
-            reason, why = self._stop(seq, tok)
-            if reason is not None:
-                seq.stop_reason = why
-                self.scheduler.finish(seq, reason)
-                seq.finish_time = now
-            elif later:
-                seq.token_ids += [PENDING] * later
-                seq.num_pending, seq.last_pending = later, last
-        return touched
 
     def _stats_row(self, batch, t0: float, t_end: float | None) -> dict:
         return {"t_start": t0, "t_end": t_end, "num_seqs": len(batch), "num_tokens": batch.total_tokens,
