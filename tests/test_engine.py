@@ -270,13 +270,17 @@ def test_step_time_fit_and_formulas(tiny):
     assert experiment.fit_step_time(exact)[1] == pytest.approx((1e-3, 2e-4, 1e-6), rel=1e-6)
     toks = [t % 300 + 2 for t in range(3000)]
     wl = make_workload(toks, 8, prompt_len=(2, 10), mean_output=5, spread=1.0, max_output=20)
-    res = experiment.compare(tiny, wl, max_num_seqs=4, block_size=8, bracket=True)
-    before, after = res["continuous_before"], res["continuous"]
-    assert experiment.same_outputs(res) and before.output_tokens == after.output_tokens
-    pooled = experiment.continuous_throughput(res)   # tokens of both runs over both makespans
-    assert pooled == pytest.approx(2 * after.output_tokens / (before.makespan + after.makespan))
-    assert min(before.throughput, after.throughput) <= pooled <= max(before.throughput, after.throughput)
-    assert experiment.continuous_throughput({"continuous": after}) == after.throughput
+    res = experiment.compare(tiny, wl, max_num_seqs=4, block_size=8, bracket=True, rounds=2)
+    assert [len(res[k]) for k in ("continuous_runs", "static_runs")] == [3, 2]      # C S C S C
+    assert res["continuous"] is res["continuous_runs"][-1] and res["static"] is res["static_runs"][-1]
+    assert experiment.same_outputs(res)
+    for kind, pool in (("continuous", experiment.continuous_throughput), ("static", experiment.static_throughput)):
+        runs = res[f"{kind}_runs"]          # tokens of every run over their summed makespans
+        assert pool(res) == pytest.approx(sum(r.output_tokens for r in runs) / sum(r.makespan for r in runs))
+        assert min(r.throughput for r in runs) <= pool(res) <= max(r.throughput for r in runs)
+        assert pool({kind: runs[0]}) == runs[0].throughput
+    with pytest.raises(ValueError, match="rounds"):
+        experiment.compare(tiny, wl, bracket=True, rounds=0)
     # step_breakdown: the engine's decode-only and mixed steps; a static run's decode steps and prefills
     for kind, prefills in (("continuous", None), ("static", 2)):       # 8 requests in batches of 4
         b = experiment.step_breakdown(res[kind])
@@ -870,6 +874,8 @@ def test_empty_runs_say_so():
         experiment.continuous_throughput({})
     with pytest.raises(ValueError, match="no continuous runs"):
         experiment.continuous_throughput({"static": _finished_run()})
+    with pytest.raises(ValueError, match="no static runs"):
+        experiment.static_throughput({"continuous": _finished_run()})
     with pytest.raises(ValueError, match="'x' has no requests"):
         RunResult("x").summary()
     assert _finished_run().summary()["throughput_tok_s"] == 3.0

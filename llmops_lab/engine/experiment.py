@@ -29,34 +29,53 @@ from .workload import RunResult, make_workload, run_continuous, run_static
 
 def compare(model, workload, max_num_seqs: int = 16, block_size: int = 16, num_kv_blocks: int | None = None,
             max_num_batched_tokens: int = 512, tokenizer=None, progress: bool = False,
-            bracket: bool = False) -> dict[str, RunResult]:
+            bracket: bool = False, rounds: int = 1) -> dict:
     """Run ``workload`` with static batching (batches of max_num_seqs) and with the engine.
 
-    ``bracket``: run the engine before the static run as well (continuous, static, continuous;
-    the first is ``"continuous_before"``). On a machine whose speed drifts during the comparison
-    the two engine runs straddle the static one, and ``continuous_throughput`` pools them, so a
-    drift linear in time cancels out of the ratio instead of landing on one side of it.
+    Returns {"static": RunResult, "continuous": RunResult} (the last run of each). ``bracket``: the
+    two alternate, the engine first and last, ``rounds`` static runs between ``rounds + 1`` engine
+    runs (continuous, static, continuous; with 2 rounds continuous, static, continuous, static,
+    continuous), all kept in order under "continuous_runs" and "static_runs". On a machine whose
+    speed drifts during the comparison both kinds then sample the whole stretch of time, centred on
+    its middle, and ``continuous_throughput`` / ``static_throughput`` pool each kind's runs, so a
+    drift linear in time cancels out of the ratio instead of landing on one side of it, and a slow
+    or fast spell weighs on both.
     """
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
     config = EngineConfig(max_num_seqs=max_num_seqs, block_size=block_size, num_kv_blocks=num_kv_blocks,
                           max_num_batched_tokens=max_num_batched_tokens)
-    res = {}
-    if bracket:
-        res["continuous_before"] = run_continuous(model, workload, config, tokenizer, progress,
-                                                  name="continuous (before)")
-    res["static"] = run_static(model, workload, max_num_seqs, tokenizer, progress)
-    res["continuous"] = run_continuous(model, workload, config, tokenizer, progress)
+    cont = lambda: run_continuous(model, workload, config, tokenizer, progress)
+    stat = lambda: run_static(model, workload, max_num_seqs, tokenizer, progress)
+    if not bracket:
+        return {"static": stat(), "continuous": cont()}
+    res = {"continuous_runs": [cont()], "static_runs": []}
+    for _ in range(rounds):
+        res["static_runs"].append(stat())
+        res["continuous_runs"].append(cont())
+    res["static"], res["continuous"] = res["static_runs"][-1], res["continuous_runs"][-1]
     return res
 
 
-def continuous_throughput(results: dict[str, RunResult]) -> float:
-    """Output tokens per second of the engine's run(s) in a ``compare`` result: both runs pooled
-    (tokens over summed makespans) when it was bracketed."""
-    runs = [results[k] for k in ("continuous_before", "continuous") if k in results]
+def _pooled(results: dict, kind: str) -> float:
+    """Output tokens per second of a kind's runs in a ``compare`` result: every run pooled (tokens
+    over summed makespans) when it was bracketed."""
+    runs = results.get(f"{kind}_runs") or ([results[kind]] if kind in results else [])
     if not runs:
-        raise ValueError(f"no continuous runs in results (keys: {sorted(results)})")
+        raise ValueError(f"no {kind} runs in results (keys: {sorted(results)})")
     if sum(r.makespan for r in runs) <= 0:
-        raise ValueError("the continuous runs have no makespan, so no throughput")
+        raise ValueError(f"the {kind} runs have no makespan, so no throughput")
     return sum(r.output_tokens for r in runs) / sum(r.makespan for r in runs)
+
+
+def continuous_throughput(results: dict) -> float:
+    """The engine's output tokens per second in a ``compare`` result (its runs pooled)."""
+    return _pooled(results, "continuous")
+
+
+def static_throughput(results: dict) -> float:
+    """Static batching's output tokens per second in a ``compare`` result (its runs pooled)."""
+    return _pooled(results, "static")
 
 
 def step_breakdown(result: RunResult) -> dict:
@@ -73,9 +92,11 @@ def step_breakdown(result: RunResult) -> dict:
     return out
 
 
-def same_outputs(results: dict[str, RunResult]) -> bool:
-    """Greedy runs must produce the same tokens for every request, however they were batched."""
-    outs = [r.outputs for r in results.values()]
+def same_outputs(results: dict) -> bool:
+    """Greedy runs must produce the same tokens for every request, however they were batched (a
+    bracketed ``compare``'s lists of runs included)."""
+    runs = [r for v in results.values() for r in (v if isinstance(v, list) else [v])]
+    outs = [r.outputs for r in runs]
     return all(o == outs[0] for o in outs[1:])
 
 
