@@ -3,7 +3,6 @@ import json
 
 import pytest
 
-
 from llmops_lab import bench, cli, formulas, roofline
 from llmops_lab.kv import KVCache
 from llmops_lab.loader import embedded_fingerprint, load_model
@@ -93,22 +92,24 @@ def test_roofline_bound_grows_with_batch_and_is_finite():
     assert t.median > 0
 
 
-def test_quant_bench_split_candidate_rows_and_failure(monkeypatch):
-    """The GPU suite's split-nibble candidate: its rows carry the float time of their own pass, and
-    a candidate that fails becomes one row saying so instead of losing the suite."""
+@pytest.mark.parametrize("method", ["int4_split", "int4_gemv_fast", "int8_gemv_fast"])
+def test_quant_bench_candidate_rows_and_failure(monkeypatch, method):
+    """The GPU suite's kernel candidates: their rows carry the float time of their own pass, and a
+    candidate that fails becomes one row saying so instead of losing the suite."""
     import torch
 
     from llmops_lab.bench import quant as bq
     from llmops_lab.quant import experiment
     shapes = [("q", 16, 64)]
-    rows, failed = bq.split_candidate((1, 2), shapes, torch.device("cpu"), torch.float32, repeats=1, label="cand")
+    rows, failed = bq.candidate_rows(method, (1, 2), shapes, torch.device("cpu"), torch.float32, repeats=1, label="cand")
     assert not failed and [r["batch"] for r in rows] == [1, 2]
-    assert all(r["method"] == "int4_split" and r["float_ms"] > 0 for r in rows)
+    assert all(r["method"] == method and r["float_ms"] > 0 for r in rows)
+    assert bq._targets(method, 1) == (">= 3.0x" if method.startswith("int4") else ">= 1.6x")
 
     def broken(*a, **k):
         raise RuntimeError("no such kernel")
     monkeypatch.setattr(experiment, "linear_speed", broken)
-    rows, failed = bq.split_candidate((1,), shapes, torch.device("cpu"), torch.float32, repeats=1, label="cand")
+    rows, failed = bq.candidate_rows(method, (1,), shapes, torch.device("cpu"), torch.float32, repeats=1, label="cand")
     assert rows == [] and failed[0]["name"] == "cand: failed" and "no such kernel" in failed[0]["error"]
 
 

@@ -236,13 +236,19 @@ def test_tune_gemv_times_every_variant_and_checks_it():
     assert all(r["max_err"] < 0.05 for r in rows if "max_err" in r)      # bf16 activations
 
 
-def test_bench_linears_can_run_the_split_variant():
-    from llmops_lab.quant.speed import INT4_SPLIT, make_linears
-    (a,), (b,) = (make_linears(m, [("q", 16, 64)], "cpu", torch.float32) for m in ("int4", INT4_SPLIT))
-    assert b.split_nibbles and not a.split_nibbles
+@pytest.mark.parametrize("method", ["int4_split", "int4_gemv_fast", "int8_gemv_fast"])
+def test_bench_linears_can_run_each_candidate(method):
+    """The quant bench's kernel candidates are QuantLinear options: the same stored weight, and the
+    kernel's output with them equals the PyTorch path's, through the GEMV kernel for 1-4 rows and
+    the tiled one above."""
+    from llmops_lab.quant.speed import CANDIDATES, make_linears
+    bits, options = CANDIDATES[method]
+    (a,), (b,) = (make_linears(m, [("q", 16, 64)], "cpu", torch.float32) for m in (f"int{bits}", method))
+    assert all(getattr(b, k) == v and getattr(a, k) != v for k, v in options.items())
     assert torch.equal(a.qweight, b.qweight)
     if available(DEV):                       # QuantLinear hands the choice to the kernel
         a, b = a.to(DEV), b.to(DEV)
         a.kernel, b.kernel = "torch", "triton"
-        x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0)).to(DEV)
-        torch.testing.assert_close(b(x), a(x), rtol=1e-5, atol=1e-5)
+        for rows in (1, 3, 5):               # GEMV_MAX_ROWS is 4
+            x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)).to(DEV)
+            torch.testing.assert_close(b(x), a(x), rtol=1e-5, atol=1e-5)

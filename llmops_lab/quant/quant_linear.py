@@ -46,7 +46,11 @@ class QuantLinear(nn.Module):
         self.bits, self.group_size, self.sym = qw.bits, qw.group_size, qw.sym
         self.dtype = dtype                                  # the compute dtype of the forward pass
         self.kernel = "auto"
-        self.split_nibbles = False     # the kernel's 4-bit variant (triton_dequant.dequant_matmul); untimed on a GPU
+        # the kernel's variants (triton_dequant.dequant_matmul), candidates no GPU has timed yet: the
+        # 4-bit split-nibble tile, codes to floats by bit arithmetic, and the GEMV kernel for 1-4 rows
+        self.split_nibbles = False
+        self.fast_convert = False
+        self.gemv = False
         scales, zeros = qw.stored_scales(scale_dtype)     # ValueError if they do not fit scale_dtype
         self.register_buffer("qweight", pack_codes(qw.codes, qw.bits, qw.sym))
         self.register_buffer("scales", scales)
@@ -96,9 +100,12 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:      # x [..., in] -> [..., out]
         if self.uses_kernel(x):
+            rows = x.numel() // self.in_features
+            gemv = self.gemv and 0 < rows <= triton_dequant.GEMV_MAX_ROWS
             return triton_dequant.dequant_matmul(x, self.qweight, self.scales, self.zeros, self.bits,
                                                  self.group_size, self.sym, self.bias,
-                                                 split_nibbles=self.split_nibbles)
+                                                 kernel="gemv" if gemv else None,
+                                                 split_nibbles=self.split_nibbles, fast_convert=self.fast_convert)
         return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:

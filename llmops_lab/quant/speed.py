@@ -23,6 +23,16 @@ from ..presets import get_preset
 FLOAT = "float"
 METHODS = (FLOAT, "int8", "int4")       # our weight-only formats; bnb_* where bitsandbytes is importable
 INT4_SPLIT = "int4_split"               # int4 through the kernel's split-nibble variant: a GPU candidate
+INT4_FAST = "int4_gemv_fast"            # int4: split nibbles, bit-arithmetic conversion, GEMV for 1-4 rows
+INT8_FAST = "int8_gemv_fast"            # int8: bit-arithmetic conversion, GEMV for 1-4 rows
+# GPU candidates: each a QuantLinear of that bit width with these kernel options set. The
+# conversion is a suspect at batch 1: the CUDA guide's throughput table puts type conversions at 16
+# results per clock per SM on compute capability 8.x/9.0, against 128 for an fp32 multiply-add, so
+# one per weight can take longer than reading a 4-bit weight does (fast_convert builds the float
+# from bits instead).
+CANDIDATES = {INT4_SPLIT: (4, dict(split_nibbles=True)),
+              INT4_FAST: (4, dict(split_nibbles=True, fast_convert=True, gemv=True)),
+              INT8_FAST: (8, dict(fast_convert=True, gemv=True))}
 
 
 def layer_shapes(config) -> list[tuple[str, int, int]]:
@@ -53,18 +63,19 @@ def make_linears(method: str, shapes, device, dtype, group_size: int = 128, seed
             lin.weight.copy_(torch.randn(out_f, in_f, generator=g) * in_f ** -0.5)
         if method == FLOAT:
             mods.append(lin.to(device=device, dtype=dtype))
-        elif method in ("int4", "int8", INT4_SPLIT):
-            bits = 8 if method == "int8" else 4
+        elif method in ("int4", "int8") or method in CANDIDATES:
+            bits, options = CANDIDATES.get(method, (8 if method == "int8" else 4, {}))
             gs = group_size if bits == 4 and in_f % group_size == 0 else None     # int8: per channel
             qw = quantize_rtn(lin.weight, bits=bits, group_size=gs, sym=bits == 8)
             mod = QuantLinear(qw, dtype=dtype).to(device)
-            mod.split_nibbles = method == INT4_SPLIT
+            for k, v in options.items():
+                setattr(mod, k, v)
             mods.append(mod)
         elif method in ("bnb_int8", "bnb_nf4"):
             from .bnb import bnb_linear
             mods.append(bnb_linear(lin.to(dtype), method, device))
         else:
-            raise ValueError(f"unknown method {method!r}; one of {METHODS + (INT4_SPLIT, 'bnb_int8', 'bnb_nf4')}")
+            raise ValueError(f"unknown method {method!r}; one of {METHODS + tuple(CANDIDATES) + ('bnb_int8', 'bnb_nf4')}")
     return mods
 
 
