@@ -61,19 +61,27 @@ def test_time_interleaved_alternates_and_times_each():
         measure.time_interleaved(fns, repeats=0)
 
 
-def test_time_interleaved_ratio_survives_a_machine_that_slows_down():
-    """A slows down over the run (as a shared machine does); B always costs twice A. Timed one
-    after the other, B/A would read 4; alternated, it reads 2."""
-    slow = [1.0]
+def test_time_interleaved_ratio_survives_a_machine_that_slows_down(monkeypatch):
+    """The machine slows down over the run (as a shared one does); B always costs twice A. Timed
+    one after the other, B/A would read 4 here; alternated, it reads 2. On a clock the two
+    functions advance themselves: real sleeps on a loaded runner overslept by milliseconds and
+    made the medians' ratio a matter of luck."""
+    import types
+    now, slow = [0.0], [1.0]
+    monkeypatch.setattr(measure, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
 
     def a():
-        time.sleep(0.002 * slow[0])
+        now[0] += 0.002 * slow[0]
 
     def b():
-        time.sleep(0.004 * slow[0])
+        now[0] += 0.004 * slow[0]
         slow[0] += 0.5
     t = measure.time_interleaved({"a": a, "b": b}, warmup=0, repeats=5)
-    assert 1.6 < t["b"].median / t["a"].median < 2.6
+    assert t["b"].median / t["a"].median == pytest.approx(2.0)
+    now[0], slow[0] = 0.0, 1.0                     # one after the other: the drift lands on B
+    ta = measure.time_interleaved({"a": a}, warmup=0, repeats=5)
+    tb = measure.time_interleaved({"b": b}, warmup=0, repeats=5)
+    assert tb["b"].median / ta["a"].median == pytest.approx(4.0)
 
 
 def test_time_fn_rejects_cuda_without_gpu():

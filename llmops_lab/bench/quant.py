@@ -28,10 +28,10 @@ BATCHES = (1, 2, 4, 8, 16, 32, 64)
 
 
 def _targets(method: str, batch: int) -> str | None:
-    bits = CANDIDATES[method][0] if method in CANDIDATES else 8 if method == "int8" else 4
-    if bits == 4 and method.startswith("int4"):
+    bits = CANDIDATES[method][0] if method in CANDIDATES else {"int4": 4, "int8": 8}.get(method)
+    if bits == 4:
         return ">= 3.0x" if batch == 1 else ">= 1.0x" if batch <= 16 else None
-    if bits == 8 and method.startswith("int8") and batch == 1:
+    if bits == 8 and batch == 1:
         return ">= 1.6x"
     return None
 
