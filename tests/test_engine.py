@@ -208,11 +208,26 @@ def test_llm_prompt_forms_and_bad_prompts(tiny):
     assert llm.engine.block_manager.num_free_blocks == 32
 
 
-def test_bad_engine_config():
-    with pytest.raises(ValueError, match="block_size"):
-        EngineConfig(block_size=3)
-    with pytest.raises(ValueError, match="gpu_memory_utilization"):
-        EngineConfig(gpu_memory_utilization=1.5)
+@pytest.mark.parametrize("kw, match", [
+    (dict(block_size=3), "block_size must be a power of two"),
+    (dict(gpu_memory_utilization=1.5), r"gpu_memory_utilization must be in \(0, 1\]"),
+    (dict(gpu_memory_utilization=float("nan")), "gpu_memory_utilization must be a finite number"),
+    (dict(block_size=16.0), "block_size must be an integer, got 16.0"),
+    (dict(max_num_seqs=2.5), "max_num_seqs must be an integer"),
+    (dict(max_num_seqs=True), "max_num_seqs must be an integer, got True"),
+    (dict(num_kv_blocks=8.0), "num_kv_blocks must be an integer or None"),
+    (dict(seed=1.5), "seed must be an integer"),
+    (dict(async_scheduling="no"), "async_scheduling must be True or False, got 'no'"),
+    (dict(enforce_eager=1), "enforce_eager must be True or False"),
+    (dict(cpu_kv_cache_space_gib=-1), "cpu_kv_cache_space_gib must be > 0"),
+])
+def test_bad_engine_config(kw, match):
+    """vLLM's knobs as LLM(...) takes them: a wrong type or value is a clear error, never a flag
+    read as truthy or a float that fails deep inside."""
+    with pytest.raises(ValueError, match=match):
+        EngineConfig(**kw)
+    import numpy as np
+    assert EngineConfig(max_num_seqs=np.int64(4), gpu_memory_utilization=np.float32(0.5)).max_num_seqs == 4
 
 
 def test_scheduler_is_plain_python():

@@ -5,7 +5,10 @@ the engine, never written back here.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+from ..checks import is_int, is_real
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,22 @@ class EngineConfig:
     def __post_init__(self):
         def bad(msg):
             raise ValueError(f"EngineConfig: {msg}")
+        # types first: a float block size or a string flag would fail later, or pass as something else
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "seed"):
+            if not is_int(getattr(self, name)):
+                bad(f"{name} must be an integer, got {getattr(self, name)!r}")
+        for name in ("num_kv_blocks", "kv_cache_memory_bytes", "max_model_len"):
+            if getattr(self, name) is not None and not is_int(getattr(self, name)):
+                bad(f"{name} must be an integer or None, got {getattr(self, name)!r}")
+        for name in ("gpu_memory_utilization", "cpu_kv_cache_space_gib"):
+            if not is_real(getattr(self, name)) or not math.isfinite(getattr(self, name)):
+                bad(f"{name} must be a finite number, got {getattr(self, name)!r}")
+        for name in ("enable_prefix_caching", "enable_chunked_prefill", "enforce_eager", "prefill_graphs",
+                     "async_scheduling", "fused_ops", "cpu_paged_kernel"):
+            if not isinstance(getattr(self, name), bool):
+                bad(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.cpu_kv_cache_space_gib <= 0:
+            bad(f"cpu_kv_cache_space_gib must be > 0, got {self.cpu_kv_cache_space_gib}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             bad(f"block_size must be a power of two >= 1, got {self.block_size}")
         if self.max_num_seqs < 1:
