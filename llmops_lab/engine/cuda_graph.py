@@ -36,6 +36,13 @@ from ..attention import sdpa_attention
 from ..paged.varlen import PackedBatch, store_tokens
 
 
+def staged(device: torch.device, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Host tensors about to be copied to ``device``, in pinned memory when it is a GPU: a copy from
+    pageable memory waits for the GPU to go idle, which a step launched behind the previous one
+    (async scheduling) must not."""
+    return tuple(t.pin_memory() for t in tensors) if device.type == "cuda" else tensors
+
+
 def batch_buckets(max_batch: int) -> list[int]:
     """The batch sizes captured: 1, 2, 4, 8, then every multiple of 16, up to and including max_batch."""
     sizes = {b for b in (1, 2, 4, 8) if b < max_batch} | set(range(16, max_batch, 16)) | {max_batch}
@@ -172,9 +179,7 @@ class DecodeGraphs(_BucketGraphs):
         host = torch.tensor([ids + [0] * pad, positions + [0] * pad, slots + [self.scratch_slot] * pad,
                              lens + [1] * pad] + ([feed[1] + [-1] * pad] if feed else []), dtype=torch.long)
         rows = [t + [self.scratch_block] * (width - len(t)) for t in tables] + [[self.scratch_block] * width] * pad
-        table = torch.tensor(rows, dtype=torch.int32)
-        if self.ids.is_cuda:           # from pageable memory a copy would wait for the GPU to be idle
-            host, table = host.pin_memory(), table.pin_memory()
+        host, table = staged(self.ids.device, host, torch.tensor(rows, dtype=torch.int32))
         self.ids[:bucket].copy_(host[0], non_blocking=True)
         self.positions[:bucket].copy_(host[1], non_blocking=True)
         self.slots[:bucket].copy_(host[2], non_blocking=True)
@@ -289,9 +294,8 @@ class PrefillGraphs(_BucketGraphs):
         pad = T - n
         host = torch.tensor([ids + [0] * pad, pos + [0] * pad, slot + [self.scratch_slot] * pad,
                              seg + [-1] * pad], dtype=torch.long)
-        lasts = torch.tensor(last + [0] * (self.max_prompts - len(last)), dtype=torch.long)
-        if self.ids.is_cuda:           # from pageable memory a copy would wait for the GPU to be idle
-            host, lasts = host.pin_memory(), lasts.pin_memory()
+        host, lasts = staged(self.ids.device, host,
+                             torch.tensor(last + [0] * (self.max_prompts - len(last)), dtype=torch.long))
         self.ids[:T].copy_(host[0], non_blocking=True)
         self.positions[:T].copy_(host[1], non_blocking=True)
         self.slots[:T].copy_(host[2], non_blocking=True)

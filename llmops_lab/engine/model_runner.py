@@ -20,7 +20,7 @@ import torch
 from ..measure import synchronize
 from ..paged.varlen import PackedBatch, packed_paged_attention
 from .config import EngineConfig
-from .cuda_graph import DecodeGraphs, PrefillGraphs
+from .cuda_graph import DecodeGraphs, PrefillGraphs, staged
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
 
@@ -239,10 +239,9 @@ class ModelRunner:
                 self.graph_steps += 1
                 parts.append(self.graphs.run(*decode, feed=feed and (feed[0], [feed[1][i] for i in dec])))
             where = {row: j for j, row in enumerate(pre + dec)}        # batch row -> row of the parts
-            order = torch.tensor([where[i] for i in range(len(batch))])
-            if order.device != self.model.device:   # pinned: a pageable copy waits for the GPU to idle
-                order = order.pin_memory().to(self.model.device, non_blocking=True)
-            return torch.cat(parts)[order].float()
+            dev = self.model.device
+            order, = staged(dev, torch.tensor([where[i] for i in range(len(batch))]))
+            return torch.cat(parts)[order.to(dev, non_blocking=True)].float()
         ids, pos, meta, sample_at = self.prepare(batch)
         if feed is not None:           # a pending token is its sequence's newest: the chunk's last
             rows = [(meta.query_start[i + 1] - 1, r) for i, r in enumerate(feed[1]) if r >= 0]
