@@ -71,7 +71,7 @@ def run(ctx: BenchContext) -> list[dict]:
     lens = [r.params.max_tokens for r in wl]
     desc = f"{name}, {len(wl)} requests, outputs {min(lens)}-{max(lens)} (mean {sum(lens) / len(lens):.0f}), {seats} seats"
     cpu_extra = {}
-    if cpu:                                # both engine runs, to show how far the machine drifted
+    if cpu:                                # every run of each kind, to show how far the machine drifted
         from ..paged import cpu_kernel
         cpu_extra = {"continuous_runs_tok_s": [round(r.throughput, 1) for r in res["continuous_runs"]],
                      "static_runs_tok_s": [round(r.throughput, 1) for r in res["static_runs"]],
