@@ -1,9 +1,20 @@
-"""The ``llmops-lab`` command: ``info`` (machine and embedded models) and ``bench`` (the suite)."""
+"""The ``llmops-lab`` command.
+
+    llmops-lab info                        the machine and the embedded models
+    llmops-lab bench [--device cuda] ...   the benchmark suite (python -m llmops_lab.bench)
+    llmops-lab kv llama-2-70b --gpu "H100 80GB"
+                                           what fits in a GPU's KV cache (vLLM's start-up lines)
+    llmops-lab generate "To be, or" --max-tokens 40
+                                           generation through the continuous-batching engine
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+
+KV_DTYPES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1}
 
 
 def info() -> str:
@@ -24,20 +35,177 @@ def info() -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+def model_config(name: str):
+    """A preset's ``ModelConfig`` (``llmops_lab.presets``), else a checkpoint's: a folder holding
+    config.json, ``target``/``draft``, or a config.json itself."""
+    from pathlib import Path
+
+    from .config import ModelConfig
+    from .presets import PRESETS, get_preset
+    if name.strip().lower() in PRESETS:
+        return get_preset(name)
+    from .loader import EMBEDDED, embedded_model_path
+    path = embedded_model_path(name) if name in EMBEDDED else Path(name).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{name!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint folder "
+                         f"or config.json on this machine")
+    return ModelConfig.from_json(path)
+
+
+def kv(a) -> str:
+    """The calculator's answer for the parsed ``kv`` arguments, as text."""
+    from . import formulas
+    from .kv.calculator import GPU_MEMORY, kv_cache_budget, kv_heads_per_gpu
+    config = model_config(a.model)
+    if a.gpu_memory_gib is not None:
+        total, gpu = a.gpu_memory_gib * 2**30, f"{a.gpu_memory_gib:g} GiB"
+    else:
+        names = {k.lower().replace(" ", ""): k for k in GPU_MEMORY}
+        key = names.get(a.gpu.lower().replace(" ", ""))
+        if key is None:
+            raise ValueError(f"unknown GPU {a.gpu!r}; known: {', '.join(GPU_MEMORY)} (or give --gpu-memory-gib)")
+        total, gpu = GPU_MEMORY[key], key
+    weight_bytes = None if a.weight_bits is None else formulas.weight_bytes(config, a.weight_bits)
+    b = kv_cache_budget(config, total, a.gpu_memory_utilization, dtype_bytes=KV_DTYPES[a.kv_dtype],
+                        block_size=a.block_size, weight_bytes=weight_bytes,
+                        activation_bytes=a.activation_gib * 2**30, max_model_len=a.max_model_len,
+                        tensor_parallel_size=a.tensor_parallel_size)
+    gib, tp = 2**30, a.tensor_parallel_size
+    heads = config.num_key_value_heads
+    rows = [
+        ("model", f"{config.name or a.model}: {config.num_hidden_layers} layers, {heads} KV heads "
+                  f"of {config.head_dim} (of {config.num_attention_heads} query heads)"),
+        ("GPU", f"{gpu} x {a.gpu_memory_utilization:g} = {total * a.gpu_memory_utilization / gib:.2f} GiB"
+                + (f" on each of {tp} GPUs (tensor parallel; the lines below are one GPU's)" if tp > 1 else "")),
+        ("weights", f"{b.weight_bytes / gib:.2f} GiB" + ("" if a.weight_bits is None else f" at {a.weight_bits:g} bits")),
+        ("activations", f"{b.activation_bytes / gib:.2f} GiB"),
+        ("KV cache", f"{max(b.kv_bytes_available, 0) / gib:.2f} GiB"),
+        ("KV per token", f"{b.bytes_per_token / 2**10:.1f} KiB ({a.kv_dtype}: 2 x {config.num_hidden_layers} x "
+                         f"{kv_heads_per_gpu(config, tp)} x {config.head_dim} x {KV_DTYPES[a.kv_dtype]} bytes)"),
+        ("KV per sequence", f"{b.bytes_per_token * b.max_model_len / gib:.3f} GiB at {b.max_model_len:,} tokens"),
+        ("blocks", f"{b.num_gpu_blocks:,} of {b.block_size} tokens"),
+        ("sequences", f"{b.max_num_seqs:,} of {b.max_model_len:,} tokens at once ({b.max_concurrency:.2f}x)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows) + "\n" + b.log_line()
+
+
+def generate(a) -> tuple[str, int]:
+    """Run the parsed ``generate`` arguments through ``LLM``: (a description of the outputs, how
+    many prompts were refused)."""
+    import time
+
+    from .engine import LLM, SamplingParams
+    params = SamplingParams(n=a.n, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                            max_tokens=a.max_tokens, seed=a.seed, stop=a.stop or None)
+    llm = LLM(model=a.model, device=a.device, dtype=a.dtype, max_num_seqs=a.max_num_seqs)
+    t0 = time.perf_counter()
+    outs = llm.generate(a.prompts, params, use_tqdm=len(a.prompts) > 1)
+    seconds = time.perf_counter() - t0
+    lines, tokens, refused = [], 0, 0
+    for o in outs:
+        if o.error:
+            lines.append(f"{o.prompt!r}: refused: {o.error}")
+            refused += 1
+            continue
+        for c in o.outputs:
+            tokens += len(c.token_ids)
+            tag = f"[{c.index}] " if len(o.outputs) > 1 else ""
+            lines.append(f"{tag}{o.prompt}{c.text}")
+            lines.append(f"    ({len(c.token_ids)} tokens, finished: {c.finish_reason})")
+    dev = llm.engine.model.device
+    lines.append(f"{tokens} tokens in {seconds:.2f} s ({tokens / seconds:.1f} tok/s) on {dev}")
+    return "\n".join(lines), refused
+
+
+def _fraction(text: str) -> float:
+    x = float(text)
+    if not (math.isfinite(x) and 0 < x <= 1):
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
+    return x
+
+
+def _positive(kind):
+    def parse(text: str):
+        x = kind(text)
+        if not (math.isfinite(x) and x > 0):
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return x
+    return parse
+
+
+def _nonneg(text: str) -> float:
+    x = float(text)
+    if not (math.isfinite(x) and x >= 0):
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return x
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="llmops-lab", description="LLM inference optimisation, measured.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="device, capabilities and the embedded models' card")
     sub.add_parser("bench", help="the benchmark suite (same as python -m llmops_lab.bench)", add_help=False)
+
+    k = sub.add_parser("kv", help="what fits in a GPU's KV cache: blocks, tokens, sequences (vLLM's start-up lines)",
+                       description="The KV-cache calculator (llmops_lab.kv.calculator): of the GPU's memory x "
+                                   "utilization, less weights and activations, how many blocks, tokens and "
+                                   "full-length sequences fit.")
+    k.add_argument("model", help="a preset (llama-2-70b, llama-3-8b, doc-70b-as-written, ...), target, draft, "
+                                 "or a checkpoint folder / config.json")
+    k.add_argument("--gpu", default="H100 80GB", help="a known GPU (default: %(default)s)")
+    k.add_argument("--gpu-memory-gib", type=_positive(float), help="the GPU's memory instead of --gpu")
+    k.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9, help="default: %(default)s")
+    k.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default="bf16", help="default: %(default)s")
+    k.add_argument("--weight-bits", type=_positive(float),
+                   help="bits per weight (default: as the KV dtype; 4 for an int4 model)")
+    k.add_argument("--block-size", type=_positive(int), default=16, help="default: %(default)s")
+    k.add_argument("--max-model-len", type=_positive(int), help="tokens per request (default: the model's context)")
+    k.add_argument("--activation-gib", type=_nonneg, default=0.0, help="peak activation memory (default: 0)")
+    k.add_argument("--tensor-parallel-size", "-tp", type=_positive(int), default=1,
+                   help="GPUs the model is split over (default: 1)")
+
+    g = sub.add_parser("generate", help="generate from prompts with the continuous-batching engine",
+                       description="Prompts through llmops_lab.engine.LLM (the embedded target by default).")
+    g.add_argument("prompts", nargs="+", help="one or more prompts")
+    g.add_argument("--model", default="target", help="target, draft, or a checkpoint folder (default: target)")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0 = off (default)")
+    g.add_argument("-n", type=int, default=1, help="completions per prompt")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
+    return ap
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    ap = parser()
     a, rest = ap.parse_known_args(argv)
-    if a.cmd == "info":
-        if rest:                    # only bench passes its arguments on; anything else is a typo
-            ap.error(f"unrecognized arguments: {' '.join(rest)}")
-        print(info())
-    elif a.cmd == "bench":
+    if a.cmd == "bench":
         from .bench.__main__ import main as bench_main
         bench_main(rest)
+        return
+    if rest:                        # only bench passes its arguments on; anything else is a typo
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        if a.cmd == "info":
+            print(info())
+        elif a.cmd == "kv":
+            print(kv(a))
+        elif a.cmd == "generate":
+            text, refused = generate(a)
+            print(text)
+            if refused:                         # the others ran; the exit status says not all did
+                ap.exit(1)
+    except (ValueError, TypeError) as e:       # bad input: one line, not a traceback
+        ap.exit(2, f"llmops-lab {a.cmd}: error: {e}\n")
 
 
 if __name__ == "__main__":

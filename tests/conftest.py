@@ -30,3 +30,16 @@ def random_llama():
             torch.nn.init.normal_(p, std=std)
         return m
     return make
+
+
+@pytest.fixture(scope="session")
+def compiled_variants():
+    """``compiled_variants(kernel)``: how many specialisations of a Triton kernel have been compiled
+    in this process (the cache's layout moved between Triton versions: ``device_caches`` since 3.x,
+    ``cache`` before)."""
+    def count(kernel) -> int:
+        caches = getattr(kernel, "device_caches", None)
+        if caches is not None:
+            return sum(len(c[0]) for c in caches.values())
+        return sum(len(c) for c in kernel.cache.values())
+    return count

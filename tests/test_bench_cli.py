@@ -4,7 +4,7 @@ import json
 import pytest
 
 from llmops_lab import bench, cli, formulas, roofline
-from llmops_lab.kv import KVCache
+from llmops_lab.kv import KVCache, kv_cache_budget
 from llmops_lab.loader import embedded_fingerprint, load_model
 
 
@@ -73,6 +73,40 @@ def test_cli_refuses_unknown_arguments():
         assert e.value.code == 2, argv
     r = subprocess.run([sys.executable, "-m", "llmops_lab", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "info" in r.stdout and "bench" in r.stdout
+
+
+def test_cli_kv_prints_vllm_lines_and_refuses_bad_input(capsys):
+    cli.main(["kv", "llama-2-70b", "--gpu", "h100 80gb", "-tp", "4", "--max-model-len", "4096"])
+    out = capsys.readouterr().out
+    want = kv_cache_budget("llama-2-70b", 80 * 2**30, 0.9, max_model_len=4096, tensor_parallel_size=4)
+    assert want.log_line() in out and "80.0 KiB" in out          # 2 x 80 x (8/4) x 128 x 2 bytes
+    cli.main(["kv", "target", "--gpu-memory-gib", "1", "--kv-dtype", "int8"])
+    assert "1.0 KiB" in capsys.readouterr().out                  # 2 x 8 x 2 x 32 x 1 bytes
+    for argv in (["kv", "llama-2-70b"],                          # 138 GB of weights on one GPU
+                 ["kv", "no-such-model"], ["kv", "llama-2-7b", "--gpu", "abacus"],
+                 ["kv", "llama-2-7b", "--gpu-memory-utilization", "1.5"],
+                 ["kv", "llama-2-7b", "--block-size", "0"], ["kv", "llama-2-7b", "--max-model-len", "5000"],
+                 ["kv", "llama-2-70b", "-tp", "3"], ["kv", "llama-2-7b", "--gpu-memory-gib", "nan"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 2, argv
+        assert "error" in capsys.readouterr().err, argv
+
+
+def test_cli_generate_greedy_matches_the_engine(capsys):
+    from llmops_lab.engine import LLM, SamplingParams
+    cli.main(["generate", "To be, or not", "ROMEO:", "--max-tokens", "6"])
+    out = capsys.readouterr().out
+    want = LLM().generate(["To be, or not", "ROMEO:"], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
+    for o in want:
+        assert o.prompt + o.outputs[0].text in out
+    assert "12 tokens in" in out
+    with pytest.warns(UserWarning, match="empty prompt"), pytest.raises(SystemExit) as e:
+        cli.main(["generate", "", "ROMEO:", "--max-tokens", "2"])          # one refused, the other runs
+    assert e.value.code == 1 and "refused" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", "x", "--temperature", "-1"])
+    assert e.value.code == 2
 
 
 def test_kv_cache_allocates_exactly_the_formula():

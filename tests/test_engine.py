@@ -689,23 +689,14 @@ def test_warm_up_runs_both_eager_step_kinds_and_leaves_outputs_alone(tiny):
     assert ModelRunner(tiny, 400, 128).warm_up() is False            # 259 tokens: past the context of 256
 
 
-def compiled_variants(kernel) -> int:
-    """How many specialisations of a Triton kernel have been compiled in this process (the cache's
-    layout moved between Triton versions: ``device_caches`` since 3.x, ``cache`` before)."""
-    caches = getattr(kernel, "device_caches", None)
-    if caches is not None:
-        return sum(len(c[0]) for c in caches.values())
-    return sum(len(c) for c in kernel.cache.values())
-
-
 @pytest.mark.gpu
-def test_warm_up_compiles_what_served_steps_use():
+def test_warm_up_compiles_what_served_steps_use(compiled_variants):
     """On a GPU: after the engine's warm-up, serving requests that chunk, hit the prefix cache and
     mix prefills with decodes in every row position compiles no further variant of the paged
-    prefill or decode kernels (each compile is a second or so inside a served step)."""
+    prefill, decode or split-merge kernels (each compile is a second or so inside a served step)."""
     from llmops_lab.config import ModelConfig
     from llmops_lab.model import LlamaModel
-    from llmops_lab.paged.triton_paged import paged_decode_kernel
+    from llmops_lab.paged.triton_paged import merge_splits_kernel, paged_decode_kernel
     from llmops_lab.paged.triton_prefill import paged_prefill_kernel
     cfg = ModelConfig(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -713,7 +704,7 @@ def test_warm_up_compiles_what_served_steps_use():
     model = LlamaModel(cfg).eval().cuda().to(torch.bfloat16)
     eng = LLMEngine(model, config=EngineConfig(block_size=16, max_num_seqs=6, num_kv_blocks=96,
                                                max_num_batched_tokens=40))
-    before = {k: compiled_variants(k) for k in (paged_prefill_kernel, paged_decode_kernel)}
+    before = {k: compiled_variants(k) for k in (paged_prefill_kernel, paged_decode_kernel, merge_splits_kernel)}
     ps = prompts(14, 2, 70, seed=3)
     ps[5] = ps[1][:32] + [9, 9, 9]                       # a prefix-cache hit
     run_all(eng, [(str(i), p, SamplingParams(max_tokens=2 + i % 7, **GREEDY)) for i, p in enumerate(ps)],

@@ -122,3 +122,23 @@ def test_concurrency_curve_rejects_bad_lengths(lengths, match):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown preset"):
         kv_cache_budget("llama-9-1t", 80 * 2**30)
+
+
+def test_tensor_parallel_splits_weights_and_kv_heads():
+    """Per GPU: 1/tp of the weights, Hkv/tp KV heads (one, replicated, when tp > Hkv)."""
+    from llmops_lab.kv.calculator import kv_heads_per_gpu
+    from llmops_lab.presets import get_preset
+    c = get_preset("llama-2-70b")                             # 64 query heads, 8 KV heads
+    one = kv_cache_budget(c, 10 * 2**40, 0.9)                 # an imaginary 10 TiB GPU
+    four = kv_cache_budget(c, 80 * 2**30, 0.9, tensor_parallel_size=4)
+    assert four.weight_bytes == one.weight_bytes / 4 and four.bytes_per_token == one.bytes_per_token / 4
+    assert four.tensor_parallel_size == 4
+    assert [kv_heads_per_gpu(c, tp) for tp in (1, 2, 8, 16, 64)] == [8, 4, 1, 1, 1]
+    for tp in (3, 128):                                       # heads that do not split evenly
+        with pytest.raises(ValueError, match="split"):
+            kv_cache_budget(c, 80 * 2**30, 0.9, tensor_parallel_size=tp)
+    for tp in (0, 2.0, True):
+        with pytest.raises((TypeError, ValueError)):
+            kv_cache_budget(c, 80 * 2**30, 0.9, tensor_parallel_size=tp)
+    with pytest.raises(ValueError, match="tensor_parallel_size"):   # the hint where one GPU is too small
+        kv_cache_budget(c, 80 * 2**30, 0.9)

@@ -60,6 +60,29 @@ def test_kernel_bf16_more_splits_than_tiles():
     assert got.dtype == torch.bfloat16 and (got.float() - want).abs().max() < 3e-2
 
 
+@needs_kernel
+@pytest.mark.parametrize("num_splits", [2, 8, 9, 17])
+def test_kernel_merges_any_number_of_splits(num_splits):
+    """The merge reads the splits SPLITS_BLOCK (8) at a time: counts below, at, just past and two
+    blocks past it, with empty splits among them (the short rows)."""
+    q, kp, vp, tables, ctx = paged_inputs([300, 3, 129], 4, 2, 16, 16, torch.float32, DEV)
+    want, want_lse = paged_decode_reference(q, kp, vp, tables, ctx, return_lse=True)
+    got, lse = triton_paged.paged_decode(q, kp, vp, tables, ctx, num_splits=num_splits, return_lse=True)
+    assert (got - want).abs().max() < 2e-5 and (lse - want_lse).abs().max() < 2e-5
+
+
+@pytest.mark.gpu
+def test_one_merge_variant_for_every_split_count(compiled_variants):
+    """On a GPU: the merge kernel compiles once whatever the split count (an eager engine step picks
+    its count from its longest context; a new variant would compile inside that step)."""
+    q, kp, vp, tables, ctx = paged_inputs([600, 40], 8, 2, 64, 16, torch.bfloat16, "cuda")
+    triton_paged.paged_decode(q, kp, vp, tables, ctx, num_splits=2)
+    before = compiled_variants(triton_paged.merge_splits_kernel)
+    for n in (3, 4, 8, 9, 16, 33):
+        triton_paged.paged_decode(q, kp, vp, tables, ctx, num_splits=n)
+    assert compiled_variants(triton_paged.merge_splits_kernel) == before
+
+
 def test_reference_equals_attention_on_the_contiguous_cache():
     lens = [13, 32]
     q, kp, vp, tables, ctx = paged_inputs(lens, 4, 2, 16, 8, torch.float32, DEV)

@@ -6,9 +6,15 @@ run, and cuts the rest into blocks of ``block_size`` tokens. It then logs "# GPU
 KV cache size" in tokens and the "Maximum concurrency for N tokens per request". This module
 does that sum for any ``ModelConfig`` with the formulas of ``llmops_lab.formulas``; activation
 memory is an input (``activation_bytes``), since here nothing is profiled.
+
+With tensor parallelism over ``tensor_parallel_size`` GPUs (Megatron-LM's split, as vLLM runs a
+70B model) each GPU holds 1/tp of the weights and the KV heads of its share of the attention heads:
+Hkv/tp of them, or one (replicated) when there are fewer KV heads than GPUs. Every GPU caches every
+token, for its own heads, so the figures are one GPU's: its blocks, and the tokens they hold.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from .. import formulas
@@ -31,8 +37,9 @@ class KVBudget:
     kv_bytes_available: float     # gpu x utilization - weights - activations
     bytes_per_token: float        # 2 x L x n_kv_heads x d_head x sizeof(dtype)
     block_size: int
-    num_gpu_blocks: int           # whole blocks that fit
+    num_gpu_blocks: int           # whole blocks that fit (on each GPU)
     max_model_len: int
+    tensor_parallel_size: int = 1  # weights, activations and KV bytes above are one GPU's
 
     @property
     def bytes_per_block(self) -> float:
@@ -66,7 +73,8 @@ class KVBudget:
 
 def kv_cache_budget(config: ModelConfig | str, gpu_memory_bytes: float, gpu_memory_utilization: float = 0.9,
                     dtype_bytes: float = 2, block_size: int = 16, weight_bytes: float | None = None,
-                    activation_bytes: float = 0, max_model_len: int | None = None) -> KVBudget:
+                    activation_bytes: float = 0, max_model_len: int | None = None,
+                    tensor_parallel_size: int = 1) -> KVBudget:
     """What fits in a GPU's KV cache.
 
     Args:
@@ -79,6 +87,9 @@ def kv_cache_budget(config: ModelConfig | str, gpu_memory_bytes: float, gpu_memo
         activation_bytes: peak activation memory of a forward pass (vLLM profiles it).
         max_model_len: the per-request length for the concurrency figure, 1 to the model's context
             (``config.max_position_embeddings``); default the model's context.
+        tensor_parallel_size: GPUs the model is split over (``gpu_memory_bytes`` and
+            ``activation_bytes`` are each GPU's; ``weight_bytes`` the whole model's). The KV heads
+            must split evenly over them, or the GPUs evenly over the KV heads (``kv_heads_per_gpu``).
 
     Returns:
         KVBudget. Raises ValueError when the weights and activations leave no room for one block,
@@ -93,23 +104,42 @@ def kv_cache_budget(config: ModelConfig | str, gpu_memory_bytes: float, gpu_memo
         raise ValueError(f"gpu_memory_utilization must lie in (0, 1], got {gpu_memory_utilization}")
     formulas._positive_int(block_size=block_size)
     formulas._nonneg(activation_bytes=activation_bytes)
+    formulas._positive_int(tensor_parallel_size=tensor_parallel_size)
     if weight_bytes is None:
         weight_bytes = formulas.weight_bytes(config, 8 * dtype_bytes)
     formulas._nonneg(weight_bytes=weight_bytes)
     max_model_len = _check_max_model_len(config, max_model_len)
+    tp = tensor_parallel_size
+    weight_bytes = weight_bytes / tp
     available = gpu_memory_bytes * gpu_memory_utilization - weight_bytes - activation_bytes
-    per_token = formulas.kv_cache_bytes_per_token(config, dtype_bytes)
+    shard = dataclasses.replace(config, num_key_value_heads=kv_heads_per_gpu(config, tp)) if tp > 1 else config
+    per_token = formulas.kv_cache_bytes_per_token(shard, dtype_bytes)
     blocks = int(max(available, 0) // (per_token * block_size))
     if blocks < 1:
         usable = formulas.to_gb(gpu_memory_bytes * gpu_memory_utilization)
-        raise ValueError(f"no room for the KV cache: {usable:.2f} GB usable, "
+        gpus = f" per GPU at tensor_parallel_size {tp}" if tp > 1 else ""
+        raise ValueError(f"no room for the KV cache: {usable:.2f} GB usable{gpus}, "
                          f"{formulas.to_gb(weight_bytes + activation_bytes):.2f} GB of weights and "
-                         f"activations; one block needs {per_token * block_size:,.0f} bytes more")
+                         f"activations; one block needs {per_token * block_size:,.0f} bytes more"
+                         + ("" if tp > 1 else " (a model this size is split over GPUs: tensor_parallel_size)"))
     return KVBudget(model=config.name, gpu_memory_bytes=gpu_memory_bytes,
                     gpu_memory_utilization=gpu_memory_utilization, weight_bytes=weight_bytes,
                     activation_bytes=activation_bytes, kv_bytes_available=available,
                     bytes_per_token=per_token, block_size=block_size, num_gpu_blocks=blocks,
-                    max_model_len=max_model_len)
+                    max_model_len=max_model_len, tensor_parallel_size=tp)
+
+
+def kv_heads_per_gpu(config: ModelConfig, tensor_parallel_size: int) -> int:
+    """KV heads each GPU caches under tensor parallelism: Hkv / tp, or 1 (each replicated) when
+    tp is a multiple of Hkv. Query heads must split evenly too; anything else is refused."""
+    tp, hkv, h = tensor_parallel_size, config.num_key_value_heads, config.num_attention_heads
+    if h % tp:
+        raise ValueError(f"{h} attention heads do not split over tensor_parallel_size {tp}")
+    if hkv % tp == 0:
+        return hkv // tp
+    if tp % hkv == 0:
+        return 1
+    raise ValueError(f"{hkv} KV heads do not split over tensor_parallel_size {tp}, nor {tp} over {hkv}")
 
 
 def _check_max_model_len(config: ModelConfig, max_model_len: int | None) -> int:

@@ -111,26 +111,39 @@ if triton is not None:
                  acc.to(o_ptr.dtype.element_ty), mask=in_g[:, None])
         tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=in_g)
 
-    @triton.jit
+    # One compiled variant for every split count: the count is a plain (unspecialised) argument
+    # and the splits are read SPLITS_BLOCK at a time. With the count's power of two as a constexpr
+    # (the first version), a step whose context first needed 2, then 4 splits compiled the kernel
+    # again inside that step, a second or so each: the engine's eager (mixed) steps choose their
+    # split count from their longest context, and its warm-up runs too short a context to split.
+    @triton.jit(do_not_specialize=["num_splits"])
     def merge_splits_kernel(o_part_ptr, lse_part_ptr, o_ptr, lse_ptr, num_splits, H,
                             stride_pb, stride_ph, stride_ps, stride_ob, stride_oh,
-                            HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr):
+                            HEAD_DIM: tl.constexpr, SPLITS_BLOCK: tl.constexpr):
         """out = sum_s exp(lse_s - lse) o_s with lse = log sum_s exp(lse_s): the softmax over all
         keys, rebuilt from each split's softmax over its own keys."""
         pid = tl.program_id(0)
         b, h = pid // H, pid % H
-        offs_s = tl.arange(0, SPLITS_PAD)
         offs_d = tl.arange(0, HEAD_DIM)
-        in_s = offs_s < num_splits
-        lse_s = tl.load(lse_part_ptr + pid * num_splits + offs_s, mask=in_s, other=float("-inf"))
-        m = tl.max(lse_s, 0)                               # finite: split 0 always holds a key
-        w = tl.math.exp(lse_s - m)
-        o_s = tl.load(o_part_ptr + b * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
-                      mask=in_s[:, None], other=0.0)
-        total = tl.sum(w, 0)
-        out = tl.sum(w[:, None] * o_s, 0) / total
-        tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty))
-        tl.store(lse_ptr + pid, m + tl.math.log(total))
+        lse_row = lse_part_ptr + pid * num_splits
+        m = tl.full([SPLITS_BLOCK], float("-inf"), tl.float32)
+        for s0 in range(0, num_splits, SPLITS_BLOCK):          # the largest lse: finite, split 0 has a key
+            offs_s = s0 + tl.arange(0, SPLITS_BLOCK)
+            m = tl.maximum(m, tl.load(lse_row + offs_s, mask=offs_s < num_splits, other=float("-inf")))
+        m_all = tl.max(m, 0)
+        total = tl.zeros([SPLITS_BLOCK], tl.float32)
+        acc = tl.zeros([HEAD_DIM], tl.float32)
+        for s0 in range(0, num_splits, SPLITS_BLOCK):
+            offs_s = s0 + tl.arange(0, SPLITS_BLOCK)
+            in_s = offs_s < num_splits
+            w = tl.math.exp(tl.load(lse_row + offs_s, mask=in_s, other=float("-inf")) - m_all)
+            o_s = tl.load(o_part_ptr + b * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
+                          mask=in_s[:, None], other=0.0)
+            total += w
+            acc += tl.sum(w[:, None] * o_s, 0)
+        t = tl.sum(total, 0)
+        tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_d, (acc / t).to(o_ptr.dtype.element_ty))
+        tl.store(lse_ptr + pid, m_all + tl.math.log(t))
 
     # (BLOCK_N, warps, stages) candidates; ``tune=True`` times them once per shape and keeps the fastest
     TILE_CONFIGS = [(64, 4, 3), (64, 4, 2), (64, 8, 3), (128, 4, 2), (128, 8, 2), (32, 4, 4), (128, 4, 3)]
@@ -141,6 +154,7 @@ if triton is not None:
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BLOCK_N = 64          # tokens per loop step (several 16-token blocks); 16 under the interpreter
+SPLITS_BLOCK = 8      # splits the merge kernel reads at a time (the default picks at most 64)
 
 
 def _check(q, k_pool, v_pool, block_tables, context_lens):
@@ -249,7 +263,7 @@ def paged_decode(q, k_pool, v_pool, block_tables, context_lens, num_splits: int 
         merge_splits_kernel[(B * H,)](o_part, lse_part, out, lse, num_splits, H,
                                       o_part.stride(0), o_part.stride(1), o_part.stride(2),
                                       out.stride(0), out.stride(1),
-                                      HEAD_DIM=D, SPLITS_PAD=triton.next_power_of_2(num_splits))
+                                      HEAD_DIM=D, SPLITS_BLOCK=SPLITS_BLOCK)
     return (out, lse) if return_lse else out
 
 
