@@ -204,7 +204,7 @@ def main(argv=None):
             print(text)
             if refused:                         # the others ran; the exit status says not all did
                 ap.exit(1)
-    except (ValueError, TypeError) as e:       # bad input: one line, not a traceback
+    except (ValueError, TypeError, FileNotFoundError) as e:    # bad input: one line, not a traceback
         ap.exit(2, f"llmops-lab {a.cmd}: error: {e}\n")
 
 

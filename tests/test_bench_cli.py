@@ -93,7 +93,7 @@ def test_cli_kv_prints_vllm_lines_and_refuses_bad_input(capsys):
         assert "error" in capsys.readouterr().err, argv
 
 
-def test_cli_generate_greedy_matches_the_engine(capsys):
+def test_cli_generate_greedy_matches_the_engine(capsys, tmp_path):
     from llmops_lab.engine import LLM, SamplingParams
     cli.main(["generate", "To be, or not", "ROMEO:", "--max-tokens", "6"])
     out = capsys.readouterr().out
@@ -104,9 +104,10 @@ def test_cli_generate_greedy_matches_the_engine(capsys):
     with pytest.warns(UserWarning, match="empty prompt"), pytest.raises(SystemExit) as e:
         cli.main(["generate", "", "ROMEO:", "--max-tokens", "2"])          # one refused, the other runs
     assert e.value.code == 1 and "refused" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as e:
-        cli.main(["generate", "x", "--temperature", "-1"])
-    assert e.value.code == 2
+    for argv in (["generate", "x", "--temperature", "-1"], ["generate", "x", "--model", str(tmp_path / "none")]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 2 and "error" in capsys.readouterr().err, argv
 
 
 def test_kv_cache_allocates_exactly_the_formula():
