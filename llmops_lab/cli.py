@@ -4,8 +4,10 @@
     llmops-lab bench [--device cuda] ...   the benchmark suite (python -m llmops_lab.bench)
     llmops-lab kv llama-2-70b --gpu "H100 80GB"
                                            what fits in a GPU's KV cache (vLLM's start-up lines)
-    llmops-lab generate "To be, or" --max-tokens 40
+    llmops-lab generate "To be, or" --max-tokens 40 [--quantize gptq --bits 4]
                                            generation through the continuous-batching engine
+    llmops-lab perplexity [--quantize awq --bits 3]
+                                           perplexity on the held-out text, and the weights' bytes
 """
 from __future__ import annotations
 
@@ -100,7 +102,8 @@ def generate(a) -> tuple[str, int]:
     from .engine import LLM, SamplingParams
     params = SamplingParams(n=a.n, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                             max_tokens=a.max_tokens, seed=a.seed, stop=a.stop or None)
-    llm = LLM(model=a.model, device=a.device, dtype=a.dtype, max_num_seqs=a.max_num_seqs)
+    model, tokenizer = load_quantized(a)
+    llm = LLM(model=model, tokenizer=tokenizer, max_num_seqs=a.max_num_seqs)
     t0 = time.perf_counter()
     outs = llm.generate(a.prompts, params, use_tqdm=len(a.prompts) > 1)
     seconds = time.perf_counter() - t0
@@ -118,6 +121,41 @@ def generate(a) -> tuple[str, int]:
     dev = llm.engine.model.device
     lines.append(f"{tokens} tokens in {seconds:.2f} s ({tokens / seconds:.1f} tok/s) on {dev}")
     return "\n".join(lines), refused
+
+
+def load_quantized(a):
+    """(model, tokenizer) of the parsed ``--model``, ``--device`` and ``--dtype``, quantized in place
+    by ``--quantize`` (``llmops_lab.quant.quantize``) with ``--bits``, ``--group-size``, ``--sym``."""
+    import torch
+
+    from .loader import load_model, load_tokenizer
+    model = load_model(a.model, device=a.device, dtype=getattr(torch, a.dtype) if a.dtype else None)
+    if a.quantize:
+        from .quant import quantize
+        opts = {k: v for k, v in (("bits", a.bits), ("group_size", a.group_size), ("sym", a.sym)) if v is not None}
+        quantize(model, method=a.quantize, progress=False, **opts)
+    elif any(v is not None for v in (a.bits, a.group_size, a.sym)):
+        raise ValueError("--bits, --group-size and --sym go with --quantize")
+    return model, load_tokenizer(a.model)
+
+
+def perplexity(a) -> str:
+    """Perplexity of the parsed ``perplexity`` arguments' model on the held-out text (the
+    ``validation`` slice), and the bytes of its weights."""
+    from . import corpus
+    from .evaluate import encode
+    from .evaluate import perplexity as ppl
+    from .measure import module_bytes
+    model, tokenizer = load_quantized(a)
+    ids = encode(tokenizer, corpus.read_slice("validation"))
+    window = min(a.window, model.config.max_position_embeddings)
+    value = ppl(model, ids, window=window, max_windows=a.windows)
+    scored = min(a.windows, (len(ids) - 1) // window) * window
+    how = "unquantized" if not a.quantize else " ".join(
+        [a.quantize] + [f"{k} {v}" for k, v in (("bits", a.bits), ("group size", a.group_size), ("sym", a.sym))
+                        if v is not None])
+    return (f"{a.model} ({how}): perplexity {value:.3f} on {scored:,} held-out tokens in windows of {window}; "
+            f"model {module_bytes(model) / 2**20:.2f} MiB")
 
 
 def _fraction(text: str) -> float:
@@ -179,9 +217,29 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     g.add_argument("--stop", action="append", help="a stop string (repeatable)")
     g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--device", help="cpu or cuda (default: cuda when present)")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
+    _model_options(g)
+
+    q = sub.add_parser("perplexity", help="perplexity on the held-out text, quantized or not",
+                       description="Perplexity of a model on the embedded held-out text (data/corpus/validation.txt), "
+                                   "after --quantize if given, and the bytes its weights take.")
+    q.add_argument("--model", default="target", help="target, draft, or a checkpoint folder (default: target)")
+    q.add_argument("--window", type=_positive(int), default=512, help="tokens per scored window (default: 512)")
+    q.add_argument("--windows", type=_positive(int), default=8, help="windows scored (default: 8)")
+    _model_options(q)
     return ap
+
+
+def _model_options(p) -> None:
+    """Options shared by generate and perplexity: where the model runs, and how it is quantized."""
+    from .quant.quant_linear import METHODS
+    p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
+    p.add_argument("--quantize", choices=METHODS, help="quantize the linear layers first (gptq and awq calibrate "
+                                                       "on the embedded calibration text)")
+    p.add_argument("--bits", type=int, help="rtn/gptq/awq bits (default: 4)")
+    p.add_argument("--group-size", type=int, help="rtn/gptq/awq group size (default: 128; -1 = per channel)")
+    p.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None,
+                   help="symmetric (no zero point) or not (rtn/gptq/awq)")
 
 
 def main(argv=None):
@@ -199,6 +257,8 @@ def main(argv=None):
             print(info())
         elif a.cmd == "kv":
             print(kv(a))
+        elif a.cmd == "perplexity":
+            print(perplexity(a))
         elif a.cmd == "generate":
             text, refused = generate(a)
             print(text)

@@ -110,6 +110,27 @@ def test_cli_generate_greedy_matches_the_engine(capsys, tmp_path):
         assert e.value.code == 2 and "error" in capsys.readouterr().err, argv
 
 
+def test_cli_perplexity_is_evaluate_perplexity_of_the_quantized_model(capsys):
+    from llmops_lab import corpus
+    from llmops_lab.evaluate import encode, perplexity
+    from llmops_lab.loader import load_tokenizer
+    from llmops_lab.quant import quantize
+    cli.main(["perplexity", "--quantize", "rtn", "--bits", "8", "--group-size", "-1", "--windows", "2",
+              "--window", "128"])
+    out = capsys.readouterr().out
+    model = quantize(load_model("target", device="cpu"), "rtn", bits=8, group_size=-1, progress=False)
+    ids = encode(load_tokenizer("target"), corpus.read_slice("validation"))
+    assert f"perplexity {perplexity(model, ids, window=128, max_windows=2):.3f} on 256 held-out tokens" in out
+    assert "rtn bits 8 group size -1" in out
+    for argv in (["perplexity", "--bits", "4"],                              # bits without a method
+                 ["perplexity", "--quantize", "rtn", "--bits", "9"],          # no 9-bit codes
+                 ["perplexity", "--quantize", "bnb_nf4", "--bits", "4"],      # NF4 has its own format
+                 ["perplexity", "--quantize", "lol"], ["perplexity", "--windows", "0"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 2 and "error" in capsys.readouterr().err, argv
+
+
 def test_kv_cache_allocates_exactly_the_formula():
     m = load_model("target", device="cpu")
     c = m.config
