@@ -693,22 +693,30 @@ def test_warm_up_runs_both_eager_step_kinds_and_leaves_outputs_alone(tiny):
 def test_warm_up_compiles_what_served_steps_use(compiled_variants):
     """On a GPU: after the engine's warm-up, serving requests that chunk, hit the prefix cache and
     mix prefills with decodes in every row position compiles no further variant of the paged
-    prefill, decode or split-merge kernels (each compile is a second or so inside a served step)."""
+    prefill, decode or split-merge kernels (each compile is a second or so inside a served step):
+    steps whose block tables are 1 block wide, 16 wide (Triton specialises an integer of 1 and one
+    divisible by 16), and a context past 512 tokens decoding beside a prefill (split in two)."""
     from llmops_lab.config import ModelConfig
     from llmops_lab.model import LlamaModel
     from llmops_lab.paged.triton_paged import merge_splits_kernel, paged_decode_kernel
     from llmops_lab.paged.triton_prefill import paged_prefill_kernel
     cfg = ModelConfig(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                       bos_token_id=0, eos_token_id=1)
     model = LlamaModel(cfg).eval().cuda().to(torch.bfloat16)
-    eng = LLMEngine(model, config=EngineConfig(block_size=16, max_num_seqs=6, num_kv_blocks=96,
+    eng = LLMEngine(model, config=EngineConfig(block_size=16, max_num_seqs=6, num_kv_blocks=200,
                                                max_num_batched_tokens=40))
     before = {k: compiled_variants(k) for k in (paged_prefill_kernel, paged_decode_kernel, merge_splits_kernel)}
+    short = prompts(4, 2, 8, seed=4)                     # every context inside one block
     ps = prompts(14, 2, 70, seed=3)
     ps[5] = ps[1][:32] + [9, 9, 9]                       # a prefix-cache hit
-    run_all(eng, [(str(i), p, SamplingParams(max_tokens=2 + i % 7, **GREEDY)) for i, p in enumerate(ps)],
-            add_every=3)
+    long = prompts(1, 250, 250, seed=5) + prompts(1, 600, 600, seed=6)
+    tail = prompts(6, 30, 60, seed=7)                    # prefilled while the 600-token one decodes
+    reqs = ([(f"s{i}", p, SamplingParams(max_tokens=3, **GREEDY)) for i, p in enumerate(short)]
+            + [(str(i), p, SamplingParams(max_tokens=2 + i % 7, **GREEDY)) for i, p in enumerate(ps)]
+            + [(f"l{i}", p, SamplingParams(max_tokens=40, **GREEDY)) for i, p in enumerate(long)]
+            + [(f"t{i}", p, SamplingParams(max_tokens=4, **GREEDY)) for i, p in enumerate(tail)])
+    run_all(eng, reqs, add_every=3)
     after = {k: compiled_variants(k) for k in before}
     assert after == before, {k.fn.__name__: (before[k], after[k]) for k in before}
 

@@ -73,8 +73,12 @@ if triton is not None:
             acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, DOT_PRECISION)
         return acc, m_i, l_i
 
-    # tune_len is only the autotuner's key: specialised, contexts under 16 tokens would compile again
-    @triton.jit(do_not_specialize=["tune_len"])
+    # Triton compiles a variant for each integer argument that is 1, divisible by 16, or neither. The
+    # arguments that change from one eager engine step to the next stay unspecialised, so one
+    # variant (compiled at startup) serves every step: tune_len (only the autotuner's key), the
+    # block-table width of the step's longest sequence (stride_btb: 1, 16, 32 blocks...) and the
+    # log-sum-exp strides (one split: [B, H, 1] with stride 1; several: [B, H, splits]).
+    @triton.jit(do_not_specialize=["tune_len", "stride_btb", "stride_lb", "stride_lh"])
     def paged_decode_kernel(q_ptr, k_pool_ptr, v_pool_ptr, block_tables_ptr, context_lens_ptr, o_ptr, lse_ptr,
                             stride_qb, stride_qh, stride_kn, stride_kh, stride_ks, stride_vn, stride_vh, stride_vs,
                             stride_btb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,

@@ -21,8 +21,10 @@ from .triton_paged import _check, _interpret, _paged_tiles, triton
 if triton is not None:
     import triton.language as tl
 
-    # seq_q varies from step to step; specialised (divisible by 16 or not) it would compile twice
-    @triton.jit(do_not_specialize=["seq_q"])
+    # seq_q and the block-table width (stride_btb) vary from step to step; specialised (Triton
+    # compiles a variant for an integer of 1, one divisible by 16, and any other) they would
+    # compile again inside a served step
+    @triton.jit(do_not_specialize=["seq_q", "stride_btb"])
     def paged_prefill_kernel(q_ptr, k_pool_ptr, v_pool_ptr, block_tables_ptr, context_lens_ptr, o_ptr,
                              stride_qb, stride_qh, stride_qs, stride_kn, stride_kh, stride_ks,
                              stride_vn, stride_vh, stride_vs, stride_btb, stride_ob, stride_oh, stride_os,
