@@ -80,6 +80,23 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def as_device(device) -> torch.device:
+    """``device`` as a torch.device (None: CUDA when present, else the CPU), checked before anything
+    is loaded: an unknown name, or CUDA on a machine without it, is a ValueError that says so."""
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r} ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine (use 'cpu')")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 def load_model(path_or_id="target", device=None, dtype=None, backend="sdpa") -> LlamaModel:
     """Load a Llama, Mistral or Qwen2 checkpoint into ``LlamaModel`` (eval mode).
 
@@ -89,6 +106,7 @@ def load_model(path_or_id="target", device=None, dtype=None, backend="sdpa") -> 
         dtype = None if dtype == "auto" else getattr(torch, dtype, None)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError("dtype must be a floating-point torch.dtype, 'auto' or its name, e.g. 'bfloat16'")
+    device = as_device(device)
     folder = resolve(path_or_id)
     config = ModelConfig.from_json(folder)
     state = read_safetensors(folder)
@@ -111,7 +129,6 @@ def load_model(path_or_id="target", device=None, dtype=None, backend="sdpa") -> 
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    device = torch.device(device) if device is not None else default_device()
     model.inv_freq = rope_inv_freq(config)  # the buffer was built on the meta device
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     model.inv_freq = model.inv_freq.float()

@@ -309,3 +309,15 @@ def test_compiled_bf16_decode_differs_from_eager_only_by_rounding():
     with inductor_config.patch(emulate_precision_casts=True):
         got = generate_static(m, ids, 16, decoder=StaticDecoder(m, 1, 10 + 16, compile=True))
     assert torch.equal(got, want)
+
+
+def test_load_model_refuses_a_device_it_cannot_use():
+    """A device that does not exist here is named in a ValueError before the checkpoint is read
+    (it was torch's AssertionError 'not compiled with CUDA', or a RuntimeError listing device types)."""
+    for device in ("tpu", "gpu:0", 7.5) + (() if torch.cuda.is_available() else ("cuda", "cuda:0")):
+        with pytest.raises(ValueError, match="device"):
+            llmops_lab.load_model("target", device=device)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA device"):
+            llmops_lab.load_model("target", device=f"cuda:{torch.cuda.device_count()}")
+    assert llmops_lab.load_model("target", device=torch.device("cpu")).device.type == "cpu"
