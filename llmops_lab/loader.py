@@ -102,10 +102,14 @@ def load_model(path_or_id="target", device=None, dtype=None, backend="sdpa") -> 
 
     device: default CUDA when present, else CPU. dtype: default the checkpoint's own.
     """
+    given = dtype
     if isinstance(dtype, str):                  # "float16", "bfloat16", "float32" as transformers takes them
         dtype = None if dtype == "auto" else getattr(torch, dtype, None)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError("dtype must be a floating-point torch.dtype, 'auto' or its name, e.g. 'bfloat16'")
+        if dtype is None and given != "auto":
+            dtype = given                       # refused just below, by its name
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch.dtype, 'auto' or its name, e.g. 'bfloat16'; "
+                         f"got {given!r}")
     device = as_device(device)
     folder = resolve(path_or_id)
     config = ModelConfig.from_json(folder)

@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 
+import llmops_lab
 from llmops_lab.config import ModelConfig
 from llmops_lab.engine import LLM, EngineConfig, LLMEngine, SamplingParams, Scheduler, Sequence
 from llmops_lab.engine.block_manager import BlockManager
@@ -182,10 +183,126 @@ def test_bad_requests_refused(tiny, prompt, params, match):
     (dict(temperature="0.7"), "temperature"), (dict(top_p=float("nan")), "top_p"),
     (dict(min_tokens=1.5, max_tokens=4), "min_tokens"), (dict(max_tokens=True), "max_tokens"),
     (dict(seed="1"), "seed"), (dict(stop_token_ids=[2.0]), "stop_token_ids"),
+    # a scalar where a list goes was a raw "'int' object is not iterable"; a dict passed as its keys
+    (dict(stop_token_ids=5), "stop_token_ids"), (dict(stop=5), "stop"), (dict(stop={"a": 1}), "stop"),
 ])
 def test_bad_sampling_params(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    import copy
+    m, tok = llmops_lab.load_model("target", device="cpu"), llmops_lab.load_tokenizer("target")
+    pad_early = copy.deepcopy(m)                        # a model that emits <pad> (id 2) at its 4th token
+    with torch.no_grad():
+        pad_early.lm_head.weight[2] = pad_early.lm_head.weight[2272] * 3
+    return m, tok, pad_early
+
+
+def test_stop_strings_cut_the_text_where_they_matched(embedded):
+    """The text is cut at the stop string found in the text the last token added (special tokens
+    skipped, as in the returned text): it lost its last character when the two decodings differed.
+    A stop string that appeared before min_tokens does not end the completion later, nor cut its
+    text there (it did both); a special token as a stop string is refused (the text never holds
+    it: stop_token_ids is the way)."""
+    m, tok, pad_early = embedded
+    llm = LLM(model=m, tokenizer=tok, num_kv_blocks=256)
+    free = llm.generate("Hello world", SamplingParams(max_tokens=30, **GREEDY), use_tqdm=False)[0].outputs[0]
+    first_newline = free.text.index("\n")
+    o = llm.generate("Hello world", SamplingParams(max_tokens=30, stop="\n", **GREEDY), use_tqdm=False)[0].outputs[0]
+    assert o.finish_reason == "stop" and o.text == free.text[:first_newline]
+    late = llm.generate("Hello world", SamplingParams(max_tokens=30, stop="\n", min_tokens=10, **GREEDY),
+                        use_tqdm=False)[0].outputs[0]
+    text_at_10 = tok.decode(free.token_ids[:10], skip_special_tokens=True)
+    assert len(late.token_ids) > 10 and late.text.startswith(text_at_10)        # the early newline kept
+    assert late.text == free.text[:free.text.index("\n", len(text_at_10))]      # cut at the next one
+    ids = LLM(model=pad_early, tokenizer=tok, num_kv_blocks=256).generate(
+        "Hello world", SamplingParams(max_tokens=10, stop_token_ids=[2], **GREEDY), use_tqdm=False)[0].outputs[0]
+    assert ids.token_ids[-1] == 2 and ids.text == tok.decode(ids.token_ids, skip_special_tokens=True)
+    bad = LLM(model=pad_early, tokenizer=tok, num_kv_blocks=256).generate(
+        "Hello world", SamplingParams(max_tokens=10, stop="<pad>", **GREEDY), use_tqdm=False)[0]
+    assert bad.error and "stop_token_ids" in bad.error
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_min_tokens_masks_eos_and_stop_ids(embedded, async_scheduling):
+    """Before min_tokens the end-of-sequence id and stop_token_ids cannot be sampled (vLLM masks
+    their logits); they were sampled, kept in the output and generation went on past them."""
+    m, tok, pad_early = embedded
+    llm = LLM(model=pad_early, tokenizer=tok, num_kv_blocks=256, async_scheduling=async_scheduling)
+    free = llm.generate("Hello world", SamplingParams(max_tokens=10, **GREEDY), use_tqdm=False)[0].outputs[0]
+    assert 2 in free.token_ids[:5]                       # the model does emit <pad> early
+    o = llm.generate("Hello world", SamplingParams(max_tokens=10, min_tokens=6, stop_token_ids=[2], **GREEDY),
+                     use_tqdm=False)[0].outputs[0]
+    assert 2 not in o.token_ids[:6] and len(o.token_ids) >= 7
+
+
+def test_a_failing_sample_fails_its_request_alone(embedded):
+    """A temperature under 1e-5 samples greedily (vLLM's epsilon; 1e-40 overflowed logits / T to
+    inf and every later step raised). Any error while sampling ends that request with the error;
+    the engine serves the next request."""
+    m, tok, _ = embedded
+    llm = LLM(model=m, tokenizer=tok, num_kv_blocks=256)
+    greedy = llm.generate("Hello world", SamplingParams(max_tokens=6, **GREEDY), use_tqdm=False)[0].outputs[0]
+    tiny_t = llm.generate("Hello world", SamplingParams(max_tokens=6, temperature=1e-40), use_tqdm=False)[0]
+    assert tiny_t.outputs[0].token_ids == greedy.token_ids
+    import llmops_lab.engine.llm_engine as le
+    real = le.sample_token
+
+    def broken(logits, params, generator):
+        raise RuntimeError("probability tensor contains inf")
+    le.sample_token = broken
+    try:
+        outs = llm.generate(["Hello world", "ROMEO:"], [SamplingParams(max_tokens=4, temperature=0.8, seed=1),
+                                                          SamplingParams(max_tokens=4, **GREEDY)], use_tqdm=False)
+    finally:
+        le.sample_token = real
+    assert outs[0].error and "sampling failed" in outs[0].error and outs[0].outputs[0].finish_reason == "error"
+    assert len(outs[1].outputs[0].token_ids) == 4 and not outs[1].error
+    again = llm.generate("Hello world", SamplingParams(max_tokens=6, **GREEDY), use_tqdm=False)[0].outputs[0]
+    assert again.token_ids == greedy.token_ids
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.num_kv_blocks
+
+
+def test_llm_input_checks_leave_nothing_queued(tiny):
+    """A bool tensor is not token ids (it ran as [1, 0, 1] on the next call after a raw embedding
+    error); a wrong SamplingParams anywhere in the list is refused before any prompt is queued (the
+    earlier ones stayed queued and ran in the next call); a huge seed works (it overflowed the
+    generator's seed); auto ids skip ids the caller took; dtype and device of an already loaded
+    model are refused, not ignored."""
+    llm = LLM(model=tiny, max_num_seqs=4, num_kv_blocks=32, block_size=8)
+    out = llm.generate(torch.tensor([True, False, True]), SamplingParams(max_tokens=2), use_tqdm=False)[0]
+    assert out.error and "integer" in out.error
+    with pytest.raises(TypeError, match="SamplingParams"):
+        llm.generate([[5, 6], [7, 8]], [SamplingParams(), "x"], use_tqdm=False)
+    assert not llm.engine.requests and not llm.engine.has_unfinished_requests()
+    big = llm.generate([5, 6], SamplingParams(max_tokens=3, temperature=0.8, seed=2**70), use_tqdm=False)[0]
+    again = llm.generate([5, 6], SamplingParams(max_tokens=3, temperature=0.8, seed=2**70), use_tqdm=False)[0]
+    assert not big.error and big.outputs[0].token_ids == again.outputs[0].token_ids
+    eng = LLMEngine(tiny, config=EngineConfig(block_size=8, num_kv_blocks=32))
+    eng.add_request("1", [5, 6], SamplingParams(max_tokens=1))
+    assert [eng.add_request(None, [5, 6], SamplingParams(max_tokens=1)) for _ in range(2)] == ["0", "2"]
+    for kw in (dict(dtype="bfloat16"), dict(device="cpu")):
+        with pytest.raises(ValueError, match="loaded"):
+            LLM(model=tiny, **kw)
+    with pytest.raises(ValueError, match="dtype"):
+        LLM(model="target", dtype="fp16")
+
+
+def test_without_chunked_prefill_the_budget_must_hold_a_whole_sequence(tiny):
+    """A sequence preempted late is recomputed in one step, prompt and output together: with
+    chunked prefill off and a budget under the context, it could never be admitted again and the
+    engine spun forever. Refused up front, as vLLM refuses it."""
+    with pytest.raises(ValueError, match="chunked prefill"):
+        LLMEngine(tiny, config=EngineConfig(enable_chunked_prefill=False, max_num_batched_tokens=16))
+    eng = LLMEngine(tiny, config=EngineConfig(enable_chunked_prefill=False, max_num_batched_tokens=16,
+                                              max_model_len=16, num_kv_blocks=6, block_size=4))
+    ps = [[5 + i] * 6 for i in range(2)]
+    outs = run_all(eng, [(str(i), p, SamplingParams(max_tokens=9, **GREEDY)) for i, p in enumerate(ps)])
+    assert [outs[str(i)].outputs[0].token_ids for i in range(2)] == [alone(tiny, p, 9) for p in ps]
+    assert sum(o.outputs[0].num_preemptions for o in outs.values()) > 0     # recomputed whole, 13+ tokens
 
 
 def test_llm_prompt_forms_and_bad_prompts(tiny):

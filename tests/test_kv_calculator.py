@@ -133,6 +133,7 @@ def test_tensor_parallel_splits_weights_and_kv_heads():
     four = kv_cache_budget(c, 80 * 2**30, 0.9, tensor_parallel_size=4)
     assert four.weight_bytes == one.weight_bytes / 4 and four.bytes_per_token == one.bytes_per_token / 4
     assert four.tensor_parallel_size == 4
+    assert kv_cache_budget(c, 80 * 2**30, 0.9, tensor_parallel_size=np.int64(4)) == four    # numpy, as elsewhere
     assert [kv_heads_per_gpu(c, tp) for tp in (1, 2, 8, 16, 64)] == [8, 4, 1, 1, 1]
     for tp in (3, 128):                                       # heads that do not split evenly
         with pytest.raises(ValueError, match="split"):

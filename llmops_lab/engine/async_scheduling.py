@@ -13,8 +13,8 @@ dropped, and its blocks, freed at once, are reused only by work queued after it 
 One whose last token is certain (``max_tokens``, the context) sits the next step out. A block
 completed by a placeholder is registered for prefix caching when its value arrives. A request that
 ends while a token is on its way (``abort``, the pool error) keeps the tokens the host has read.
-Sampled (non-greedy) or n > 1 requests need their logits on the host: while any is in the engine,
-steps run in lockstep.
+Sampled (non-greedy), n > 1 or min_tokens requests need their logits on the host: while any is in
+the engine, steps run in lockstep.
 
 ``AsyncScheduling`` holds these steps for ``LLMEngine`` (its scheduler, block manager, runner and
 step statistics); ``InFlight`` is a launched step whose tokens the host has not read.
@@ -59,8 +59,9 @@ class AsyncScheduling:
 
     def _can_overlap(self) -> bool:
         """Whether the next step may sample on the device and be read later: every request that
-        could take part is greedy with n = 1 (the others need their logits on the host)."""
-        return all(s.sampling_params.greedy and s.sampling_params.n == 1
+        could take part is greedy with n = 1 and no min_tokens (the others need their logits on
+        the host: sampled, forked, or with tokens masked until min_tokens)."""
+        return all(s.sampling_params.greedy and s.sampling_params.n == 1 and s.sampling_params.min_tokens == 0
                    for q in (self.scheduler.running, self.scheduler.waiting) for s in q)
 
     def _step_overlapped(self) -> list[RequestOutput]:

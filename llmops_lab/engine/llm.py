@@ -38,10 +38,13 @@ class LLM:
         from ..loader import load_model, load_tokenizer
         if model is None or isinstance(model, str):
             name = model or "target"
-            model_obj = load_model(name, device=device, dtype=_dtype(dtype))
+            model_obj = load_model(name, device=device, dtype=dtype)
             if tokenizer is None:
                 tokenizer = load_tokenizer(name)
         else:
+            if dtype not in (None, "auto") or device is not None:
+                raise ValueError("dtype and device apply when LLM loads the model by name; move a loaded "
+                                 "model yourself (model.to(device, dtype)) before passing it")
             model_obj = model
         if isinstance(tokenizer, str):
             tokenizer = load_tokenizer(tokenizer)
@@ -61,6 +64,9 @@ class LLM:
         params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
+        bad = next((sp for sp in params if not isinstance(sp, SamplingParams)), None)
+        if bad is not None:               # before any request is queued
+            raise TypeError(f"sampling_params must be SamplingParams (or a list of them), got {type(bad).__name__}")
         eng = self.engine
         results: dict[str, RequestOutput] = {}
         order = []
@@ -113,9 +119,3 @@ def _failed(rid, prompt, msg) -> RequestOutput:
     ids = [int(t) for t in prompt] if ok else []        # refused for not being token ids: none shown
     return RequestOutput(rid, prompt if isinstance(prompt, str) else None, ids,
                          [CompletionOutput(0, "", [], "error")], True, RequestMetrics(0.0), msg)
-
-
-def _dtype(dtype):
-    if dtype is None or dtype == "auto":
-        return None
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype

@@ -25,7 +25,7 @@ from .block_manager import BlockManager
 from .config import EngineConfig
 from .model_runner import ModelRunner, decode_graphs_possible, num_kv_blocks
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
-from .sampling_params import SamplingParams, stop_reason
+from .sampling_params import SamplingParams, completion_text, stop_reason
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
 
@@ -33,6 +33,15 @@ from .sequence import Sequence, SequenceStatus
 # the largest packed prompt total ``EngineConfig(prefill_graphs=True)`` captures: past a few hundred
 # tokens a step is compute-bound and its eager launches no longer cost more than the GPU's work
 PREFILL_GRAPH_TOKENS = 512
+
+
+@torch.inference_mode()
+def ban_tokens(logits: torch.Tensor, banned: list[list[int]]) -> None:
+    """Row i of logits may not produce the ids banned[i] (``SamplingParams.banned_tokens``): -inf."""
+    rows = [(i, t) for i, ids in enumerate(banned) for t in ids]
+    if rows:
+        r, t = torch.tensor(rows, device=logits.device).unbind(1)
+        logits[r, t] = float("-inf")
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
@@ -66,6 +75,11 @@ class LLMEngine(AsyncScheduling):
         if config.max_model_len is not None and config.max_model_len > ctx:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context of {ctx}")
         self.max_model_len = config.max_model_len or ctx
+        if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
+            # a sequence preempted late must be recomputed in one step, prompt and output together
+            raise ValueError(f"without chunked prefill, max_num_batched_tokens ({config.max_num_batched_tokens}) "
+                             f"must hold a whole sequence of max_model_len ({self.max_model_len}): raise it, "
+                             f"lower max_model_len, or enable chunked prefill")
         blocks = num_kv_blocks(model, config, self.max_model_len)
         self.block_manager = BlockManager(blocks, config.block_size, config.enable_prefix_caching,
                                           track_computed=True)
@@ -98,7 +112,9 @@ class LLMEngine(AsyncScheduling):
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
-        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id is None:               # the next number no request of the caller's holds
+            request_id = next(i for i in map(str, self._ids) if i not in self.requests)
+        request_id = str(request_id)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         ids = self._encode(prompt)
@@ -140,7 +156,7 @@ class LLMEngine(AsyncScheduling):
                 raise ValueError("a text prompt needs a tokenizer; pass token ids instead")
             return list(self.tokenizer(prompt).input_ids) if prompt else []
         if torch.is_tensor(prompt):
-            if prompt.dim() != 1 or prompt.dtype.is_floating_point or prompt.dtype.is_complex:
+            if prompt.dim() != 1 or prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool:
                 raise ValueError(f"a tensor prompt must be 1-D integer token ids, got {prompt.dim()}-D {prompt.dtype}")
             return prompt.tolist()
         if not isinstance(prompt, (list, tuple, range)):
@@ -156,14 +172,17 @@ class LLMEngine(AsyncScheduling):
             raise ValueError("stop strings need a tokenizer; use stop_token_ids instead")
         for s in stops:
             ids = self.tokenizer(s, add_special_tokens=False).input_ids
-            if self.tokenizer.decode(ids) != s:
-                raise ValueError(f"stop string {s!r} cannot appear in this tokenizer's output "
-                                 f"(it decodes back as {self.tokenizer.decode(ids)!r})")
+            back = self.tokenizer.decode(ids, skip_special_tokens=True)   # as the output text is decoded
+            if back != s:
+                raise ValueError(f"stop string {s!r} cannot appear in this tokenizer's output text "
+                                 f"(it decodes back as {back!r}; a special token is left out of the text: "
+                                 f"give its id in stop_token_ids)")
 
     def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
         if params.seed is None:
             return None
-        return torch.Generator(device="cpu").manual_seed(params.seed * 1_000_003 + index)
+        # any integer seed (vLLM takes any), folded into the generator's 64-bit range
+        return torch.Generator(device="cpu").manual_seed((params.seed * 1_000_003 + index) % 2**63)
 
     def abort(self, request_id: str) -> None:
         """Cancel a request wherever it is (queued, prefilling, decoding); its blocks are freed."""
@@ -191,6 +210,9 @@ class LLMEngine(AsyncScheduling):
         touched |= failed
         if batch.seqs:
             logits = self.runner.execute(batch)
+            sampling = [seq for seq, n in zip(batch.seqs, batch.num_tokens) if seq.num_computed_tokens + n == len(seq)]
+            ban_tokens(logits, [s.sampling_params.banned_tokens(self.eos_ids, s.num_completion_tokens)
+                                for s in sampling])
             # every greedy row's token in one reduction and one device-to-host copy, not one each
             argmax = logits.argmax(-1).tolist() if any(getattr(s.sampling_params, "greedy", False) for s in batch.seqs) else None
             if argmax is None:
@@ -199,7 +221,10 @@ class LLMEngine(AsyncScheduling):
             row = 0
             for seq, n in zip(batch.seqs, batch.num_tokens):
                 if self._computed(seq, n, t0):
-                    self._sample(seq, logits[row], now, None if argmax is None else argmax[row])
+                    try:
+                        self._sample(seq, logits[row], now, None if argmax is None else argmax[row])
+                    except Exception as e:  # noqa: BLE001 - the request fails, the engine and the others go on
+                        self._fail(seq, f"sampling failed: {type(e).__name__}: {e}", now)
                     touched.add(seq.request_id)
                     row += 1
             self.step_stats.append(self._stats_row(batch, t0, now))
@@ -261,6 +286,13 @@ class LLMEngine(AsyncScheduling):
             self.scheduler.finish(seq, reason)
             seq.finish_time = now
 
+    def _fail(self, seq: Sequence, message: str, now: float) -> None:
+        """End seq's request with an error (every sequence of it), its blocks freed."""
+        for s in self.requests[seq.request_id].seqs:
+            if not s.is_finished:
+                self.scheduler.finish(s, "error", message)
+                s.finish_time = now
+
     def _stop(self, seq: Sequence, tok: int):
         return stop_reason(seq, tok, self.eos_ids, self.max_model_len, self.tokenizer)
 
@@ -272,12 +304,7 @@ class LLMEngine(AsyncScheduling):
             req.forked or req.seqs[0].finish_reason in ("error", "abort"))
 
     def _text(self, seq: Sequence) -> str:
-        if self.tokenizer is None:
-            return ""
-        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
-        if isinstance(seq.stop_reason, str):
-            text = text[:text.find(seq.stop_reason)]
-        return text
+        return completion_text(self.tokenizer, seq.output_token_ids, seq.stop_reason)
 
     def _output(self, req: _Request) -> RequestOutput:
         m = req.metrics

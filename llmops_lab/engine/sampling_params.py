@@ -1,9 +1,12 @@
 """SamplingParams: how one request is decoded, with vLLM's field names and defaults.
 
-``SamplingParams(temperature=0.7, max_tokens=256)`` means what it means in vLLM: temperature 0 is
-greedy, ``top_k`` of 0 or -1 and ``top_p`` of 1 switch those filters off, ``n`` samples share the
-prompt's KV blocks, ``stop`` strings end a completion (and are cut from its text), ``ignore_eos``
-keeps going past the end-of-sequence token (benchmarks use it to fix output lengths).
+``SamplingParams(temperature=0.7, max_tokens=256)`` means what it means in vLLM: a temperature under
+1e-5 is greedy (0 included; below that, logits / temperature overflows fp32), ``top_k`` of 0 or -1
+and ``top_p`` of 1 switch those filters off, ``n`` samples share the prompt's KV blocks, ``stop``
+strings end a completion (and are cut from its text; they are looked for in the text each new
+token adds), ``min_tokens`` holds back the end-of-sequence token and ``stop_token_ids`` (their
+logits are masked) and the stop strings until that many tokens are out, ``ignore_eos`` keeps going
+past the end-of-sequence token (benchmarks use it to fix output lengths).
 Validated on construction: a bad value is an error here, never a silent change of behaviour.
 """
 from __future__ import annotations
@@ -13,6 +16,9 @@ from dataclasses import dataclass, field
 
 from ..checks import is_int as _is_int
 from ..checks import is_real as _is_real
+
+
+GREEDY_BELOW = 1e-5     # temperatures under this sample greedily
 
 
 @dataclass(frozen=True)
@@ -47,10 +53,14 @@ class SamplingParams:
             bad(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
         if self.seed is not None and not _is_int(self.seed):
             bad(f"seed must be an integer or None, got {self.seed!r}")
+        if self.stop is not None and not isinstance(self.stop, (str, list, tuple)):
+            bad(f"stop must be a string or a list of strings, got {self.stop!r}")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         if any(not isinstance(s, str) or not s for s in stop):
             bad(f"stop must be non-empty strings, got {self.stop!r}")
         object.__setattr__(self, "stop", stop)
+        if self.stop_token_ids is not None and not isinstance(self.stop_token_ids, (list, tuple)):
+            bad(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
         ids = tuple(self.stop_token_ids or ())
         if any(not _is_int(t) or t < 0 for t in ids):
             bad(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
@@ -58,7 +68,15 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Argmax decoding: temperature under ``GREEDY_BELOW`` (vLLM's sampling epsilon)."""
+        return self.temperature < GREEDY_BELOW
+
+    def banned_tokens(self, eos_ids, num_output_tokens: int) -> list[int]:
+        """Token ids that may not be sampled next, after ``num_output_tokens`` tokens: before
+        ``min_tokens``, the end-of-sequence ids (unless ``ignore_eos``) and ``stop_token_ids``."""
+        if num_output_tokens >= self.min_tokens:
+            return []
+        return sorted(set(self.stop_token_ids) | (set() if self.ignore_eos else set(eos_ids)))
 
     @property
     def top_k_or_none(self) -> int | None:
@@ -71,7 +89,9 @@ class SamplingParams:
 
 def stop_reason(seq, tok: int, eos_ids, max_model_len: int, tokenizer=None):
     """Why seq (whose newest token is tok) ends now: ("stop", the token or string),
-    ("length", None), or (None, None) to go on. Shared by the engine and the static baseline."""
+    ("length", None), or (None, None) to go on. Shared by the engine and the static baseline.
+    A stop string counts where it overlaps the text the newest token added (``stop_string_at``),
+    so one that appeared before ``min_tokens`` does not end the completion later."""
     p = seq.sampling_params
     n_out = seq.num_completion_tokens
     if n_out >= p.min_tokens:
@@ -79,11 +99,29 @@ def stop_reason(seq, tok: int, eos_ids, max_model_len: int, tokenizer=None):
             return "stop", tok
         if tok in p.stop_token_ids:
             return "stop", tok
-        if p.stop:
-            text = tokenizer.decode(seq.output_token_ids)
-            for s in p.stop:
-                if s in text:
-                    return "stop", s
+        for s in p.stop:
+            if stop_string_at(tokenizer, seq.output_token_ids, s) >= 0:
+                return "stop", s
     if n_out >= p.max_tokens or len(seq) >= max_model_len:
         return "length", None
     return None, None
+
+
+def stop_string_at(tokenizer, output_ids, stop: str) -> int:
+    """Where ``stop`` starts in the completion's text (special tokens skipped, as the text
+    returned), counting only an occurrence that overlaps what the last token added; -1 if none."""
+    text = tokenizer.decode(output_ids, skip_special_tokens=True)
+    before = tokenizer.decode(output_ids[:-1], skip_special_tokens=True)
+    return text.find(stop, max(0, len(before) - len(stop) + 1))
+
+
+def completion_text(tokenizer, output_ids, stop_reason) -> str:
+    """The completion's text (special tokens skipped), cut before the stop string that ended it."""
+    if tokenizer is None:
+        return ""
+    text = tokenizer.decode(output_ids, skip_special_tokens=True)
+    if isinstance(stop_reason, str):
+        at = stop_string_at(tokenizer, output_ids, stop_reason)
+        if at >= 0:
+            text = text[:at]
+    return text

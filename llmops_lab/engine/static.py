@@ -19,9 +19,9 @@ import time
 import torch
 
 from ..kv import KVCache
-from .llm_engine import sample_token
+from .llm_engine import ban_tokens, sample_token
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
-from .sampling_params import SamplingParams, stop_reason
+from .sampling_params import SamplingParams, completion_text, stop_reason
 from .sequence import Sequence
 
 
@@ -85,6 +85,7 @@ def run_static_batch(model, prompts: list[list[int]], params: list[SamplingParam
     for step in range(new):
         t = time.perf_counter()
         nxt = []
+        ban_tokens(logits, [s.sampling_params.banned_tokens(eos, s.num_completion_tokens) for s in seqs])
         # every greedy row's token in one reduction and one device-to-host copy, as the engine does
         argmax = logits.argmax(-1).tolist() if any(sp.greedy for sp in params) else None
         for b, s in enumerate(seqs):
@@ -117,7 +118,7 @@ def run_static_batch(model, prompts: list[list[int]], params: list[SamplingParam
         s.scheduled_time, s.finish_time = t0, end            # answered when the batch ends
         m = RequestMetrics(s.arrival_time, t0, s.first_token_time, end, s.num_completion_tokens,
                            done or end)
-        text = tokenizer.decode(s.output_token_ids, skip_special_tokens=True) if tokenizer else ""
+        text = completion_text(tokenizer, s.output_token_ids, s.stop_reason)
         outs.append(RequestOutput(s.request_id, None, s.prompt_token_ids,
                                   [CompletionOutput(0, text, s.output_token_ids, s.finish_reason,
                                                     s.stop_reason)], True, m))

@@ -109,7 +109,7 @@ def kv_cache_budget(config: ModelConfig | str, gpu_memory_bytes: float, gpu_memo
         weight_bytes = formulas.weight_bytes(config, 8 * dtype_bytes)
     formulas._nonneg(weight_bytes=weight_bytes)
     max_model_len = _check_max_model_len(config, max_model_len)
-    tp = tensor_parallel_size
+    tp = int(tensor_parallel_size)          # a numpy integer too
     weight_bytes = weight_bytes / tp
     available = gpu_memory_bytes * gpu_memory_utilization - weight_bytes - activation_bytes
     shard = dataclasses.replace(config, num_key_value_heads=kv_heads_per_gpu(config, tp)) if tp > 1 else config
@@ -132,7 +132,8 @@ def kv_cache_budget(config: ModelConfig | str, gpu_memory_bytes: float, gpu_memo
 def kv_heads_per_gpu(config: ModelConfig, tensor_parallel_size: int) -> int:
     """KV heads each GPU caches under tensor parallelism: Hkv / tp, or 1 (each replicated) when
     tp is a multiple of Hkv. Query heads must split evenly too; anything else is refused."""
-    tp, hkv, h = tensor_parallel_size, config.num_key_value_heads, config.num_attention_heads
+    formulas._positive_int(tensor_parallel_size=tensor_parallel_size)
+    tp, hkv, h = int(tensor_parallel_size), config.num_key_value_heads, config.num_attention_heads
     if h % tp:
         raise ValueError(f"{h} attention heads do not split over tensor_parallel_size {tp}")
     if hkv % tp == 0:
