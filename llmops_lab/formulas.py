@@ -370,9 +370,15 @@ def speculative_speedup_with_verify_cost(alpha: float, k: int, c: float, verify_
     return expected_tokens_per_step(alpha, k) / (c * k + verify_cost)
 
 
+MAX_DRAFT_LENGTH = 100_000
+
+
 def best_draft_length(alpha: float, c: float, k_max: int = 16, verify_cost: float = 1.0) -> int:
-    """The draft length k in 1..k_max with the largest ``speculative_speedup_with_verify_cost``."""
+    """The draft length k in 1..k_max with the largest ``speculative_speedup_with_verify_cost``
+    (k_max at most ``MAX_DRAFT_LENGTH``: each k is tried)."""
     _integer("k_max", k_max, 1)
+    if k_max > MAX_DRAFT_LENGTH:
+        raise ValueError(f"k_max must be at most {MAX_DRAFT_LENGTH} (each draft length is tried), got {k_max}")
     return max(range(1, k_max + 1),
                key=lambda k: speculative_speedup_with_verify_cost(alpha, k, c, verify_cost))
 

@@ -306,6 +306,7 @@ def test_rejects_non_numbers(call, match):
     (lambda: F.num_blocks(10.5, 16), "seq_len must be an integer, got 10.5"),
     (lambda: F.expected_tokens_per_step(0.5, 2.5), r"k \(draft length\) must be an integer, got 2.5"),
     (lambda: F.best_draft_length(0.8, 0.05, k_max=4.5), "k_max must be an integer, got 4.5"),
+    (lambda: F.best_draft_length(0.8, 0.05, k_max=10**400), "k_max must be at most"),      # looped for ever
     (lambda: F.kv_cache_bytes(80, 8, 128, 4096.5, 2), "seq_len must be an integer"),
     (lambda: F.kv_cache_bytes(80, 8, 128, 4096, 2, batch_size=1.5), "batch_size must be an integer"),
     (lambda: F.sliding_window_kv_tokens(10, 4.5), "window_size must be an integer"),
