@@ -99,19 +99,27 @@ def stop_reason(seq, tok: int, eos_ids, max_model_len: int, tokenizer=None):
             return "stop", tok
         if tok in p.stop_token_ids:
             return "stop", tok
-        for s in p.stop:
-            if stop_string_at(tokenizer, seq.output_token_ids, s) >= 0:
-                return "stop", s
+        if p.stop:
+            texts = _texts(tokenizer, seq.output_token_ids)        # decoded once for every stop string
+            for s in p.stop:
+                if stop_string_at(tokenizer, seq.output_token_ids, s, texts) >= 0:
+                    return "stop", s
     if n_out >= p.max_tokens or len(seq) >= max_model_len:
         return "length", None
     return None, None
 
 
-def stop_string_at(tokenizer, output_ids, stop: str) -> int:
+def _texts(tokenizer, output_ids) -> tuple[str, str]:
+    """The completion's text with and without its last token (special tokens skipped)."""
+    return (tokenizer.decode(output_ids, skip_special_tokens=True),
+            tokenizer.decode(output_ids[:-1], skip_special_tokens=True))
+
+
+def stop_string_at(tokenizer, output_ids, stop: str, texts: tuple[str, str] | None = None) -> int:
     """Where ``stop`` starts in the completion's text (special tokens skipped, as the text
-    returned), counting only an occurrence that overlaps what the last token added; -1 if none."""
-    text = tokenizer.decode(output_ids, skip_special_tokens=True)
-    before = tokenizer.decode(output_ids[:-1], skip_special_tokens=True)
+    returned), counting only an occurrence that overlaps what the last token added; -1 if none.
+    ``texts``: ``_texts`` of these ids, when already decoded."""
+    text, before = texts or _texts(tokenizer, output_ids)
     return text.find(stop, max(0, len(before) - len(stop) + 1))
 
 
