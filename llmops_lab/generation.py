@@ -79,6 +79,12 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
                         f"{input_ids.dtype if torch.is_tensor(input_ids) else type(input_ids).__name__}")
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
+        if torch.is_tensor(attention_mask) and attention_mask.dim() == 1:
+            attention_mask = attention_mask[None]     # one prompt: its mask goes with it
+    if attention_mask is not None and (not torch.is_tensor(attention_mask) or attention_mask.shape != input_ids.shape):
+        # a [1, S] mask would broadcast over every row without a word
+        raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got "
+                         f"{tuple(attention_mask.shape) if torch.is_tensor(attention_mask) else type(attention_mask).__name__}")
     model.check_ids(input_ids)
     check_sampling(temperature, top_k, top_p)
     if not _integer(max_new_tokens) or max_new_tokens < 1:

@@ -166,3 +166,24 @@ def test_tiled_block_sizes_must_be_positive_integers(bad):
     for kw in ("block_m", "block_n"):
         with pytest.raises(ValueError, match=kw):
             tiled_attention(q, k, v, **{kw: bad})
+
+
+@needs_triton
+def test_flash_refuses_inputs_the_kernel_would_misread():
+    """Found by an adversarial probe: each of these returned uninitialised memory, read past its
+    inputs (one aborted the process) or dropped rows, with no error."""
+    q, k, v = qkv(2, 2, 1, 5, 7, 16, device=DEV)
+    with pytest.raises(ValueError, match="batch"):                    # q batch 2, k/v batch 1
+        triton_flash.flash_attention(q, k[:1], v[:1])
+    x = torch.randn(40, 2, 16, device=DEV)
+    cu = torch.tensor([0, 8, 40], dtype=torch.int32, device=DEV)
+    bad = [(dict(max_seqlen_q=8), "max_seqlen_q"), (dict(max_seqlen_q=0), "max_seqlen_q"),
+           (dict(cu_seqlens_q=cu + 4), "start at 0"), (dict(cu_seqlens_q=torch.tensor([0, 8, 24], dtype=torch.int32)), "end"),
+           (dict(cu_seqlens_q=torch.tensor([0, 8, 48], dtype=torch.int32)), "end"),
+           (dict(cu_seqlens_q=torch.tensor([0], dtype=torch.int32)), "B\\+1"),
+           (dict(k=torch.randn(40, 3, 16, device=DEV), v=torch.randn(40, 3, 16, device=DEV)), "multiple"),
+           (dict(v=torch.randn(39, 2, 16, device=DEV)), "alike")]
+    for change, match in bad:
+        args = dict(q=x, k=x, v=x, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=32) | change
+        with pytest.raises(ValueError, match=match):
+            triton_flash.flash_attention_varlen(**args)

@@ -340,3 +340,34 @@ def test_generation_peak_vs_formula_refuses_lengths_past_the_context(random_llam
     short = random_llama(dataclasses.replace(TINY, max_position_embeddings=32))
     with pytest.raises(ValueError, match=match):
         experiment.generation_peak_vs_formula(short, **{**dict(new_tokens=(8,), prompt_len=8, batch_size=1), **kwargs})
+
+
+def test_caches_refuse_keys_that_would_broadcast_or_misplace():
+    """One KV head into a 2-head cache (or a head dim of 1) was broadcast into every slot; layer -1
+    wrote the last layer; per-row positions with several tokens wrote only the first (found by an
+    adversarial probe)."""
+    caches = [KVCache(2, 1, 2, 4, 8), Int8KVCache(2, 1, 2, 4, 8), SinkKVCache(2, 1, 2, 4, 2, 4),
+              HeavyHitterKVCache(2, 1, 2, 4, 2, 2)]
+    for c in caches:
+        kw = {"q": torch.randn(1, 2, 1, 4)} if isinstance(c, HeavyHitterKVCache) else {}
+        for k, layer, match in ((torch.randn(1, 1, 1, 4), 0, "KV heads"), (torch.randn(1, 2, 1, 1), 0, "KV heads"),
+                                (torch.randn(1, 2, 1, 4), -1, "layer"), (torch.randn(2, 2, 1, 4), 0, "batch")):
+            with pytest.raises(ValueError, match=match):
+                c.update(layer, k, k, 0, **kw)
+    c = KVCache(1, 2, 2, 4, 8)
+    with pytest.raises(ValueError, match="one token per row"):
+        c.update(0, torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="one token per row"):
+        c.update(0, torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4), torch.tensor([0]))
+
+
+@pytest.mark.parametrize("magnitude", [1.0, 1e-3, 1e-4, 1e-6])
+def test_int8_kv_error_bound_holds_for_small_values(magnitude):
+    """Half a stored step at any magnitude: fp16 scales floored at the smallest *normal* value put
+    vectors under 0.008 on a coarser grid (34x the bound at 1e-4, all zeros at 1e-6), and a scale
+    rounded down pushed codes past 127."""
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(0)) * magnitude
+    q, s = quantize_per_token(x)
+    err = (dequantize_per_token(q, s) - x).abs()
+    assert bool((err <= s.float() / 2 * (1 + 1e-3)).all())
+    assert float((err.amax(-1) / x.abs().amax(-1)).max()) < 0.02

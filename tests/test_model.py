@@ -321,3 +321,16 @@ def test_load_model_refuses_a_device_it_cannot_use():
         with pytest.raises(ValueError, match="CUDA device"):
             llmops_lab.load_model("target", device=f"cuda:{torch.cuda.device_count()}")
     assert llmops_lab.load_model("target", device=torch.device("cpu")).device.type == "cpu"
+
+
+def test_generate_checks_the_attention_mask_shape(random_llama):
+    """A [1, S] mask for two prompts was broadcast over both; other shapes failed deep inside; a
+    1-D mask with 1-D ids failed with an IndexError (found by an adversarial probe)."""
+    from llmops_lab.generation import generate
+    tiny = random_llama(TINY)
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    for mask in (torch.ones(1, 4, dtype=torch.long), torch.ones(3, 4, dtype=torch.long), torch.ones(2, 1, 4)):
+        with pytest.raises(ValueError, match="attention_mask"):
+            generate(tiny, ids, max_new_tokens=2, attention_mask=mask)
+    one = generate(tiny, ids[0], max_new_tokens=2, attention_mask=torch.ones(4, dtype=torch.long))
+    assert one.tolist() == generate(tiny, ids[:1], max_new_tokens=2).tolist()

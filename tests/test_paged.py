@@ -384,3 +384,15 @@ def test_memory_report_refuses_nothing_to_report(requests, max_len, match):
     requests = simulate.sample_requests(5, max_len=64) if requests is None else requests
     with pytest.raises(ValueError, match=match):
         simulate.memory_report(requests, max_len, 16)
+
+
+@needs_kernel
+def test_kernel_refuses_a_max_context_len_it_would_truncate():
+    """A max_context_len under the longest context sized the splits short: the tail was never read
+    (found by an adversarial probe). Where the lengths are on the host, it is refused."""
+    q, kp, vp, tables, ctx = paged_inputs([60], 2, 1, 16, 4, torch.float32, DEV)
+    for bad, match in ((8, "shorter"), (0, "max_context_len"), (2.5, "max_context_len")):
+        with pytest.raises(ValueError, match=match):
+            triton_paged.paged_decode(q, kp, vp, tables, ctx.cpu(), num_splits=2, max_context_len=bad)
+    with pytest.raises(ValueError, match="num_splits"):
+        triton_paged.paged_decode(q, kp, vp, tables, ctx, num_splits=2.5)

@@ -252,3 +252,23 @@ def test_bench_linears_can_run_each_candidate(method):
         for rows in (1, 3, 5):               # GEMV_MAX_ROWS is 4
             x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)).to(DEV)
             torch.testing.assert_close(b(x), a(x), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_kernel_and_quant_linear_refuse_what_they_would_misread():
+    """A 3-value bias for 8 outputs was read past its end, 4-bit codes in int8 storage were
+    sign-extended into other codes, and integer activations gave integer zeros (found by an
+    adversarial probe)."""
+    qweight, scales, zeros, g = stored(8, 32, 4, 16, False)
+    x = torch.randn(2, 32, device=DEV)
+    for kw, err, match in ((dict(bias=torch.zeros(3, device=DEV)), ValueError, "bias"),
+                           (dict(bias=torch.zeros(8, 1, device=DEV)), ValueError, "bias"),
+                           (dict(split_k=0), ValueError, "split_k"), (dict(split_k=1.5), ValueError, "split_k")):
+        with pytest.raises(err, match=match):
+            dequant_matmul(x, qweight, scales, zeros, 4, g, False, **kw)
+    with pytest.raises(TypeError, match="uint8"):
+        dequant_matmul(x, qweight.view(torch.int8), scales, zeros, 4, g, False)
+    lin = torch.nn.Linear(32, 8)
+    ql = QuantLinear.from_linear(lin, quantize_rtn(lin.weight.detach(), bits=4, group_size=16, sym=False))
+    with pytest.raises(TypeError, match="floating-point"):
+        ql(torch.ones(2, 32, dtype=torch.long))

@@ -143,3 +143,17 @@ def test_nan_weight_leaves_model_untouched(small, method):
         quantize(m, method, calibration=embedded_calibration(2, 16) if method != "rtn" else None, progress=False)
     assert not any(isinstance(x, QuantLinear) for x in m.modules())
     assert all(torch.equal(state[k], v) for k, v in m.state_dict().items())     # inf == inf
+
+
+def test_skip_takes_dotted_names_and_refuses_a_bare_string(small):
+    """A dotted name in skip was silently ignored (only single name parts matched), and a bare
+    string was tested letter by letter (found by an adversarial probe)."""
+    m = copy.deepcopy(small)
+    quantize(m, "rtn", bits=8, skip=("lm_head", "layers.0.mlp.down_proj"), progress=False)
+    assert type(m.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    assert isinstance(m.model.layers[1].mlp.down_proj, QuantLinear)
+    assert isinstance(m.model.layers[0].mlp.up_proj, QuantLinear) and type(m.lm_head) is torch.nn.Linear
+    fresh = copy.deepcopy(small)
+    with pytest.raises(TypeError, match="skip"):
+        quantize(fresh, "rtn", bits=8, skip="mlp.gate_proj", progress=False)
+    assert not any(isinstance(mod, QuantLinear) for mod in fresh.modules())

@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from ..checks import is_int
+
 try:
     import triton
     import triton.language as tl
@@ -181,6 +183,8 @@ def flash_attention(q, k, v, mask=None, is_causal: bool = False, return_lse: boo
     Hkv, Sk = k.shape[1], k.shape[2]
     if k.shape[:3] != v.shape[:3]:
         raise ValueError(f"key and value shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if k.shape[0] != B:                  # the kernel indexes k and v by q's batch row: no broadcasting
+        raise ValueError(f"q has batch {B}, k and v have {k.shape[0]}")
     if H % Hkv:
         raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
     if Sq == 0 or Sk == 0:
@@ -199,11 +203,24 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
     """Packed variable-length batch: q [Tq, H, D], k/v [Tk, Hkv, D], sequence i is rows
     cu_seqlens[i]:cu_seqlens[i+1] (int32, length B+1), as in flash-attn's varlen API."""
     _validate(q, k, v, is_causal)
-    if q.dim() != 3 or k.dim() != 3:
-        raise ValueError("varlen inputs are packed [tokens, heads, head_dim]")
+    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
+        raise ValueError(f"varlen inputs are packed [tokens, heads, head_dim], k and v alike; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    # The kernel trusts these: rows past max_seqlen_q are never written, offsets past the tensors
+    # read (or write) other memory.
+    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
+        if not torch.is_tensor(cu) or cu.dim() != 1 or len(cu) < 2 or cu.dtype.is_floating_point or cu.dtype == torch.bool:
+            raise ValueError(f"{name} must be a 1-D integer tensor of B+1 >= 2 offsets")
+        if int(cu[0]) != 0 or int(cu[-1]) != total:
+            raise ValueError(f"{name} must start at 0 and end at the {total} packed tokens, got {int(cu[0])}..{int(cu[-1])}")
     lens_q, lens_k = cu_seqlens_q.diff(), cu_seqlens_k.diff()
     if len(lens_q) != len(lens_k) or bool((lens_q <= 0).any()) or bool((lens_k <= 0).any()):
         raise ValueError("cu_seqlens must describe the same number of non-empty sequences")
+    if not is_int(max_seqlen_q) or max_seqlen_q < int(lens_q.max()):
+        raise ValueError(f"max_seqlen_q must be an integer >= the longest query sequence ({int(lens_q.max())}), "
+                         f"got {max_seqlen_q!r}")
     if is_causal and bool((lens_q > lens_k).any()):
         raise ValueError("causal attention with more queries than keys in some sequence")
     B, H, Hkv = len(lens_q), q.shape[1], k.shape[1]

@@ -43,14 +43,16 @@ class KVCache:
         ``start`` may also be a LongTensor [B] of per-row positions for one new token (S = 1):
         the static-shape decode step, which then attends over the whole buffer under a mask.
         """
-        if torch.is_tensor(start):
+        check_new_kv(layer, self.k, k, v, self.batch_size)
+        if torch.is_tensor(start):          # shapes only: a captured step must not read device values
+            if k.shape[2] != 1 or start.shape != (k.shape[0],) or start.dtype.is_floating_point:
+                raise ValueError(f"per-row positions take one token per row: k [B, Hkv, 1, D] and start "
+                                 f"[B] integers; got k {tuple(k.shape)}, start {tuple(start.shape)} {start.dtype}")
             return write_at(self.k[layer], self.v[layer], k, v, start)
         check_start(start)
         end = start + k.shape[2]
         if end > self.max_seq_len:
             raise ValueError(f"KV cache overflow: writing up to position {end} in a cache of {self.max_seq_len}")
-        if k.shape[0] != self.batch_size:
-            raise ValueError(f"batch of {k.shape[0]} rows does not match the cache's {self.batch_size}")
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
@@ -75,3 +77,19 @@ def check_start(start) -> None:
     the buffer and write (or return) the wrong positions without a word."""
     if not is_int(start) or start < 0:
         raise ValueError(f"start must be a position >= 0, got {start!r}")
+
+
+def check_new_kv(layer, buffers, k: torch.Tensor, v: torch.Tensor, batch_size: int) -> None:
+    """New keys and values k, v [B, Hkv, S, D] fit a cache whose per-layer ``buffers`` are
+    [B, Hkv, slots, D]: a layer index in range (-1 would be the last), the cache's batch, KV heads
+    and head dim (a single head or a size-1 dim would broadcast into every slot without a word)."""
+    if not is_int(layer) or not 0 <= layer < len(buffers):
+        raise ValueError(f"layer must be 0..{len(buffers) - 1}, got {layer!r}")
+    if k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"keys and values must be [B, Hkv, S, D] and alike; got {tuple(k.shape)}, {tuple(v.shape)}")
+    buf = buffers[layer]
+    if k.shape[0] != batch_size:
+        raise ValueError(f"batch of {k.shape[0]} rows does not match the cache's {batch_size}")
+    if (k.shape[1], k.shape[3]) != (buf.shape[1], buf.shape[3]):
+        raise ValueError(f"{k.shape[1]} KV heads of dim {k.shape[3]} do not match the cache's "
+                         f"{buf.shape[1]} of dim {buf.shape[3]}")

@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from .cache import check_new_kv
 from .sliding_window import check_budget, check_prefill_or_decode, model_dims
 
 
@@ -77,8 +78,7 @@ class HeavyHitterKVCache:
         check_prefill_or_decode(start, S)
         if q is None:
             raise ValueError("HeavyHitterKVCache needs the queries: update(..., q=q)")
-        if k.shape[0] != self.batch_size:
-            raise ValueError(f"batch of {k.shape[0]} rows does not match the cache's {self.batch_size}")
+        check_new_kv(layer, self.k, k, v, self.batch_size)
         if S > 1:
             self._prefill(layer, k, v, q)
             return k, v  # the prompt attends to all of itself

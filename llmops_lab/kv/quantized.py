@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import formulas
-from .cache import check_start
+from .cache import check_new_kv, check_start
 from .sliding_window import model_dims
 
 QMAX = 127  # int8 codes -127..127; -128 is left unused so the grid is symmetric
@@ -22,8 +22,17 @@ QMAX = 127  # int8 codes -127..127; -128 is left unused so the grid is symmetric
 def quantize_per_token(x: torch.Tensor, scale_dtype=torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., D] -> (int8 codes [..., D], scales [..., 1] in scale_dtype), absmax over D."""
     xf = x.float()
-    tiny = torch.finfo(scale_dtype).tiny  # an all-zero vector still gets a usable scale
-    scale = (xf.abs().amax(-1, keepdim=True) / QMAX).clamp(min=tiny).to(scale_dtype)
+    # The smallest positive (subnormal) scale, so an all-zero vector still gets a usable one: the
+    # smallest normal (fp16's 6.1e-5) quantized vectors under 0.008 on a coarser grid, up to 34x
+    # the error bound at 1e-4 and all zeros at 1e-6.
+    info = torch.finfo(scale_dtype)
+    need = (xf.abs().amax(-1, keepdim=True) / QMAX).clamp(min=info.tiny * info.eps)
+    scale = need.to(scale_dtype)
+    # A scale that rounded down would put the largest code past 127 (clamped: more than half a
+    # step of error); the next representable value up keeps every code within the grid.
+    low = scale.float() < need
+    if bool(low.any()):
+        scale = torch.where(low, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
     if not bool(torch.isfinite(scale).all()):   # an inf or NaN input, or a scale past fp16's 65504
         big = xf.abs().amax().item()
         if not big < float("inf"):
@@ -90,8 +99,7 @@ class Int8KVCache:
         end = start + k.shape[2]
         if end > self.max_seq_len:
             raise ValueError(f"KV cache overflow: writing up to position {end} in a cache of {self.max_seq_len}")
-        if k.shape[0] != self.batch_size:
-            raise ValueError(f"batch of {k.shape[0]} rows does not match the cache's {self.batch_size}")
+        check_new_kv(layer, self.k, k, v, self.batch_size)
         for codes, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
             codes[layer][:, :, start:end], scales[layer][:, :, start:end] = quantize_per_token(x, self.scale_dtype)
         return (dequantize_per_token(self.k[layer][:, :, :end], self.k_scale[layer][:, :, :end], k.dtype),

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .cache import check_start
+from .cache import check_new_kv, check_start
 
 
 def document_sliding_window_update(key_states: torch.Tensor, value_states: torch.Tensor,
@@ -146,8 +146,7 @@ class SinkKVCache:
         """Store k, v [B, Hkv, S, D] for positions start..start+S; return what to attend to."""
         S = k.shape[2]
         check_prefill_or_decode(start, S)
-        if k.shape[0] != self.batch_size:
-            raise ValueError(f"batch of {k.shape[0]} rows does not match the cache's {self.batch_size}")
+        check_new_kv(layer, self.k, k, v, self.batch_size)
         end = start + S
         if S > 1:  # a prefill: store the prompt's kept tokens, attend to the whole prompt
             keep = self.kept_positions(end)

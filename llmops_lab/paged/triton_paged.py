@@ -22,6 +22,8 @@ import os
 
 import torch
 
+from ..checks import is_int
+
 try:
     import triton
     import triton.language as tl
@@ -217,6 +219,14 @@ def paged_decode(q, k_pool, v_pool, block_tables, context_lens, num_splits: int 
         [B, H, D] in q's dtype (and the natural-log log-sum-exp [B, H] with ``return_lse``).
     """
     _check(q, k_pool, v_pool, block_tables, context_lens)
+    if max_context_len is not None:         # it sizes the splits: too small, the tail is never read
+        if not is_int(max_context_len) or max_context_len < 1:
+            raise ValueError(f"max_context_len must be an integer >= 1, got {max_context_len!r}")
+        if q.shape[0] and context_lens.device.type == "cpu" and max_context_len < int(context_lens.max()):
+            raise ValueError(f"max_context_len {max_context_len} is shorter than a context of "
+                             f"{int(context_lens.max())} tokens")
+    if num_splits is not None and (not is_int(num_splits) or num_splits < 1):
+        raise ValueError(f"num_splits must be an integer >= 1, got {num_splits!r}")
     if triton is None:
         raise RuntimeError("triton is not installed")
     if q.dtype not in SUPPORTED_DTYPES or k_pool.dtype != q.dtype or v_pool.dtype != q.dtype:

@@ -99,6 +99,8 @@ class QuantLinear(nn.Module):
                 and triton_dequant.available(x.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:      # x [..., in] -> [..., out]
+        if not x.dtype.is_floating_point:   # the weight would be dequantized to integers: zeros
+            raise TypeError(f"QuantLinear takes floating-point activations, got {x.dtype}")
         if self.uses_kernel(x):
             rows = x.numel() // self.in_features
             gemv = self.gemv and 0 < rows <= triton_dequant.GEMV_MAX_ROWS
@@ -115,11 +117,17 @@ class QuantLinear(nn.Module):
 
 
 def _skipped(name: str, skip) -> bool:
-    return any(part in skip for part in name.split("."))
+    """Whether ``skip`` names this module: one of its name's parts ("lm_head", "mlp"), or a
+    dotted tail of its name ("layers.0.mlp.down_proj")."""
+    parts = name.split(".")
+    return any(s in parts if "." not in s else name == s or name.endswith("." + s) for s in skip)
 
 
 def linear_targets(model: nn.Module, skip) -> list[tuple[str, nn.Linear]]:
     """(name, module) of every ``nn.Linear`` of ``model`` whose name has no ``skip`` part."""
+    if isinstance(skip, str) or not all(isinstance(s, str) for s in skip):
+        # a bare string would be read letter by letter as substrings of every name
+        raise TypeError(f"skip must be a tuple or list of module names or name parts, got {skip!r}")
     targets = [(name, mod) for name, mod in model.named_modules()
                if isinstance(mod, nn.Linear) and not _skipped(name, skip)]
     if not targets:
@@ -214,7 +222,8 @@ def quantize(model: nn.Module, method: str = "rtn", bits=DEFAULT, group_size=DEF
         bits, group_size, sym: rtn defaults 4, 128, False (group_size None or -1 = per output
             channel). For gptq/awq they fill the config (defaults: GPTQConfig's, AWQConfig's);
             bitsandbytes takes none of them.
-        skip: module-name parts left in float (gptq/awq quantize the decoder layers only).
+        skip: modules left in float, by a part of their name ("lm_head", "mlp") or a dotted tail of
+            it ("layers.0.mlp.down_proj"); gptq/awq quantize the decoder layers only.
         config: a GPTQConfig / AWQConfig; or pass its fields as keyword arguments
             (``damp_percent=0.1``, ``desc_act=True``, ``w_bit=3``, ...). bnb: ``threshold``,
             ``compute_dtype``.

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 
 # available(device): CUDA, or the interpreter on a CPU; one rule for every kernel of the package
 from ..paged.triton_paged import _interpret, available  # noqa: F401
+from ..checks import is_int
 from .packing import codes_per_row, packed_width, storage_offset, unpack_bits
 
 try:
@@ -368,6 +369,13 @@ def dequant_matmul(x, qweight, scales, zeros, bits: int, group_size: int, sym: b
                          f"{tuple(scales.shape)}, zeros {tuple(zeros.shape)} at {bits} bits, group_size {group_size}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"activations must be fp16, bf16 or fp32, got {x.dtype}")
+    want = torch.int8 if bits == 8 else torch.uint8          # packing's storage: a sign-extended nibble is another code
+    if qweight.dtype != want:
+        raise TypeError(f"{bits}-bit codes are stored as {want}, got {qweight.dtype}")
+    if bias is not None and bias.shape != (N,):               # the kernel reads N values of it
+        raise ValueError(f"bias must be [{N}], got {tuple(bias.shape)}")
+    if split_k is not None and (not is_int(split_k) or split_k < 1):
+        raise ValueError(f"split_k must be an integer >= 1, got {split_k!r}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)                                           # [M, K]
     M = x2.shape[0]
