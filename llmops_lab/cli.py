@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 
 KV_DTYPES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1}
 
@@ -38,22 +39,18 @@ def info() -> str:
 
 
 def model_config(name: str):
-    """A preset's ``ModelConfig`` (``llmops_lab.presets``), else a checkpoint's: a folder holding
-    config.json, ``target``/``draft``, or a config.json itself."""
-    from pathlib import Path
-
+    """A preset's ``ModelConfig`` (``llmops_lab.presets``), else a checkpoint's: ``target``/``draft``,
+    a folder holding config.json, or a config.json itself."""
     from .config import ModelConfig
+    from .loader import EMBEDDED, embedded_model_path
     from .presets import PRESETS, get_preset
     if name.strip().lower() in PRESETS:
         return get_preset(name)
-    from .loader import EMBEDDED, embedded_model_path
-    path = embedded_model_path(name) if name in EMBEDDED else Path(name).expanduser()
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
+    try:
+        return ModelConfig.from_json(embedded_model_path(name) if name in EMBEDDED else Path(name).expanduser())
+    except FileNotFoundError:
         raise ValueError(f"{name!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint folder "
-                         f"or config.json on this machine")
-    return ModelConfig.from_json(path)
+                         f"or config.json on this machine") from None
 
 
 def kv(a) -> str:
@@ -126,10 +123,8 @@ def generate(a) -> tuple[str, int]:
 def load_quantized(a):
     """(model, tokenizer) of the parsed ``--model``, ``--device`` and ``--dtype``, quantized in place
     by ``--quantize`` (``llmops_lab.quant.quantize``) with ``--bits``, ``--group-size``, ``--sym``."""
-    import torch
-
     from .loader import load_model, load_tokenizer
-    model = load_model(a.model, device=a.device, dtype=getattr(torch, a.dtype) if a.dtype else None)
+    model = load_model(a.model, device=a.device, dtype=a.dtype)
     if a.quantize:
         from .quant import quantize
         opts = {k: v for k, v in (("bits", a.bits), ("group_size", a.group_size), ("sym", a.sym)) if v is not None}

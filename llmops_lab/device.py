@@ -133,6 +133,23 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def as_device(device) -> torch.device:
+    """``device`` as a torch.device (None: ``default_device()``), checked before anything uses it:
+    an unknown name, or CUDA on a machine without it, is a ValueError that says so."""
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r} ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine (use 'cpu')")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 def fallback_message(what: str) -> str | None:
     """The sentence a notebook shows when a GPU measurement runs on the CPU instead; None on a GPU."""
     if capabilities()["cuda"]:

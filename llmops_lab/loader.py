@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
+from .device import as_device, default_device  # noqa: F401 - default_device: loader's public name
 from .model import LlamaModel, rope_inv_freq
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -74,27 +75,6 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     for f in files:
         state.update(load_file(str(folder / f)))
     return state
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def as_device(device) -> torch.device:
-    """``device`` as a torch.device (None: CUDA when present, else the CPU), checked before anything
-    is loaded: an unknown name, or CUDA on a machine without it, is a ValueError that says so."""
-    if device is None:
-        return default_device()
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r} ({e})") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r}: CUDA is not available on this machine (use 'cpu')")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return dev
 
 
 def load_model(path_or_id="target", device=None, dtype=None, backend="sdpa") -> LlamaModel:

@@ -15,12 +15,12 @@ from typing import Any, Callable
 
 import torch
 
+from .device import as_device
+
 
 def _as_device(device: str | torch.device | None) -> torch.device:
-    device = torch.device("cpu" if device is None else device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={str(device)!r} but torch.cuda.is_available() is False")
-    return device
+    """``device.as_device``, with the CPU (not CUDA) for None: timings default to the host clock."""
+    return as_device("cpu" if device is None else device)
 
 
 def synchronize(device: str | torch.device | None = None) -> None:

@@ -210,7 +210,7 @@ class LLMEngine(AsyncScheduling):
         touched |= failed
         if batch.seqs:
             logits = self.runner.execute(batch)
-            sampling = [seq for seq, n in zip(batch.seqs, batch.num_tokens) if seq.num_computed_tokens + n == len(seq)]
+            sampling = [seq for seq, n in zip(batch.seqs, batch.num_tokens) if self._computed(seq, n, t0)]
             ban_tokens(logits, [s.sampling_params.banned_tokens(self.eos_ids, s.num_completion_tokens)
                                 for s in sampling])
             # every greedy row's token in one reduction and one device-to-host copy, not one each
@@ -218,15 +218,12 @@ class LLMEngine(AsyncScheduling):
             if argmax is None:
                 synchronize(logits.device)   # a GPU runs the step asynchronously: stop the clock when it is done
             now = time.perf_counter()
-            row = 0
-            for seq, n in zip(batch.seqs, batch.num_tokens):
-                if self._computed(seq, n, t0):
-                    try:
-                        self._sample(seq, logits[row], now, None if argmax is None else argmax[row])
-                    except Exception as e:  # noqa: BLE001 - the request fails, the engine and the others go on
-                        self._fail(seq, f"sampling failed: {type(e).__name__}: {e}", now)
-                    touched.add(seq.request_id)
-                    row += 1
+            for row, seq in enumerate(sampling):      # logits hold one row per sampling sequence
+                try:
+                    self._sample(seq, logits[row], now, None if argmax is None else argmax[row])
+                except Exception as e:  # noqa: BLE001 - the request fails, the engine and the others go on
+                    self._fail(seq, f"sampling failed: {type(e).__name__}: {e}", now)
+                touched.add(seq.request_id)
             self.step_stats.append(self._stats_row(batch, t0, now))
         return [self._output(self.requests[r]) for r in touched if self._finished(self.requests[r])]
 
