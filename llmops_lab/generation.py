@@ -7,7 +7,6 @@ become a distribution, so speculative decoding can process target and draft iden
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 
 import torch
@@ -15,6 +14,25 @@ import torch
 from .checks import is_int as _integer
 from .checks import is_real as _real
 from .kv import KVCache
+
+
+def as_stop_token_ids(stop_token_ids, vocab_size: int, default=()) -> tuple[int, ...]:
+    """Stop tokens as a tuple of ids in the vocabulary: one integer (as transformers' eos_token_id
+    takes it), an iterable of them, or None for ``default``. A float, a string or an id outside the
+    vocabulary is a ValueError: such a stop would never match and the row would run to the end."""
+    if stop_token_ids is None:
+        return tuple(default)
+    if _integer(stop_token_ids):
+        stop_token_ids = (stop_token_ids,)
+    if torch.is_tensor(stop_token_ids):
+        stop_token_ids = stop_token_ids.reshape(-1).tolist()
+    if isinstance(stop_token_ids, (str, bytes)) or not hasattr(stop_token_ids, "__iter__"):
+        raise ValueError(f"stop_token_ids must be a token id or a sequence of them, got {stop_token_ids!r}")
+    stops = tuple(stop_token_ids)
+    bad = [t for t in stops if not _integer(t) or not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"stop_token_ids must be token ids in [0, {vocab_size}), got {bad[:3]}")
+    return tuple(int(t) for t in stops)
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -89,8 +107,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
     check_sampling(temperature, top_k, top_p)
     if not _integer(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if isinstance(stop_token_ids, numbers.Integral):
-        stop_token_ids = (stop_token_ids,)          # one stop token, as transformers' eos_token_id takes it
+    stops = as_stop_token_ids(stop_token_ids, model.config.vocab_size, model.config.eos_token_ids)
     if pad_token_id is not None and (not _integer(pad_token_id) or not 0 <= pad_token_id < model.config.vocab_size):
         raise ValueError(f"pad_token_id must be a token id in [0, {model.config.vocab_size}), got {pad_token_id!r}")
     B, S = input_ids.shape
@@ -100,7 +117,6 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
     if S + max_new_tokens > ctx:
         warnings.warn(f"generation truncated at the model's context: {ctx - S} new tokens, not {max_new_tokens}")
         max_new_tokens = ctx - S
-    stops = tuple(model.config.eos_token_ids if stop_token_ids is None else stop_token_ids)
     if pad_token_id is None:
         pad_token_id = stops[0] if stops else 0
     device = input_ids.device

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .checks import check_float_model
 from .config import ModelConfig
 from .device import as_device, default_device  # noqa: F401 - default_device: loader's public name
 from .model import LlamaModel, rope_inv_freq
@@ -128,6 +129,7 @@ def load_tokenizer(path_or_id="target"):
 def save_model(model: LlamaModel, folder: str | Path, extra_config: dict | None = None) -> Path:
     """Write ``model`` as a Hugging Face checkpoint: config.json + model.safetensors."""
     from safetensors.torch import save_file
+    check_float_model(model, "save_model")      # config.json would describe float linears it lacks
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = model.config.to_hf_dict()

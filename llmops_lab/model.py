@@ -183,6 +183,11 @@ class LlamaModel(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def check_ids(self, input_ids: torch.Tensor) -> None:
+        if not torch.is_tensor(input_ids) or input_ids.dtype not in (torch.long, torch.int32):
+            # the embedding lookup takes these two and raises deep inside on any other
+            raise TypeError(f"input_ids must be a torch.long or torch.int32 tensor of token ids, got "
+                            f"{input_ids.dtype if torch.is_tensor(input_ids) else type(input_ids).__name__}"
+                            f"{' (call .long())' if torch.is_tensor(input_ids) else ''}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         if input_ids.shape[1] == 0:

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import torch
 
+from .checks import check_float_model
+
 
 def hf_twin(model):
     """transformers' ``*ForCausalLM`` for ``model``'s config, holding the very same weight tensors
     (no copy), so any difference in output or speed is the implementation's, not the weights'."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    check_float_model(model, "hf_twin")
     hf_config = AutoConfig.for_model(**model.config.to_hf_dict())
     with torch.device("meta"):
         hf = AutoModelForCausalLM.from_config(hf_config, dtype=model.dtype)

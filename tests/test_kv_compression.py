@@ -371,3 +371,51 @@ def test_int8_kv_error_bound_holds_for_small_values(magnitude):
     err = (dequantize_per_token(q, s) - x).abs()
     assert bool((err <= s.float() / 2 * (1 + 1e-3)).all())
     assert float((err.amax(-1) / x.abs().amax(-1)).max()) < 0.02
+
+
+def test_caches_refuse_a_gap_in_positions():
+    """A write past the positions a layer holds left unwritten slots that the next step attended to
+    (zeros, without a word); rewriting held positions stays allowed (speculative decoding's roll-back)."""
+    kv = lambda S: torch.randn(1, 2, S, 4)
+    for c in (KVCache(2, 1, 2, 4, 16), Int8KVCache(2, 1, 2, 4, 16), SinkKVCache(2, 1, 2, 4, 4, 2),
+              SlidingWindowKVCache(2, 1, 2, 4, 4), HeavyHitterKVCache(2, 1, 2, 4, 2, 2)):
+        kw = lambda S: {"q": torch.randn(1, 2, S, 4)} if isinstance(c, HeavyHitterKVCache) else {}
+        with pytest.raises(ValueError, match="gap|starts at 0"):
+            c.update(0, kv(1), kv(1), 3, **kw(1))
+        c.update(0, kv(5), kv(5), 0, **kw(5))
+        c.update(1, kv(5), kv(5), 0, **kw(5))           # each layer keeps its own count
+        c.update(0, kv(1), kv(1), 5, **kw(1))
+        with pytest.raises(ValueError, match="gap|starts at 6"):
+            c.update(0, kv(1), kv(1), 7, **kw(1))
+        c.reset()
+        with pytest.raises(ValueError, match="gap|starts at 0"):
+            c.update(0, kv(1), kv(1), 6, **kw(1))
+        c.update(0, kv(3), kv(3), 0, **kw(3))            # a new sequence after reset()
+    full = KVCache(1, 1, 2, 4, 16)
+    full.update(0, kv(6), kv(6), 0)
+    full.update(0, kv(2), kv(2), 3)                      # rewrite held positions: allowed
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: KVCache(2, 1.5, 2, 4, 8), "batch_size must be an integer"),
+    (lambda: KVCache(2, 1, 2, 4, 8.0), "max_seq_len must be an integer"),
+    (lambda: Int8KVCache(True, 1, 2, 4, 8), "num_layers must be an integer"),
+    (lambda: SinkKVCache(2, 1, 2, 4, 4.5, 2), "window_size must be"),
+    (lambda: SinkKVCache(2, 1, 2, 4, 4, 1.5), "num_sinks must be an integer"),
+    (lambda: SlidingWindowKVCache(2, 1, 2, 4.0, 4), "head_dim must be an integer"),
+    (lambda: HeavyHitterKVCache(2, 1, 2, 4, 2.5, 2), "heavy_size must be an integer"),
+    (lambda: HeavyHitterKVCache(2, 1, 2, 4, 2, 2.0), "recent_size must be"),
+])
+def test_cache_sizes_must_be_integers(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_h2o_checks_the_queries_shape():
+    """Queries of another length or batch were broadcast into the scores: the wrong tokens evicted."""
+    c = HeavyHitterKVCache(1, 2, 2, 4, 2, 2)
+    k = torch.randn(2, 2, 3, 4)
+    for q in (torch.randn(2, 4, 1, 4), torch.randn(1, 4, 3, 4), torch.randn(2, 3, 3, 4), torch.randn(2, 4, 3)):
+        with pytest.raises(ValueError, match="q must be"):
+            c.update(0, k, k, 0, q=q)
+    c.update(0, k, k, 0, q=torch.randn(2, 4, 3, 4))

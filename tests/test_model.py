@@ -187,6 +187,12 @@ def test_generate_takes_integer_ids_and_one_stop_token():
     m = LlamaModel(TINY).eval()
     with pytest.raises(TypeError, match="integer tensor"):
         m.generate(torch.tensor([[0.0, 4.0]]), max_new_tokens=2)
+    for dtype in (torch.uint8, torch.int8, torch.int16):        # the embedding takes long and int32 only
+        with pytest.raises(TypeError, match="call .long"):
+            m(torch.tensor([[0, 4]], dtype=dtype))
+        with pytest.raises(TypeError, match="call .long"):
+            m.generate(torch.tensor([[0, 4]], dtype=dtype), max_new_tokens=2)
+    assert torch.equal(m(torch.tensor([[0, 4]], dtype=torch.int32)), m(torch.tensor([[0, 4]])))
     free = m.generate(torch.tensor([[0, 4]]), max_new_tokens=6, stop_token_ids=())
     stop = int(free[0, 3])
     assert m.generate(torch.tensor([[0, 4]]), max_new_tokens=6, stop_token_ids=stop).tolist() == \

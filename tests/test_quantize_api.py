@@ -58,6 +58,11 @@ def test_calibration_helpers():
     assert embedded_calibration().shape == (8, 128)
     seqs = [torch.arange(10), torch.arange(7), torch.arange(12)]
     assert as_calibration_ids(seqs).shape == (3, 7)                      # cut to the shortest
+    two_d = torch.arange(20).reshape(2, 10)      # in a list it was flattened into one 20-token sequence
+    for bad in ([two_d], [1, 2, 3], "some text"):
+        with pytest.raises(ValueError, match="calibration"):
+            as_calibration_ids(bad)
+    assert torch.equal(as_calibration_ids(two_d), two_d)
 
 
 @pytest.mark.parametrize("method, kwargs, match", [
@@ -157,3 +162,47 @@ def test_skip_takes_dotted_names_and_refuses_a_bare_string(small):
     with pytest.raises(TypeError, match="skip"):
         quantize(fresh, "rtn", bits=8, skip="mlp.gate_proj", progress=False)
     assert not any(isinstance(mod, QuantLinear) for mod in fresh.modules())
+
+
+def _tiny_quantized(**kw):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
+    return quantize(m, skip=(), progress=False, **kw)
+
+
+@pytest.mark.parametrize("other", [dict(sym=True), dict(group_size=16), dict(scale_dtype=torch.float32)])
+def test_state_dict_carries_the_format_and_a_mismatch_is_refused(other):
+    """A symmetric and an asymmetric 4-bit layer store tensors of the same shapes and dtypes: the state
+    dict names its format, and loading it into a layer of another format is an error, not a silently
+    wrong layer."""
+    fmt = dict(bits=4, group_size=32, sym=False)
+    a = _tiny_quantized(**fmt)
+    state = a.state_dict()
+    assert state["0._extra_state"] == {"bits": 4, "group_size": 32, "sym": False, "in_features": 64,
+                                       "out_features": 32, "scale_dtype": "float16"}
+    same = _tiny_quantized(**fmt)
+    same.load_state_dict(state)
+    x = torch.randn(3, 64)
+    assert torch.equal(same(x), a(x))
+    b = _tiny_quantized(**{**fmt, **other})
+    before = {k: v.clone() for k, v in b.state_dict().items() if torch.is_tensor(v)}
+    with pytest.raises(RuntimeError, match="another quantization format"):
+        b.load_state_dict(state, strict=False)
+    assert all(torch.equal(before[k], v) for k, v in b.state_dict().items() if torch.is_tensor(v))
+    no_format = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
+    with pytest.raises(RuntimeError, match="no quantization format"):
+        same.load_state_dict(no_format, strict=False)
+
+
+def test_float_only_tools_refuse_a_quantized_model(small, tmp_path):
+    from llmops_lab.loader import save_model
+    from llmops_lab.peers import hf_twin
+    from llmops_lab.quant import export_gguf
+    q = quantize(copy.deepcopy(small), progress=False)
+    with pytest.raises(ValueError, match="save_model takes a float model"):
+        save_model(q, tmp_path / "q")
+    assert not (tmp_path / "q" / "config.json").exists()
+    with pytest.raises(ValueError, match="hf_twin takes a float model"):
+        hf_twin(q)
+    with pytest.raises(ValueError, match="export_gguf takes a float model"):
+        export_gguf(q, llmops_lab.load_tokenizer("target"), tmp_path / "q.gguf")

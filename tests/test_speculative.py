@@ -112,6 +112,23 @@ def test_bad_input(pair):
         SpeculativeDecoder(target, draft, 2).generate(torch.zeros(1, 250, dtype=torch.long), 10)
     with pytest.raises(ValueError, match="max_new_tokens"):
         SpeculativeDecoder(target, draft, 2).generate(torch.zeros(1, 5, dtype=torch.long), 0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SpeculativeDecoder(target, draft, 2).generate(torch.zeros(1, 5, dtype=torch.long), 2.5)
+    for bad in ("5", 5.0, (5, 1.5), (-1,), (10 ** 6,)):   # a stop that can never match ran to the end
+        with pytest.raises(ValueError, match="stop_token_ids"):
+            SpeculativeDecoder(target, draft, 2).generate(torch.zeros(1, 5, dtype=torch.long), 4, stop_token_ids=bad)
+        with pytest.raises(ValueError, match="stop_token_ids"):
+            target.generate(torch.zeros(1, 5, dtype=torch.long), max_new_tokens=4, stop_token_ids=bad)
+
+
+def test_one_stop_token_may_be_a_plain_integer(pair):
+    target, draft = pair
+    ids = torch.tensor([[0, 4, 4]])
+    free = target.generate(ids, max_new_tokens=8, stop_token_ids=())
+    stop = int(free[0, 5])
+    dec = SpeculativeDecoder(target, draft, 3)
+    assert torch.equal(dec.generate(ids, 8, stop_token_ids=stop)[0], dec.generate(ids, 8, stop_token_ids=[stop])[0])
+    assert stop in dec.generate(ids, 8, stop_token_ids=stop)[0][0, 3:].tolist()
 
 
 @pytest.mark.parametrize("lean", [True, False])

@@ -22,13 +22,14 @@ def write_at(k_buf, v_buf, k, v, pos):
 class KVCache:
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int,
                  max_seq_len: int, dtype=torch.float32, device="cpu"):
-        if min(num_layers, batch_size, num_kv_heads, head_dim, max_seq_len) < 1:
-            raise ValueError("KVCache dimensions must all be >= 1")
+        check_dims(num_layers=num_layers, batch_size=batch_size, num_kv_heads=num_kv_heads,
+                   head_dim=head_dim, max_seq_len=max_seq_len)
         shape = (batch_size, num_kv_heads, max_seq_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
         self.length = 0  # tokens written so far (the same for every row; padding is masked)
+        self.written = [0] * num_layers   # each layer's slots 0..written-1 hold data (check_no_gap)
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_seq_len: int | None = None, dtype=None, device=None):
@@ -48,11 +49,14 @@ class KVCache:
             if k.shape[2] != 1 or start.shape != (k.shape[0],) or start.dtype.is_floating_point:
                 raise ValueError(f"per-row positions take one token per row: k [B, Hkv, 1, D] and start "
                                  f"[B] integers; got k {tuple(k.shape)}, start {tuple(start.shape)} {start.dtype}")
+            self.written[layer] = self.max_seq_len     # unknown without reading them: the mask rules
             return write_at(self.k[layer], self.v[layer], k, v, start)
         check_start(start)
         end = start + k.shape[2]
         if end > self.max_seq_len:
             raise ValueError(f"KV cache overflow: writing up to position {end} in a cache of {self.max_seq_len}")
+        check_no_gap(start, self.written[layer])
+        self.written[layer] = max(self.written[layer], end)
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
@@ -65,11 +69,29 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+        self.written = [0] * len(self.k)
 
     @property
     def nbytes(self) -> int:
         """Bytes actually allocated for keys and values."""
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+def check_dims(**dims) -> None:
+    """Cache dimensions are integers >= 1, each named in the error (a float would fail deep inside
+    torch.zeros, a bool pass as 0 or 1)."""
+    for name, n in dims.items():
+        if not is_int(n) or n < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {n!r}")
+
+
+def check_no_gap(start: int, written: int) -> None:
+    """A write may rewrite stored positions (speculative decoding rolls back and writes again) but not
+    start past them: the slots between would be attended to, unwritten, without a word."""
+    if start > written:
+        raise ValueError(f"writing at position {start} leaves a gap: this layer holds positions 0..{written - 1}"
+                         if written else f"writing at position {start} leaves a gap: this layer holds no "
+                         f"positions yet (a new cache, or one after reset()); start at 0")
 
 
 def check_start(start) -> None:

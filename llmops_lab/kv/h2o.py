@@ -18,7 +18,8 @@ import math
 
 import torch
 
-from .cache import check_new_kv
+from ..checks import is_int
+from .cache import check_dims, check_new_kv
 from .sliding_window import check_budget, check_prefill_or_decode, model_dims
 
 
@@ -52,12 +53,11 @@ class HeavyHitterKVCache:
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int,
                  heavy_size: int, recent_size: int, dtype=torch.float32, device="cpu",
                  context_len: int | None = None):
-        if heavy_size < 0:
-            raise ValueError(f"heavy_size must be >= 0, got {heavy_size}")
+        if not is_int(heavy_size) or heavy_size < 0:
+            raise ValueError(f"heavy_size must be an integer >= 0, got {heavy_size!r}")
         check_budget(recent_size, None, "recent_size")  # the new token is always recent
         check_budget(heavy_size + recent_size, context_len, "heavy_size + recent_size")
-        if min(num_layers, batch_size, num_kv_heads, head_dim) < 1:
-            raise ValueError("cache dimensions must all be >= 1")
+        check_dims(num_layers=num_layers, batch_size=batch_size, num_kv_heads=num_kv_heads, head_dim=head_dim)
         self.heavy_size, self.recent_size = heavy_size, recent_size
         self.budget = heavy_size + recent_size
         shape = (batch_size, num_kv_heads, self.budget, head_dim)
@@ -66,6 +66,7 @@ class HeavyHitterKVCache:
         self.score = [torch.zeros(shape[:3], dtype=torch.float32, device=device) for _ in range(num_layers)]
         self.batch_size = batch_size
         self.length = 0  # positions seen
+        self.written = [0] * num_layers  # positions each layer has stored: the next write starts there
 
     @classmethod
     def for_model(cls, model, batch_size: int, heavy_size: int, recent_size: int, dtype=None, device=None):
@@ -75,10 +76,15 @@ class HeavyHitterKVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start, q: torch.Tensor | None = None):
         """Store k, v [B, Hkv, S, D] (q [B, H, S, D] scores them); return what to attend to."""
         S = k.shape[2]
-        check_prefill_or_decode(start, S)
         if q is None:
             raise ValueError("HeavyHitterKVCache needs the queries: update(..., q=q)")
         check_new_kv(layer, self.k, k, v, self.batch_size)
+        check_prefill_or_decode(start, S, self.written[layer])
+        B, Hkv, _, D = k.shape
+        if q.dim() != 4 or (q.shape[0], q.shape[2], q.shape[3]) != (B, S, D) or q.shape[1] % Hkv:
+            # scores of other tokens, or of a batch broadcast over the keys, would evict the wrong ones
+            raise ValueError(f"q must be [B={B}, H (a multiple of {Hkv}), S={S}, D={D}], got {tuple(q.shape)}")
+        self.written[layer] = start + S
         if S > 1:
             self._prefill(layer, k, v, q)
             return k, v  # the prompt attends to all of itself
@@ -123,6 +129,7 @@ class HeavyHitterKVCache:
 
     def reset(self) -> None:
         self.length = 0
+        self.written = [0] * len(self.k)
 
     @property
     def nbytes(self) -> int:

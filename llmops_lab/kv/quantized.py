@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import formulas
-from .cache import check_new_kv, check_start
+from .cache import check_dims, check_new_kv, check_no_gap, check_start
 from .sliding_window import model_dims
 
 QMAX = 127  # int8 codes -127..127; -128 is left unused so the grid is symmetric
@@ -69,8 +69,8 @@ class Int8KVCache:
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int,
                  max_seq_len: int, dtype=torch.float32, device="cpu", scale_dtype=torch.float16,
                  context_len: int | None = None):
-        if min(num_layers, batch_size, num_kv_heads, head_dim, max_seq_len) < 1:
-            raise ValueError("cache dimensions must all be >= 1")
+        check_dims(num_layers=num_layers, batch_size=batch_size, num_kv_heads=num_kv_heads,
+                   head_dim=head_dim, max_seq_len=max_seq_len)
         if context_len is not None and max_seq_len > context_len:
             raise ValueError(f"max_seq_len of {max_seq_len} exceeds the model's context of {context_len}")
         if not scale_dtype.is_floating_point:
@@ -83,6 +83,7 @@ class Int8KVCache:
         self.dtype, self.scale_dtype = dtype, scale_dtype
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
         self.length = 0
+        self.written = [0] * num_layers   # each layer's slots 0..written-1 hold data (check_no_gap)
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_seq_len: int | None = None, dtype=None, device=None,
@@ -100,6 +101,8 @@ class Int8KVCache:
         if end > self.max_seq_len:
             raise ValueError(f"KV cache overflow: writing up to position {end} in a cache of {self.max_seq_len}")
         check_new_kv(layer, self.k, k, v, self.batch_size)
+        check_no_gap(start, self.written[layer])
+        self.written[layer] = max(self.written[layer], end)
         for codes, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
             codes[layer][:, :, start:end], scales[layer][:, :, start:end] = quantize_per_token(x, self.scale_dtype)
         return (dequantize_per_token(self.k[layer][:, :, :end], self.k_scale[layer][:, :, :end], k.dtype),
@@ -107,6 +110,7 @@ class Int8KVCache:
 
     def reset(self) -> None:
         self.length = 0
+        self.written = [0] * len(self.k)
 
     @property
     def nbytes(self) -> int:

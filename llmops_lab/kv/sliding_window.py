@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from .cache import check_new_kv, check_start
+from ..checks import is_int
+from .cache import check_dims, check_new_kv, check_start
 
 
 def document_sliding_window_update(key_states: torch.Tensor, value_states: torch.Tensor,
@@ -64,22 +65,28 @@ class DocumentSlidingWindowCache:
         return 0
 
 
-def check_prefill_or_decode(start, S: int) -> None:
-    """An evicting cache takes a prefill (start 0, any length) or one decode token, nothing else.
+def check_prefill_or_decode(start, S: int, length: int) -> None:
+    """An evicting cache takes a prefill (start 0, any length) or one decode token, nothing else,
+    each starting where the positions this layer has seen (``length``) end.
 
     A chunk of several tokens after the prompt would need a mask over the kept tokens that the
     model does not build (it masks by position, and positions are gone once tokens are evicted).
+    A token written past ``length`` would leave unwritten slots that the next step attends to; one
+    written before it would attend to tokens it should not see.
     """
     if torch.is_tensor(start):
         raise ValueError("this cache does not support the static-shape decode step (per-row start)")
     check_start(start)
+    if start != length:
+        raise ValueError(f"this cache has seen {length} positions, so the next write starts at {length}, "
+                         f"got {start}" + (" (reset() to begin a new sequence)" if start == 0 else ""))
     if start != 0 and S != 1:
         raise ValueError(f"a compressing KV cache takes a prefill (start 0) or one token at a time; got "
                          f"{S} tokens at position {start} (chunked prefill is not supported)")
 
 
 def check_budget(budget: int, context_len: int | None, what: str) -> None:
-    if budget < 1:
+    if not is_int(budget) or budget < 1:
         raise ValueError(f"{what} must be >= 1, got {budget}")
     if context_len is not None and budget > context_len:
         raise ValueError(f"{what} of {budget} tokens exceeds the model's context of {context_len}")
@@ -113,12 +120,11 @@ class SinkKVCache:
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int,
                  window_size: int, num_sinks: int = 4, dtype=torch.float32, device="cpu",
                  context_len: int | None = None):
-        if num_sinks < 0:
-            raise ValueError(f"num_sinks must be >= 0, got {num_sinks}")
+        if not is_int(num_sinks) or num_sinks < 0:
+            raise ValueError(f"num_sinks must be an integer >= 0, got {num_sinks!r}")
         check_budget(window_size, None, "window_size")
         check_budget(num_sinks + window_size, context_len, "num_sinks + window_size")
-        if min(num_layers, batch_size, num_kv_heads, head_dim) < 1:
-            raise ValueError("cache dimensions must all be >= 1")
+        check_dims(num_layers=num_layers, batch_size=batch_size, num_kv_heads=num_kv_heads, head_dim=head_dim)
         self.num_sinks, self.window_size = num_sinks, window_size
         self.capacity = num_sinks + window_size
         shape = (batch_size, num_kv_heads, self.capacity, head_dim)
@@ -126,6 +132,7 @@ class SinkKVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.batch_size = batch_size
         self.length = 0  # positions seen, not tokens held: RoPE positions keep counting
+        self.written = [0] * num_layers  # positions each layer has stored: the next write starts there
 
     @classmethod
     def for_model(cls, model, batch_size: int, window_size: int, num_sinks: int = 4, dtype=None, device=None):
@@ -145,9 +152,10 @@ class SinkKVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start):
         """Store k, v [B, Hkv, S, D] for positions start..start+S; return what to attend to."""
         S = k.shape[2]
-        check_prefill_or_decode(start, S)
         check_new_kv(layer, self.k, k, v, self.batch_size)
+        check_prefill_or_decode(start, S, self.written[layer])
         end = start + S
+        self.written[layer] = end
         if S > 1:  # a prefill: store the prompt's kept tokens, attend to the whole prompt
             keep = self.kept_positions(end)
             slots, local = self.slot(keep).to(k.device), keep.to(k.device)
@@ -162,6 +170,7 @@ class SinkKVCache:
 
     def reset(self) -> None:
         self.length = 0
+        self.written = [0] * len(self.k)
 
     @property
     def nbytes(self) -> int:

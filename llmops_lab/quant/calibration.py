@@ -30,7 +30,13 @@ def as_calibration_ids(calibration) -> torch.Tensor:
         return embedded_calibration()
     if isinstance(calibration, torch.Tensor):
         return calibration
-    seqs = [torch.as_tensor(s).reshape(-1) for s in calibration]
+    if isinstance(calibration, (str, bytes)):
+        raise ValueError("calibration takes token ids, not text: tokenize it first")
+    seqs = [torch.as_tensor(s) for s in calibration]
+    flat = next((s for s in seqs if s.dim() != 1), None)
+    if flat is not None:      # a [n, len] tensor in a list was flattened into one sequence across rows
+        raise ValueError(f"a calibration list holds 1-D sequences of token ids, got an element of shape "
+                         f"{tuple(flat.shape)} (a 2-D tensor goes in as it is, not in a list)")
     if not seqs:
         raise ValueError("the calibration set is empty (0 sequences)")
     n = min(len(s) for s in seqs)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checks import check_float_model
+
 # GGUF type names users know from llama.cpp, mapped to the LlamaFileType recorded in the file.
 GGUF_TYPES = ("F32", "F16", "Q8_0", "Q4_0")
 K_QUANT_TYPES = ("Q4_K_M", "Q6_K")
@@ -155,6 +157,7 @@ def export_gguf(model, tokenizer, path: str | Path, qtype: str = "F32", name: st
     """
     gguf = _gguf()
     c = model.config
+    check_float_model(model, "export_gguf")   # GGUF quantizes at qtype itself, from the float weights
     check_exportable(c, qtype)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

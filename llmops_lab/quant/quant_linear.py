@@ -110,6 +110,39 @@ class QuantLinear(nn.Module):
                                                  split_nibbles=self.split_nibbles, fast_convert=self.fast_convert)
         return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
+    # The state dict carries the format beside the buffers: a 4-bit symmetric and a 4-bit asymmetric
+    # layer store tensors of the same shapes and dtypes whose codes mean different numbers, so
+    # loading one into the other would give a silently wrong layer.
+    def _format(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size, "sym": self.sym,
+                "in_features": self.in_features, "out_features": self.out_features,
+                "scale_dtype": str(self.scales.dtype).removeprefix("torch.")}
+
+    def get_extra_state(self) -> dict:
+        return self._format()
+
+    def set_extra_state(self, state) -> None:       # checked in _load_from_state_dict, before any copy
+        pass
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        given = state_dict.get(prefix + "_extra_state")
+        if given is None:
+            # without the format the codes cannot be read: refuse even when strict=False
+            if any(k.startswith(prefix) for k in state_dict):
+                error_msgs.append(f"{prefix.rstrip('.') or 'QuantLinear'}: the state has no quantization format "
+                                  f"({prefix}_extra_state); it was not saved from a QuantLinear")
+                return
+        elif given != self._format():
+            diff = {k: (v, given.get(k) if isinstance(given, dict) else None)
+                    for k, v in self._format().items() if not isinstance(given, dict) or given.get(k) != v}
+            error_msgs.append(f"{prefix.rstrip('.') or 'QuantLinear'}: the state was saved in another quantization "
+                              f"format: " + ", ".join(f"{k} {b!r} here, {a!r} in the state"
+                                                      for k, (b, a) in diff.items()))
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
     def extra_repr(self) -> str:
         g = "per channel" if self.group_size == self.in_features else f"group_size={self.group_size}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generation import check_sampling, logits_to_probs
+from ..checks import is_int
+from ..generation import as_stop_token_ids, check_sampling, logits_to_probs
 from ..kv import KVCache
 from ..lean import LeanModel
 from ..measure import synchronize
@@ -174,8 +175,9 @@ class SpeculativeDecoder:
         for m in (self.target, self.draft):
             m.check_ids(input_ids)
         check_sampling(temperature, top_k, top_p)
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not is_int(max_new_tokens) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        stops = set(as_stop_token_ids(stop_token_ids, self.target.config.vocab_size))
         B, S = input_ids.shape
         if attention_mask is not None and tuple(attention_mask.shape) != (B, S):
             raise ValueError(f"attention_mask must be [B, S] = {[B, S]} like input_ids, got {list(attention_mask.shape)}")
@@ -197,7 +199,6 @@ class SpeculativeDecoder:
         carry = None                                 # drafts of rows that accepted all k (draft never saw d_k)
         new = [[] for _ in range(B)]
         done = [False] * B
-        stops = set(stop_token_ids or ())
         # RoPE position of each row's pending token. A finished row keeps none of what it is fed
         # later (its rollback keeps nothing), so its position stays where it finished.
         pend_pos = [int(n) - 1 for n in n_prompt.tolist()]
