@@ -22,10 +22,14 @@ def generate_text(model, tokenizer, prompt: str | list[str], **kwargs) -> str | 
     """Tokenize, generate (``model.generate`` arguments) and decode the new text of each prompt."""
     single = isinstance(prompt, str)
     prompts = [prompt] if single else list(prompt)
-    if any(not p for p in prompts):
-        raise ValueError("empty prompt")
-    tokenizer.padding_side = "left"
-    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    if not prompts or any(not isinstance(p, str) or not p for p in prompts):
+        raise ValueError(f"prompt must be a non-empty string or a non-empty list of them, got {prompt!r}")
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"        # generate takes left padding; the caller's setting comes back
+    try:
+        enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = side
     ids = enc["input_ids"].to(model.device)
     mask = enc["attention_mask"].to(model.device) if len(prompts) > 1 else None
     kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)

@@ -123,7 +123,8 @@ def generate(a) -> tuple[str, int]:
 def load_quantized(a):
     """(model, tokenizer) of the parsed ``--model``, ``--device`` and ``--dtype``, quantized in place
     by ``--quantize`` (``llmops_lab.quant.quantize``) with ``--bits``, ``--group-size``, ``--sym``."""
-    from .loader import load_model, load_tokenizer
+    from .loader import check_tokenizer, load_model, load_tokenizer
+    check_tokenizer(a.model)                    # before the model loads, not after
     model = load_model(a.model, device=a.device, dtype=a.dtype)
     if a.quantize:
         from .quant import quantize
@@ -259,7 +260,7 @@ def main(argv=None):
             print(text)
             if refused:                         # the others ran; the exit status says not all did
                 ap.exit(1)
-    except (ValueError, TypeError, FileNotFoundError) as e:    # bad input: one line, not a traceback
+    except (ValueError, TypeError, OSError) as e:      # bad input or an unreadable file: one line
         ap.exit(2, f"llmops-lab {a.cmd}: error: {e}\n")
 
 

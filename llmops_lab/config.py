@@ -11,6 +11,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .checks import is_int, is_real
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
@@ -42,11 +44,23 @@ class ModelConfig:
         for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
             v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ValueError(f"{f} must be an integer >= 1, got {v!r}")
-        if self.head_dim is not None and (isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int)
-                                          or self.head_dim < 1):
+        if self.head_dim is not None and (not is_int(self.head_dim) or self.head_dim < 1):
             raise ValueError(f"head_dim must be an integer >= 1 or None, got {self.head_dim!r}")
+        # JSON "false" is a string, and truthy: it tied the head or added biases without a word
+        for f in ("attention_bias", "tie_word_embeddings"):
+            if not isinstance(getattr(self, f), bool):
+                raise ValueError(f"{f} must be true or false, got {getattr(self, f)!r}")
+        # an id outside the vocabulary loaded fine and failed later, in the serving engine
+        if self.bos_token_id is not None and not _is_token(self.bos_token_id, self.vocab_size):
+            raise ValueError(f"bos_token_id must be a token id in [0, {self.vocab_size}) or None, "
+                             f"got {self.bos_token_id!r}")
+        eos = self.eos_token_id
+        if eos is not None and not all(_is_token(i, self.vocab_size)
+                                       for i in (eos if isinstance(eos, (list, tuple)) else [eos])):
+            raise ValueError(f"eos_token_id must be a token id in [0, {self.vocab_size}), a list of them, or None, "
+                             f"got {eos!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                              f"num_key_value_heads ({self.num_key_value_heads})")
@@ -57,12 +71,13 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
         # each of these loads without complaint otherwise and gives wrong logits (NaN or silently
-        # masked attention): a checkpoint's typo is an error here, not a model that runs
-        if not math.isfinite(self.rope_theta) or self.rope_theta <= 0:
-            raise ValueError(f"rope_theta must be a positive number, got {self.rope_theta}")
-        if not math.isfinite(self.rms_norm_eps) or self.rms_norm_eps < 0:
-            raise ValueError(f"rms_norm_eps must be >= 0, got {self.rms_norm_eps}")
-        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+        # masked attention): a checkpoint's typo is an error here, not a model that runs.
+        # A bool is refused too: true was read as 1.0
+        if not is_real(self.rope_theta) or not math.isfinite(self.rope_theta) or self.rope_theta <= 0:
+            raise ValueError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
+        if not is_real(self.rms_norm_eps) or not math.isfinite(self.rms_norm_eps) or self.rms_norm_eps < 0:
+            raise ValueError(f"rms_norm_eps must be a number >= 0, got {self.rms_norm_eps!r}")
+        if self.sliding_window is not None and (not is_int(self.sliding_window) or self.sliding_window < 1):
             raise ValueError(f"sliding_window must be a positive number of tokens or None, got {self.sliding_window!r}")
         if self.rope_scaling is not None:
             _check_rope_scaling(self.rope_scaling)
@@ -101,14 +116,25 @@ class ModelConfig:
             raise ValueError(f"config lacks {need}")
         model_type = cfg.get("model_type", "llama")
         # transformers 5 moved rope_theta/rope_scaling into rope_parameters; read both spellings.
-        rope = dict(cfg.get("rope_parameters") or {})
+        rope = cfg.get("rope_parameters")
+        rope = {} if rope is None else rope
+        if not isinstance(rope, dict):
+            raise ValueError(f"rope_parameters must be a JSON object, got {rope!r}")
         rope_theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
-        scaling = cfg.get("rope_scaling") or None
-        if scaling is None and rope.get("rope_type", "default") != "default":
-            scaling = rope
+        if not is_real(rope_theta):     # float() took true as 1.0 and failed on null
+            raise ValueError(f"rope_theta must be a positive number, got {rope_theta!r}")
+        scaling = cfg.get("rope_scaling")
+        if scaling is not None and not isinstance(scaling, dict):
+            raise ValueError(f"rope_scaling must be a JSON object or null, got {scaling!r}")
+        if not scaling:
+            scaling = rope if set(rope) - {"rope_theta"} else None
         if scaling is not None:
             scaling = dict(scaling)
-            kind = scaling.get("rope_type", scaling.get("type", "default"))
+            # without a type, a factor was silently dropped: RoPE ran unscaled
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind is None:
+                raise ValueError(f"rope_scaling {scaling} lacks 'rope_type' (or 'type'): say which scaling "
+                                 f"(default, linear, llama3)")
             if kind not in ("default", "linear", "llama3"):
                 raise ValueError(f"RoPE scaling {kind!r} is not supported (default, linear, llama3 are)")
             if kind == "default":
@@ -116,16 +142,18 @@ class ModelConfig:
         act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
         if act != "silu":       # the MLP is SwiGLU; another activation would be silently replaced
             raise ValueError(f"hidden_act {act!r} is not supported: this runtime's MLP is SwiGLU (silu)")
-        sliding = cfg.get("sliding_window")
-        if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
-            sliding = None
+        # transformers' Mistral and Qwen2 configs default the window to 4096 tokens when the key is absent
+        sliding = cfg.get("sliding_window", 4096 if model_type in ("mistral", "qwen2") else None)
+        if model_type == "qwen2":
+            sliding = _qwen2_window(cfg, sliding)
+        heads_kv = cfg.get("num_key_value_heads")      # missing or null: multi-head; 0 is refused below
         return cls(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"],
             num_hidden_layers=cfg["num_hidden_layers"],
             num_attention_heads=cfg["num_attention_heads"],
-            num_key_value_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+            num_key_value_heads=cfg["num_attention_heads"] if heads_kv is None else heads_kv,
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             head_dim=cfg.get("head_dim"),
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6 if model_type == "qwen2" else 1e-5),
@@ -153,33 +181,78 @@ class ModelConfig:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
         try:
             return cls.from_hf_dict(cfg, name=path.parent.name)
-        except ValueError as e:
+        except (ValueError, TypeError) as e:    # a value of the wrong type, named with its file
             raise ValueError(f"{path}: {e}") from None
 
     def to_hf_dict(self) -> dict:
         """The config.json transformers expects for this shape (LlamaConfig field names)."""
-        d = {k: v for k, v in asdict(self).items() if k not in ("name", "sliding_window")}
+        d = {k: v for k, v in asdict(self).items() if k != "name"}
         d["architectures"] = {"llama": ["LlamaForCausalLM"], "mistral": ["MistralForCausalLM"],
                               "qwen2": ["Qwen2ForCausalLM"]}[self.model_type]
-        if self.sliding_window is not None:
-            d["sliding_window"] = self.sliding_window
+        # sliding_window is written even when None: transformers' Mistral reads a missing one as 4096.
+        # Qwen2 windows only with use_sliding_window, and only layers from max_window_layers on: ours are all
+        if self.model_type == "qwen2":
+            d["use_sliding_window"] = self.sliding_window is not None
+            if self.sliding_window is not None:
+                d["max_window_layers"] = 0
         d["hidden_act"] = "silu"
         d["mlp_bias"] = False
         return d
 
 
+def _qwen2_window(cfg: dict, sliding):
+    """Qwen2's window as transformers' Qwen2Config reads it: none unless use_sliding_window, and then
+    only in the layers ``layer_types`` names, or else from ``max_window_layers`` (default 28) on. This
+    runtime windows every layer or none, so a mix is refused."""
+    use = cfg.get("use_sliding_window", False)
+    if not isinstance(use, bool):
+        raise ValueError(f"use_sliding_window must be true or false, got {use!r}")
+    if not use or sliding is None:
+        return None
+    layers = cfg["num_hidden_layers"]
+    types = cfg.get("layer_types")
+    if types is None:
+        first = cfg.get("max_window_layers", 28)
+        if not is_int(first) or first < 0:
+            raise ValueError(f"max_window_layers must be an integer >= 0, got {first!r}")
+        windowed = {i >= first for i in range(layers)} if is_int(layers) else set()
+    else:
+        if not isinstance(types, list) or len(types) != layers or \
+                not all(t in ("sliding_attention", "full_attention") for t in types):
+            raise ValueError(f"layer_types must list 'sliding_attention' or 'full_attention' for each of the "
+                             f"{layers} layers, got {types!r}")
+        windowed = {t == "sliding_attention" for t in types}
+    if windowed == {True, False}:
+        raise ValueError("this Qwen2 config windows some layers and not others (max_window_layers or "
+                         "layer_types); this runtime applies one sliding_window to every layer or none")
+    return sliding if windowed == {True} else None
+
+
+def _is_token(i, vocab_size: int) -> bool:
+    return is_int(i) and 0 <= i < vocab_size
+
+
 def _check_rope_scaling(s: dict) -> None:
     """A linear or Llama-3 RoPE scaling needs a positive factor; Llama 3's frequency bounds must be
     ordered, or its blend divides by zero."""
+    if not isinstance(s, dict):
+        raise ValueError(f"rope_scaling must be a dict (a JSON object) or None, got {s!r}")
     kind = s.get("rope_type", s.get("type"))
+    if kind is None:
+        raise ValueError(f"rope_scaling {s} lacks 'rope_type' (or 'type')")
     if kind not in ("linear", "llama3"):
         raise ValueError(f"RoPE scaling {kind!r} is not supported (linear, llama3 are)")
     factor = s.get("factor")
-    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not math.isfinite(factor) or factor <= 0:
+    if not is_real(factor) or not math.isfinite(factor) or factor <= 0:
         raise ValueError(f"rope_scaling needs a positive 'factor', got {factor!r}")
     if kind == "llama3":
         lo, hi = s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+        for k, v in (("low_freq_factor", lo), ("high_freq_factor", hi)):
+            if not is_real(v) or not math.isfinite(v):
+                raise ValueError(f"llama3 rope_scaling's {k} must be a number, got {v!r}")
         if not 0 < lo < hi:
             raise ValueError(f"llama3 rope_scaling needs 0 < low_freq_factor < high_freq_factor, got {lo}, {hi}")
-        if s.get("original_max_position_embeddings", 8192) < 1:
-            raise ValueError("llama3 rope_scaling's original_max_position_embeddings must be >= 1")
+        old_ctx = s.get("original_max_position_embeddings", 8192)
+        if not is_int(old_ctx) or old_ctx < 1:
+            raise ValueError(f"llama3 rope_scaling's original_max_position_embeddings must be an integer >= 1, "
+                             f"got {old_ctx!r}")

@@ -16,6 +16,27 @@ from .checks import is_real as _real
 from .kv import KVCache
 
 
+def check_attention_mask(attention_mask, input_ids: torch.Tensor) -> None:
+    """A prompt mask, if given, is input_ids' shape, of 0/1, left padding only (0s then 1s in each
+    row) and at least one token a row: anything else gave other tokens without a word (a 2 doubled
+    a row's positions, right padding put the new tokens after the pads, an empty row generated from
+    nothing). Reads the mask once, on the host side of a generate call."""
+    if attention_mask is None:
+        return
+    if not torch.is_tensor(attention_mask) or attention_mask.shape != input_ids.shape:
+        # a [1, S] mask would broadcast over every row without a word
+        raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got "
+                         f"{tuple(attention_mask.shape) if torch.is_tensor(attention_mask) else type(attention_mask).__name__}")
+    m = attention_mask.long()
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError("attention_mask must hold 0 (padding) and 1 (token) only")
+    if not bool((m[:, 1:] >= m[:, :-1]).all()):
+        raise ValueError("attention_mask must pad on the left (0s, then 1s, in each row): right padding "
+                         "would put the new tokens after the pads; pad with tokenizer.padding_side = 'left'")
+    if not bool(m[:, -1].all()):
+        raise ValueError("every row of attention_mask needs at least one token (a 1)")
+
+
 def as_stop_token_ids(stop_token_ids, vocab_size: int, default=()) -> tuple[int, ...]:
     """Stop tokens as a tuple of ids in the vocabulary: one integer (as transformers' eos_token_id
     takes it), an iterable of them, or None for ``default``. A float, a string or an id outside the
@@ -99,10 +120,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
         input_ids = input_ids[None]
         if torch.is_tensor(attention_mask) and attention_mask.dim() == 1:
             attention_mask = attention_mask[None]     # one prompt: its mask goes with it
-    if attention_mask is not None and (not torch.is_tensor(attention_mask) or attention_mask.shape != input_ids.shape):
-        # a [1, S] mask would broadcast over every row without a word
-        raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got "
-                         f"{tuple(attention_mask.shape) if torch.is_tensor(attention_mask) else type(attention_mask).__name__}")
+    check_attention_mask(attention_mask, input_ids)
     model.check_ids(input_ids)
     check_sampling(temperature, top_k, top_p)
     if not _integer(max_new_tokens) or max_new_tokens < 1:

@@ -6,6 +6,7 @@ huggingface_hub where the network allows; the embedded models under ``data/model
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -59,23 +60,64 @@ def resolve(path_or_id: str | Path) -> Path:
 
 
 def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    """Every tensor of the checkpoint in ``folder``: the files its model.safetensors.index.json names,
+    else model.safetensors, else its one safetensors file. A tensor in two files is refused."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        meta = _read_json(index)
+        weight_map = meta.get("weight_map") if isinstance(meta, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index} has no weight_map naming the safetensors files")
+        bad = [(k, v) for k, v in weight_map.items() if not isinstance(v, str) or Path(v).name != v]
+        if bad:
+            raise ValueError(f"{index}: weight_map must map tensor names to file names in {folder}, got {bad[:3]}")
         files = sorted(set(weight_map.values()))
+        lost = [f for f in files if not (folder / f).is_file()]
+        if lost:
+            raise FileNotFoundError(f"{index} names {lost[:3]}, missing from {folder}")
     else:
+        # as transformers does: without an index, model.safetensors alone is the checkpoint, and any
+        # other file beside it (a backup, a draft) is not read: merging them overwrote tensors silently
         files = sorted(p.name for p in folder.glob("*.safetensors"))
+        if "model.safetensors" in files:
+            if len(files) > 1:
+                warnings.warn(f"{folder}: reading model.safetensors only (there is no model.safetensors.index.json); "
+                              f"not reading {[f for f in files if f != 'model.safetensors'][:3]}", stacklevel=3)
+            files = ["model.safetensors"]
+        elif len(files) > 1:
+            raise ValueError(f"{folder} holds several safetensors files {files[:3]} but no model.safetensors and no "
+                             f"model.safetensors.index.json saying which hold the model")
     if not files:
         bins = list(folder.glob("*.bin")) + list(folder.glob("*.pt"))
         hint = " (only pickle files found; convert them to safetensors)" if bins else ""
         raise FileNotFoundError(f"no safetensors weights in {folder}{hint}")
-    state = {}
+    state, source = {}, {}
     for f in files:
-        state.update(load_file(str(folder / f)))
+        for k, v in _read_safetensors_file(folder / f).items():
+            if k in state:
+                raise ValueError(f"tensor {k!r} is in both {source[k]} and {f} in {folder}")
+            state[k], source[k] = v, f
+    if index.exists():
+        lost = [(k, f) for k, f in weight_map.items() if source.get(k) != f]
+        if lost:
+            raise ValueError(f"{index} places tensors in files that lack them: {lost[:3]}")
     return state
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def _read_safetensors_file(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:     # empty, truncated, not safetensors at all
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
 
 
 def load_model(path_or_id="target", device=None, dtype=None, backend="sdpa") -> LlamaModel:
@@ -96,7 +138,12 @@ def load_model(path_or_id="target", device=None, dtype=None, backend="sdpa") -> 
     config = ModelConfig.from_json(folder)
     state = read_safetensors(folder)
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
-    kinds = {v.dtype for v in state.values() if v.is_floating_point()}
+    # every weight is float: an integer tensor (a quantized format, a wrong export) was cast silently
+    ints = [f"{k} ({v.dtype})" for k, v in state.items() if not v.is_floating_point()]
+    if ints:
+        raise ValueError(f"checkpoint at {folder} holds non-float tensors where float weights belong: "
+                         f"{', '.join(ints[:3])}{', ...' if len(ints) > 3 else ''}")
+    kinds = {v.dtype for v in state.values()}
     if dtype is None and len(kinds) > 1:        # the model would load, then fail in its first matmul
         raise ValueError(f"checkpoint at {folder} mixes {sorted(map(str, kinds))}: pass dtype= to load it "
                          f"in one of them")
@@ -111,6 +158,12 @@ def load_model(path_or_id="target", device=None, dtype=None, backend="sdpa") -> 
     if missing or unexpected:
         raise ValueError(f"checkpoint at {folder} does not fit the config: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
+    shapes = model.state_dict()
+    wrong = [f"{k} is {tuple(v.shape)}, the config wants {tuple(shapes[k].shape)}"
+             for k, v in state.items() if v.shape != shapes[k].shape]
+    if wrong:                                   # load_state_dict's RuntimeError named neither
+        raise ValueError(f"checkpoint at {folder} does not fit its config.json: {'; '.join(wrong[:3])}"
+                         f"{'; ...' if len(wrong) > 3 else ''}")
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -120,10 +173,27 @@ def load_model(path_or_id="target", device=None, dtype=None, backend="sdpa") -> 
     return model.eval()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def check_tokenizer(path_or_id="target") -> Path:
+    """The checkpoint's folder, or a ValueError when it holds no tokenizer: transformers otherwise
+    failed with 'Couldn't instantiate the backend tokenizer... install sentencepiece'."""
+    folder = resolve(path_or_id)
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ValueError(f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the "
+                         f"tokenizer files of the model it was trained from into it")
+    return folder
+
+
 def load_tokenizer(path_or_id="target"):
     """The checkpoint's tokenizer through transformers (offline for local folders)."""
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(resolve(path_or_id)))
+    folder = check_tokenizer(path_or_id)
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (ValueError, OSError) as e:          # a corrupt tokenizer file: name the folder
+        raise ValueError(f"could not load the tokenizer in {folder}: {e}") from e
 
 
 def save_model(model: LlamaModel, folder: str | Path, extra_config: dict | None = None) -> Path:

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 
+from .checks import is_int, is_real
 from .device import as_device
 
 
@@ -53,6 +54,9 @@ class Timing:
     def __post_init__(self) -> None:
         if not self.samples:
             raise ValueError("Timing needs at least one sample")
+        bad = next((s for s in self.samples if not is_real(s) or not 0 <= s < math.inf), None)
+        if bad is not None:            # a NaN sorts anywhere: the median would be whatever came out
+            raise ValueError(f"Timing samples must be finite seconds >= 0, got {bad!r}")
 
     median = property(lambda self: statistics.median(self.samples))
     mean = property(lambda self: statistics.fmean(self.samples))
@@ -111,8 +115,10 @@ def time_fn(fn: Callable, *args: Any, warmup: int = 2, repeats: int = 10,
     Returns:
         Timing with one sample (seconds) per timed call.
     """
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats=} {warmup=}")
+    if not is_int(repeats) or not is_int(warmup) or repeats < 1 or warmup < 0:
+        raise ValueError(f"need integers repeats >= 1 and warmup >= 0, got {repeats=} {warmup=}")
+    if not is_real(min_time_s) or not 0 <= min_time_s < math.inf:
+        raise ValueError(f"min_time_s must be a finite number of seconds >= 0, got {min_time_s!r}")
     device = _as_device(device)
     for _ in range(warmup):
         fn(*args, **kwargs)
@@ -132,8 +138,8 @@ def time_interleaved(fns: dict[str, Callable], warmup: int = 1, repeats: int = 3
     seconds; timing A's repeats and then B's puts that drift into A/B. Alternating puts it into
     both, and the medians' ratio keeps only what differs between A and B.
     """
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats=} {warmup=}")
+    if not is_int(repeats) or not is_int(warmup) or repeats < 1 or warmup < 0:
+        raise ValueError(f"need integers repeats >= 1 and warmup >= 0, got {repeats=} {warmup=}")
     device = _as_device(device)
     for _ in range(warmup):
         for fn in fns.values():
@@ -277,15 +283,20 @@ def parameter_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _check_rate(what: str, amount, seconds) -> None:
+    if not is_real(seconds) or not 0 < seconds < math.inf:
+        raise ValueError(f"seconds must be a finite number > 0, got {seconds!r}")
+    if not is_real(amount) or not 0 <= amount < math.inf:
+        raise ValueError(f"{what} must be a finite number >= 0, got {amount!r}")
+
+
 def bandwidth_gbs(bytes_moved: float, seconds: float) -> float:
     """Achieved memory bandwidth in GB/s (1e9 bytes per second)."""
-    if seconds <= 0:
-        raise ValueError(f"seconds must be positive, got {seconds}")
+    _check_rate("bytes_moved", bytes_moved, seconds)
     return bytes_moved / seconds / 1e9
 
 
 def tflops(flops: float, seconds: float) -> float:
     """Achieved compute in TFLOP/s (1e12 floating-point operations per second)."""
-    if seconds <= 0:
-        raise ValueError(f"seconds must be positive, got {seconds}")
+    _check_rate("flops", flops, seconds)
     return flops / seconds / 1e12

@@ -85,6 +85,15 @@ def test_generate_text_round_trip(tokenizer):
     assert len(out) == 2 and all(isinstance(s, str) and s for s in out)
     with pytest.raises(ValueError, match="empty"):
         llmops_lab.generate_text(m, tokenizer, "", max_new_tokens=4)
+    with pytest.raises(ValueError, match="non-empty list"):
+        llmops_lab.generate_text(m, tokenizer, [], max_new_tokens=4)      # was an IndexError
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    try:               # generate_text pads on the left and leaves the caller's tokenizer as it was
+        assert llmops_lab.generate_text(m, tokenizer, ["HAMLET.", "Enter"], max_new_tokens=8) == out
+        assert tokenizer.padding_side == "right"
+    finally:
+        tokenizer.padding_side = side
 
 
 def test_embedded_fingerprint_names_the_weights():

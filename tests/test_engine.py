@@ -165,6 +165,8 @@ def test_request_too_big_for_pool_fails_alone(tiny):
     (list(range(2, 100)) * 2, SamplingParams(), "whole pool"),
     ([5, 6], SamplingParams(stop=["x"]), "tokenizer"),
     ([5, 6], SamplingParams(n=5), "max_num_seqs"),
+    # banned under min_tokens, it indexed past the logits in every later step: the engine wedged
+    ([5, 6], SamplingParams(stop_token_ids=[320], min_tokens=1), "stop_token_ids"),
 ])
 def test_bad_requests_refused(tiny, prompt, params, match):
     eng = LLMEngine(tiny, config=EngineConfig(block_size=4, num_kv_blocks=32, max_num_seqs=4))
@@ -323,6 +325,28 @@ def test_llm_prompt_forms_and_bad_prompts(tiny):
     assert "integers" in outs[1].error and "1-D integer" in outs[2].error and "exactly one" in outs[3].error
     assert outs[-1].outputs[0].token_ids == want
     assert llm.engine.block_manager.num_free_blocks == 32
+    with pytest.raises(ValueError, match="1 SamplingParams for 0|0 SamplingParams for 1"):
+        llm.generate([p], [], use_tqdm=False)            # [] was read as "none given": the defaults ran
+    for bad in (torch.tensor(5), torch.zeros(1, 1, 3, dtype=torch.long), 5):
+        with pytest.raises(ValueError, match="prompt"):
+            llm.generate(bad, greedy, use_tqdm=False)
+
+
+def test_arrival_time_and_unknown_ids(tiny):
+    """A NaN or future arrival time made every latency of the request NaN or negative; an unknown
+    id was a bare KeyError."""
+    import time
+    eng = LLMEngine(tiny, config=EngineConfig(block_size=4, num_kv_blocks=16, max_num_seqs=2))
+    for t in (float("nan"), time.perf_counter() + 100, "now", True):
+        with pytest.raises(ValueError, match="arrival_time"):
+            eng.add_request("a", [5, 6], SamplingParams(max_tokens=2, **GREEDY), arrival_time=t)
+    assert not eng.requests
+    eng.add_request("a", [5, 6], SamplingParams(max_tokens=2, **GREEDY), arrival_time=time.perf_counter() - 1)
+    outs = run_all(eng, [])
+    assert outs["a"].metrics.first_token_time - outs["a"].metrics.arrival_time >= 1
+    for call in (eng.get_output, eng.release, eng.abort):
+        with pytest.raises(KeyError, match="no request 'nope'"):
+            call("nope")
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -29,6 +29,12 @@ def test_timing_single_sample_and_empty():
     assert "s ±" in str(Timing([2.0]))
     with pytest.raises(ValueError):
         Timing([])
+    for bad in ([float("nan"), 1.0], [-1.0], [float("inf")]):     # NaN printed "nan ns"
+        with pytest.raises(ValueError, match="finite"):
+            Timing(bad)
+    for kw in (dict(repeats=2.5), dict(repeats=float("nan")), dict(warmup="1"), dict(min_time_s=float("nan"))):
+        with pytest.raises(ValueError, match="repeats|min_time_s"):
+            measure.time_fn(lambda: None, **kw)
 
 
 def test_time_fn_counts_warmup_and_repeats():
@@ -160,6 +166,14 @@ def test_bandwidth_and_tflops():
     assert measure.tflops(3e12, 1.5) == 2.0
     with pytest.raises(ValueError):
         measure.bandwidth_gbs(1, 0)
+    for f in (measure.bandwidth_gbs, measure.tflops):            # NaN or negative rates came back as such
+        for amount, seconds in ((1e9, float("nan")), (-1e9, 1.0), (float("nan"), 1.0), (1e9, float("inf"))):
+            with pytest.raises(ValueError):
+                f(amount, seconds)
+    from llmops_lab import roofline
+    for nbytes in (3, -8, 6, 4.0):                # 3 bytes copied nothing and reported 3.2 MB/s
+        with pytest.raises(ValueError, match="nbytes"):
+            roofline.copy_bandwidth("cpu", nbytes)
 
 
 def test_peak_memory_refuses_to_nest():

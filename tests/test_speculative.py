@@ -121,6 +121,35 @@ def test_bad_input(pair):
             target.generate(torch.zeros(1, 5, dtype=torch.long), max_new_tokens=4, stop_token_ids=bad)
 
 
+def test_bad_k_inputs_and_masks(pair):
+    """k=2.5 failed naming an internal max_seq_len, k="3" raw, k=True passed as 1; a list of ids
+    was an AttributeError; a mask of 2s counted each prompt twice."""
+    target, draft = pair
+    for k in (2.5, "3", True):
+        with pytest.raises(ValueError, match="k .draft tokens"):
+            SpeculativeDecoder(target, draft, k)
+    dec = SpeculativeDecoder(target, draft, 2)
+    with pytest.raises(TypeError, match="tensor"):
+        dec.generate([[3, 4, 5]], 2)
+    ids = torch.tensor([[3, 4, 5], [6, 7, 8]])
+    for mask, match in (([[1, 1, 1], [1, 1, 1]], "shape"), (torch.full((2, 3), 2), "0 .padding. and 1"),
+                        (torch.tensor([[1, 1, 0], [1, 1, 1]]), "left"), (torch.tensor([[0, 0, 0], [1, 1, 1]]), "at least one")):
+        with pytest.raises(ValueError, match=match):
+            dec.generate(ids, 2, attention_mask=mask)
+        with pytest.raises(ValueError, match=match):
+            target.generate(ids, max_new_tokens=2, attention_mask=mask)
+
+
+def test_a_huge_k_drafts_no_more_than_is_left(pair):
+    """k = 10**6 asked for a cache of (k + 1) * (max_new_tokens + 1) slots (1.9 TiB at 500 tokens);
+    k = 2000 for 2 tokens drafted ~1000 tokens a step. Now k stops at what is left to generate."""
+    target, draft = pair
+    ids = torch.tensor([[0, 4, 4]])
+    got, stats = SpeculativeDecoder(target, draft, 10 ** 6).generate(ids, 6)
+    assert torch.equal(got, target.generate(ids, max_new_tokens=6, stop_token_ids=()))
+    assert all(len(t["drafts"]) <= 6 for t in stats.trace)
+
+
 def test_one_stop_token_may_be_a_plain_integer(pair):
     target, draft = pair
     ids = torch.tensor([[0, 4, 4]])

@@ -60,7 +60,7 @@ class LLM:
         one too, and a 2-D tensor is one prompt per row. A bad request gets an output whose
         ``error`` says why (with a warning); the others run."""
         prompts = _as_prompt_list(prompts)
-        params = sampling_params or SamplingParams()
+        params = SamplingParams() if sampling_params is None else sampling_params   # [] is 0 params, not none
         params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
@@ -94,7 +94,13 @@ def _as_prompt_list(prompts) -> list:
     if isinstance(prompts, (str, dict)):
         return [prompts]
     if torch.is_tensor(prompts):
+        if prompts.dim() not in (1, 2):
+            raise ValueError(f"a tensor of prompts must be 1-D (one prompt) or 2-D (one per row), "
+                             f"got {prompts.dim()}-D")
         return [prompts] if prompts.dim() == 1 else list(prompts)
+    if not isinstance(prompts, (list, tuple, range)) and not hasattr(prompts, "__iter__"):
+        raise ValueError(f"prompts must be a string, a list of prompts or token ids, or a tensor, "
+                         f"got {type(prompts).__name__}")
     prompts = list(prompts)
     if prompts and isinstance(prompts[0], numbers.Integral):     # one prompt of token ids
         return [prompts]

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from ..checks import is_int
+from ..checks import is_int, is_real
 from ..generation import logits_to_probs
 from ..measure import synchronize
 from .async_scheduling import AsyncScheduling, InFlight
@@ -107,11 +107,17 @@ class LLMEngine(AsyncScheduling):
     # -- requests ---------------------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt, params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> str:
-        """Queue a prompt (text, or a list of token ids). Raises ValueError for bad input; the
-        engine is left as it was."""
-        params = params or SamplingParams()
+        """Queue a prompt (text, or a list of token ids). ``arrival_time``: when it arrived, a
+        ``time.perf_counter()`` reading no later than now (default: now). Raises ValueError for bad
+        input; the engine is left as it was."""
+        params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        now = time.perf_counter()
+        if arrival_time is not None and (not is_real(arrival_time) or not -math.inf < arrival_time <= now):
+            # NaN or a future time would make every latency of the request NaN or negative
+            raise ValueError(f"arrival_time must be a time.perf_counter() reading no later than now "
+                             f"({now:.3f}), got {arrival_time!r}")
         if request_id is None:               # the next number no request of the caller's holds
             request_id = next(i for i in map(str, self._ids) if i not in self.requests)
         request_id = str(request_id)
@@ -136,9 +142,13 @@ class LLMEngine(AsyncScheduling):
         if params.n > self.config.max_num_seqs:
             raise ValueError(f"request {request_id}: n={params.n} samples exceed max_num_seqs "
                              f"{self.config.max_num_seqs}")
+        if params.stop_token_ids and max(params.stop_token_ids) >= V:
+            # banning it under min_tokens would index past the logits in every later step
+            raise ValueError(f"request {request_id}: stop_token_ids must lie in [0, {V}), "
+                             f"got {max(params.stop_token_ids)}")
         if params.stop:
             self._check_stop_strings(params.stop)
-        arrival = time.perf_counter() if arrival_time is None else arrival_time
+        arrival = now if arrival_time is None else float(arrival_time)
         req = _Request(request_id, prompt if isinstance(prompt, str) else None, ids, params, arrival)
         seq = Sequence(ids, sampling_params=params, request_id=request_id, arrival_time=arrival)
         req.seqs.append(seq)
@@ -186,9 +196,7 @@ class LLMEngine(AsyncScheduling):
 
     def abort(self, request_id: str) -> None:
         """Cancel a request wherever it is (queued, prefilling, decoding); its blocks are freed."""
-        req = self.requests.get(str(request_id))
-        if req is None:
-            raise KeyError(f"no request {request_id!r}")
+        req = self._request(request_id)
         now = time.perf_counter()
         for seq in req.seqs:
             if not seq.is_finished:
@@ -319,12 +327,18 @@ class LLMEngine(AsyncScheduling):
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, done, m,
                              errors[0] if errors else None)
 
+    def _request(self, request_id) -> _Request:
+        req = self.requests.get(str(request_id))
+        if req is None:
+            raise KeyError(f"no request {request_id!r} (never added, or already released)")
+        return req
+
     def get_output(self, request_id: str) -> RequestOutput:
-        return self._output(self.requests[str(request_id)])
+        return self._output(self._request(request_id))
 
     def release(self, request_id: str) -> None:
         """Forget a finished request (its output was collected)."""
-        req = self.requests[str(request_id)]
+        req = self._request(request_id)
         if not all(s.is_finished for s in req.seqs):
             raise RuntimeError(f"request {request_id} is still running: abort it first")
         del self.requests[str(request_id)]

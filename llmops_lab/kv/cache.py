@@ -29,7 +29,9 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
         self.length = 0  # tokens written so far (the same for every row; padding is masked)
-        self.written = [0] * num_layers   # each layer's slots 0..written-1 hold data (check_no_gap)
+        # each layer's slots 0..written-1 hold data (check_no_gap); so do 0..length-1, which whoever
+        # writes the buffers directly sets (LeanModel; a timing that fakes a filled cache)
+        self.written = [0] * num_layers
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_seq_len: int | None = None, dtype=None, device=None):
@@ -55,7 +57,7 @@ class KVCache:
         end = start + k.shape[2]
         if end > self.max_seq_len:
             raise ValueError(f"KV cache overflow: writing up to position {end} in a cache of {self.max_seq_len}")
-        check_no_gap(start, self.written[layer])
+        check_no_gap(start, max(self.written[layer], self.length))
         self.written[layer] = max(self.written[layer], end)
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v

@@ -101,7 +101,7 @@ class Int8KVCache:
         if end > self.max_seq_len:
             raise ValueError(f"KV cache overflow: writing up to position {end} in a cache of {self.max_seq_len}")
         check_new_kv(layer, self.k, k, v, self.batch_size)
-        check_no_gap(start, self.written[layer])
+        check_no_gap(start, max(self.written[layer], self.length))
         self.written[layer] = max(self.written[layer], end)
         for codes, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
             codes[layer][:, :, start:end], scales[layer][:, :, start:end] = quantize_per_token(x, self.scale_dtype)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..checks import is_int
-from ..generation import as_stop_token_ids, check_sampling, logits_to_probs
+from ..generation import as_stop_token_ids, check_attention_mask, check_sampling, logits_to_probs
 from ..kv import KVCache
 from ..lean import LeanModel
 from ..measure import synchronize
@@ -149,8 +149,8 @@ class SpeculativeDecoder:
     """``SpeculativeDecoder(target, draft, k).generate(ids, max_new_tokens)`` -> (tokens, stats)."""
 
     def __init__(self, target, draft, k: int = 4, lean: bool = True):
-        if k < 1:
-            raise ValueError(f"k (draft tokens per step) must be >= 1, got {k}")
+        if not is_int(k) or k < 1:
+            raise ValueError(f"k (draft tokens per step) must be an integer >= 1, got {k!r}")
         if target.config.vocab_size != draft.config.vocab_size:
             raise ValueError(f"draft vocabulary ({draft.config.vocab_size}) differs from the target's "
                              f"({target.config.vocab_size}): they must share a tokenizer")
@@ -170,8 +170,12 @@ class SpeculativeDecoder:
                  attention_mask=None, generator=None, stop_token_ids=()):
         """New tokens after a (left-padded) batch of prompts: returns ([B, S + max_new_tokens] with
         ``pad`` 0 after a row's stop token, stats)."""
+        if not torch.is_tensor(input_ids):
+            raise TypeError(f"input_ids must be a tensor of token ids, got {type(input_ids).__name__}")
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
+            if torch.is_tensor(attention_mask) and attention_mask.dim() == 1:
+                attention_mask = attention_mask[None]
         for m in (self.target, self.draft):
             m.check_ids(input_ids)
         check_sampling(temperature, top_k, top_p)
@@ -179,16 +183,19 @@ class SpeculativeDecoder:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         stops = set(as_stop_token_ids(stop_token_ids, self.target.config.vocab_size))
         B, S = input_ids.shape
-        if attention_mask is not None and tuple(attention_mask.shape) != (B, S):
-            raise ValueError(f"attention_mask must be [B, S] = {[B, S]} like input_ids, got {list(attention_mask.shape)}")
+        check_attention_mask(attention_mask, input_ids)
         ctx = min(self.target.config.max_position_embeddings, self.draft.config.max_position_embeddings)
         n_prompt = attention_mask.sum(-1) if attention_mask is not None else torch.full((B,), S)
         if int(n_prompt.max()) + max_new_tokens > ctx:
             raise ValueError(f"prompt ({int(n_prompt.max())}) + max_new_tokens ({max_new_tokens}) exceeds the "
                              f"context shared by target and draft ({ctx})")
-        k, dev = self.k, input_ids.device
+        # drafting more tokens than are left to generate only wastes the draft's and target's time
+        k, dev = min(self.k, max_new_tokens), input_ids.device
         prompt_valid = attention_mask.long().to(dev) if attention_mask is not None else torch.ones_like(input_ids)
-        capacity = S + (k + 1) * (max_new_tokens + 1)
+        # Cache slots (positions plus the holes rollbacks leave in a batch): each step writes at most
+        # k + 1 past the kept ones and keeps at most k + 1 more, one row's worth (the longest); summed
+        # over the steps, what is kept is at most every row's committed tokens.
+        capacity = S + min((k + 1) * (max_new_tokens + 1), B * (max_new_tokens + 1) + k + 2)
         tgt, dft = (_Lane(m, run, B, capacity) for m, run in zip((self.target, self.draft), self.runs))
         stats = SpeculativeStats(k)
         # Invariant: each cache holds every committed token but the last one ("pending").
@@ -206,7 +213,8 @@ class SpeculativeDecoder:
         while not all(done):
             # Near the end of the context the step drafts fewer tokens: the target scores pending
             # + k drafts at positions up to pend_pos + k, which must stay inside the context.
-            k = min(k_max, ctx - 1 - max(pend_pos))
+            left = max(max_new_tokens - len(new[b]) for b in range(B) if not done[b])
+            k = min(k_max, ctx - 1 - max(pend_pos), left)
             # 1. Draft k tokens autoregressively.
             t0 = time.perf_counter()
             if carry is not None:
