@@ -60,6 +60,8 @@ PRESETS["doc-70b-as-written"] = dataclasses.replace(PRESETS["llama-2-70b"], num_
 
 def get_preset(name: str) -> ModelConfig:
     """The preset called ``name`` (case-insensitive, e.g. "Llama-2-7B" or "llama-2-7b")."""
+    if not isinstance(name, str):
+        raise TypeError(f"a preset name is a string, got {name!r}; known presets: {', '.join(PRESETS)}")
     key = name.strip().lower()
     if key not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
@@ -77,6 +79,8 @@ def init_random_weights_(model: torch.nn.Module, std: float = 0.02, seed: int = 
     Norm weights keep their ones, as in a freshly initialised Hugging Face model. Tied weights are
     one parameter and are filled once. A model on the meta device is left as it is.
     """
+    if not isinstance(std, (int, float)) or isinstance(std, bool) or not 0 <= std < float("inf"):
+        raise ValueError(f"std must be a finite number >= 0, got {std!r}")
     p0 = next(model.parameters())
     if p0.device.type == "meta":
         return model
@@ -108,8 +112,8 @@ def random_model(name_or_config: str | ModelConfig, device=None, dtype: torch.dt
     if num_layers is not None:
         config = dataclasses.replace(config, num_hidden_layers=num_layers)
     device = torch.device(device) if device is not None else _default_device()
-    if not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch.dtype (torch.bfloat16, not 'bfloat16'), got {dtype!r}")
     previous = torch.get_default_dtype()
     try:
         torch.set_default_dtype(dtype)

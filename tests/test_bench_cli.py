@@ -36,6 +36,20 @@ def test_bench_quick_runs_and_writes_json(tmp_path):
     assert "ratio" in bench.format_table(rows)
 
 
+def test_bench_checks_its_arguments_before_any_suite_runs(tmp_path, monkeypatch):
+    """An --out that cannot be written failed after the first suite (its numbers lost); only=[] ran
+    every suite; only="core" was read letter by letter."""
+    ran = []
+    monkeypatch.setattr(bench, "suites", lambda: {"core": lambda ctx: ran.append(1) or []})
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for kw, match in ((dict(out=blocker / "sub"), "cannot write"), (dict(only=[]), "non-empty list"),
+                      (dict(only="core"), "non-empty list")):
+        with pytest.raises(ValueError, match=match):
+            bench.run("cpu", **kw)
+    assert not ran
+
+
 def test_a_failing_suite_becomes_an_error_row(tmp_path, monkeypatch):
     def broken(ctx):
         raise RuntimeError("boom")

@@ -1,5 +1,6 @@
 """The continuous-batching engine: greedy outputs equal each prompt run alone, whatever the arrival
 order, batch mix, chunking and preemptions; blocks all come back; bad input is refused per request."""
+import math
 import random
 
 import pytest
@@ -480,6 +481,14 @@ def test_agreement_counts_first_tokens_and_common_prefixes():
     assert got["first_token"] == 2 / 3 and abs(got["prefix"] - (0.5 + 0 + 1) / 3) < 1e-12
     with pytest.raises(ValueError, match="share no request"):
         agreement(a, RunResult("c"))
+    empty_a, empty_b = RunResult("a"), RunResult("b")                  # was {first_token: 0, prefix: 0}
+    empty_a.outputs = empty_b.outputs = {"0": []}
+    with pytest.raises(ValueError, match="no output tokens"):
+        agreement(empty_a, empty_b)
+    from llmops_lab.engine.experiment import same_outputs
+    for runs in ({}, {"only": a}):                                     # {} was True: nothing compared
+        with pytest.raises(ValueError, match="two runs or more"):
+            same_outputs(runs)
 
 
 def static_decode_engine(model, use_kernels: bool, prefill_graphs: int | None = None, **cfg):
@@ -971,12 +980,49 @@ WORKLOAD_TOKENS = [t % 300 + 2 for t in range(500)]
     (dict(mean_output=float("nan")), "mean_output must be a finite"),
     (dict(spread=float("nan")), "spread must be a finite"),
     (dict(spread=-0.5), "spread must be .* >= 0"),
-    (dict(max_output=0), "max_output must be >= 1, got 0"),
-    (dict(max_output=float("nan")), "max_output must be >= 1"),
+    (dict(max_output=0), "max_output must be an integer >= 1, got 0"),
+    (dict(max_output=float("nan")), "max_output must be an integer >= 1"),
+    (dict(seed=None), "seed must be an integer"),
+    (dict(max_output=8.5), "max_output must be an integer"),
 ])
 def test_make_workload_refuses_bad_numbers(kw, match):
     with pytest.raises(ValueError, match=match):
         make_workload(WORKLOAD_TOKENS, 3, prompt_len=(2, 8), **kw)
+
+
+def test_workload_helpers_refuse_what_they_cannot_draw():
+    """n=2.5, mean 0 (math domain error), max_len 0 (every length came out 1): clear errors. A NaN
+    arrival never arrived (the replay spun for ever), inf overflowed time.sleep, a negative one
+    counted time before the run as queueing."""
+    from llmops_lab.engine.workload import WorkloadRequest, output_lengths, run_continuous, run_static
+    with pytest.raises(ValueError, match="n must be an integer"):
+        make_workload(WORKLOAD_TOKENS, 2.5, prompt_len=(2, 8))
+    with pytest.raises(ValueError, match="prompt_len must be two integers"):
+        make_workload(WORKLOAD_TOKENS, 2, prompt_len=(2.5, 4))
+    for kw, match in ((dict(mean=0), "mean"), (dict(max_len=0), "max_len"), (dict(n=-1), "n must"),
+                      (dict(spread=float("nan")), "spread")):
+        with pytest.raises(ValueError, match=match):
+            output_lengths(**{**dict(n=3, mean=5, spread=1, max_len=10), **kw})
+    for t in (float("nan"), float("inf"), -1.0, "0"):
+        with pytest.raises(ValueError, match="arrival must be"):
+            WorkloadRequest("a", [5, 6], SamplingParams(max_tokens=2), t)
+    ok = WorkloadRequest("a", [5, 6], SamplingParams(max_tokens=2), 0.0)
+    ok.arrival = float("nan")                           # set after construction: checked by the runs
+    for run in (lambda: run_continuous(None, [ok], progress=False), lambda: run_static(None, [ok], 2, progress=False)):
+        with pytest.raises(ValueError, match="arrival must be"):
+            run()
+
+
+def test_run_result_statistics_refuse_typos_and_bad_percentiles():
+    from llmops_lab.engine.workload import RunResult
+    r = RunResult("x", requests=[{"e2e": 1.0, "tpot": None}, {"e2e": 2.0, "tpot": None}, {"e2e": 3.0, "tpot": None}])
+    assert r.percentile("e2e", 50) == 2.0 and r.percentile("e2e", 100) == 3.0 and r.percentile("e2e", 0) == 1.0
+    assert math.isnan(r.mean("tpot"))                   # not measured (one-token outputs): NaN, as before
+    for q in (-50, 200, float("nan")):                  # -50 wrapped to the end of the list
+        with pytest.raises(ValueError, match="percentile"):
+            r.percentile("e2e", q)
+    with pytest.raises(KeyError, match="E2E"):         # a typo read as "not measured"
+        r.mean("E2E")
 
 
 def test_make_workload_edge_values_still_work():
@@ -994,6 +1040,10 @@ def test_fit_step_time_refuses_empty_and_non_finite_rows():
         rows = [{"batch": 1, "context": 8, "step_s": 1e-3}, {"batch": 2, "context": 8, "step_s": 2e-3, **bad}]
         with pytest.raises(ValueError, match="finite batch, context and step_s"):
             experiment.fit_step_time(rows)
+    with pytest.raises(ValueError, match="holds batch, context and step_s"):
+        experiment.fit_step_time([{"batch": 1, "ctx": 8, "step_s": 1e-3}])          # was KeyError 'context'
+    with pytest.raises(ValueError, match="step_s > 0"):                              # fitted (0, 0, 0)
+        experiment.fit_step_time([{"batch": 1, "context": 8, "step_s": 0.0}, {"batch": 2, "context": 8, "step_s": -1e-3}])
 
 
 def _finished_run():
@@ -1006,18 +1056,23 @@ def _finished_run():
 
 @pytest.mark.parametrize("run, kind, seats, match", [
     ("finished", "statc", 2, "kind must be 'static' or 'continuous', got 'statc'"),
-    ("finished", "static", 0, "max_num_seqs must be >= 1, got 0"),
+    ("finished", "static", 0, "max_num_seqs must be an integer >= 1, got 0"),
+    ("finished", "static", 1.5, "max_num_seqs must be an integer >= 1, got 1.5"),
     ("empty", "static", 2, "'x' has no requests"),
     ("no steps", "continuous", 2, "has no steps"),
+    ("no output", "static", 2, "no output tokens"),      # was "max_len must be >= 1", a formula's argument
 ])
 def test_predict_refuses_what_it_cannot_predict(run, kind, seats, match):
     from llmops_lab.engine import experiment
     from llmops_lab.engine.workload import RunResult
     fn = lambda B, ctx=0.0: 1e-3
     assert experiment.predict(_finished_run(), fn, "static", 2)["throughput_tok_s"] > 0
-    result = {"finished": _finished_run(), "empty": RunResult("x"), "no steps": _finished_run()}[run]
+    result = {"finished": _finished_run(), "empty": RunResult("x"), "no steps": _finished_run(),
+              "no output": _finished_run()}[run]
     if run == "no steps":
         result.steps = []
+    if run == "no output":
+        result.requests[0]["n_out"] = 0
     with pytest.raises(ValueError, match=match):
         experiment.predict(result, fn, kind, seats)
 

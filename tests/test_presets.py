@@ -52,6 +52,20 @@ def test_get_preset_is_case_insensitive_and_lists_names():
     with pytest.raises(ValueError, match="llama-2-7b.*qwen2.5-7b"):
         get_preset("gpt-2")
     assert len(PRESETS) == 9
+    with pytest.raises(TypeError, match="preset name is a string"):       # was an AttributeError on .strip
+        get_preset(None)
+
+
+def test_random_model_checks_dtype_and_std():
+    from llmops_lab.presets import init_random_weights_
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    with pytest.raises(ValueError, match="torch.bfloat16, not 'bfloat16'"):
+        random_model(cfg, device="cpu", dtype="bfloat16")
+    m = random_model(cfg, device="cpu", dtype=torch.float32)
+    for std in (float("nan"), -0.1, "0.02"):
+        with pytest.raises(ValueError, match="std"):
+            init_random_weights_(m, std=std)
 
 
 def test_presets_round_trip_through_hf_dict():
@@ -91,8 +105,9 @@ def test_random_model_forward_and_init():
 
 
 def test_random_model_bf16_qwen_shape_with_bias_and_tied_head():
-    cfg = dataclasses.replace(get_preset("qwen2.5-0.5b"), vocab_size=128, hidden_size=64,
-                              intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
+    # a vocabulary cut to 128 takes token ids inside it (Qwen's are 151643)
+    cfg = dataclasses.replace(get_preset("qwen2.5-0.5b"), vocab_size=128, hidden_size=64, intermediate_size=96,
+                              num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
     model = random_model(cfg, device="cpu", num_layers=1)
     assert model.dtype == torch.bfloat16
     assert model.lm_head.weight is model.model.embed_tokens.weight

@@ -159,6 +159,36 @@ def test_method_gains_compare_like_with_like():
     gains = {g["method"]: g for g in E.method_gains(rows)}
     assert gains["gptq"]["rtn_delta_pct"] == 5.0 and gains["gptq"]["beyond_noise"]      # vs symmetric RTN
     assert gains["awq"]["rtn_delta_pct"] == 1.0 and not gains["awq"]["beyond_noise"]    # vs zero-point RTN
+    one_window = [dict(r, delta_se_pct=float("nan")) for r in rows]       # was beyond_noise False always
+    assert all(g["beyond_noise"] is None for g in E.method_gains(one_window))
+
+
+def test_verdict_needs_an_error_bar():
+    """A single evaluation window has a NaN standard error: every change, +500% included, read as
+    "within noise"; sigmas=-1 called a +0.01% change "worse"."""
+    row = {"label": "x", "perplexity": 10.0, "delta_pct": 500.0, "delta_se_pct": 0.5}
+    assert E.verdict(row) == "worse" and E.verdict(dict(row, delta_pct=-5.0)) == "better"
+    assert E.verdict(dict(row, delta_pct=0.5)) == "within noise"
+    assert E.verdict(dict(row, delta_se_pct=float("nan"))) == "no error bar (one window)"
+    assert E.verdict({"perplexity": None}) == "not measured"
+    for sigmas in (-1, 0, float("nan")):
+        with pytest.raises(ValueError, match="sigmas"):
+            E.verdict(row, sigmas)
+    with pytest.raises(ValueError, match="change"):
+        E.verdict(dict(row, delta_pct=float("nan")))
+
+
+def test_crossover_refuses_ratios_that_are_not_speeds():
+    for bad in (float("nan"), -1.0, 0.0):     # NaN read as "slower than float at the smallest batch"
+        with pytest.raises(ValueError, match="ratios must be finite"):
+            E.crossover_batch([{"batch": 1, "method": "int4", "ratio": bad}], "int4")
+
+
+def test_error_histogram_refuses_bad_bins():
+    w = torch.randn(8, 64)
+    for bins in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="bins"):
+            E.error_histogram(w, 4, 32, bins=bins)
 
 
 def test_calibration_spread():

@@ -232,6 +232,14 @@ def test_distribution_test_accepts_exact_sampling(pair):
     assert res["impossible_tokens"] == 0 and res["p_value"] > 0.001
 
 
+def test_sweep_k_refuses_no_prompts_or_no_k(pair):
+    from llmops_lab.speculative import experiment
+    target, draft = pair
+    for prompts, ks in (([], (2,)), ([torch.tensor([[0, 4]])], ())):     # was a ZeroDivisionError
+        with pytest.raises(ValueError, match="at least one"):
+            experiment.sweep_k(target, draft, prompts, ks=ks, new_tokens=4, repeats=1)
+
+
 def test_sweep_reports_measured_inputs_to_the_formulas(pair):
     from llmops_lab.speculative import experiment
     target, draft = pair

@@ -51,9 +51,20 @@ def run(device: str | None = None, out: str | Path | None = None, only: list[str
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
+    if only is not None:
+        # a string would be read letter by letter; an empty list meant "every suite"
+        if isinstance(only, str) or not list(only):
+            raise ValueError(f"only must be a non-empty list of suite names (or None for all), got {only!r}")
+        only = list(only)
     unknown = set(only or ()) - set(suites())
     if unknown:
         raise ValueError(f"unknown suites {sorted(unknown)}; choose from {sorted(suites())}")
+    if out is not None:          # before the first suite runs, not after it (its numbers would be lost)
+        out = Path(out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"cannot write bench results to {out}: {e}") from None
     from ..loader import embedded_fingerprint
     ctx = BenchContext(dev, quick, compile)
     rows, t0 = [], time.time()
@@ -81,8 +92,6 @@ def run(device: str | None = None, out: str | Path | None = None, only: list[str
             print(f"--- {name}: {meta['suite_seconds'][name]} s", flush=True)
             print(format_table(new), flush=True)
         if out is not None:
-            out = Path(out)
-            out.mkdir(parents=True, exist_ok=True)
             (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str) + "\n")
     return rows
 

@@ -13,7 +13,10 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true",
                     help="also time decode through torch.compile on a CPU or with --quick (the full GPU suite always does)")
     a = ap.parse_args(argv)
-    rows = run(a.device, a.out, a.only, a.quick, echo=True, compile=a.compile)
+    try:
+        rows = run(a.device, a.out, a.only, a.quick, echo=True, compile=a.compile)
+    except (ValueError, RuntimeError) as e:      # bad arguments, or no CUDA for --device cuda
+        ap.error(str(e))
     print("=== all suites", flush=True)
     print(format_table(rows))
 

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import formulas
+from ..checks import is_int, is_real
 from ..evaluate import common_prefix
 from ..measure import synchronize, time_fn
 from .config import EngineConfig
@@ -96,6 +97,8 @@ def same_outputs(results: dict) -> bool:
     """Greedy runs must produce the same tokens for every request, however they were batched (a
     bracketed ``compare``'s lists of runs included)."""
     runs = [r for v in results.values() for r in (v if isinstance(v, list) else [v])]
+    if len(runs) < 2:                     # nothing compared is no evidence of agreement
+        raise ValueError(f"same_outputs compares two runs or more, got {len(runs)}")
     outs = [r.outputs for r in runs]
     return all(o == outs[0] for o in outs[1:])
 
@@ -108,6 +111,8 @@ def agreement(a: RunResult, b: RunResult) -> dict:
     common = [r for r in a.outputs if r in b.outputs]
     if not common:
         raise ValueError("the two runs share no request ids")
+    if all(not a.outputs[r] and not b.outputs[r] for r in common):   # 0 of 0 tokens is not disagreement
+        raise ValueError("the two runs produced no output tokens to compare")
     first, prefix = 0, 0.0
     for r in common:
         x, y = a.outputs[r], b.outputs[r]
@@ -194,8 +199,12 @@ def fit_step_time(rows: list[dict]):
     if not rows:
         raise ValueError("no rows to fit the step time to")
     for r in rows:
-        if not all(math.isfinite(r[key]) for key in ("batch", "context", "step_s")):
+        if not isinstance(r, dict) or not {"batch", "context", "step_s"} <= set(r):
+            raise ValueError(f"each row holds batch, context and step_s, got {r!r}")
+        if not all(is_real(r[key]) and math.isfinite(r[key]) for key in ("batch", "context", "step_s")):
             raise ValueError(f"rows must hold finite batch, context and step_s, got {r}")
+        if r["step_s"] <= 0 or r["batch"] < 1 or r["context"] < 0:   # a fit of (0, 0, 0) predicted infinite speed
+            raise ValueError(f"rows need step_s > 0, batch >= 1 and context >= 0, got {r}")
     X = np.array([[1.0, r["batch"], r["batch"] * r["context"]] for r in rows])
     y = np.array([r["step_s"] for r in rows])
     best, best_err = np.zeros(3), float(np.sum(y ** 2))
@@ -222,11 +231,14 @@ def predict(result: RunResult, step_time, kind: str, max_num_seqs: int) -> dict:
     """
     if kind not in ("static", "continuous"):
         raise ValueError(f"kind must be 'static' or 'continuous', got {kind!r}")
-    if max_num_seqs < 1:
-        raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+    if not is_int(max_num_seqs) or max_num_seqs < 1:
+        raise ValueError(f"max_num_seqs must be an integer >= 1, got {max_num_seqs!r}")
     reqs = result.requests
     if not reqs:
         raise ValueError(f"run {result.name!r} has no requests to predict from")
+    if any(r["n_out"] < 1 for r in reqs):   # the formula's max(L_i) must be >= 1: it failed naming max_len
+        raise ValueError(f"run {result.name!r} has requests with no output tokens (failed or aborted): "
+                         f"the formulas predict completed requests only")
     ctx = sum(r["n_in"] + r["n_out"] / 2 for r in reqs) / len(reqs)
     if kind == "static":
         order = sorted(reqs, key=lambda r: (r["arrival"], r["request_id"]))

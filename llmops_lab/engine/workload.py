@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from ..checks import is_int, is_real
 from .config import EngineConfig
 from .llm_engine import LLMEngine
 from .sampling_params import SamplingParams
@@ -29,10 +30,27 @@ class WorkloadRequest:
     params: SamplingParams
     arrival: float = 0.0              # seconds after the run starts
 
+    def __post_init__(self) -> None:
+        # NaN never arrives (the replay loop spun for ever), inf overflowed time.sleep, and a negative
+        # one counted time before the run as waiting
+        if not is_real(self.arrival) or not 0 <= self.arrival < math.inf:
+            raise ValueError(f"request {self.request_id}: arrival must be a finite number of seconds >= 0, "
+                             f"got {self.arrival!r}")
+
 
 def output_lengths(n: int, mean: float, spread: float, max_len: int, seed: int = 0) -> list[int]:
     """n output lengths with the given mean and spread: log-normal with sigma = spread (0 = all
     equal), clipped to [1, max_len]. A spread of 1 gives a max/mean of about 4-6 over 64 draws."""
+    if not is_int(n) or n < 0:
+        raise ValueError(f"n must be an integer >= 0, got {n!r}")
+    if not is_real(mean) or not 0 < mean < math.inf:
+        raise ValueError(f"mean must be a finite number > 0, got {mean!r}")
+    if not is_real(spread) or not 0 <= spread < math.inf:
+        raise ValueError(f"spread must be a finite number >= 0 (0 = all equal), got {spread!r}")
+    if not is_int(max_len) or max_len < 1:       # 0 was ignored: every length came out 1
+        raise ValueError(f"max_len must be an integer >= 1, got {max_len!r}")
+    if not is_int(seed):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
     rng = random.Random(seed)
     mu = math.log(mean) - spread ** 2 / 2
     return [max(1, min(max_len, round(rng.lognormvariate(mu, spread)))) for _ in range(n)]
@@ -42,19 +60,23 @@ def make_workload(tokens: list[int], n: int, prompt_len: tuple[int, int] = (8, 6
                   spread: float = 1.0, max_output: int = 512, arrival_rate: float = math.inf,
                   seed: int = 0, temperature: float = 0.0) -> list[WorkloadRequest]:
     """n requests whose prompts are random windows of ``tokens`` (e.g. the held-out text)."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    if not is_int(n) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    if not is_int(seed):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if not isinstance(prompt_len, (tuple, list)) or len(prompt_len) != 2 or not all(map(is_int, prompt_len)):
+        raise ValueError(f"prompt_len must be two integers (lo, hi), got {prompt_len!r}")
     lo, hi = prompt_len
     if not 1 <= lo <= hi or hi >= len(tokens):
         raise ValueError(f"prompt_len {prompt_len} must satisfy 1 <= lo <= hi < len(tokens)={len(tokens)}")
-    if math.isnan(arrival_rate) or arrival_rate <= 0:
+    if not is_real(arrival_rate) or math.isnan(arrival_rate) or arrival_rate <= 0:
         raise ValueError(f"arrival_rate must be > 0 (inf = all at once), got {arrival_rate}")
-    if not (math.isfinite(mean_output) and mean_output > 0):
-        raise ValueError(f"mean_output must be a finite number > 0, got {mean_output}")
-    if not (math.isfinite(spread) and spread >= 0):
-        raise ValueError(f"spread must be a finite number >= 0 (0 = all outputs equal), got {spread}")
-    if not max_output >= 1:           # also refuses NaN
-        raise ValueError(f"max_output must be >= 1, got {max_output}")
+    if not (is_real(mean_output) and math.isfinite(mean_output) and mean_output > 0):
+        raise ValueError(f"mean_output must be a finite number > 0, got {mean_output!r}")
+    if not (is_real(spread) and math.isfinite(spread) and spread >= 0):
+        raise ValueError(f"spread must be a finite number >= 0 (0 = all outputs equal), got {spread!r}")
+    if not is_int(max_output) or max_output < 1:
+        raise ValueError(f"max_output must be an integer >= 1, got {max_output!r}")
     rng = random.Random(seed + 1)
     outs = output_lengths(n, mean_output, spread, max_output, seed)
     t, reqs = 0.0, []
@@ -90,12 +112,22 @@ class RunResult:
             raise ValueError(f"run {self.name!r} has makespan {self.makespan}, so no throughput")
         return self.output_tokens / self.makespan
 
+    def _values(self, key: str) -> list:
+        """The rows' values of ``key`` where measured (TPOT is None for a one-token output)."""
+        if self.requests and not any(key in r for r in self.requests):   # a typo read as "not measured"
+            raise KeyError(f"run {self.name!r} has no {key!r} in its rows; keys: {sorted(self.requests[0])}")
+        return [r[key] for r in self.requests if r.get(key) is not None]
+
     def mean(self, key: str) -> float:
-        vals = [r[key] for r in self.requests if r.get(key) is not None]
+        """Mean of ``key`` over the requests that have it; NaN when none does."""
+        vals = self._values(key)
         return sum(vals) / len(vals) if vals else float("nan")
 
     def percentile(self, key: str, q: float) -> float:
-        vals = sorted(r[key] for r in self.requests if r.get(key) is not None)
+        """The q-th percentile (0-100, nearest rank) of ``key``; NaN when no request has it."""
+        if not is_real(q) or not 0 <= q <= 100:         # -50 wrapped to the end of the list
+            raise ValueError(f"q must be a percentile in [0, 100], got {q!r}")
+        vals = sorted(self._values(key))
         return vals[min(len(vals) - 1, int(q / 100 * len(vals)))] if vals else float("nan")
 
     def summary(self) -> dict:
@@ -117,6 +149,16 @@ def _row(out, t0: float) -> dict:
             "preemptions": out.outputs[0].num_preemptions}
 
 
+def _check_workload(workload) -> list[WorkloadRequest]:
+    """The workload's requests, each checked again (a field set after construction is not)."""
+    reqs = list(workload)
+    for r in reqs:
+        if not isinstance(r, WorkloadRequest):
+            raise TypeError(f"a workload is a list of WorkloadRequest, got a {type(r).__name__}")
+        r.__post_init__()
+    return reqs
+
+
 def _wait_until(t: float) -> None:
     d = t - time.perf_counter()
     if d > 0:
@@ -126,8 +168,8 @@ def _wait_until(t: float) -> None:
 def run_continuous(model, workload: list[WorkloadRequest], config: EngineConfig | None = None,
                    tokenizer=None, progress: bool = True, name: str = "continuous") -> RunResult:
     """Replay the workload through a fresh ``LLMEngine`` in real time."""
+    pending = sorted(_check_workload(workload), key=lambda r: r.arrival)
     engine = LLMEngine(model, tokenizer, config or EngineConfig())
-    pending = sorted(workload, key=lambda r: r.arrival)
     res, i = RunResult(name), 0
     bar = tqdm(total=len(pending), desc=name, disable=not progress)
     t0 = time.perf_counter()
@@ -157,9 +199,9 @@ def run_static(model, workload: list[WorkloadRequest], batch_size: int, tokenize
                progress: bool = True, name: str = "static") -> RunResult:
     """Replay the workload with static batching: whenever the server is idle it takes up to
     ``batch_size`` requests that have arrived and runs them to the end of the longest."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    pending = sorted(workload, key=lambda r: r.arrival)
+    if not is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    pending = sorted(_check_workload(workload), key=lambda r: r.arrival)
     res, i = RunResult(name), 0
     bar = tqdm(total=len(pending), desc=name, disable=not progress)
     gen = torch.Generator(device="cpu").manual_seed(0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import formulas
+from ..checks import is_int
 from .rtn import quantize_rtn
 
 def error_histogram(weight: torch.Tensor, bits: int, group_size: int | None = 128, sym: bool = False,
@@ -17,6 +18,8 @@ def error_histogram(weight: torch.Tensor, bits: int, group_size: int | None = 12
     widened to contain 0 for a zero point, absmax / (2^b - 2) for symmetric). A ratio above 1 breaks
     that bound. Returns both histograms on shared edges, the fractions above 1 and the max ratios.
     """
+    if not is_int(bins) or bins < 1:
+        raise ValueError(f"bins must be an integer >= 1, got {bins!r}")
     qw = quantize_rtn(weight, bits=bits, group_size=group_size, sym=sym)
     g = qw.group_size
     x = weight.detach().double().reshape(weight.shape[0], -1, g)                      # [O, G, g]

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..checks import is_real
 from ..corpus import read_slice
 from ..evaluate import encode, perplexity
 from .quant_spec import DEFAULT_SPECS, FULL_SPECS, LIBRARY_SPECS, NotMeasured, QuantSpec, quantized_copy
@@ -215,16 +216,26 @@ def method_gains(rows: list[dict], group_size: int = 128) -> list[dict]:
         if method not in ("gptq", "awq") or g != group_size or rtn is None:
             continue
         se = math.hypot(r["delta_se_pct"], rtn["delta_se_pct"])
+        # one window has no standard error (NaN): "beyond noise" is then unknown, not False
+        beyond = abs(r["delta_pct"] - rtn["delta_pct"]) > 2 * se if math.isfinite(se) else None
         out.append({"bits": bits, "method": method, "rtn": rtn["label"], "delta_pct": r["delta_pct"],
-                    "rtn_delta_pct": rtn["delta_pct"], "beyond_noise": abs(r["delta_pct"] - rtn["delta_pct"]) > 2 * se})
+                    "rtn_delta_pct": rtn["delta_pct"], "beyond_noise": beyond})
     return out
 
 
 def verdict(row: dict, sigmas: float = 2.0) -> str:
     """"within noise", "worse" or "better" than fp32: the perplexity change against ``sigmas``
-    standard errors of its per-window changes."""
+    standard errors of its per-window changes; "no error bar" from a single window (its standard
+    error is NaN, and a NaN compared as "within noise" whatever the change)."""
+    if not is_real(sigmas) or not 0 < sigmas < math.inf:
+        raise ValueError(f"sigmas must be a finite number > 0, got {sigmas!r}")
     if row.get("perplexity") is None:
         return "not measured"
-    if not abs(row["delta_pct"]) > sigmas * row["delta_se_pct"]:
+    delta, se = row["delta_pct"], row["delta_se_pct"]
+    if delta is None or not math.isfinite(delta):
+        raise ValueError(f"row {row.get('label', '')!r} has a perplexity but a change of {delta!r}")
+    if se is None or not math.isfinite(se):
+        return "no error bar (one window)"
+    if not abs(delta) > sigmas * se:
         return "within noise"
     return "worse" if row["delta_pct"] > 0 else "better"

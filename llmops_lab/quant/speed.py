@@ -12,6 +12,7 @@ PyTorch path dequantizes the whole weight first and is slower than float; both a
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -180,5 +181,8 @@ def crossover_batch(rows: list[dict], method: str) -> dict:
     pts = sorted((r["batch"], r["ratio"]) for r in rows if r["method"] == method)
     if not pts:
         raise ValueError(f"no rows for method {method!r}")
+    bad = [(b, ratio) for b, ratio in pts if not isinstance(ratio, (int, float)) or not 0 < ratio < math.inf]
+    if bad:             # a NaN ratio read as "slower than float at the smallest batch"
+        raise ValueError(f"{method}: speed ratios must be finite and > 0, got (batch, ratio) {bad[:3]}")
     cross = next((b for b, ratio in pts if ratio < 1), None)
     return {"ratio_at_smallest": pts[0][1], "pays_at_smallest": pts[0][1] >= 1, "crossover_batch": cross}

@@ -120,6 +120,11 @@ def sweep_k(target, draft, prompts, ks=(1, 2, 3, 4, 5, 6, 8), new_tokens: int = 
     not show as a speedup.
     """
     prompts = [prompts] if torch.is_tensor(prompts) else list(prompts)
+    if not prompts or not all(torch.is_tensor(p) and p.numel() for p in prompts):
+        raise ValueError("sweep_k needs at least one prompt, each a non-empty tensor of token ids")
+    ks = tuple(ks)
+    if not ks:
+        raise ValueError("sweep_k needs at least one k")
     prompts = [p.reshape(1, -1).to(target.device) for p in prompts]
     runner = LeanModel(target)
     decoders = {k: SpeculativeDecoder(target, draft, k) for k in ks}
