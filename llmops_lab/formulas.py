@@ -505,14 +505,22 @@ def matmul_flops(m: int, n: int, k: int) -> float:
 
 def attention_flops(batch: int, heads: int, seq_q: int, seq_k: int, head_dim: int,
                     causal: bool = False) -> float:
-    """FLOPs of attention: QK^T and PV, 2 x (2 B H S_q S_k D) = 4 B H S_q S_k D; halved if causal.
+    """FLOPs of attention: QK^T and PV, 2 x (2 B H S_q S_k D) = 4 B H S_q S_k D, over the
+    (query, key) pairs a causal mask keeps if ``causal``.
 
-    Halving for causal is the convention of FlashAttention's benchmarks (about half the scores are
-    masked; exactly (S+1)/(2S) of them remain when S_q = S_k = S).
+    Causal is aligned bottom right, as the backends do: query i sees keys 0..S_k - S_q + i, so
+    S_q S_k - S_q (S_q - 1) / 2 pairs remain. With S_q = S_k = S that is S (S + 1) / 2, half the
+    scores and the diagonal (FlashAttention's benchmarks count exactly half, S^2 / 2: 1/S less);
+    a decode step (S_q = 1) sees every key and counts in full.
     """
     _nonneg_int(batch=batch, heads=heads, seq_q=seq_q, seq_k=seq_k, head_dim=head_dim)
-    flops = 4 * batch * heads * seq_q * seq_k * head_dim
-    return flops / 2 if causal else flops
+    if not causal:
+        return 4 * batch * heads * seq_q * seq_k * head_dim
+    if seq_q > seq_k:  # refused by every backend: the first queries would see no key at all
+        raise ValueError(f"causal attention with seq_q ({seq_q}) greater than seq_k ({seq_k}) leaves rows with no key")
+    # Halving S_q x S_k used to count a decode step (1 query, all keys visible) at half its FLOPs.
+    pairs = seq_q * seq_k - seq_q * (seq_q - 1) // 2
+    return 4 * batch * heads * pairs * head_dim
 
 
 def forward_flops_per_token(num_params: float) -> float:

@@ -13,6 +13,8 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from .checks import is_int, is_real
+
 _STYLE = {"description_width": "initial"}  # long descriptions are not cut off
 
 
@@ -24,8 +26,23 @@ def _ipywidgets():
     return ipywidgets
 
 
+def _check_range(check, kind: str, min, max, step, value) -> None:
+    """The slider's numbers are ``kind``s (``check``), min < max, step > 0 and value in [min, max]:
+    ipywidgets would move a value outside to the nearest end and accept a NaN or a step of 0."""
+    for name, x in (("min", min), ("max", max), ("step", step), ("value", value)):
+        if x is not None and not (check(x) and (is_int(x) or math.isfinite(x))):
+            raise ValueError(f"{name} must be a finite {kind}, got {x!r}")
+    if not min < max:
+        raise ValueError(f"need min < max, got {min=} {max=}")
+    if step is not None and step <= 0:
+        raise ValueError(f"step must be positive, got {step}")
+    if value is not None and not min <= value <= max:
+        raise ValueError(f"value {value} lies outside [{min}, {max}]")
+
+
 def int_slider(description: str, min: int, max: int, step: int = 1, value: int | None = None):
     """An IntSlider that updates on release, since each value may rerun a measurement."""
+    _check_range(is_int, "integer", min, max, step, value)
     return _ipywidgets().IntSlider(value=min if value is None else value, min=min, max=max,
                                    step=step, description=description,
                                    continuous_update=False, style=_STYLE)
@@ -34,6 +51,7 @@ def int_slider(description: str, min: int, max: int, step: int = 1, value: int |
 def float_slider(description: str, min: float, max: float, step: float | None = None,
                  value: float | None = None):
     """A FloatSlider; step defaults to a hundredth of the range."""
+    _check_range(is_real, "number", min, max, step, value)
     return _ipywidgets().FloatSlider(value=min if value is None else value, min=min, max=max,
                                      step=(max - min) / 100 if step is None else step,
                                      description=description, continuous_update=False,
@@ -53,6 +71,8 @@ def log_slider(description: str, min: float, max: float, value: float | None = N
         raise ValueError(f"base must be a positive number other than 1, got {base}")
     if value is not None and not min <= value <= max:
         raise ValueError(f"value {value} lies outside [{min}, {max}]")
+    if not (is_real(step) and 0 < step < math.inf):  # ipywidgets took 0 and negative steps
+        raise ValueError(f"step must be a positive number (of exponents), got {step!r}")
     return _ipywidgets().FloatLogSlider(value=min if value is None else value, base=base,
                                         min=math.log(min, base), max=math.log(max, base),
                                         step=step, description=description,

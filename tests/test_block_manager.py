@@ -130,3 +130,34 @@ def test_pool_exhaustion_is_a_signal_not_corruption():
     with pytest.raises(NoFreeBlocksError):
         bm.allocate(s)
     assert bm.num_free_blocks == 2 and s.block_table == []
+
+
+@pytest.mark.parametrize("num_blocks, block_size, match", [
+    (4, 4.0, "block_size must be a power of two >= 1, got 4.0"),
+    (4, True, "block_size must be a power of two >= 1, got True"),
+    (2.5, 4, "num_blocks must be an integer >= 1, got 2.5"),
+    (True, 4, "num_blocks must be an integer >= 1, got True"),
+])
+def test_sizes_must_be_integers(num_blocks, block_size, match):
+    """BlockManager(4, 4.0) failed with "unsupported operand type(s) for &", BlockManager(2.5, 4) with
+    a raw TypeError from range(), and BlockManager(4, True) ran with one-token blocks."""
+    with pytest.raises(ValueError, match=match):
+        BlockManager(num_blocks, block_size)
+
+
+def test_a_pending_block_is_a_hit_only_for_the_forward_that_computes_it():
+    """With track_computed a full block whose KV is not written yet is no prefix-cache hit (the paged
+    cache reused unwritten blocks after a failed forward), except for a sequence that the same forward
+    computes (``computing``: identical prompts in one batch)."""
+    bm = BlockManager(8, BS, track_computed=True)
+    a = Sequence(list(range(6)))
+    bm.allocate(a)
+    b = Sequence(list(range(6)))
+    assert bm.allocate(b, computing=set(a.block_table)) == 4 and b.block_table[0] == a.block_table[0]
+    bm.free(b)
+    c = Sequence(list(range(6)))
+    assert bm.allocate(c) == 0 and c.block_table[0] != a.block_table[0]   # not written yet: no hit
+    bm.mark_computed(c, 6)
+    d = Sequence(list(range(6)))
+    assert bm.allocate(d) == 4 and d.block_table[0] == c.block_table[0]
+    bm.check_invariants([a, c, d])

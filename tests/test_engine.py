@@ -1105,5 +1105,5 @@ def test_static_batch_refuses_mismatched_lists(tiny, kw, match):
 @pytest.mark.parametrize("batch_size", [0, -1])
 def test_run_static_refuses_a_batch_of_none(tiny, batch_size):
     wl = make_workload(WORKLOAD_TOKENS, 2, prompt_len=(2, 8), mean_output=2, max_output=4)
-    with pytest.raises(ValueError, match=f"batch_size must be >= 1, got {batch_size}"):
+    with pytest.raises(ValueError, match=f"batch_size must be an integer >= 1, got {batch_size}"):
         run_static(tiny, wl, batch_size, progress=False)

@@ -187,3 +187,90 @@ def test_flash_refuses_inputs_the_kernel_would_misread():
         args = dict(q=x, k=x, v=x, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=32) | change
         with pytest.raises(ValueError, match=match):
             triton_flash.flash_attention_varlen(**args)
+
+
+@pytest.mark.parametrize("name", ["naive", "sdpa", "cpu_decode"])
+def test_backends_refuse_a_mask_with_is_causal(name):
+    """A mask and is_causal=True together: every backend read the mask alone and dropped the causal
+    condition without a word (the result was exactly the non-causal one). PyTorch's SDPA refuses the
+    pair too."""
+    from llmops_lab.attention import get_backend
+    q, k, v = qkv(1, 2, 2, 4, 4, 8)
+    with pytest.raises(ValueError, match="not both"):
+        get_backend(name)(q, k, v, mask=torch.ones(4, 4, dtype=torch.bool), is_causal=True)
+
+
+@pytest.mark.parametrize("name", ["naive", "sdpa", "cpu_decode", "tiled"])
+def test_backends_refuse_batch_and_head_mismatches(name):
+    """q of batch 1 against k, v of batch 3 was broadcast to 3 rows by the naive backend and SDPA (a
+    raw "expanded size" error from tiled_attention); SDPA also broadcast one value head over two key
+    heads; no key/value heads was a ZeroDivisionError."""
+    from llmops_lab.attention import get_backend
+    fn = tiled_attention if name == "tiled" else get_backend(name)
+    q, k, v = qkv(1, 2, 2, 4, 4, 8)
+    k3, v3 = torch.cat([k] * 3), torch.cat([v] * 3)
+    with pytest.raises(ValueError, match="batch sizes differ: q 1, k 3, v 3"):
+        fn(q, k3, v3)
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        fn(torch.cat([q] * 3), k3, v)
+    with pytest.raises(ValueError, match="key and value heads differ"):
+        fn(torch.cat([q] * 2, 1), torch.cat([k] * 2, 1), v)
+    with pytest.raises(ValueError, match="at least one key/value head"):
+        fn(q[:, :0], k[:, :0], v[:, :0])
+
+
+def test_a_row_with_no_key_is_refused_by_the_reference():
+    """A mask row that is all False: the naive backend gave NaN, SDPA and cpu_decode zeros, though
+    the backends promise to agree. The naive reference now refuses it (it reads the mask's values,
+    which _check, on the engine's path, does not); SDPA keeps its zeros, which the engine's padded
+    rows rely on."""
+    from llmops_lab.attention import sdpa_attention
+    q, k, v = qkv(1, 2, 2, 4, 4, 8)
+    mask = torch.ones(4, 4, dtype=torch.bool)
+    mask[1] = False
+    with pytest.raises(ValueError, match="no key to attend to"):
+        naive_attention(q, k, v, mask=mask)
+    assert sdpa_attention(q, k, v, mask=mask)[:, :, 1].eq(0).all()
+    keys = torch.tensor([True, True, False, False])[None, None, None]   # one key mask for every row
+    torch.testing.assert_close(naive_attention(q, k, v, mask=keys), sdpa_attention(q, k, v, mask=keys))
+
+
+def test_tiled_refuses_head_dim_0_and_a_trace_of_nothing():
+    """Head dim 0 was a ZeroDivisionError (1 / sqrt(D)); a trace over an empty batch an IndexError
+    (the trace follows batch row 0, head 0). An empty batch without a trace stays an empty result."""
+    q, k, v = qkv(1, 2, 2, 4, 4, 8)
+    with pytest.raises(ValueError, match="head dim of at least 1"):
+        tiled_attention(q[..., :0], k[..., :0], v[..., :0])
+    for args in ((q[:0], k[:0], v[:0]), (q[:, :0], k, v)):    # no batch row, no query head
+        with pytest.raises(ValueError, match="trace needs at least one batch row and one head"):
+            tiled_attention(*args, trace=[])
+    assert tiled_attention(q[:0], k[:0], v[:0]).shape == (0, 2, 4, 8)
+
+
+def test_plot_tiles_checks_that_the_trace_fits_the_grid():
+    """A trace of 4 query blocks drawn on a 2 x 2 grid was an IndexError; a negative block wrapped
+    round to the far edge; a larger grid drew blank tiles that look causally skipped, and two calls'
+    traces in one list overwrote each other's tiles."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from llmops_lab.attention import viz
+    q, k, v = qkv(1, 1, 1, 64, 64, 8)
+    trace = []
+    tiled_attention(q, k, v, True, 16, 16, trace=trace)
+    fig, (a, b) = plt.subplots(1, 2)
+    try:
+        for grid, match in (((2, 2), "outside the 2 x 2 grid"), ((4, 5), "last row or column"),
+                            ((0, 4), "n_q_blocks must be a positive integer")):
+            with pytest.raises(ValueError, match=match):
+                viz.plot_tiles(a, b, trace, *grid)
+        with pytest.raises(ValueError, match="outside"):
+            viz.plot_tiles(a, b, trace + [dict(trace[0], q_block=-1)], 4, 4)
+        with pytest.raises(ValueError, match="twice"):
+            viz.plot_tiles(a, b, trace + trace, 4, 4)
+        with pytest.raises(ValueError, match="empty"):
+            viz.plot_tiles(a, b, [], 4, 4)
+        viz.plot_tiles(a, b, trace, 4, 4)
+        assert len(b.get_lines()[0].get_xdata()) == 4          # the last query block's 4 key blocks
+    finally:
+        plt.close(fig)

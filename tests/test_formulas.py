@@ -210,10 +210,21 @@ def test_attention_memory():
 def test_flops():
     assert F.matmul_flops(2, 3, 4) == 48
     assert F.attention_flops(1, 2, 8, 8, 16) == 4 * 2 * 8 * 8 * 16
-    assert F.attention_flops(1, 2, 8, 8, 16, causal=True) == 2 * 2 * 8 * 8 * 16
+    assert F.attention_flops(1, 2, 8, 8, 16, causal=True) == 4 * 2 * (8 * 9 // 2) * 16   # half and the diagonal
     assert F.forward_flops_per_token(7e9) == 14e9
     with pytest.raises(ValueError):
         F.matmul_flops(2, -3, 4)
+
+
+def test_causal_attention_flops_count_the_pairs_the_mask_keeps():
+    """Causal used to halve S_q x S_k whatever the shapes: a decode query (S_q = 1), which sees every
+    key, was counted at half its FLOPs. Bottom-right aligned, query i sees keys 0..S_k - S_q + i."""
+    assert F.attention_flops(1, 1, 1, 100, 8, causal=True) == F.attention_flops(1, 1, 1, 100, 8) == 3200
+    for sq, sk in ((1, 5), (2, 4), (3, 7), (6, 6)):
+        pairs = sum(sk - sq + i + 1 for i in range(sq))
+        assert F.attention_flops(2, 3, sq, sk, 4, causal=True) == 4 * 2 * 3 * pairs * 4
+    with pytest.raises(ValueError, match="seq_q .5. greater than seq_k .4."):   # rows with no key, as the backends say
+        F.attention_flops(1, 1, 5, 4, 8, causal=True)
 
 
 def test_decode_roofline():

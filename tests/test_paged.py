@@ -377,7 +377,7 @@ def test_sample_requests_sigma_zero_gives_the_medians():
 
 @pytest.mark.parametrize("requests, max_len, match", [
     ([], 512, "no requests"),
-    (None, 0, "max_len must be >= 1, got 0"),
+    (None, 0, "max_len must be an integer >= 1, got 0"),
 ])
 def test_memory_report_refuses_nothing_to_report(requests, max_len, match):
     from llmops_lab.paged import simulate
@@ -396,3 +396,116 @@ def test_kernel_refuses_a_max_context_len_it_would_truncate():
             triton_paged.paged_decode(q, kp, vp, tables, ctx.cpu(), num_splits=2, max_context_len=bad)
     with pytest.raises(ValueError, match="num_splits"):
         triton_paged.paged_decode(q, kp, vp, tables, ctx, num_splits=2.5)
+
+
+class interrupted:
+    """The model's forward fails (Ctrl-C, out of memory) in its last layer once its first
+    ``after_calls`` forwards have gone through: the earlier layers have written their keys and values
+    into the pool, the last one has not."""
+
+    def __init__(self, model, after_calls=0):
+        self.layer, self.left = model.model.layers[-1], after_calls
+
+    def forward(self, *args, **kwargs):
+        if self.left == 0:
+            raise RuntimeError("out of memory")
+        self.left -= 1
+        return type(self.layer).forward(self.layer, *args, **kwargs)
+
+    def __enter__(self):
+        self.layer.forward = self.forward
+
+    def __exit__(self, *exc):
+        del self.layer.forward
+
+
+def test_a_failed_forward_leaves_no_uncomputed_block_in_the_prefix_cache(tiny):
+    """A prompt's full blocks became prefix-cache hits when they were allocated, before the forward
+    wrote their keys and values: after a failed prefill (or a failed decode step that filled a
+    block) and cache.release(), the same prompt was served from unwritten slots (cached_tokens [16],
+    wrong tokens). Now a block is a hit only once the forward has written it in every layer."""
+    ids = prompt(1, 16, seed=9)
+    want = tiny.generate(ids, max_new_tokens=5, stop_token_ids=())
+    cache = PagedKVCache.for_model(tiny, 1, num_blocks=40, block_size=4)
+    with interrupted(tiny), pytest.raises(RuntimeError, match="out of memory"):
+        paged_generate(tiny, ids, 5, cache=cache, attention="gather")
+    cache.release()
+    assert torch.equal(paged_generate(tiny, ids, 5, cache=cache, attention="gather"), want)
+    assert cache.cached_tokens == [0]
+    cache.release()                                           # now computed: a hit
+    assert torch.equal(paged_generate(tiny, ids, 5, cache=cache, attention="gather"), want)
+    assert cache.cached_tokens == [16]
+    cache.reset()
+    # decode: the first new token fills block 4 of a 15-token prompt, and that step fails
+    cache = PagedKVCache.for_model(tiny, 1, num_blocks=40, block_size=4)
+    with interrupted(tiny, after_calls=1), pytest.raises(RuntimeError, match="out of memory"):
+        paged_generate(tiny, ids[:, :15], 5, cache=cache, attention="gather")
+    cache.release()
+    longer = torch.cat([ids[:, :15], want[:, 16:17]], dim=1)  # the prompt and the token of the failed step
+    got = paged_generate(tiny, longer, 4, cache=cache, attention="gather")
+    assert cache.cached_tokens == [12]                        # blocks 1-3 were written, block 4 was not
+    assert torch.equal(got, tiny.generate(longer, max_new_tokens=4, stop_token_ids=()))
+    cache.check()
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda m: PagedKVCache.for_model(m, 2, num_blocks=8, dtype=torch.float16), "dtype torch.float16"),
+    (lambda m: PagedKVCache(2, 1, 16, 8, 16), "KV heads 1"),
+    (lambda m: PagedKVCache(1, 2, 16, 8, 16), "layers 1"),
+    (lambda m: PagedKVCache(2, 2, 8, 8, 16), "head dim 8"),
+])
+def test_paged_generate_refuses_a_cache_that_does_not_fit_the_model(tiny, make, match):
+    """A cache of another dtype, KV head count, head dim or layer count failed deep in the forward
+    (a raw index_put dtype error, a shape mismatch, an IndexError), its prompt holding blocks."""
+    cache = make(tiny)
+    with pytest.raises(ValueError, match=f"cache does not fit the model: {match}"):
+        paged_generate(tiny, prompt(1, 5), 2, cache=cache, attention="gather")
+    assert not cache.live and cache.num_free_blocks == 8
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(block_size=4.0), "block_size must be a power of two >= 1, got 4.0"),
+    (dict(block_size=True), "block_size must be a power of two >= 1, got True"),
+    (dict(num_blocks=8.0), "num_blocks must be an integer >= 1, got 8.0"),
+    (dict(max_new_tokens=2.5), "integers max_new_tokens"),
+    (dict(n=True), "integers max_new_tokens >= 1 and n >= 1"),
+])
+def test_paged_generate_refuses_sizes_that_are_not_integers(tiny, kw, match):
+    """block_size=4.0 failed with "unsupported operand type(s) for &", True passed as 1, and a
+    fractional max_new_tokens got past the prefill before range() refused it."""
+    kw = {"max_new_tokens": 2, **kw}
+    with pytest.raises(ValueError, match=match):
+        paged_generate(tiny, prompt(1, 5), attention="gather", **kw)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda s: s.parallel_sampling_blocks(10, [-3, 3], 16), "output_lens must be one or more integers >= 0"),
+    (lambda s: s.parallel_sampling_blocks(10, [], 16), "output_lens must be one or more"),
+    (lambda s: s.parallel_sampling_blocks(10, [2.5], 16), "output_lens must be"),
+    (lambda s: s.parallel_sampling_blocks(0, [3], 16), "prompt_len must be an integer >= 1, got 0"),
+    (lambda s: s.sample_requests(2, 100.5), "max_len must be an integer >= 2, got 100.5"),
+    (lambda s: s.sample_requests(2.5), "n must be an integer >= 1, got 2.5"),
+    (lambda s: s.sample_requests(2, output_median="200"), "output_median must be"),
+    (lambda s: s.Request(99.5, 1), "prompt_len must be an integer >= 1, got 99.5"),
+    (lambda s: s.Request(5, -1), "output_len must be an integer >= 0, got -1"),
+    (lambda s: s.memory_report([s.Request(5, 300)], 100, 16, when="during"), "shorter than a request"),
+    (lambda s: s.memory_report([(5, 3)], 100, 16), "Request"),
+])
+def test_simulate_refuses_lengths_it_would_misread(call, match):
+    """parallel_sampling_blocks(10, [-3, 3], 16) returned nonsense and [] failed with "num_blocks must
+    be >= 1"; sample_requests(2, 100.5) returned Request(prompt_len=99.5, ...); a max_len under a
+    request's length gave a negative waste from a "during" snapshot."""
+    from llmops_lab.paged import simulate
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(simulate)
+
+
+def test_during_snapshot_of_a_request_without_output_is_its_prompt():
+    """A request with 0 output tokens made when="during" fail with "empty range for randrange()": it
+    has no decode step to land on, so it holds its prompt."""
+    from llmops_lab.paged import simulate
+    reqs = [simulate.Request(5, 0), simulate.Request(3, 4)]
+    lens = simulate.current_lengths(reqs, "during")
+    assert lens[0] == 5 and 4 <= lens[1] <= 7
+    assert simulate.memory_report(reqs, 100, 4, when="during")["used_tokens"] == sum(lens)
+    assert simulate.parallel_sampling_blocks(10, [0], 4) == {"shared_blocks": 3, "copies": 0, "separate_blocks": 3}

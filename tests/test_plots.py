@@ -88,6 +88,62 @@ def test_bar_compare_against_reference():
     assert any("measured ceiling" in t for t in legend_texts(ax))
 
 
+def test_bar_compare_refuses_what_it_would_draw_wrong():
+    """Equal labels share one tick (two bars on top of each other, one hidden); a NaN reference
+    labelled every bar "(nan%)", a negative one "-50%"."""
+    _, ax = plots.new_figure()
+    with pytest.raises(ValueError, match=r"labels must differ, got \['a'\]"):
+        plots.bar_compare(ax, ["a", "a"], [1, 2], ylabel="y")
+    for reference in (float("nan"), float("inf"), -2.0, 0):
+        with pytest.raises(ValueError, match="reference must be a finite positive number"):
+            plots.bar_compare(ax, ["a", "b"], [1, 2], ylabel="y", reference=reference)
+    with pytest.raises(ValueError, match="finite"):
+        plots.bar_compare(ax, ["a", "b"], [1, float("inf")], ylabel="y")
+    with pytest.raises(ValueError, match="2 labels for 3 values"):
+        plots.bar_compare(ax, ["a", "b"], [1, 2, 3], ylabel="y")
+    with pytest.raises(TypeError, match="values must be a list of numbers"):
+        plots.bar_compare(ax, ["a"], 5, ylabel="y")
+    assert len(ax.patches) == len(ax.texts) == len(ax.lines) == 0   # refused before anything was drawn
+
+
+@pytest.mark.parametrize("annotate", [True, False])
+def test_bar_compare_says_not_measured(annotate):
+    """A NaN (or None) value drew no bar and an empty label: the bar vanished without a word."""
+    _, ax = plots.new_figure()
+    plots.bar_compare(ax, ["a", "b", "c"], [100.0, float("nan"), None], ylabel="y", reference=200.0,
+                      annotate=annotate)
+    texts = [t.get_text() for t in ax.texts]
+    assert texts.count("not measured") == 2 and ("50" in texts[0]) == annotate
+    assert not any("nan" in t for t in texts)
+
+
+def test_measured_vs_formula_counts_points_it_cannot_draw():
+    """NaN measured, x or formula values (and, on a log axis, values <= 0) were silent gaps; a NaN at
+    a curve's end hid its name."""
+    _, ax = plots.new_figure()
+    with pytest.warns(UserWarning, match="points are not drawn") as seen:
+        plots.measured_vs_formula(ax, [1, 2, 3], [1.0, None, 3.0], [1.0, 2.0, float("nan")], formula_name="f")
+    assert sorted(str(w.message) for w in seen) == [
+        "measured_vs_formula: 'measured': 1 of 3 points are not drawn (NaN or infinite)",
+        "measured_vs_formula: formula 'f': 1 of 3 points are not drawn (NaN or infinite)"]
+    assert [t.xy for t in ax.texts if t.get_text() == "f"] == [(2.0, 2.0)]   # named at its last drawn point
+    with pytest.warns(UserWarning, match="2 of 3 points .*not positive on a log axis"):
+        plots.measured_vs_formula(ax, [1, 2, 3], [0.0, -1.0, 3.0], logy=True)
+
+
+def test_measured_vs_formula_names_badly_shaped_values():
+    """measured=5 was "object of type 'int' has no len()", a 2-D list "too many values to unpack"."""
+    _, ax = plots.new_figure()
+    with pytest.raises(TypeError, match="measured must be a list of numbers"):
+        plots.measured_vs_formula(ax, [1, 2, 3], 5)
+    with pytest.raises(ValueError, match=r"measured must be a flat list .* shape \(2, 2\)"):
+        plots.measured_vs_formula(ax, [1, 2], [[1, 2], [3, 4]])
+    with pytest.raises(TypeError, match="x must be a list of numbers, got int"):
+        plots.measured_vs_formula(ax, 5, [1])
+    with pytest.raises(TypeError, match="formula 'f' must be a list of numbers"):
+        plots.measured_vs_formula(ax, [1, 2], [1, 2], 3, formula_name="f")
+
+
 def test_widget_helpers_return_widgets():
     assert isinstance(widgets.int_slider("bits", 2, 8, value=4), ipywidgets.IntSlider)
     assert isinstance(widgets.float_slider("p", 0.0, 1.0), ipywidgets.FloatSlider)
@@ -102,6 +158,14 @@ def test_widget_helpers_return_widgets():
     (lambda: widgets.dropdown("d", {}), "at least one"), (lambda: widgets.dropdown("d", []), "at least one"),
     (lambda: widgets.log_slider("f", 1, float("nan")), "min < max"), (lambda: widgets.log_slider("f", 0, 8), "min < max"),
     (lambda: widgets.log_slider("f", 1, 8, base=1), "base"), (lambda: widgets.log_slider("f", 1, 8, value=16), "outside"),
+    # These were taken: a value outside moved to the nearest end (50 -> 10), a NaN range or a step of 0 kept.
+    (lambda: widgets.int_slider("x", 0, 10, value=50), "outside"), (lambda: widgets.int_slider("x", 0, 10, step=0), "step"),
+    (lambda: widgets.int_slider("x", 0, 10, step=-1), "step"), (lambda: widgets.int_slider("x", 0, 10.5), "max must be"),
+    (lambda: widgets.int_slider("x", 5, 5), "min < max"), (lambda: widgets.int_slider("x", 0, 10, value=True), "value"),
+    (lambda: widgets.float_slider("x", 0.0, 1.0, value=7.0), "outside"),
+    (lambda: widgets.float_slider("x", 0.0, float("nan")), "max must be a finite"),
+    (lambda: widgets.float_slider("x", 1.0, 0.0), "min < max"), (lambda: widgets.float_slider("x", 0.0, 1.0, 0.0), "step"),
+    (lambda: widgets.log_slider("f", 1, 8, step=0), "step"), (lambda: widgets.log_slider("f", 1, 8, step=-1), "step"),
 ])
 def test_widget_helpers_refuse_bad_ranges(make, match):
     with pytest.raises(ValueError, match=match):

@@ -14,11 +14,22 @@ import torch.nn.functional as F
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, is_causal: bool = False) -> None:
     """Shapes, and what every backend must agree on: a boolean mask (True = attend; SDPA would read
-    a float one as an additive bias, the naive backend could not read it at all), at least one key,
-    and a causal pass with no more queries than keys (aligned bottom right: query i sees the keys
-    up to i + Sk - Sq; more queries would leave rows with no key at all)."""
+    a float one as an additive bias, the naive backend could not read it at all), a mask or
+    ``is_causal``, not both, at least one key, and a causal pass with no more queries than keys
+    (aligned bottom right: query i sees the keys up to i + Sk - Sq; more queries would leave rows
+    with no key at all). Shapes only: the engine's steps call this, so it never reads a tensor's
+    values (on a GPU that would wait for the device). A mask row with every key masked is refused
+    by ``naive_attention`` alone (softmax over nothing: NaN there, zeros from SDPA)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be [B, H, S, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    # Broadcast by matmul and SDPA: a q of batch 1 against k, v of batch 3 gave 3 rows, no error.
+    if not q.shape[0] == k.shape[0] == v.shape[0]:
+        raise ValueError(f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[1] != v.shape[1]:  # SDPA's enable_gqa broadcast a single value head over two key heads
+        raise ValueError(f"key and value heads differ: {k.shape[1]} vs {v.shape[1]}")
+    if k.shape[1] == 0 or q.shape[-1] == 0:
+        raise ValueError(f"attention needs at least one key/value head and a head dim of at least 1; "
+                         f"got {k.shape[1]} heads, head dim {q.shape[-1]}")
     if q.shape[-1] != k.shape[-1] or k.shape[-1] != v.shape[-1]:
         raise ValueError(f"head dims differ: q {q.shape[-1]}, k {k.shape[-1]}, v {v.shape[-1]}")
     if k.shape[-2] != v.shape[-2]:
@@ -30,6 +41,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, is_caus
     if mask is not None and (not torch.is_tensor(mask) or mask.dtype != torch.bool):
         raise TypeError(f"mask must be a boolean tensor (True = attend), got "
                         f"{mask.dtype if torch.is_tensor(mask) else type(mask).__name__}")
+    if mask is not None and is_causal:  # the backends read the mask alone and dropped is_causal unseen
+        raise ValueError("pass a mask or is_causal=True, not both: fold the causal condition into the mask "
+                         "(causal_mask(Sq, Sk) & mask)")
     if is_causal and q.shape[-2] > k.shape[-2]:
         raise ValueError(f"causal attention with more queries ({q.shape[-2]}) than keys ({k.shape[-2]}) "
                          f"leaves rows with no key")
@@ -44,6 +58,10 @@ def causal_mask(Sq: int, Sk: int, device=None) -> torch.Tensor:
 def naive_attention(q, k, v, mask=None, is_causal=False):
     """softmax(Q K^T / sqrt(D)) V with the S x S score matrix in memory (fp32 softmax)."""
     _check(q, k, v, mask, is_causal)
+    # A row with no key to attend to: NaN here, zeros from SDPA. This reads the mask (a device sync
+    # on a GPU), which the reference may do and _check, on the engine's path, may not.
+    if mask is not None and not bool(mask.any(-1).all()):
+        raise ValueError("mask leaves a query with no key to attend to (a row of the mask is all False)")
     n_rep = q.shape[1] // k.shape[1]
     if n_rep > 1:  # grouped-query: each KV head serves n_rep query heads
         k = k.repeat_interleave(n_rep, dim=1)

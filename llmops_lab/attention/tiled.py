@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from ..checks import is_int
 from .backends import _check
 
 
@@ -24,6 +25,7 @@ def tiled_attention(q, k, v, is_causal: bool = False, block_m: int = 64, block_n
     """Exact attention, q [B, H, Sq, D], k/v [B, Hkv, Sk, D], computed tile by tile.
 
     Causal masking aligns the last query with the last key (query i sees keys <= i + Sk - Sq).
+    Shapes are checked as for every backend (``backends._check``: equal batch sizes, head dim >= 1).
     If ``trace`` is a list, each (query block, key block) step appends its running max and sum for
     the block's first query, for the notebook's picture.
     """
@@ -33,8 +35,10 @@ def tiled_attention(q, k, v, is_causal: bool = False, block_m: int = 64, block_n
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
     for name, size in (("block_m", block_m), ("block_n", block_n)):
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        if not is_int(size) or size < 1:
             raise ValueError(f"{name} must be a positive integer, got {size!r}")
+    if trace is not None and (B == 0 or H == 0):  # the trace follows batch row 0, head 0
+        raise ValueError(f"trace needs at least one batch row and one head, got q of shape {tuple(q.shape)}")
     rep = H // k.shape[1]
     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     scale = 1.0 / math.sqrt(D)

@@ -1,6 +1,6 @@
 """Flash attention bench: our Triton kernel against SDPA's flash and cuDNN backends, same run.
 
-GPU: B=4, H=32, D=128, bf16, S = 1k, 4k, 16k, causal and not (causal FLOPs counted as half).
+GPU: B=4, H=32, D=128, bf16, S = 1k, 4k, 16k, causal and not (causal FLOPs count the S(S+1)/2 pairs the mask keeps).
 On a CPU only the PyTorch implementations run (the Triton kernel needs a GPU outside the
 interpreter), at small sizes.
 """

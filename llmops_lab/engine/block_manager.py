@@ -8,9 +8,9 @@ them writes into it (copy-on-write). Full blocks are registered under a hash of 
 of everything before them (prefix caching): a later sequence with the same prefix reuses them.
 
 With ``track_computed`` (the continuous-batching engine, whose prefills run in chunks over several
-steps) a newly filled block is a prefix-cache hit only once ``mark_computed`` says its keys and
-values are in the pool; without it a block counts as soon as it is allocated, which is right when
-the whole batch is computed in the forward that follows (``PagedKVCache``).
+steps, and ``PagedKVCache``, whose forward may fail) a newly filled block is a prefix-cache hit only
+once ``mark_computed`` says its keys and values are in the pool; without it a block counts as soon
+as it is allocated, which is right only if the forward that follows is sure to compute it.
 
 Plain Python bookkeeping, no tensors: the model runner performs the copies this class asks for.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from ..checks import is_int
 from .sequence import Sequence
 
 
@@ -43,10 +44,11 @@ def block_hash(token_ids, prefix_hash: int | None) -> int:
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
                  track_computed: bool = False):
-        if num_blocks < 1:
-            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
-        if block_size < 1 or block_size & (block_size - 1):
-            raise ValueError(f"block_size must be a power of two >= 1, got {block_size}")
+        # an integer first: 4.0 fails the bit test with a raw TypeError, True would pass as 1
+        if not is_int(block_size) or block_size < 1 or block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 1, got {block_size!r}")
+        if not is_int(num_blocks) or num_blocks < 1:
+            raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
         self.block_size = block_size
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_ids: deque[int] = deque(range(num_blocks))
@@ -107,9 +109,10 @@ class BlockManager:
             hits += self.blocks[bid].ref_count > 0
         return hits
 
-    def allocate(self, seq: Sequence) -> int:
+    def allocate(self, seq: Sequence, computing=frozenset()) -> int:
         """Give seq (no blocks yet) blocks for all its tokens; returns how many tokens were found in
-        the prefix cache (their KV need not be computed)."""
+        the prefix cache (their KV need not be computed). Blocks in ``computing`` are hits even while
+        pending: the same forward as seq's computes their KV (identical prompts in one batch)."""
         if seq.block_table:
             raise RuntimeError(f"sequence {seq.seq_id} already has blocks")
         if not self.can_allocate(seq):
@@ -121,7 +124,8 @@ class BlockManager:
             full = len(toks) == self.block_size
             h = block_hash(toks, h) if full else None
             bid = self.cached.get(h) if (full and self.prefix_caching and hit_run) else None
-            if bid is not None and bid not in self.pending and self.blocks[bid].token_ids == toks:
+            if (bid is not None and (bid not in self.pending or bid in computing)
+                    and self.blocks[bid].token_ids == toks):
                 b = self.blocks[bid]
                 if b.ref_count == 0:
                     self.free_ids.remove(bid)

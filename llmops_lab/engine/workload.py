@@ -112,29 +112,31 @@ class RunResult:
             raise ValueError(f"run {self.name!r} has makespan {self.makespan}, so no throughput")
         return self.output_tokens / self.makespan
 
-    def _values(self, key: str) -> list:
+    def _values(self, key: str, strict: bool = True) -> list:
         """The rows' values of ``key`` where measured (TPOT is None for a one-token output)."""
-        if self.requests and not any(key in r for r in self.requests):   # a typo read as "not measured"
+        if strict and self.requests and not any(key in r for r in self.requests):   # a typo read as "not measured"
             raise KeyError(f"run {self.name!r} has no {key!r} in its rows; keys: {sorted(self.requests[0])}")
         return [r[key] for r in self.requests if r.get(key) is not None]
 
-    def mean(self, key: str) -> float:
-        """Mean of ``key`` over the requests that have it; NaN when none does."""
-        vals = self._values(key)
+    def mean(self, key: str, strict: bool = True) -> float:
+        """Mean of ``key`` over the requests that have it; NaN when none does (with ``strict``, a key
+        no row holds at all is a KeyError: a typo, not a missing measurement)."""
+        vals = self._values(key, strict)
         return sum(vals) / len(vals) if vals else float("nan")
 
-    def percentile(self, key: str, q: float) -> float:
+    def percentile(self, key: str, q: float, strict: bool = True) -> float:
         """The q-th percentile (0-100, nearest rank) of ``key``; NaN when no request has it."""
         if not is_real(q) or not 0 <= q <= 100:         # -50 wrapped to the end of the list
             raise ValueError(f"q must be a percentile in [0, 100], got {q!r}")
-        vals = sorted(self._values(key))
+        vals = sorted(self._values(key, strict))
         return vals[min(len(vals) - 1, int(q / 100 * len(vals)))] if vals else float("nan")
 
     def summary(self) -> dict:
         return {"name": self.name, "requests": len(self.requests), "output_tokens": self.output_tokens,
                 "makespan_s": self.makespan, "throughput_tok_s": self.throughput,
-                "mean_ttft_s": self.mean("ttft"), "mean_tpot_s": self.mean("tpot"),
-                "mean_e2e_s": self.mean("e2e"), "p90_e2e_s": self.percentile("e2e", 90),
+                # a hand-built run may lack the latency columns: those show as not measured
+                "mean_ttft_s": self.mean("ttft", False), "mean_tpot_s": self.mean("tpot", False),
+                "mean_e2e_s": self.mean("e2e", False), "p90_e2e_s": self.percentile("e2e", 90, False),
                 "mean_batch": (sum(s["num_seqs"] for s in self.steps) / len(self.steps)) if self.steps else 0.0}
 
 

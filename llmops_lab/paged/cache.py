@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..engine import BlockManager, NoFreeBlocksError, Sequence
+from ..kv.cache import check_dims
 from .attention import PagedView, gather_kv, store_kv
 
 
@@ -26,11 +27,13 @@ class PagedKVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int,
                  block_size: int = 16, dtype=torch.float32, device="cpu", enable_prefix_caching: bool = True,
                  attention: str = "gather"):
-        if min(num_layers, num_kv_heads, head_dim) < 1:
-            raise ValueError("PagedKVCache dimensions must all be >= 1")
+        check_dims(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim)
         if attention not in ("gather", "kernel"):
             raise ValueError(f"attention must be 'gather' or 'kernel', got {attention!r}")
-        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)  # validates both
+        # track_computed: a full block serves later prompts only once a forward has written its KV
+        # (mark_computed in update); a forward that fails partway must not leave zeros to be reused
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching,
+                                          track_computed=True)  # validates both sizes
         self.block_size, self.attention = block_size, attention
         shape = (num_blocks, num_kv_heads, block_size, head_dim)
         self.k_pools = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -46,12 +49,26 @@ class PagedKVCache:
                   dtype=None, device=None, **kwargs):
         """A pool for ``model``; by default as many blocks as ``batch_size`` full-context sequences
         need (the memory ``KVCache.for_model(model, batch_size)`` takes, give or take one block)."""
+        check_dims(batch_size=batch_size)
         c = model.config
         p = next(model.parameters())
         if num_blocks is None:
             num_blocks = batch_size * -(-c.max_position_embeddings // max(block_size, 1))
         return cls(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, num_blocks, block_size,
                    dtype or p.dtype, device or p.device, **kwargs)
+
+    def check_model(self, model) -> None:
+        """ValueError unless this pool holds what ``model`` writes: its layers, KV heads and head dim,
+        in the dtype and on the device of its weights (a forward would fail deep inside, after the
+        prompts had taken their blocks)."""
+        c, p, k = model.config, next(model.parameters()), self.k_pools[0]
+        names = ("layers", "KV heads", "head dim", "dtype", "device")
+        have = (len(self.k_pools), k.shape[1], k.shape[3], k.dtype, k.device)
+        want = (c.num_hidden_layers, c.num_key_value_heads, c.head_dim, p.dtype, p.device)
+        wrong = [f"{n} {h} (the model's: {w})" for n, h, w in zip(names, have, want) if h != w]
+        if wrong:
+            raise ValueError(f"cache does not fit the model: {', '.join(wrong)}; "
+                             f"PagedKVCache.for_model(model, ...) makes one that does")
 
     # -- bookkeeping the caller drives ----------------------------------------------------------
     def add_prompts(self, input_ids) -> int:
@@ -69,7 +86,11 @@ class PagedKVCache:
         need = sum(bm.blocks_needed(s) - bm._shared_hits(s) for s in seqs)
         if need > bm.num_free_blocks:
             raise NoFreeBlocksError(f"{len(rows)} prompts need {need} blocks, {bm.num_free_blocks} free")
-        cached = [bm.allocate(s) for s in seqs]
+        # rows may share each other's new blocks (identical prompts): one forward computes them all
+        cached, computing = [], set()
+        for s in seqs:
+            cached.append(bm.allocate(s, computing))
+            computing.update(s.block_table)
         self.live += seqs
         self.seqs, self.cached_tokens = seqs, cached
         self.length = min(min(cached), len(rows[0]) - 1)
@@ -149,6 +170,9 @@ class PagedKVCache:
             kt, vt = kt[rows], vt[rows]
         store_kv(kt, vt, self.k_pools[layer], self.v_pools[layer], slots)
         end = start + S
+        if layer == len(self.k_pools) - 1:     # every layer's KV is in the pool: the new full blocks
+            for s in self.seqs:                # may serve later prompts (prefix cache)
+                self.block_manager.mark_computed(s, end)
         if self.attention == "kernel":
             return PagedView(self.k_pools[layer], tables, lens, end), PagedView(self.v_pools[layer], tables, lens, end)
         return gather_kv(self.k_pools[layer], tables, end), gather_kv(self.v_pools[layer], tables, end)

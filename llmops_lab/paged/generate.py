@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import is_int
 from ..engine import NoFreeBlocksError
 from ..generation import check_sampling, sample
 from . import triton_paged
@@ -39,12 +40,12 @@ def paged_generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, blo
         ``NoFreeBlocksError`` says so and the sequences stay as they were before the refused step
         (consistent, inspectable; ``cache.release()`` frees them for the next call).
     """
-    if input_ids.dim() == 1:
+    if torch.is_tensor(input_ids) and input_ids.dim() == 1:   # anything else: check_ids names it
         input_ids = input_ids[None]
     model.check_ids(input_ids)
     check_sampling(temperature, top_k, top_p)
-    if max_new_tokens < 1 or n < 1:
-        raise ValueError(f"need max_new_tokens >= 1 and n >= 1, got {max_new_tokens}, {n}")
+    if not (is_int(max_new_tokens) and is_int(n)) or max_new_tokens < 1 or n < 1:
+        raise ValueError(f"need integers max_new_tokens >= 1 and n >= 1, got {max_new_tokens!r}, {n!r}")
     B, S = input_ids.shape
     if S + max_new_tokens > model.config.max_position_embeddings:
         raise ValueError(f"{S} + {max_new_tokens} tokens exceed the model's context of "
@@ -56,6 +57,8 @@ def paged_generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, blo
     elif (block_size is not None and block_size != cache.block_size) or num_blocks is not None:
         raise ValueError(f"block_size and num_blocks describe a new pool; the cache given has its own "
                          f"({cache.block_size}-token blocks, {len(cache.block_manager.blocks)} of them)")
+    else:
+        cache.check_model(model)                  # before add_prompts: a misfit fails deep in the forward
     cache.attention = attention or ("kernel" if triton_paged.available(model.device) else "gather")
     start = cache.add_prompts(input_ids)          # all rows or none: nothing allocated when refused
     logits = model(input_ids[:, start:], cache=cache, backend=paged_attention, last_only=True)[:, -1]

@@ -16,6 +16,7 @@ import random
 from dataclasses import dataclass
 
 from .. import formulas
+from ..checks import is_int, is_real
 from ..engine import BlockManager, Sequence
 
 # Kwon et al. 2023, figure 2: share of reserved KV memory holding token states in earlier systems,
@@ -28,6 +29,12 @@ class Request:
     prompt_len: int
     output_len: int
 
+    def __post_init__(self):
+        if not is_int(self.prompt_len) or self.prompt_len < 1:
+            raise ValueError(f"prompt_len must be an integer >= 1, got {self.prompt_len!r}")
+        if not is_int(self.output_len) or self.output_len < 0:
+            raise ValueError(f"output_len must be an integer >= 0, got {self.output_len!r}")
+
     @property
     def total(self) -> int:
         return self.prompt_len + self.output_len
@@ -37,12 +44,14 @@ def sample_requests(n: int = 1000, max_len: int = 2048, prompt_median: float = 1
                     sigma: float = 1.0, seed: int = 0) -> list[Request]:
     """n requests with lognormal prompt and output lengths (medians in tokens; sigma = 1 gives means
     of about 1.65 x the median, near ShareGPT's 161 prompt / 338 output tokens), each cut to max_len."""
-    if n < 1 or max_len < 2:
-        raise ValueError(f"need n >= 1 and max_len >= 2, got {n}, {max_len}")
+    if not is_int(n) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    if not is_int(max_len) or max_len < 2:     # a float would give fractional lengths
+        raise ValueError(f"max_len must be an integer >= 2, got {max_len!r}")
     for name, v in (("prompt_median", prompt_median), ("output_median", output_median)):
-        if not (math.isfinite(v) and v > 0):
+        if not (is_real(v) and math.isfinite(v) and v > 0):
             raise ValueError(f"{name} must be a finite number > 0, got {v}")
-    if not (math.isfinite(sigma) and sigma >= 0):
+    if not (is_real(sigma) and math.isfinite(sigma) and sigma >= 0):
         raise ValueError(f"sigma must be a finite number >= 0, got {sigma}")
     rng = random.Random(seed)
     out = []
@@ -55,13 +64,14 @@ def sample_requests(n: int = 1000, max_len: int = 2048, prompt_median: float = 1
 
 def current_lengths(requests: list[Request], when: str = "end", seed: int = 0) -> list[int]:
     """Tokens each request holds in its KV cache: at the end of generation (its peak), or at a
-    uniformly random step of its decode ("during": a snapshot of a busy server)."""
+    uniformly random step of its decode ("during": a snapshot of a busy server; a request with no
+    output tokens has no decode and holds its prompt)."""
     if when == "end":
         return [r.total for r in requests]
     if when != "during":
         raise ValueError(f"when must be 'end' or 'during', got {when!r}")
     rng = random.Random(seed)
-    return [r.prompt_len + rng.randint(1, r.output_len) for r in requests]
+    return [r.prompt_len + (rng.randint(1, r.output_len) if r.output_len else 0) for r in requests]
 
 
 def paged_blocks_used(seq_lens: list[int], block_size: int) -> int:
@@ -83,8 +93,13 @@ def memory_report(requests: list[Request], max_len: int, block_size: int, when: 
     """
     if not requests:
         raise ValueError("no requests to report on")
-    if max_len < 1:
-        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    if not all(isinstance(r, Request) for r in requests):
+        raise TypeError("requests must be a list of Request")
+    if not is_int(max_len) or max_len < 1:
+        raise ValueError(f"max_len must be an integer >= 1, got {max_len!r}")
+    longest = max(r.total for r in requests)
+    if longest > max_len:       # "during" lengths may fit, but the request cannot end in max_len slots
+        raise ValueError(f"max_len {max_len} is shorter than a request ({longest} tokens at its end)")
     lens = current_lengths(requests, when, seed)
     used = sum(lens)
     paged = paged_blocks_used(lens, block_size) * block_size
@@ -104,6 +119,13 @@ def memory_report(requests: list[Request], max_len: int, block_size: int, when: 
 def parallel_sampling_blocks(prompt_len: int, output_lens: list[int], block_size: int) -> dict:
     """Blocks n samples of one prompt take when they share the prompt's blocks (fork, then
     copy-on-write), against n separate copies; counted by the BlockManager."""
+    if not is_int(prompt_len) or prompt_len < 1:
+        raise ValueError(f"prompt_len must be an integer >= 1, got {prompt_len!r}")
+    if isinstance(output_lens, (str, bytes)) or not hasattr(output_lens, "__iter__"):
+        raise TypeError(f"output_lens must be a list of output lengths, one per sample, got {output_lens!r}")
+    output_lens = list(output_lens)
+    if not output_lens or not all(is_int(o) and o >= 0 for o in output_lens):
+        raise ValueError(f"output_lens must be one or more integers >= 0 (one per sample), got {output_lens!r}")
     n = len(output_lens)
     bm = BlockManager(sum(formulas.num_blocks(prompt_len + o, block_size) for o in output_lens),
                       block_size, enable_prefix_caching=False)
