@@ -142,6 +142,8 @@ def as_device(device) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r} ({e})") from None
+    if dev.type not in ("cpu", "cuda"):   # 'meta' loaded a model with no weights; 'mps', 'xpu' are untested here
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {device!r}: CUDA is not available on this machine (use 'cpu')")

@@ -60,6 +60,9 @@ def greedy_agreement(target, draft, prompts: list[torch.Tensor], new_tokens: int
     Returns ``alpha`` (the fraction of positions that agree: the per-token acceptance rate of
     greedy speculative decoding) and ``per_prompt`` rates.
     """
+    if target.config.vocab_size != draft.config.vocab_size:   # argmaxes of two vocabularies: alpha 0, no word
+        raise ValueError(f"draft vocabulary ({draft.config.vocab_size}) differs from the target's "
+                         f"({target.config.vocab_size}): they must share a tokenizer")
     if len(prompts) == 0:
         raise ValueError("greedy_agreement needs at least one prompt, got none")
     rates = []

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .generation import check_sampling, sample
+from .generation import check_attention_mask, check_sampling, sample
 from .kv import KVCache
 from .kv.cache import write_at
 
@@ -118,9 +118,12 @@ class StaticDecoder:
         return out[:, -1]
 
 
-def check_fixed_length(model, input_ids, max_new_tokens, temperature, top_k, top_p) -> tuple[int, int]:
-    """Arguments of a generation that runs every row ``max_new_tokens`` (no stop tokens): (B, S)."""
+def check_fixed_length(model, input_ids, max_new_tokens, temperature, top_k, top_p,
+                       attention_mask=None) -> tuple[int, int]:
+    """Arguments of a generation that runs every row ``max_new_tokens`` (no stop tokens): (B, S).
+    The mask as ``generate`` takes it: right padding or a row of none gave other tokens silently."""
     model.check_ids(input_ids)
+    check_attention_mask(attention_mask, input_ids)
     check_sampling(temperature, top_k, top_p)
     B, S = input_ids.shape
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
@@ -137,7 +140,7 @@ def generate_static(model, input_ids, max_new_tokens: int = 32, temperature: flo
                     cuda_graph: bool | None = None, decoder: StaticDecoder | None = None) -> torch.Tensor:
     """Like ``generation.generate`` without stop tokens (every row runs ``max_new_tokens``), on a
     static cache; pass a ``decoder`` to reuse its captured graph across calls of the same shape."""
-    B, S = check_fixed_length(model, input_ids, max_new_tokens, temperature, top_k, top_p)
+    B, S = check_fixed_length(model, input_ids, max_new_tokens, temperature, top_k, top_p, attention_mask)
     dec = decoder or StaticDecoder(model, B, S + max_new_tokens, cuda_graph)
     if dec.cache.batch_size != B or dec.cache.max_seq_len < S + max_new_tokens - 1:
         raise ValueError(f"the decoder holds {dec.cache.batch_size} rows of {dec.cache.max_seq_len} tokens; this "

@@ -219,7 +219,7 @@ def generate_lean(model, input_ids, max_new_tokens: int = 32, temperature: float
                   attention_mask=None, generator=None, lean: LeanModel | None = None) -> torch.Tensor:
     """Like ``generation.generate`` without stop tokens (every row runs ``max_new_tokens``), through
     a ``LeanModel``; pass ``lean`` to reuse its fused weights across calls."""
-    B, S = check_fixed_length(model, input_ids, max_new_tokens, temperature, top_k, top_p)
+    B, S = check_fixed_length(model, input_ids, max_new_tokens, temperature, top_k, top_p, attention_mask)
     lean = lean or LeanModel(model)
     cache = lean.new_cache(B, S + max_new_tokens)
     mask = None

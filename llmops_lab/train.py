@@ -33,6 +33,7 @@ TOKENIZER_DIR = DATA_DIR / "tokenizer"
 VOCAB_SIZE = 4096
 SPECIALS = ["<s>", "</s>", "<pad>"]  # ids 0, 1, 2
 
+CONTEXT = 1024          # the embedded models' context: training sequences no longer than it
 SHAPES = {
     # ~8.1M parameters, grouped-query (8 query heads share 2 KV heads), 1024-token context.
     "target": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=8,
@@ -49,7 +50,7 @@ DISTILL_WEIGHT = 0.5
 
 
 def model_config(which: str, vocab_size: int = VOCAB_SIZE) -> ModelConfig:
-    return ModelConfig(vocab_size=vocab_size, max_position_embeddings=1024, rms_norm_eps=1e-5,
+    return ModelConfig(vocab_size=vocab_size, max_position_embeddings=CONTEXT, rms_norm_eps=1e-5,
                        rope_theta=10000.0, bos_token_id=0, eos_token_id=1, name=which, **SHAPES[which])
 
 
@@ -134,8 +135,9 @@ def load_state(run: Path, model, opt) -> tuple[int, list, list]:
     return meta["step"], meta["log"], meta.get("commands", [])
 
 
-def check_run(steps, lr, batch, seq_len, max_minutes=None, save_every=1, eval_every=1) -> None:
-    """A training run's numbers, checked before the corpus and the model are loaded."""
+def check_run(steps, lr, batch, seq_len, max_minutes=None, save_every=1, eval_every=1,
+              distill_weight=0.0, threads=None) -> None:
+    """A training run's numbers, checked before the corpus is fetched and the model loaded."""
     for name, v in (("steps", steps), ("batch", batch), ("seq_len", seq_len), ("save_every", save_every),
                     ("eval_every", eval_every)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -144,6 +146,12 @@ def check_run(steps, lr, batch, seq_len, max_minutes=None, save_every=1, eval_ev
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if max_minutes is not None and not 0 < max_minutes:
         raise ValueError(f"max_minutes must be > 0 (or None for no limit), got {max_minutes}")
+    if seq_len > CONTEXT:       # RoPE positions past the context the model is configured for
+        raise ValueError(f"seq_len must be at most the models' context of {CONTEXT}, got {seq_len}")
+    if not (isinstance(distill_weight, (int, float)) and 0.0 <= distill_weight <= 1.0):   # NaN too
+        raise ValueError(f"distill_weight must be in [0, 1], got {distill_weight!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be an integer >= 1 (or None), got {threads!r}")
 
 
 def train_model(which: str, steps: int, lr: float, batch: int, seq_len: int = 1024, seed: int = 0,
@@ -151,9 +159,7 @@ def train_model(which: str, steps: int, lr: float, batch: int, seq_len: int = 10
                 threads: int | None = None, distill: bool | None = None,
                 distill_weight: float = DISTILL_WEIGHT) -> dict:
     from transformers import AutoTokenizer
-    check_run(steps, lr, batch, seq_len, max_minutes, save_every, eval_every)
-    if not 0.0 <= distill_weight <= 1.0:
-        raise ValueError(f"distill_weight must be in [0, 1], got {distill_weight}")
+    check_run(steps, lr, batch, seq_len, max_minutes, save_every, eval_every, distill_weight, threads)
     if threads:
         torch.set_num_threads(threads)
     tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
@@ -256,9 +262,15 @@ def main(argv=None):
     # a flag left out takes the model's default; a 0 given is refused, not replaced by the default
     runs = {which: {k: DEFAULTS[which][k] if getattr(a, k) is None else getattr(a, k) for k in ("steps", "lr", "batch")}
             for which in ("target", "draft") if a.what in (which, "all")}
+    if not runs:                                 # slices/tokenizer/card: the run options still apply
+        try:
+            check_run(1, 1.0, 1, a.seq_len, a.max_minutes, distill_weight=a.distill_weight, threads=a.threads)
+        except ValueError as e:
+            ap.error(str(e))
     for r in runs.values():                      # before anything is fetched or trained
         try:
-            check_run(r["steps"], r["lr"], r["batch"], a.seq_len, a.max_minutes)
+            check_run(r["steps"], r["lr"], r["batch"], a.seq_len, a.max_minutes,
+                      distill_weight=a.distill_weight, threads=a.threads)
         except ValueError as e:
             ap.error(str(e))
     texts = corpus.fetch_texts()

@@ -1,4 +1,5 @@
 """Tests for llmops_lab.device: guarded, cached capability probes and the CPU fallback message."""
+import pytest
 import torch
 
 from llmops_lab import device
@@ -50,3 +51,13 @@ def test_fallback_message(capsys):
         assert "python -m llmops_lab.bench --device cuda" in message
         device.notify_fallback("the KV-cache benchmark")
         assert capsys.readouterr().out.strip() == message
+
+
+def test_as_device_takes_cpu_and_cuda_only():
+    """'meta' loaded a model with no weights (generate then failed far away); 'mps' and 'xpu' passed."""
+    import torch
+    from llmops_lab.device import as_device
+    assert as_device("cpu") == torch.device("cpu") and as_device(torch.device("cpu")).type == "cpu"
+    for bad in ("meta", "mps", "xpu", "gpu", 3.5):
+        with pytest.raises(ValueError, match="device"):
+            as_device(bad)

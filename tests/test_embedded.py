@@ -1,4 +1,5 @@
 """The embedded tokenizer and target/draft pair: offline loading, and our runtime vs transformers."""
+import dataclasses
 import json
 import os
 
@@ -120,7 +121,11 @@ def test_bad_run_numbers_are_refused_before_training(kw, match):
         train_model("draft", **{**dict(steps=1, lr=1e-3, batch=1), **kw})
 
 
-@pytest.mark.parametrize("flag", [["--steps", "0"], ["--lr", "0"], ["--batch", "0"]])
+@pytest.mark.parametrize("flag", [["--steps", "0"], ["--lr", "0"], ["--batch", "0"],
+                                  # these reached the corpus download (and with "all" would have
+                                  # rewritten the slices and the tokenizer) before being refused
+                                  ["--distill-weight", "5"], ["--distill-weight", "nan"], ["--threads", "-1"],
+                                  ["--seq-len", "4096"]])
 def test_train_cli_refuses_zero_instead_of_using_the_default(flag, monkeypatch):
     """``--steps 0`` used to mean the default 1200 steps (``a.steps or default``)."""
     from llmops_lab import corpus as corpus_mod
@@ -137,6 +142,9 @@ def test_greedy_agreement_of_a_model_with_itself_is_one(tokenizer):
     prompts = held_out_prompts(tokenizer, corpus.read_slice("validation"), n=2, prompt_tokens=8)
     agree = greedy_agreement(m, m, prompts, new_tokens=6)
     assert agree["alpha"] == 1.0 and agree["per_prompt"] == [1.0, 1.0]
+    other = llmops_lab.LlamaModel(dataclasses.replace(m.config, vocab_size=8192))
+    with pytest.raises(ValueError, match="vocabulary"):                # alpha 0 with no word
+        greedy_agreement(m, other, prompts, new_tokens=2)
 
 
 def test_card_tells_resumed_runs_from_continued_ones():

@@ -188,6 +188,7 @@ def test_bad_requests_refused(tiny, prompt, params, match):
     (dict(seed="1"), "seed"), (dict(stop_token_ids=[2.0]), "stop_token_ids"),
     # a scalar where a list goes was a raw "'int' object is not iterable"; a dict passed as its keys
     (dict(stop_token_ids=5), "stop_token_ids"), (dict(stop=5), "stop"), (dict(stop={"a": 1}), "stop"),
+    (dict(ignore_eos="no"), "ignore_eos"),              # truthy: it ignored the EOS it meant to keep
 ])
 def test_bad_sampling_params(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -227,6 +228,17 @@ def test_stop_strings_cut_the_text_where_they_matched(embedded):
     bad = LLM(model=pad_early, tokenizer=tok, num_kv_blocks=256).generate(
         "Hello world", SamplingParams(max_tokens=10, stop="<pad>", **GREEDY), use_tqdm=False)[0]
     assert bad.error and "stop_token_ids" in bad.error
+
+
+def test_a_stop_string_split_across_byte_tokens_is_found(embedded):
+    """"é" is two byte tokens: the text before the second one ends in U+FFFD, which moved the search
+    past the stop string, and generation ran on."""
+    from llmops_lab.engine.sampling_params import stop_string_at
+    _, tok, _ = embedded
+    for text, stop in (("Hello é world", "é"), ("To be — or not", "—"), ("plain stop here", "stop")):
+        ids = tok(text, add_special_tokens=False).input_ids
+        found = next((n for n in range(1, len(ids) + 1) if stop_string_at(tok, ids[:n], stop) >= 0), None)
+        assert found is not None and tok.decode(ids[:found]).endswith(stop), (text, stop)
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])

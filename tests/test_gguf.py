@@ -143,3 +143,85 @@ def test_k_quant_by_llama_cpp_reads_back_within_the_bound(tmp_path):
     report = check_gguf(path, model, tok)
     assert report["ok"], report["mismatches"]
     assert {r["type"] for r in report["tensors"]} == {"F32", "Q4_K", "Q6_K"}
+
+
+@needs_llama_cpp
+def test_requantize_refuses_its_own_source_and_says_why_llama_cpp_failed(exported, tmp_path):
+    """requantize(p, p) killed the process (bus error) and left p truncated; a missing dst folder
+    and a quantized source both failed with only "return code 1" (llama.cpp's log was silenced)."""
+    import shutil
+
+    from llmops_lab.quant.gguf import requantize
+    src = shutil.copy(exported["F32"], tmp_path / "f32.gguf")
+    size = src.stat().st_size
+    with pytest.raises(ValueError, match="dst is src"):
+        requantize(src, tmp_path / "." / "f32.gguf", "Q6_K")
+    assert src.stat().st_size == size
+    with pytest.raises(RuntimeError, match="requantizing from type q8_0 is disabled"):
+        requantize(exported["Q8_0"], tmp_path / "o.gguf", "Q6_K")
+    out = requantize(src, tmp_path / "new" / "dir" / "q6k.gguf", "Q6_K")   # the folder is made
+    assert out.is_file()
+
+
+def test_export_checks_its_arguments_before_touching_the_file(draft, exported, tmp_path, monkeypatch):
+    """name=5 truncated an existing file and then raised "object of type 'int' has no len()";
+    tokenizer=None raised AttributeError; a failure while writing left the target cut short."""
+    import shutil
+
+    import llmops_lab.quant.gguf as G
+    model, tok = draft
+    target = shutil.copy(exported["Q4_0"], tmp_path / "keep.gguf")
+    before = target.read_bytes()
+    with pytest.raises(TypeError, match="name"):
+        G.export_gguf(model, tok, target, "F16", name=5)
+    with pytest.raises(TypeError, match="tokenizer"):
+        G.export_gguf(model, None, target, "F16")
+
+    def boom(*a):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(G, "_quantize", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        G.export_gguf(model, tok, target, "F16")
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.gguf"]     # no temporary file left
+
+
+def test_reading_a_cut_file_names_it(exported, tmp_path):
+    """A truncated file raised "cannot reshape array of size N into shape (...)", a 100-byte one a
+    numpy dtype error, neither saying which file or what is wrong with it."""
+    from llmops_lab.quant.gguf import read_gguf, read_gguf_metadata
+    data = exported["Q8_0"].read_bytes()
+    for n in (len(data) // 2, 100):
+        cut = tmp_path / f"cut{n}.gguf"
+        cut.write_bytes(data[:n])
+        for read in (read_gguf, read_gguf_metadata):
+            with pytest.raises(ValueError, match=f"cut{n}.gguf is not a complete GGUF file"):
+                read(cut)
+
+
+@needs_llama_cpp
+def test_llama_cpp_generate_refuses_what_it_would_ignore(peers):
+    """generate swallowed every other keyword: a left-padded prompt's attention_mask was dropped
+    and the pads fed as tokens, top_k/pad_token_id ignored, max_new_tokens=-3 returned the prompt;
+    a prompt past the context raised a numpy broadcast error and an id outside the vocabulary
+    "llama_decode returned -1"."""
+    peer = peers["Q8_0"]
+    p = torch.tensor([[5, 17, 300, 42, 9]])
+    plain = peer.generate(p, max_new_tokens=3, stop_token_ids=())
+    assert torch.equal(peer.generate(p, max_new_tokens=3, stop_token_ids=(), attention_mask=torch.ones_like(p)), plain)
+    padded, mask = torch.tensor([[0, 0, 5, 17, 300, 42, 9]]), torch.tensor([[0, 0, 1, 1, 1, 1, 1]])
+    with pytest.raises(ValueError, match="attention_mask must be all ones"):
+        peer.generate(padded, attention_mask=mask, max_new_tokens=3)
+    for kw in ("top_k", "pad_token_id", "generator"):
+        with pytest.raises(TypeError, match=kw):
+            peer.generate(p, max_new_tokens=3, **{kw: 5})
+    for n in (-3, 0, 2.0, True):
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            peer.generate(p, max_new_tokens=n)
+    too_long = torch.full((1, 257), 5)
+    for run in (peer, peer.generate):
+        with pytest.raises(ValueError, match="1 to 256 tokens"):
+            run(too_long)
+        for bad in (4096, -1):
+            with pytest.raises(ValueError, match=r"\[0, 4096\)"):
+                run(torch.tensor([[5, bad]]))

@@ -61,6 +61,14 @@ def test_generate_lean_left_padded():
     mask[1, :5] = 0
     want = m.generate(ids, max_new_tokens=11, stop_token_ids=(), attention_mask=mask)
     assert torch.equal(generate_lean(m, ids, 11, attention_mask=mask), want)
+    from llmops_lab.fast_decode import generate_static
+    right = mask.flip(1)                       # right padding, a row of none, a 2: other tokens, no word
+    none = mask.clone()
+    none[1] = 0
+    for bad, match in ((right, "left"), (none, "at least one"), (mask * 2, "0 .padding. and 1"), (mask[0], "shape")):
+        for fn in (generate_lean, generate_static):
+            with pytest.raises(ValueError, match=match):
+                fn(m, ids, 3, attention_mask=bad)
 
 
 def test_errors():

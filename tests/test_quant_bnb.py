@@ -73,3 +73,25 @@ def test_missing_bitsandbytes_is_a_clear_error_and_changes_nothing(monkeypatch):
     with pytest.raises(ImportError, match="pip install"):
         quantize(model, "bnb_int8", progress=False)
     assert type(model[0]) is torch.nn.Linear and not qbnb.available()
+
+
+@needs_bnb
+def test_a_bitsandbytes_model_is_not_quantized_again(target):
+    """Linear8bitLt is an nn.Linear: a second bnb pass, or GPTQ after it, read its int8 codes as float
+    weights (logits off by 14); RTN skips its layers. Each method's knob is refused on the other."""
+    from llmops_lab.quant import embedded_calibration
+    target = target[0]
+    q = quantize(copy.deepcopy(target), "bnb_int8")
+    before = {k: v.clone() for k, v in q.state_dict().items() if torch.is_tensor(v)}
+    for kw in (dict(method="bnb_int8"), dict(method="bnb_nf4"),
+               dict(method="gptq", calibration=embedded_calibration(2, 32))):
+        with pytest.raises(ValueError, match="takes a float model"):
+            quantize(q, progress=False, **kw)
+    with pytest.raises(ValueError, match="no nn.Linear to quantize"):
+        quantize(q, "rtn", progress=False)
+    assert all(torch.equal(before[k], v) for k, v in q.state_dict().items() if torch.is_tensor(v))
+    for kw, match in ((dict(method="bnb_nf4", threshold=3.0), "threshold"),
+                      (dict(method="bnb_int8", compute_dtype=torch.bfloat16), "compute_dtype"),
+                      (dict(method="bnb_int8", threshold="x"), "threshold")):
+        with pytest.raises(ValueError, match=match):
+            quantize(copy.deepcopy(target), **kw)

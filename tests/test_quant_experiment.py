@@ -65,14 +65,16 @@ def test_run_sizes(monkeypatch):
 
 def test_perplexity_table(tiny, tok):
     specs = [E.QuantSpec("fp32", 32), E.QuantSpec("rtn", 8, -1), E.QuantSpec("rtn", 2, 32),
-             E.QuantSpec("gptq", 4, 32), E.QuantSpec("no_such_method", 4, 32)]
+             E.QuantSpec("gptq", 4, 32)]
     rows = E.perplexity_table(tiny, tok, SIZES, specs, progress=False)
     by = {r["label"]: r for r in rows}
     assert by["fp32"]["delta_pct"] == 0 and by["fp32"]["perplexity"] > 1
     assert abs(by["RTN int8 per channel"]["delta_pct"]) < 1
     assert abs(by["RTN int2 g32"]["delta_pct"]) > abs(by["RTN int8 per channel"]["delta_pct"])
     assert by["GPTQ int4 g32"]["perplexity"] is not None and by["GPTQ int4 g32"]["n_calibration"] == 2
-    assert by["NO_SUCH_METHOD int4 g32"]["perplexity"] is None and by["NO_SUCH_METHOD int4 g32"]["not_measured"]
+    for typo in ("no_such_method", "GPTQ", "rtn4"):     # showed as "not measured" rows, as if a library were missing
+        with pytest.raises(ValueError, match="unknown method"):
+            E.QuantSpec(typo, 4, 32)
     assert len(by["fp32"]["window_nll"]) == SIZES.eval_windows
     again = E.perplexity_table(tiny, tok, SIZES, specs[:2], progress=False, reuse=rows)
     assert again[1] is rows[1]                          # reused, not rerun
@@ -199,3 +201,25 @@ def test_calibration_spread():
     by = {s["across"]: s for s in E.calibration_spread(study)}
     assert by["texts"]["low"]["delta_pct"] == 0.1 and by["texts"]["high"]["calibration"] == "random_tokens"
     assert by["counts"]["high"]["n_calibration"] == 16
+
+
+def test_quant_spec_refuses_formats_it_would_mislabel(tiny):
+    """QuantSpec("bnb_int8", 4, 32) was labelled "BNB_INT8 int4 g32" but ran int8 per channel,
+    bnb_nf4 at g128 ran NF4's blocks of 64; QuantSpec(5) failed later with AttributeError; a NaN
+    weight under bitsandbytes became a "not measured" row instead of an error."""
+    for bad in (("bnb_int8", 4, 32), ("bnb_nf4", 4, 128), ("bnb_nf4", 8, 64), ("gguf_q4_k_m", 4, 256)):
+        with pytest.raises(ValueError, match="bnb_|GGUF"):
+            E.QuantSpec(*bad)
+    with pytest.raises(TypeError, match="method"):
+        E.QuantSpec(5)
+    with pytest.raises(TypeError, match="bits"):
+        E.QuantSpec("rtn", 4.0)
+    assert {s.method for s in E.LIBRARY_SPECS} >= {"bnb_int8", "bnb_nf4"}    # the library rows still build
+    from llmops_lab.quant import bnb
+    if not bnb.available():
+        return
+    nan = E.quantized_copy(tiny, E.QuantSpec("fp32", 32))
+    with torch.no_grad():
+        nan.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        E.quantized_copy(nan, E.QuantSpec("bnb_int8", 8, -1))

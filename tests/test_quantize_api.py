@@ -206,3 +206,18 @@ def test_float_only_tools_refuse_a_quantized_model(small, tmp_path):
         hf_twin(q)
     with pytest.raises(ValueError, match="export_gguf takes a float model"):
         export_gguf(q, llmops_lab.load_tokenizer("target"), tmp_path / "q.gguf")
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_calibrated_methods_refuse_a_partly_quantized_model(small, calib, method):
+    """A QuantLinear's .weight is a dequantized copy: GPTQ wrote its updates into that temporary and
+    re-quantized the int8 codes to int4 (AWQ failed on the state's format entry). RTN may still
+    quantize the layers an earlier pass skipped."""
+    part = quantize(copy.deepcopy(small), "rtn", bits=8, skip=("lm_head", "mlp"), progress=False)
+    with pytest.raises(ValueError, match="takes a float model"):
+        quantize(part, method, calibration=calib, progress=False)
+    direct = gptq_quantize_model if method == "gptq" else awq_quantize_model
+    with pytest.raises(ValueError, match="takes a float model"):
+        direct(part, calib, GPTQConfig() if method == "gptq" else AWQConfig(), progress=False)
+    quantize(part, "rtn", skip=("lm_head",), progress=False)
+    assert not any(isinstance(m, torch.nn.Linear) for n, m in part.named_modules() if "layers" in n)

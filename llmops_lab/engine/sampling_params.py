@@ -12,7 +12,7 @@ Validated on construction: a bad value is an error here, never a silent change o
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..checks import is_int as _is_int
 from ..checks import is_real as _is_real
@@ -33,7 +33,6 @@ class SamplingParams:
     stop: tuple[str, ...] | list[str] | str | None = None
     stop_token_ids: tuple[int, ...] | list[int] | None = None
     ignore_eos: bool = False
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
         def bad(msg):
@@ -51,6 +50,8 @@ class SamplingParams:
             bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             bad(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
+        if not isinstance(self.ignore_eos, bool):      # "no" is truthy: it ignored the EOS it meant to keep
+            bad(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         if self.seed is not None and not _is_int(self.seed):
             bad(f"seed must be an integer or None, got {self.seed!r}")
         if self.stop is not None and not isinstance(self.stop, (str, list, tuple)):
@@ -120,7 +121,11 @@ def stop_string_at(tokenizer, output_ids, stop: str, texts: tuple[str, str] | No
     returned), counting only an occurrence that overlaps what the last token added; -1 if none.
     ``texts``: ``_texts`` of these ids, when already decoded."""
     text, before = texts or _texts(tokenizer, output_ids)
-    return text.find(stop, max(0, len(before) - len(stop) + 1))
+    # A character split across byte tokens decodes as U+FFFD until its last byte comes: the text
+    # before this token may end in one where the full text has the real character, so the search
+    # starts where the two texts stop agreeing, not at len(before) (which skipped a stop like "é").
+    same = len(before.rstrip("\ufffd"))
+    return text.find(stop, max(0, same - len(stop) + 1))
 
 
 def completion_text(tokenizer, output_ids, stop_reason) -> str:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..checks import check_float_model
 from .gptq import LINEAR_NAMES, LayerRunner, _progress, check_calibration, check_linears
 from .rtn import quantize_rtn
 from .weights import QuantizedWeight, check_bool, is_int
@@ -211,6 +212,9 @@ def awq_quantize_model(model, calibration_ids: torch.Tensor, config: AWQConfig =
     restores the model like any other (``quantize`` checks the scales fit its scale_dtype there).
     Returns {"model.layers.{i}.{name}": QuantizedWeight}. On a bad input nothing is changed.
     """
+    # a quantized layer's .weight is a dequantized copy: the run would rewrite a temporary and
+    # quantize the already quantized codes again
+    check_float_model(model, "AWQ")
     ids = check_calibration(model, calibration_ids)
     check_linears(model, config.q_group_size)
     runner = LayerRunner(model, ids)

@@ -76,9 +76,19 @@ def bnb_quantize(model: nn.Module, method: str = "bnb_int8", skip=("lm_head",), 
     All modules are built before any is swapped, so on an error (bitsandbytes missing, NaN/inf
     weights) the model is left untouched.
     """
+    from ..checks import check_float_model, is_real
     from .quant_linear import linear_targets, swap_modules
     if method not in BNB_METHODS:
         raise ValueError(f"bitsandbytes methods are {BNB_METHODS}, got {method!r}")
+    # Linear8bitLt is an nn.Linear: a second pass read its int8 codes as float weights
+    check_float_model(model, f"quantize(method={method!r})")
+    # each method has its own knob: the other one was accepted and did nothing
+    if method == "bnb_nf4" and threshold != 6.0:
+        raise ValueError("threshold is LLM.int8()'s outlier threshold (bnb_int8); bnb_nf4 has none")
+    if method == "bnb_int8" and compute_dtype is not None:
+        raise ValueError("compute_dtype sets bnb_nf4's matmul dtype; bnb_int8 computes in fp16 with int8 outliers split off")
+    if not is_real(threshold) or not 0 <= threshold < float("inf"):
+        raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
     import_bnb()
     targets = linear_targets(model, skip)
     for name, mod in targets:

@@ -13,13 +13,14 @@ the rows of q_proj and k_proj per head so both compute the same attention (``per
 """
 from __future__ import annotations
 
+import ctypes
 import json
-import logging
+import os
 from pathlib import Path
 
 import numpy as np
 
-from ..checks import check_float_model
+from ..checks import check_float_model, is_int
 
 # GGUF type names users know from llama.cpp, mapped to the LlamaFileType recorded in the file.
 GGUF_TYPES = ("F32", "F16", "Q8_0", "Q4_0")
@@ -159,12 +160,30 @@ def export_gguf(model, tokenizer, path: str | Path, qtype: str = "F32", name: st
     c = model.config
     check_float_model(model, "export_gguf")   # GGUF quantizes at qtype itself, from the float weights
     check_exportable(c, qtype)
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str (general.name), got {type(name).__name__}")
+    if tokenizer is None:
+        raise TypeError("export_gguf needs the model's tokenizer (the GGUF file holds its vocabulary), got None")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise ValueError(f"path {path} is a folder; pass the .gguf file to write")
     tok = tokenizer_metadata(tokenizer)
     if len(tok["tokens"]) != c.vocab_size:
         raise ValueError(f"tokenizer has {len(tok['tokens'])} tokens, the model {c.vocab_size} rows")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside the target and renamed onto it at the end: a failure part way leaves an
+    # existing file at ``path`` intact, never truncated.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        _write_gguf(gguf, model, tok, tmp, qtype, name)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
+
+def _write_gguf(gguf, model, tok: dict, path: Path, qtype: str, name: str) -> None:
+    c = model.config
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name(name or c.name or "llmops-lab")
     w.add_file_type(int(getattr(gguf.LlamaFileType, _FILE_TYPES[qtype])))
@@ -192,7 +211,6 @@ def export_gguf(model, tokenizer, path: str | Path, qtype: str = "F32", name: st
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return path
 
 
 def _metadata(reader) -> dict:
@@ -200,21 +218,43 @@ def _metadata(reader) -> dict:
             if not key.startswith("GGUF.") and field.types}
 
 
+# What gguf's reader raises on a file that is not GGUF or is cut short (its numpy views of the
+# memory map fail to reshape, or a header field reads as garbage).
+_READ_ERRORS = (ValueError, TypeError, IndexError, KeyError, OverflowError, MemoryError)
+
+
+def _not_gguf(path, err) -> ValueError:
+    return ValueError(f"{path} is not a complete GGUF file ({type(err).__name__}: {str(err)[:200]})")
+
+
+def _reader(path: str | Path):
+    gguf = _gguf()
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no GGUF file at {path}")
+    try:
+        return gguf.GGUFReader(str(path))
+    except _READ_ERRORS as err:
+        raise _not_gguf(path, err) from err
+
+
 def read_gguf_metadata(path: str | Path) -> dict:
     """The key/value metadata of a GGUF file (hyperparameters, tokenizer), tensors left unread."""
-    return _metadata(_gguf().GGUFReader(str(path)))
+    return _metadata(_reader(path))
 
 
 def read_gguf(path: str | Path) -> tuple[dict, dict[str, tuple[str, np.ndarray]]]:
     """Metadata (scalars, strings, arrays) and tensors as (ggml type name, dequantized float32 array)."""
     gguf = _gguf()
-    reader = gguf.GGUFReader(str(path))
+    reader = _reader(path)
     meta = _metadata(reader)
     tensors = {}
-    for t in reader.tensors:
-        shape = tuple(int(s) for s in reversed(t.shape))   # GGUF lists ne0 (the row length) first
-        data = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
-        tensors[t.name] = (t.tensor_type.name, data.astype(np.float32))
+    try:
+        for t in reader.tensors:
+            shape = tuple(int(s) for s in reversed(t.shape))   # GGUF lists ne0 (the row length) first
+            data = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
+            tensors[t.name] = (t.tensor_type.name, data.astype(np.float32))
+    except _READ_ERRORS as err:
+        raise _not_gguf(path, err) from err
     return meta, tensors
 
 
@@ -282,21 +322,39 @@ def requantize(src: str | Path, dst: str | Path, qtype: str = "Q4_K_M", threads:
     """Quantize a GGUF file with llama.cpp's own quantizer (``llama-quantize``), for the k-quants
     that ``gguf.quants`` cannot encode. Q4_K_M keeps half of the attn_v/ffn_down tensors and the
     output at Q6_K, as llama.cpp chooses; rows must be multiples of 256 or it falls back to others.
+    ``src`` should be an F32 or F16 file: llama.cpp refuses to requantize an already quantized one.
     """
     import llama_cpp
+    import llama_cpp._logger
     if qtype not in K_QUANT_TYPES:
         raise ValueError(f"requantize writes {K_QUANT_TYPES}, not {qtype!r}")
+    if not is_int(threads) or threads < 0:
+        raise ValueError(f"threads must be an integer >= 0 (0: llama.cpp's default), got {threads!r}")
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise FileNotFoundError(f"no GGUF file at src={src}")
+    # llama.cpp maps src and writes dst from the start: the same file crashes the process (bus
+    # error) and leaves src truncated.
+    if dst.resolve() == src.resolve():
+        raise ValueError(f"dst is src ({src}); write the quantized file elsewhere")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{_FILE_TYPES[qtype]}")
     params.nthread = threads
-    dst = Path(dst)
-    log = logging.getLogger("llama-cpp-python")   # llama.cpp's log lines go through it; quiet them
-    level = log.level
-    log.setLevel(logging.ERROR)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level, text, user_data):   # keep llama.cpp's log for the error message, print nothing
+        lines.append(text.decode("utf-8", "replace").strip())
+
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
     try:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     finally:
-        log.setLevel(level)
+        llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, ctypes.c_void_p(0))
     if rc != 0:
-        raise RuntimeError(f"llama.cpp could not quantize {src} to {qtype} (return code {rc})")
+        # its reason is the line "llama_model_quantize: failed to quantize: ..."
+        reason = next((ln.split("failed to quantize:")[-1].strip() for ln in reversed(lines)
+                       if "failed to quantize" in ln), f"return code {rc}")
+        raise RuntimeError(f"llama.cpp could not quantize {src} to {qtype}: {reason}")
     return dst

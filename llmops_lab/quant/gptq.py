@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..checks import check_float_model
 from .rtn import quantize_rtn, resolve_group_size
 from .weights import QuantizedWeight, check_bool, is_int
 
@@ -267,6 +268,9 @@ def gptq_quantize_model(model, calibration_ids: torch.Tensor, config: GPTQConfig
             raises restores the model like any other (``quantize`` checks the scales fit there).
     Returns {"model.layers.{i}.{name}": QuantizedWeight}. On a bad input nothing is changed.
     """
+    # a quantized layer's .weight is a dequantized copy: the run would rewrite a temporary and
+    # quantize the already quantized codes again
+    check_float_model(model, "GPTQ")
     ids = check_calibration(model, calibration_ids)
     check_linears(model, config.group_size)
     runner = LayerRunner(model, ids)

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from ..checks import is_int
 from ..corpus import read_slice
 from .speed import decode_prefill_speed
 
@@ -50,10 +51,27 @@ class LlamaCppPeer:
         kv = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if kv_f32 else {}
         self.llm = Llama(model_path=str(path), n_ctx=n_ctx or ctx_train, n_batch=n_batch,
                          n_threads=threads, n_threads_batch=threads, logits_all=True, verbose=False, **kv)
-        self.config = SimpleNamespace(max_position_embeddings=min(ctx_train, self.llm.n_ctx()),
+        # llama.cpp rounds its context up (to 256) but keeps logits for the n_ctx asked for only
+        n_ctx = min(self.llm.n_ctx(), self.llm.context_params.n_ctx)
+        self.config = SimpleNamespace(max_position_embeddings=min(ctx_train, n_ctx),
                                       vocab_size=self.llm.n_vocab(),
                                       eos_token_ids=(self.llm.token_eos(),))
         self.device = torch.device("cpu")
+
+    def _check_ids(self, input_ids) -> None:
+        """Token ids llama.cpp can run: integers in [0, vocab), rows of 1 to the context's tokens (it
+        otherwise fails with a raw numpy broadcast error or "llama_decode returned -1")."""
+        if not torch.is_tensor(input_ids) or input_ids.is_floating_point() or input_ids.is_complex() \
+                or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must be an integer tensor of token ids, got "
+                            f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}")
+        n, vocab, n_ctx = input_ids.shape[-1], self.config.vocab_size, self.config.max_position_embeddings
+        if input_ids.numel() == 0 or n > n_ctx:
+            raise ValueError(f"input_ids rows must hold 1 to {n_ctx} tokens (the context), got shape "
+                             f"{tuple(input_ids.shape)}")
+        if input_ids.min() < 0 or input_ids.max() >= vocab:
+            raise ValueError(f"input_ids must lie in [0, {vocab}), got ids from {int(input_ids.min())} "
+                             f"to {int(input_ids.max())}")
 
     def _run(self, ids: list[int]) -> np.ndarray:
         """Logits [S, V] for a fresh sequence (the KV cache is cleared first)."""
@@ -63,6 +81,7 @@ class LlamaCppPeer:
 
     def __call__(self, input_ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Logits [B, S, V] (or [B, 1, V] with ``last_only``) for input_ids [B, S], row by row."""
+        self._check_ids(input_ids)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         rows = []
@@ -72,12 +91,31 @@ class LlamaCppPeer:
         return torch.stack(rows)
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, stop_token_ids=None,
-                 temperature: float = 0.0, **_) -> torch.Tensor:
-        """Greedy continuation [B, S + n] of input_ids [B, S] (argmax of llama.cpp's logits)."""
+                 temperature: float = 0.0, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Greedy continuation [B, S + n] of input_ids [B, S] (argmax of llama.cpp's logits).
+
+        Rows run one by one, unpadded: ``attention_mask`` is accepted only when it is all ones.
+        Other sampling arguments of ``LlamaModel.generate`` (top_k, pad_token_id, generator...)
+        are not taken: a TypeError names them rather than ignoring them.
+        """
         if temperature != 0.0:
             raise ValueError("the llama.cpp peer decodes greedily only (temperature=0)")
-        if input_ids.dim() == 1:
+        if not is_int(max_new_tokens) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if torch.is_tensor(input_ids) and input_ids.dim() == 1:
             input_ids = input_ids[None]
+        if not torch.is_tensor(input_ids) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [seq] or [batch, seq], got shape {tuple(getattr(input_ids, 'shape', ()))}")
+        self._check_ids(input_ids)
+        if attention_mask is not None:
+            # Padding would be fed to llama.cpp as real tokens: refuse it, pass prompts unpadded.
+            if torch.is_tensor(attention_mask) and attention_mask.dim() == 1:
+                attention_mask = attention_mask[None]
+            if not torch.is_tensor(attention_mask) or attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask must be a tensor shaped like input_ids {tuple(input_ids.shape)}")
+            if not bool((attention_mask == 1).all()):
+                raise ValueError("the llama.cpp peer runs each row unpadded: attention_mask must be all ones "
+                                 "(generate each padded prompt separately without its padding)")
         stops = set(self.config.eos_token_ids if stop_token_ids is None else stop_token_ids)
         out = []
         for row in input_ids.tolist():

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from . import triton_dequant
 from .packing import pack_codes, unpack_codes
 from .rtn import quantize_rtn
+from ..checks import check_float_model
 from .weights import QuantizedWeight, check_bool, check_scale_dtype
 
 METHODS = ("rtn", "gptq", "awq", "bnb_int8", "bnb_nf4")
@@ -161,8 +162,10 @@ def linear_targets(model: nn.Module, skip) -> list[tuple[str, nn.Linear]]:
     if isinstance(skip, str) or not all(isinstance(s, str) for s in skip):
         # a bare string would be read letter by letter as substrings of every name
         raise TypeError(f"skip must be a tuple or list of module names or name parts, got {skip!r}")
+    # bitsandbytes' modules subclass nn.Linear: their int8/NF4 codes are not float weights to quantize
     targets = [(name, mod) for name, mod in model.named_modules()
-               if isinstance(mod, nn.Linear) and not _skipped(name, skip)]
+               if isinstance(mod, nn.Linear) and not _skipped(name, skip)
+               and not type(mod).__module__.startswith("bitsandbytes")]
     if not targets:
         raise ValueError(f"no nn.Linear to quantize in {type(model).__name__} (skip={skip})")
     return targets
@@ -276,6 +279,8 @@ def quantize(model: nn.Module, method: str = "rtn", bits=DEFAULT, group_size=DEF
         check_bool("sym", sym)
     if method in ("rtn", "gptq", "awq"):
         check_scale_dtype(scale_dtype)
+    if method != "rtn":       # rtn may quantize what an earlier pass skipped; the others need float layers
+        check_float_model(model, f"quantize(method={method!r})")
     if method in ("gptq", "awq"):
         cfg = _calibrated_config(method, config, bits, group_size, sym, kwargs)
         return _quantize_calibrated(model, method, cfg, calibration, skip, progress, scale_dtype)

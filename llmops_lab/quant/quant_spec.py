@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..checks import is_int
 from .awq import AWQConfig, awq_quantize_model
 from .gptq import GPTQConfig, gptq_quantize_model
 from .quant_linear import quantize
@@ -27,6 +28,26 @@ class QuantSpec:
     calibration: str = "calibration"
     n_calibration: int | None = None     # None: the run's calibration_seqs
 
+    def __post_init__(self):
+        from .gguf import GGUF_TYPES
+        if not isinstance(self.method, str):
+            raise TypeError(f"method must be a str, got {type(self.method).__name__}")
+        for name in ("bits", "group_size"):
+            if not is_int(getattr(self, name)):
+                raise TypeError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        # bitsandbytes and GGUF formats are fixed: other bits or groups would label rows with a
+        # format that did not run (bnb_int8 "int4 g32" ran int8 per channel).
+        if self.method in _BNB_FORMATS and (self.bits, self.group_size) != _BNB_FORMATS[self.method]:
+            bits, group = _BNB_FORMATS[self.method]
+            raise ValueError(f"{self.method} runs bits={bits}, group_size={group}; got bits={self.bits}, "
+                             f"group_size={self.group_size}")
+        if not self.method.startswith("gguf_") and self.method not in SPEC_METHODS:
+            # a typo ("GPTQ", "rtn4") showed as a "not measured" row, as if a library were missing
+            raise ValueError(f"unknown method {self.method!r}; known: {SPEC_METHODS} or gguf_<type>")
+        if self.method.startswith("gguf_") and self.method[5:].upper() not in GGUF_TYPES:
+            raise ValueError(f"method {self.method!r}: GGUF types here are "
+                             f"{tuple('gguf_' + t.lower() for t in GGUF_TYPES)}")
+
     @property
     def label(self) -> str:
         if self.method in ("fp32", "bf16"):
@@ -37,6 +58,11 @@ class QuantSpec:
         return f"{self.method.upper().replace('_SYM', ' sym')} int{self.bits} {g}"
 
 
+SPEC_METHODS = ("fp32", "bf16", "rtn", "rtn_sym", "gptq", "awq", "bnb_int8", "bnb_nf4")
+# The one format each bitsandbytes method runs: (bits, group_size); NF4 quantizes blocks of 64.
+_BNB_FORMATS = {"bnb_int8": (8, -1), "bnb_nf4": (4, 64)}
+
+
 class NotMeasured(Exception):
     """A method whose library is not importable (or not written yet) here; the reason is the message."""
 
@@ -45,7 +71,6 @@ def quantized_copy(base, spec: QuantSpec, calibration: torch.Tensor | None = Non
     """A deep copy of ``base`` quantized as ``spec`` says (GPTQ/AWQ write their dequantized weights
     into the float linears; round-to-nearest swaps in ``QuantLinear``; "gguf_q8_0"/"gguf_q4_0"
     export to a GGUF file and return llama.cpp running it, which needs ``tokenizer``)."""
-    from . import quant_linear
     if spec.method.startswith("gguf_"):
         return _gguf_peer(base, tokenizer, spec.method[len("gguf_"):].upper())
     model = copy.deepcopy(base)
@@ -64,11 +89,9 @@ def quantized_copy(base, spec: QuantSpec, calibration: torch.Tensor | None = Non
         awq_quantize_model(model, calibration, AWQConfig(w_bit=spec.bits, q_group_size=g, zero_point=True),
                            progress=False)
         return model
-    if spec.method not in quant_linear.METHODS:
-        raise NotMeasured(f"quantize() has no method {spec.method!r} in this checkout")
     try:
         return quantize(model, spec.method, progress=False)          # bitsandbytes: fixed formats
-    except (ImportError, RuntimeError, NotImplementedError, ValueError) as err:
+    except ImportError as err:     # only a missing library is "not measured"; bad input propagates
         raise NotMeasured(f"{type(err).__name__}: {str(err).splitlines()[0][:120]}") from None
 
 
