@@ -9,9 +9,11 @@ measured at real sizes without downloading anything.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
+from .checks import is_real
 from .config import ModelConfig
 from .model import LlamaModel
 
@@ -79,7 +81,7 @@ def init_random_weights_(model: torch.nn.Module, std: float = 0.02, seed: int = 
     Norm weights keep their ones, as in a freshly initialised Hugging Face model. Tied weights are
     one parameter and are filled once. A model on the meta device is left as it is.
     """
-    if not isinstance(std, (int, float)) or isinstance(std, bool) or not 0 <= std < float("inf"):
+    if not is_real(std) or not 0 <= std < math.inf:
         raise ValueError(f"std must be a finite number >= 0, got {std!r}")
     p0 = next(model.parameters())
     if p0.device.type == "meta":

@@ -13,11 +13,12 @@ from __future__ import annotations
 import torch
 
 from . import formulas, measure
+from .checks import is_int
 
 
 def copy_bandwidth(device="cpu", nbytes: int = 1 << 28) -> float:
     """Bytes/s of a large device-local copy, reads plus writes counted."""
-    if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 4 or nbytes % 4:
+    if not is_int(nbytes) or nbytes < 4 or nbytes % 4:
         # the copy moves float32 elements: 3 bytes copied nothing and reported a rate
         raise ValueError(f"nbytes must be a positive multiple of 4, got {nbytes!r}")
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)

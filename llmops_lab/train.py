@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import corpus
+from .checks import is_int
 from .config import ModelConfig
 from .loader import DATA_DIR, save_model
 from .model import LlamaModel
@@ -150,7 +151,7 @@ def check_run(steps, lr, batch, seq_len, max_minutes=None, save_every=1, eval_ev
         raise ValueError(f"seq_len must be at most the models' context of {CONTEXT}, got {seq_len}")
     if not (isinstance(distill_weight, (int, float)) and 0.0 <= distill_weight <= 1.0):   # NaN too
         raise ValueError(f"distill_weight must be in [0, 1], got {distill_weight!r}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+    if threads is not None and (not is_int(threads) or threads < 1):
         raise ValueError(f"threads must be an integer >= 1 (or None), got {threads!r}")
 
 
