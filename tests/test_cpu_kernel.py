@@ -1,5 +1,5 @@
 """The CPU paged decode kernel (paged/csrc/paged_decode_cpu.c) against the naive math: every head
-dim and query-group size it has a variant for, block sizes that do and do not divide its 16-token
+dim and query-group size it has a variant for, block sizes that do and do not divide its 8-token
 tile, ragged lengths (1 token, a block's edge, many blocks), shuffled block tables, a sliding
 window; and the engine produces the same greedy tokens with it as with the gather+SDPA reference."""
 import pytest
@@ -41,7 +41,7 @@ def test_every_variant_matches_the_math(D, R):
 
 
 @needs_cc
-@pytest.mark.parametrize("bs", [1, 4, 8, 32, 64])
+@pytest.mark.parametrize("bs", [1, 3, 4, 8, 12, 32, 64])
 def test_block_sizes_other_than_the_tile(bs):
     args = paged_case([1, 3, 31, 33, 64, 65, 130], 8, 2, 32, bs=bs, seed=bs)
     torch.testing.assert_close(cpu_kernel.paged_decode_cpu(*args), reference(*args), rtol=1e-5, atol=1e-5)
@@ -117,6 +117,7 @@ def test_no_compiler_means_the_reference(monkeypatch, tmp_path):
     gather+SDPA with the same result."""
     monkeypatch.setattr(cpu_kernel, "_lib", None)
     monkeypatch.setattr(cpu_kernel, "_why_not", None)
+    monkeypatch.setattr(cpu_kernel, "_threaded", cpu_kernel._threaded)
     monkeypatch.setenv("CC", "no-such-compiler-xyz")
     assert not cpu_kernel.available() and "no C compiler" in cpu_kernel.reason()
     q, kp, vp, bt, lens = paged_case([5, 20], 8, 2, 32, bs=16)
@@ -132,10 +133,51 @@ def test_the_library_is_built_once_per_cpu_and_source(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMOPS_LAB_CACHE", str(tmp_path))
     path = cpu_kernel.library_path(cpu_kernel._compiler())
     assert path.parent == tmp_path and path.name.startswith("paged_decode_cpu-")
+    builds = []
+    for _ in range(2):                                                   # the second finds the first's build
+        monkeypatch.setattr(cpu_kernel, "_lib", None)
+        monkeypatch.setattr(cpu_kernel, "_why_not", None)
+        monkeypatch.setattr(cpu_kernel, "_threaded", cpu_kernel._threaded)
+        assert cpu_kernel.available()
+        builds.append({p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()})
+    assert builds[0] == builds[1] and len(builds[0]) == 1                # no temporary left behind
+    assert next(iter(builds[0])).startswith("paged_decode_cpu-")
+
+
+@needs_cc
+def test_threads_share_rows_and_give_the_same_bits():
+    """Built with OpenMP where PyTorch's libgomp is loaded, the kernel shares a call's rows among
+    PyTorch's threads (one runtime in the process, sized by torch.set_num_threads); the output is
+    bit for bit the same with one thread or two, each row being one thread's work."""
+    args = paged_case([1, 9, 70, 200, 33, 5, 128, 64], 8, 2, 32, bs=16, seed=11)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_kernel.paged_decode_cpu(*args)
+        torch.set_num_threads(2)
+        two = cpu_kernel.paged_decode_cpu(*args)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    torch.testing.assert_close(one, reference(*args), rtol=1e-5, atol=1e-5)
+    if cpu_kernel.shares_torch_threads():
+        assert cpu_kernel.torch_runs_libgomp() and len(cpu_kernel._gomp_libraries()) == 1
+
+
+@needs_cc
+def test_single_threaded_build_where_torch_runs_no_libgomp(tmp_path, monkeypatch):
+    """Where PyTorch's threads are not libgomp's, the kernel is built without OpenMP (no second
+    runtime beside PyTorch's) and gives the same result on the calling thread."""
+    args = paged_case([3, 40, 17], 4, 2, 64, bs=8, seed=5)
+    want = cpu_kernel.paged_decode_cpu(*args)
+    monkeypatch.setenv("LLMOPS_LAB_CACHE", str(tmp_path))
     monkeypatch.setattr(cpu_kernel, "_lib", None)
     monkeypatch.setattr(cpu_kernel, "_why_not", None)
-    assert cpu_kernel.available() and path.exists()
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]           # no temporary left behind
+    monkeypatch.setattr(cpu_kernel, "_threaded", cpu_kernel._threaded)
+    monkeypatch.setattr(cpu_kernel, "torch_runs_libgomp", lambda: False)
+    assert cpu_kernel.available() and not cpu_kernel.shares_torch_threads()
+    assert [p.name for p in tmp_path.iterdir()] == [cpu_kernel.library_path(cpu_kernel._compiler()).name]
+    assert torch.equal(cpu_kernel.paged_decode_cpu(*args), want)
 
 
 @needs_cc
@@ -235,3 +277,15 @@ def test_notebook_03_measures_the_c_kernel_on_a_cpu():
     steps = experiment.decode_step_latency(load_model("target", dtype=torch.float32), batch_size=2, context=32,
                                            new_tokens=2, repeats=1)
     assert set(steps) == {"contiguous KVCache", "paged, gather + SDPA", "paged, C kernel"}
+
+
+@needs_cc
+def test_timing_cli_runs_and_refuses_bad_contexts(capsys):
+    from llmops_lab.paged import experiment
+    experiment.main(["--contexts", "16", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "context 16" in out and "ours: C paged decode (CPU)" in out
+    for bad in (["--contexts", "20"], ["--contexts", "0"], ["--repeats", "0"]):
+        with pytest.raises(SystemExit):
+            experiment.main(bad)
+    assert "must be" in capsys.readouterr().err

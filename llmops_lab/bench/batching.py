@@ -7,8 +7,8 @@ The CPU runs the embedded target; the GPU a Llama-2-7B-shaped model with random 
 On a GPU both of ours replay CUDA graphs for their decode steps (the engine's ``cuda_graph``, static
 batching's ``StaticDecoder``); transformers' ``generate`` runs as it ships, eagerly. On a CPU the
 engine's decode attention is the C kernel (``paged.cpu_kernel``) and static batching's is SDPA on its
-contiguous cache; the row also times a static decode step through the C kernel, to show that SDPA
-is not the slower choice for it. On a GPU the engine also runs once with prefill graphs
+contiguous cache; the row also times a static decode step through the C kernel, to show whether
+SDPA is the slower choice for it (2026-11-27: the two within noise, 15.5 and 15.8 ms). On a GPU the engine also runs once with prefill graphs
 (``EngineConfig(prefill_graphs=True)``, a candidate for the default: new prompts' steps replay
 graphs instead of running eagerly), once more with async scheduling on top
 (``EngineConfig(async_scheduling=True)``: each step launched before the previous one's tokens are
@@ -76,7 +76,9 @@ def run(ctx: BenchContext) -> list[dict]:
         cpu_extra = {"continuous_runs_tok_s": [round(r.throughput, 1) for r in res["continuous_runs"]],
                      "static_runs_tok_s": [round(r.throughput, 1) for r in res["static_runs"]],
                      # which decode attention the engine ran: the C kernel, or why not
-                     "decode_attention": "C kernel (paged.cpu_kernel)" if cont.engine.runner.cpu_kernel_calls
+                     "decode_attention": (f"C kernel (paged.cpu_kernel), rows on "
+                                          + (f"PyTorch's {torch.get_num_threads()} threads" if cpu_kernel.shares_torch_threads()
+                                             else "one thread")) if cont.engine.runner.cpu_kernel_calls
                      else f"gather+SDPA reference ({cpu_kernel.reason()})"}
         # static batching keeps SDPA on its contiguous cache: its decode step both ways says whether
         # the C kernel would have served it better (seats rows, 256 cached tokens)

@@ -6,18 +6,24 @@ runs SDPA over it with a mask. In the batching bench's steady state the longest 
 was 2.45x the mean, so that reference copied and scored 2.45 keys for each one it needed (gather,
 SDPA and the mask's conversion took 20% of the engine's CPU time). The C kernel reads each
 sequence's own blocks, to its own length, with no copy: what vLLM's CPU backend does with its own
-paged-attention kernel. Over that workload's 192 requests the engine's decode attention took
-0.83-0.89 s through it against 1.58-1.70 s through the reference (two runs each, 2026-11-26, this
-project's 2-core CPU). It is single-threaded (a second OpenMP runtime beside PyTorch's made both
-slower), fp32 only, and specialised for head dims 32, 64 and 128 with 1, 2, 4 or 8 query heads per
-KV head; anything else, or a machine without a C compiler, takes the reference (``available``
-says why). Through strides it reads three layouts: the engine's token-major pool, ``PagedKVCache``'s
-heads-first pool, and a contiguous [B, Hkv, S, D] cache (``contiguous_decode_cpu``), where on rows
-of equal length it is no faster than SDPA on two cores.
+paged-attention kernel. It is fp32 only, and specialised for head dims 32, 64 and 128 with 1, 2, 4
+or 8 query heads per KV head; anything else, or a machine without a C compiler, takes the reference
+(``available`` says why). Through strides it reads three layouts: the engine's token-major pool,
+``PagedKVCache``'s heads-first pool, and a contiguous [B, Hkv, S, D] cache (``contiguous_decode_cpu``).
+
+A call's rows are shared among PyTorch's own OpenMP threads (``shares_torch_threads``; a
+single-threaded build where PyTorch's threads are not libgomp's, as a second runtime's spinning
+threads beside PyTorch's made both slower). Over the batching bench's 192 requests the engine's
+decode attention took 0.68-0.86 s through it against 1.89-2.13 s through the reference (2026-11-27,
+this project's 2-core AMD EPYC with AVX2 and no AVX-512; four runs of it and two of the reference,
+the machine's speed drifting). Its first version, single-threaded on 16-float vectors, took
+2.36-2.38 s there, slower than the reference: without AVX-512 the compiler split each vector in two and spilled them to the
+stack (on the AVX-512 machine of 2026-11-26 it had taken 0.83-0.89 s against 1.58-1.70 s).
 
 The library is built with the system's C compiler (``$CC``, else ``cc``) at ``-O3 -march=native``
 into a per-user cache, keyed by the source, the flags, the compiler and this CPU's feature flags,
 so a machine builds it once (about a second) and never runs code compiled for another CPU.
+``python -m llmops_lab.paged.experiment`` times it against SDPA on this machine.
 """
 from __future__ import annotations
 
@@ -37,12 +43,14 @@ import torch
 SOURCE = Path(__file__).parent / "csrc" / "paged_decode_cpu.c"
 FLAGS = ["-O3", "-march=native", "-std=gnu11", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math",
          "-shared", "-fPIC"]
+OPENMP = "-fopenmp"                 # rows shared among PyTorch's OpenMP threads (see shares_torch_threads)
 HEAD_DIMS = (32, 64, 128)
 GROUP_SIZES = (1, 2, 4, 8)          # query heads per KV head
 
 _lock = threading.Lock()
 _lib = None                         # the loaded library, once built
 _why_not: str | None = None         # why it could not be built (then the reference runs)
+_threaded = False                   # whether the loaded build shares rows among PyTorch's threads
 
 
 def cache_dir() -> Path:
@@ -66,46 +74,88 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc"))
 
 
-def library_path(cc: str) -> Path:
+def library_path(cc: str, flags: list[str] = FLAGS) -> Path:
     """Where the build for this source, compiler, flags and CPU lives."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), cc, *version, *FLAGS, platform.machine(),
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), cc, *version, *flags, platform.machine(),
                                     _cpu_flags()]).encode()).hexdigest()[:16]
     return cache_dir() / f"paged_decode_cpu-{key}.so"
 
 
-def _build():
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError(f"no C compiler ({os.environ.get('CC', 'cc')!r} not found)")
-    path = library_path(cc)
+def _gomp_libraries() -> set[str]:
+    """The GNU OpenMP runtimes mapped into this process (Linux), by file."""
+    try:
+        with open("/proc/self/maps") as f:
+            return {line.split()[-1] for line in f if Path(line.split()[-1]).name.startswith("libgomp")}
+    except OSError:
+        return set()
+
+
+def torch_runs_libgomp() -> bool:
+    """Whether PyTorch's threads are GNU OpenMP's and the library it loaded is ``libgomp.so.1``
+    (Linux wheels: ``torch/lib/libgomp.so.1``). A build with ``-fopenmp`` names ``libgomp.so.1``, and
+    the dynamic linker then binds it to the library already loaded: one pool of threads for both,
+    sized by ``torch.set_num_threads``. Where PyTorch runs anything else, the kernel's own OpenMP
+    runtime would keep a second pool spinning beside PyTorch's, both slower: a single-threaded
+    build runs instead."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return False
+    return any(Path(p).name in ("libgomp.so.1", "libgomp.so.1.0.0") for p in _gomp_libraries())
+
+
+def _compile(cc: str, flags: list[str]) -> Path:
+    path = library_path(cc, flags)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:     # built aside, then moved in whole
             part = Path(tmp) / path.name
-            done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(part)], capture_output=True, text=True)
+            done = subprocess.run([cc, *flags, str(SOURCE), "-o", str(part)], capture_output=True, text=True)
             if done.returncode:
                 raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-500:]}")
             os.replace(part, path)
-    lib = ctypes.CDLL(str(path))
+    return path
+
+
+def _build():
+    """The loaded library, and whether it shares rows among PyTorch's threads: built with OpenMP
+    where PyTorch's own libgomp is loaded and the compiler can, else single-threaded."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError(f"no C compiler ({os.environ.get('CC', 'cc')!r} not found)")
+    lib, threaded = None, False
+    if torch_runs_libgomp():
+        before = _gomp_libraries()
+        try:
+            lib = ctypes.CDLL(str(_compile(cc, [OPENMP if f == "-fopenmp-simd" else f for f in FLAGS])))
+            threaded = _gomp_libraries() == before      # bound to PyTorch's runtime, no second one
+        except (RuntimeError, OSError):                 # e.g. a compiler without OpenMP: one thread
+            pass
+    if not threaded:
+        lib = ctypes.CDLL(str(_compile(cc, FLAGS)))
     fn = lib.paged_decode_f32
     fn.restype = ctypes.c_int
     P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     fn.argtypes = [P, P, P, P, L, P, P, I, P, I, I, I, I, I, L, L, L, ctypes.c_float]
-    return lib
+    return lib, threaded
 
 
 def available() -> bool:
     """Whether the kernel is built and loaded (building it on the first call); if not, ``reason()``."""
-    global _lib, _why_not
+    global _lib, _why_not, _threaded
     if _lib is None and _why_not is None:
         with _lock:
             if _lib is None and _why_not is None:
                 try:
-                    _lib = _build()
+                    _lib, _threaded = _build()
                 except Exception as e:               # no compiler, a failed build: the reference runs
                     _why_not = f"{type(e).__name__}: {e}"
     return _lib is not None
+
+
+def shares_torch_threads() -> bool:
+    """Whether the loaded kernel shares a call's rows among PyTorch's OpenMP threads (else it runs
+    on the calling thread); False before the first ``available()``."""
+    return _lib is not None and _threaded
 
 
 def reason() -> str | None:
@@ -217,3 +267,4 @@ def contiguous_decode_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     lens = torch.full((B,), S, dtype=torch.int32)
     return _run(q, k, v, Hkv, tables, None if starts is None else starts.contiguous(), lens, None, S,
                 k.stride(0), k.stride(2), k.stride(1))
+

@@ -2,7 +2,8 @@
 
 Kernel level: the same keys and values held twice, contiguous [B, Hkv, S, D] and paged in blocks
 scattered at random over the pool (a fragmented pool, the case paging exists for); SDPA reads the
-first, the gather reference and our Triton kernel the second. Bytes read by one decode call are
+first, the gather reference, our Triton kernel and (on a CPU) our C kernel the second.
+``python -m llmops_lab.paged.experiment`` times the C kernel on this CPU against the other two. Bytes read by one decode call are
 2 x B x Hkv x S x D x sizeof (every key and value once), so bandwidth = bytes / time.
 Model level: seconds per greedy decode step of the runtime with the contiguous ``KVCache`` against
 the ``PagedKVCache`` (prefill excluded).
@@ -157,3 +158,35 @@ def decode_step_latency(model, batch_size: int = 4, context: int = 256, block_si
                        for _ in range(repeats)]
             out[label] = measure.Timing(samples)
     return out
+
+
+def main(argv=None):
+    """Time one decode-attention call (fp32, 16 rows, 8 query heads on 2 KV heads of 32): the kernel on
+    PyTorch's threads and on one, the gather+SDPA reference and SDPA on a contiguous cache, per
+    context length."""
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m llmops_lab.paged.experiment", description=main.__doc__.split(":")[0])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[64, 256, 1024])
+    ap.add_argument("--repeats", type=int, default=50)
+    a = ap.parse_args(argv)
+    if any(S < 16 or S % 16 for S in a.contexts):
+        ap.error(f"contexts must be positive multiples of the block size, 16: got {a.contexts}")
+    if a.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {a.repeats}")
+    if not cpu_kernel.available():
+        raise SystemExit(f"the CPU decode kernel is unavailable: {cpu_kernel.reason()}")
+    threads = torch.get_num_threads()
+    print(f"{torch.get_num_threads()} threads; kernel shares them: {cpu_kernel.shares_torch_threads()}")
+    for S in a.contexts:
+        for n in dict.fromkeys((threads, 1)):
+            torch.set_num_threads(n)
+            try:
+                res = decode_attention_latencies(16, 8, 2, S, 32, dtype=torch.float32, repeats=a.repeats)
+            finally:
+                torch.set_num_threads(threads)
+            print(f"context {S}, {n} thread(s): " + ", ".join(
+                f"{name} {r['timing'].median * 1e6:.0f} us" for name, r in res.items()))
+
+
+if __name__ == "__main__":
+    main()
