@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -66,7 +67,10 @@ def kv(a) -> str:
         if key is None:
             raise ValueError(f"unknown GPU {a.gpu!r}; known: {', '.join(GPU_MEMORY)} (or give --gpu-memory-gib)")
         total, gpu = GPU_MEMORY[key], key
-    weight_bytes = None if a.weight_bits is None else formulas.weight_bytes(config, a.weight_bits)
+    # the weights keep the model's dtype whatever the KV cache holds (vLLM's kv_cache_dtype="fp8" leaves
+    # bf16 weights bf16): sizing them by an fp8 or int8 KV dtype would count half their memory as free
+    weight_bits = a.weight_bits if a.weight_bits is not None else (32 if a.kv_dtype == "fp32" else 16)
+    weight_bytes = formulas.weight_bytes(config, weight_bits)
     b = kv_cache_budget(config, total, a.gpu_memory_utilization, dtype_bytes=KV_DTYPES[a.kv_dtype],
                         block_size=a.block_size, weight_bytes=weight_bytes,
                         activation_bytes=a.activation_gib * 2**30, max_model_len=a.max_model_len,
@@ -78,7 +82,7 @@ def kv(a) -> str:
                   f"of {config.head_dim} (of {config.num_attention_heads} query heads)"),
         ("GPU", f"{gpu} x {a.gpu_memory_utilization:g} = {total * a.gpu_memory_utilization / gib:.2f} GiB"
                 + (f" on each of {tp} GPUs (tensor parallel; the lines below are one GPU's)" if tp > 1 else "")),
-        ("weights", f"{b.weight_bytes / gib:.2f} GiB" + ("" if a.weight_bits is None else f" at {a.weight_bits:g} bits")),
+        ("weights", f"{b.weight_bytes / gib:.2f} GiB at {weight_bits:g} bits"),
         ("activations", f"{b.activation_bytes / gib:.2f} GiB"),
         ("KV cache", f"{max(b.kv_bytes_available, 0) / gib:.2f} GiB"),
         ("KV per token", f"{b.bytes_per_token / 2**10:.1f} KiB ({a.kv_dtype}: 2 x {config.num_hidden_layers} x "
@@ -194,7 +198,8 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9, help="default: %(default)s")
     k.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default="bf16", help="default: %(default)s")
     k.add_argument("--weight-bits", type=_positive(float),
-                   help="bits per weight (default: as the KV dtype; 4 for an int4 model)")
+                   help="bits per weight (default: 16, the bf16/fp16 weights an fp8 or int8 KV cache sits "
+                        "beside; 32 with --kv-dtype fp32; 4 for an int4 model)")
     k.add_argument("--block-size", type=_positive(int), default=16, help="default: %(default)s")
     k.add_argument("--max-model-len", type=_positive(int), help="tokens per request (default: the model's context)")
     k.add_argument("--activation-gib", type=_nonneg, default=0.0, help="peak activation memory (default: 0)")
@@ -260,6 +265,9 @@ def main(argv=None):
             print(text)
             if refused:                         # the others ran; the exit status says not all did
                 ap.exit(1)
+    except BrokenPipeError:                 # the reader left (``| head``): nothing more to say to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit
+        sys.exit(1)
     except (ValueError, TypeError, OSError) as e:      # bad input or an unreadable file: one line
         ap.exit(2, f"llmops-lab {a.cmd}: error: {e}\n")
 

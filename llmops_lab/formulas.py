@@ -12,9 +12,11 @@ al. 2022) and the roofline model (Williams et al. 2009). No torch: these are pla
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 
 from .checks import is_int, is_real
+from .config import ModelConfig
 
 # ---------------------------------------------------------------------------------------------
 # Input checks. Each names the argument and the bad value. A non-number raises TypeError; a
@@ -23,11 +25,15 @@ from .checks import is_int, is_real
 
 
 def _real(name: str, v) -> None:
-    """v must be a finite real number (numpy's too); a bool is not one."""
+    """v must be a finite real number (numpy's too); a bool is not one. An integer beyond the
+    largest float is refused too: the formulas divide, and its quotient would raise OverflowError
+    (or, raised to a power, run for ever)."""
     if not is_real(v):
         raise TypeError(f"{name} must be a real number, got {v!r}")
     if not is_int(v) and not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {v}")
+    if is_int(v) and abs(v) > sys.float_info.max:
+        raise ValueError(f"{name} is too large ({len(str(abs(int(v))))} digits): beyond a float's range")
 
 
 def _integer(name: str, v, minimum: int) -> None:
@@ -38,6 +44,7 @@ def _integer(name: str, v, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer, got {v!r}")
     if v < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    _real(name, v)
 
 
 def _finite(**values) -> None:
@@ -78,8 +85,19 @@ def _check_lengths(name: str, lens: Sequence[int]) -> None:
     _nonneg_int(**{f"{name}[{i}]": n for i, n in enumerate(lens)})
 
 
+MAX_BITS = 64        # the widest integer format a weight is quantized to here; 2**bits is computed
+
+
 def _check_bits(bits: int, minimum: int = 1) -> None:
     _integer("bits", bits, minimum)
+    if bits > MAX_BITS:
+        raise ValueError(f"bits must be <= {MAX_BITS}, got {bits}")
+
+
+def _check_config(config) -> None:
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"config must be a ModelConfig (llmops_lab.config, or presets.get_preset(name)), "
+                        f"got {type(config).__name__}")
 
 
 def _check_range(w_min: float, w_max: float) -> None:
@@ -100,11 +118,13 @@ def _check_k(k: int) -> None:
 
 def to_gb(num_bytes: float) -> float:
     """Bytes to decimal gigabytes (1 GB = 1e9 bytes), the unit the document's "10.7 GB" uses."""
+    _real("num_bytes", num_bytes)
     return num_bytes / 1e9
 
 
 def to_gib(num_bytes: float) -> float:
     """Bytes to binary gibibytes (1 GiB = 2**30 bytes), the unit of ``torch.cuda`` memory stats."""
+    _real("num_bytes", num_bytes)
     return num_bytes / 2**30
 
 
@@ -142,12 +162,14 @@ def kv_cache_bytes(num_layers: int, num_kv_heads: int, head_dim: int, seq_len: i
 
 def kv_cache_bytes_per_token(config, dtype_bytes: float = 2) -> float:
     """Bytes one token adds to the cache of a ``ModelConfig``: 2 x L x n_kv_heads x d_head x sizeof."""
+    _check_config(config)
     return kv_cache_bytes(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, 1,
                           dtype_bytes)
 
 
 def kv_cache_bytes_for(config, seq_len: int, batch_size: int = 1, dtype_bytes: float = 2) -> float:
     """``kv_cache_bytes`` with L, n_kv_heads and d_head read from a ``ModelConfig`` (bytes)."""
+    _check_config(config)
     return kv_cache_bytes(config.num_hidden_layers, config.num_key_value_heads, config.head_dim,
                           seq_len, dtype_bytes, batch_size)
 
@@ -246,12 +268,14 @@ def weight_bytes(config, bits: float) -> float:
 
     ``bits`` is a mean over the parameters, so it may be fractional (4.156 with group scales).
     """
+    _check_config(config)
     _positive(bits=bits)
     return config.num_parameters() * bits / 8
 
 
 def linear_weight_count(config) -> int:
     """Parameters in the decoder's linear layers (q, k, v, o, gate, up, down): what GPTQ/AWQ quantize."""
+    _check_config(config)
     d, q = config.hidden_size, config.num_attention_heads * config.head_dim
     kv = config.num_key_value_heads * config.head_dim
     per_layer = 2 * d * q + 2 * d * kv + 3 * d * config.intermediate_size

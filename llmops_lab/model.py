@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .attention import get_backend
 from .config import ModelConfig
+from .kv.cache import check_cache_fits
 
 
 class RMSNorm(nn.Module):
@@ -221,6 +222,8 @@ class LlamaModel(nn.Module):
             else:
                 positions = torch.arange(start, start + S, device=input_ids.device).expand(B, S)
         packed = getattr(cache, "packed", False)
+        if cache is not None and not packed:        # the engine's packed batch is built for this model
+            check_cache_fits(cache, self)
         if packed and positions is None:
             raise ValueError("a packed batch needs explicit positions")
         # Positions, not cache slots, are what the context limits (masked slots hold no token).

@@ -96,6 +96,14 @@ def test_cli_kv_prints_vllm_lines_and_refuses_bad_input(capsys):
     assert want.log_line() in out and "80.0 KiB" in out          # 2 x 80 x (8/4) x 128 x 2 bytes
     cli.main(["kv", "target", "--gpu-memory-gib", "1", "--kv-dtype", "int8"])
     assert "1.0 KiB" in capsys.readouterr().out                  # 2 x 8 x 2 x 32 x 1 bytes
+    # an fp8 KV cache leaves the weights in bf16: sized at 16 bits, not at the KV cache's 8
+    cli.main(["kv", "llama-2-7b", "--kv-dtype", "fp8"])
+    fp8 = capsys.readouterr().out
+    want = kv_cache_budget("llama-2-7b", 80 * 2**30, 0.9, dtype_bytes=1,
+                           weight_bytes=kv_cache_budget("llama-2-7b", 80 * 2**30).weight_bytes)
+    assert "at 16 bits" in fp8 and want.log_line() in fp8
+    cli.main(["kv", "llama-2-7b", "--kv-dtype", "fp32"])
+    assert "at 32 bits" in capsys.readouterr().out
     for argv in (["kv", "llama-2-70b"],                          # 138 GB of weights on one GPU
                  ["kv", "no-such-model"], ["kv", "llama-2-7b", "--gpu", "abacus"],
                  ["kv", "llama-2-7b", "--gpu-memory-utilization", "1.5"],

@@ -317,7 +317,8 @@ def test_rejects_non_numbers(call, match):
     (lambda: F.num_blocks(10.5, 16), "seq_len must be an integer, got 10.5"),
     (lambda: F.expected_tokens_per_step(0.5, 2.5), r"k \(draft length\) must be an integer, got 2.5"),
     (lambda: F.best_draft_length(0.8, 0.05, k_max=4.5), "k_max must be an integer, got 4.5"),
-    (lambda: F.best_draft_length(0.8, 0.05, k_max=10**400), "k_max must be at most"),      # looped for ever
+    (lambda: F.best_draft_length(0.8, 0.05, k_max=10**400), "k_max is too large"),      # looped for ever
+    (lambda: F.best_draft_length(0.8, 0.05, k_max=10**6), "k_max must be at most"),
     (lambda: F.kv_cache_bytes(80, 8, 128, 4096.5, 2), "seq_len must be an integer"),
     (lambda: F.kv_cache_bytes(80, 8, 128, 4096, 2, batch_size=1.5), "batch_size must be an integer"),
     (lambda: F.sliding_window_kv_tokens(10, 4.5), "window_size must be an integer"),
@@ -371,3 +372,26 @@ def test_doc_tables():
         "INT8 Quantization", "INT4 Quantization", "PagedAttention", "Continuous Batching",
         "Speculative Decoding", "Flash Attention"]
     assert F.DOC_OPTIMIZATION_SUMMARY[5]["memory_reduction"] == "5-20x"
+
+
+def test_huge_integers_bits_and_non_configs_are_clear_errors():
+    """An integer past a float's range was an OverflowError from inside a division, and 2**bits with
+    a huge bits ran for ever; a config that is not a ModelConfig failed on a missing attribute."""
+    big = 10**400
+    for call in (lambda: F.to_gib(big), lambda: F.to_gb(big),
+                 lambda: F.memory_reduction(big, 4), lambda: F.ridge_point(big, 1e12),
+                 lambda: F.throughput_as_written(big, 100, 0.05, 200),
+                 lambda: F.quantized_bits_per_weight(big)):
+        with pytest.raises(ValueError, match="too large|must be <="):
+            call()
+    for bits in (65, 10**400):
+        with pytest.raises(ValueError, match="bits must be <= 64|too large"):
+            F.quant_step_symmetric(1.0, bits)
+        with pytest.raises(ValueError, match="bits must be <= 64|too large"):
+            F.quant_error_bound_asymmetric(-1.0, 1.0, bits)
+    assert F.quant_step_symmetric(1.0, 64) == 1.0 / (2**63 - 1)
+    for call in (lambda: F.kv_cache_bytes_per_token(2), lambda: F.weight_bytes({"hidden_size": 8}, 4),
+                 lambda: F.linear_weight_count("llama-2-7b"), lambda: F.kv_cache_bytes_for(None, 16),
+                 lambda: F.quantized_model_bytes(3, 4), lambda: F.kv_cache_capacity_tokens(1e9, 7)):
+        with pytest.raises(TypeError, match="ModelConfig"):
+            call()

@@ -340,3 +340,34 @@ def test_generate_checks_the_attention_mask_shape(random_llama):
             generate(tiny, ids, max_new_tokens=2, attention_mask=mask)
     one = generate(tiny, ids[0], max_new_tokens=2, attention_mask=torch.ones(4, dtype=torch.long))
     assert one.tolist() == generate(tiny, ids[:1], max_new_tokens=2).tolist()
+
+
+def test_a_cache_that_does_not_fit_the_model_is_a_clear_error():
+    """Every cache class the forward writes into is checked against the model before the first
+    layer: more layers than the model's took its keys without a word, and wrong heads, head dim or
+    dtype failed inside an index_put or SDPA after the write."""
+    from llmops_lab.kv import HeavyHitterKVCache, Int8KVCache, SinkKVCache, SlidingWindowKVCache
+    from llmops_lab.paged import PagedKVCache
+    torch.manual_seed(0)
+    model = LlamaModel(TINY).eval()
+    L, H, D = TINY.num_hidden_layers, TINY.num_key_value_heads, TINY.head_dim
+    ids = torch.randint(3, TINY.vocab_size, (1, 5))
+    makers = {
+        "KVCache": lambda l, h, d, dt: KVCache(l, 1, h, d, 32, dtype=dt),
+        "Int8KVCache": lambda l, h, d, dt: Int8KVCache(l, 1, h, d, 32, dtype=dt),
+        "SinkKVCache": lambda l, h, d, dt: SinkKVCache(l, 1, h, d, window_size=16, num_sinks=2, dtype=dt),
+        "SlidingWindowKVCache": lambda l, h, d, dt: SlidingWindowKVCache(l, 1, h, d, window_size=16, dtype=dt),
+        "HeavyHitterKVCache": lambda l, h, d, dt: HeavyHitterKVCache(l, 1, h, d, heavy_size=4, recent_size=4, dtype=dt),
+        "PagedKVCache": lambda l, h, d, dt: PagedKVCache(l, h, d, num_blocks=4, block_size=8, dtype=dt),
+    }
+    for name, make in makers.items():
+        def run(cache):
+            if isinstance(cache, PagedKVCache):
+                cache.add_prompts(ids)
+            with torch.no_grad():
+                return model(ids, cache=cache)
+        assert run(make(L, H, D, torch.float32)).shape == (1, 5, TINY.vocab_size), name
+        for wrong, what in (((L + 1, H, D, torch.float32), "layers"), ((L, H * 2, D, torch.float32), "KV heads"),
+                            ((L, H, D * 2, torch.float32), "head dim"), ((L, H, D, torch.bfloat16), "dtype")):
+            with pytest.raises(ValueError, match=f"{name} does not fit the model: {what}"):
+                run(make(*wrong))

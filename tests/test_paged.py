@@ -458,7 +458,7 @@ def test_paged_generate_refuses_a_cache_that_does_not_fit_the_model(tiny, make, 
     """A cache of another dtype, KV head count, head dim or layer count failed deep in the forward
     (a raw index_put dtype error, a shape mismatch, an IndexError), its prompt holding blocks."""
     cache = make(tiny)
-    with pytest.raises(ValueError, match=f"cache does not fit the model: {match}"):
+    with pytest.raises(ValueError, match=f"PagedKVCache does not fit the model: {match}"):
         paged_generate(tiny, prompt(1, 5), 2, cache=cache, attention="gather")
     assert not cache.live and cache.num_free_blocks == 8
 

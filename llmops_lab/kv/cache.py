@@ -87,6 +87,26 @@ def check_dims(**dims) -> None:
             raise ValueError(f"{name} must be an integer >= 1, got {n!r}")
 
 
+def check_cache_fits(cache, model) -> None:
+    """ValueError unless ``cache`` holds what ``model`` writes into it: its layers, KV heads and head
+    dim, in the model's dtype (an int8 cache: the dtype it hands back) and on its device. A misfit
+    failed deep inside a forward (a shape or dtype error from an index_put), or not at all: a cache
+    of more layers took a smaller model's keys into its first layers without a word, and one of the
+    wrong dtype was written before SDPA refused it. Caches with no per-layer tensors (the document's
+    sliding-window class) have nothing to compare. The model's forward calls this on every cache."""
+    layers = getattr(cache, "k_pools", None) or getattr(cache, "k", None)
+    if not isinstance(layers, list) or not layers or not torch.is_tensor(layers[0]):
+        return
+    c, t = model.config, layers[0]
+    names = ("layers", "KV heads", "head dim", "dtype", "device")
+    have = (len(layers), t.shape[1], t.shape[-1], getattr(cache, "dtype", t.dtype), t.device)
+    want = (c.num_hidden_layers, c.num_key_value_heads, c.head_dim, model.dtype, model.device)
+    wrong = [f"{n} {h} (the model's: {w})" for n, h, w in zip(names, have, want) if h != w]
+    if wrong:
+        raise ValueError(f"{type(cache).__name__} does not fit the model: {', '.join(wrong)}; "
+                         f"{type(cache).__name__}.for_model(model, ...) makes one that does")
+
+
 def check_no_gap(start: int, written: int) -> None:
     """A write may rewrite stored positions (speculative decoding rolls back and writes again) but not
     start past them: the slots between would be attended to, unwritten, without a word."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..engine import BlockManager, NoFreeBlocksError, Sequence
-from ..kv.cache import check_dims
+from ..kv.cache import check_cache_fits, check_dims
 from .attention import PagedView, gather_kv, store_kv
 
 
@@ -61,14 +61,7 @@ class PagedKVCache:
         """ValueError unless this pool holds what ``model`` writes: its layers, KV heads and head dim,
         in the dtype and on the device of its weights (a forward would fail deep inside, after the
         prompts had taken their blocks)."""
-        c, p, k = model.config, next(model.parameters()), self.k_pools[0]
-        names = ("layers", "KV heads", "head dim", "dtype", "device")
-        have = (len(self.k_pools), k.shape[1], k.shape[3], k.dtype, k.device)
-        want = (c.num_hidden_layers, c.num_key_value_heads, c.head_dim, p.dtype, p.device)
-        wrong = [f"{n} {h} (the model's: {w})" for n, h, w in zip(names, have, want) if h != w]
-        if wrong:
-            raise ValueError(f"cache does not fit the model: {', '.join(wrong)}; "
-                             f"PagedKVCache.for_model(model, ...) makes one that does")
+        check_cache_fits(self, model)
 
     # -- bookkeeping the caller drives ----------------------------------------------------------
     def add_prompts(self, input_ids) -> int:
