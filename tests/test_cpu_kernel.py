@@ -285,7 +285,7 @@ def test_timing_cli_runs_and_refuses_bad_contexts(capsys):
     experiment.main(["--contexts", "16", "--repeats", "1"])
     out = capsys.readouterr().out
     assert "context 16" in out and "ours: C paged decode (CPU)" in out
-    for bad in (["--contexts", "20"], ["--contexts", "0"], ["--repeats", "0"]):
+    for bad in (["--contexts", "20"], ["--contexts", "0"], ["--repeats", "0"], ["--engine", "-1"]):
         with pytest.raises(SystemExit):
             experiment.main(bad)
     assert "must be" in capsys.readouterr().err

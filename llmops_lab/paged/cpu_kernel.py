@@ -14,9 +14,11 @@ or 8 query heads per KV head; anything else, or a machine without a C compiler, 
 A call's rows are shared among PyTorch's own OpenMP threads (``shares_torch_threads``; a
 single-threaded build where PyTorch's threads are not libgomp's, as a second runtime's spinning
 threads beside PyTorch's made both slower). Over the batching bench's 192 requests the engine's
-decode attention took 0.68-0.86 s through it against 1.89-2.13 s through the reference (2026-11-27,
-this project's 2-core AMD EPYC with AVX2 and no AVX-512; four runs of it and two of the reference,
-the machine's speed drifting). Its first version, single-threaded on 16-float vectors, took
+decode attention took 0.68-0.96 s through it against 1.89-3.06 s through the reference (2026-11-27,
+this project's 2-core AMD EPYC with AVX2 and no AVX-512; six runs of it and four of the reference,
+the machine's speed drifting; ``python -m llmops_lab.paged.experiment --engine 2``). One call on 16
+rows of 256 tokens: 151 us, against 269 us for SDPA on a contiguous cache and 619 us for the
+reference. Its first version, single-threaded on 16-float vectors, took
 2.36-2.38 s there, slower than the reference: without AVX-512 the compiler split each vector in two and spilled them to the
 stack (on the AVX-512 machine of 2026-11-26 it had taken 0.83-0.89 s against 1.58-1.70 s).
 

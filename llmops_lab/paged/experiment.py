@@ -160,19 +160,66 @@ def decode_step_latency(model, batch_size: int = 4, context: int = 256, block_si
     return out
 
 
+def engine_decode_attention_seconds(kernel: bool, rounds: int = 1) -> list[dict]:
+    """The batching bench's CPU workload (``bench.batching``: 192 requests, 16 seats) replayed
+    through the engine ``rounds`` times, with the C kernel (``kernel``) or the gather+SDPA
+    reference as its decode attention: per run, the seconds its decode attention took (summed
+    over layers and steps, each call timed on the host: meaningful on a CPU only), the run's
+    wall seconds and its throughput."""
+    import time
+    from ..bench import BenchContext
+    from ..bench.batching import _model_and_tokens, workload_spec
+    from ..engine import EngineConfig
+    from ..engine.workload import make_workload, run_continuous
+    from .varlen import PackedBatch
+    ctx = BenchContext(device=torch.device("cpu"))
+    _, model, tokens = _model_and_tokens(ctx)
+    spec = workload_spec(ctx)
+    seats = spec.pop("seats")
+    wl = make_workload(tokens, **spec)
+    spent = [0.0]
+    real = PackedBatch._decode
+
+    def timed(self, *args):
+        t0 = time.perf_counter()
+        try:
+            return real(self, *args)
+        finally:
+            spent[0] += time.perf_counter() - t0
+    out = []
+    PackedBatch._decode = timed
+    try:
+        for _ in range(rounds):
+            spent[0] = 0.0
+            t0 = time.perf_counter()
+            r = run_continuous(model, wl, EngineConfig(max_num_seqs=seats, max_num_batched_tokens=2048,
+                                                       cpu_paged_kernel=kernel), progress=False)
+            out.append({"attention_s": spent[0], "wall_s": time.perf_counter() - t0, "tok_s": r.throughput,
+                        "kernel_calls": r.engine.runner.cpu_kernel_calls})
+    finally:
+        PackedBatch._decode = real
+    return out
+
+
 def main(argv=None):
     """Time one decode-attention call (fp32, 16 rows, 8 query heads on 2 KV heads of 32): the kernel on
     PyTorch's threads and on one, the gather+SDPA reference and SDPA on a contiguous cache, per
-    context length."""
+    context length; with ``--engine N``, also the engine's decode attention over the batching
+    bench's workload (``engine_decode_attention_seconds``), N runs each way."""
     import argparse
     ap = argparse.ArgumentParser(prog="python -m llmops_lab.paged.experiment", description=main.__doc__.split(":")[0])
     ap.add_argument("--contexts", type=int, nargs="+", default=[64, 256, 1024])
     ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--engine", type=int, default=0, metavar="ROUNDS",
+                    help="also replay the batching bench's workload ROUNDS times through the engine, kernel "
+                         "and reference alternating, and print each run's decode-attention seconds")
     a = ap.parse_args(argv)
     if any(S < 16 or S % 16 for S in a.contexts):
         ap.error(f"contexts must be positive multiples of the block size, 16: got {a.contexts}")
     if a.repeats < 1:
         ap.error(f"--repeats must be >= 1, got {a.repeats}")
+    if a.engine < 0:
+        ap.error(f"--engine must be >= 0, got {a.engine}")
     if not cpu_kernel.available():
         raise SystemExit(f"the CPU decode kernel is unavailable: {cpu_kernel.reason()}")
     threads = torch.get_num_threads()
@@ -186,6 +233,11 @@ def main(argv=None):
                 torch.set_num_threads(threads)
             print(f"context {S}, {n} thread(s): " + ", ".join(
                 f"{name} {r['timing'].median * 1e6:.0f} us" for name, r in res.items()))
+    for _ in range(a.engine):
+        for kernel in (True, False):
+            r, = engine_decode_attention_seconds(kernel)
+            print(f"engine, {'C kernel' if kernel else 'gather+SDPA reference'}: decode attention "
+                  f"{r['attention_s']:.2f} s of {r['wall_s']:.2f} s, {r['tok_s']:.0f} tok/s")
 
 
 if __name__ == "__main__":
