@@ -5,6 +5,7 @@ import pytest
 from llmops_lab.config import ModelConfig
 from llmops_lab.kv import kv_cache_budget
 from llmops_lab.kv.calculator import concurrency_curve
+from llmops_lab.presets import get_preset
 
 SMALL = ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
                     num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, name="small")
@@ -143,3 +144,13 @@ def test_tensor_parallel_splits_weights_and_kv_heads():
             kv_cache_budget(c, 80 * 2**30, 0.9, tensor_parallel_size=tp)
     with pytest.raises(ValueError, match="tensor_parallel_size"):   # the hint where one GPU is too small
         kv_cache_budget(c, 80 * 2**30, 0.9)
+
+
+def test_an_fp8_kv_cache_leaves_the_weights_in_16_bits():
+    """The default weight memory followed the KV dtype: an fp8 cache sized Llama-2-7B's bf16 weights
+    at one byte each, and counted the other 6.3 GiB as free for the cache."""
+    fp8, bf16 = (kv_cache_budget("llama-2-7b", 80 * 2**30, 0.9, dtype_bytes=d) for d in (1, 2))
+    assert fp8.weight_bytes == bf16.weight_bytes == get_preset("llama-2-7b").num_parameters() * 2
+    assert fp8.bytes_per_token * 2 == bf16.bytes_per_token
+    assert kv_cache_budget("llama-2-7b", 80 * 2**30, 0.9, dtype_bytes=4).weight_bytes == 2 * bf16.weight_bytes
+

@@ -83,7 +83,9 @@ def kv_cache_budget(config: ModelConfig | str, gpu_memory_bytes: float, gpu_memo
         gpu_memory_utilization: the fraction of it the engine may use (vLLM's default 0.9).
         dtype_bytes: bytes per cached element (2 for fp16/bf16, 1 for an fp8 or int8 KV cache).
         block_size: tokens per KV block.
-        weight_bytes: memory of the weights; default ``config.num_parameters() x dtype_bytes``.
+        weight_bytes: memory of the weights; default ``config.num_parameters() x max(dtype_bytes, 2)``:
+            the model's own bf16/fp16 (fp32 beside an fp32 cache), since an fp8 or int8 KV cache
+            (vLLM's ``kv_cache_dtype``) does not shrink the weights.
         activation_bytes: peak activation memory of a forward pass (vLLM profiles it).
         max_model_len: the per-request length for the concurrency figure, 1 to the model's context
             (``config.max_position_embeddings``); default the model's context.
@@ -105,8 +107,8 @@ def kv_cache_budget(config: ModelConfig | str, gpu_memory_bytes: float, gpu_memo
     formulas._positive_int(block_size=block_size)
     formulas._nonneg(activation_bytes=activation_bytes)
     formulas._positive_int(tensor_parallel_size=tensor_parallel_size)
-    if weight_bytes is None:
-        weight_bytes = formulas.weight_bytes(config, 8 * dtype_bytes)
+    if weight_bytes is None:        # an fp8 or int8 KV cache leaves the weights in 16 bits
+        weight_bytes = formulas.weight_bytes(config, 8 * max(dtype_bytes, 2))
     formulas._nonneg(weight_bytes=weight_bytes)
     max_model_len = _check_max_model_len(config, max_model_len)
     tp = int(tensor_parallel_size)          # a numpy integer too

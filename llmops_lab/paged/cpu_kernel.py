@@ -18,9 +18,9 @@ decode attention took 0.68-0.96 s through it against 1.89-3.06 s through the ref
 this project's 2-core AMD EPYC with AVX2 and no AVX-512; six runs of it and four of the reference,
 the machine's speed drifting; ``python -m llmops_lab.paged.experiment --engine 2``). One call on 16
 rows of 256 tokens: 151 us, against 269 us for SDPA on a contiguous cache and 619 us for the
-reference. Its first version, single-threaded on 16-float vectors, took
-2.36-2.38 s there, slower than the reference: without AVX-512 the compiler split each vector in two and spilled them to the
-stack (on the AVX-512 machine of 2026-11-26 it had taken 0.83-0.89 s against 1.58-1.70 s).
+reference. Its first version, single-threaded on 16-float vectors, took 2.36-2.38 s there, slower
+than the reference: without AVX-512 the compiler split each vector in two and spilled the halves to
+the stack (on the AVX-512 machine of 2026-11-26 it had taken 0.83-0.89 s against 1.58-1.70 s).
 
 The library is built with the system's C compiler (``$CC``, else ``cc``) at ``-O3 -march=native``
 into a per-user cache, keyed by the source, the flags, the compiler and this CPU's feature flags,
@@ -129,7 +129,9 @@ def _build():
         before = _gomp_libraries()
         try:
             lib = ctypes.CDLL(str(_compile(cc, [OPENMP if f == "-fopenmp-simd" else f for f in FLAGS])))
-            threaded = _gomp_libraries() == before      # bound to PyTorch's runtime, no second one
+            # bound to PyTorch's runtime, no second one; else the single-threaded build is loaded and
+            # called instead, and the second runtime, never entered, starts no threads
+            threaded = _gomp_libraries() == before
         except (RuntimeError, OSError):                 # e.g. a compiler without OpenMP: one thread
             pass
     if not threaded:
