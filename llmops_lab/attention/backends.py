@@ -114,9 +114,10 @@ def cpu_decode_attention(q, k, v, mask=None, is_causal=False):
     mask or a mask that keeps a suffix of each row's keys (left padding, a sliding window): there
     the C decode kernel reads the cache in place (``paged.cpu_kernel.contiguous_decode_cpu``, the
     kernel the engine's paged decode runs on a CPU, sharing rows among PyTorch's threads). For rows
-    of equal length a whole static decode step of the embedded target is within this machine's
-    noise either way (15.5 ms through it, 15.8 ms through SDPA, 16 rows of 256 tokens, 2026-11-27),
-    so static batching keeps SDPA; the batching bench times its decode step both ways."""
+    of equal length a whole static decode step of the embedded target is as fast or faster through
+    SDPA (16 rows of 256 tokens, four batching bench runs of 2026-11-27: 13.7-15.8 ms through SDPA,
+    14.8-18.1 ms through the kernel, which also pays for turning the mask into row starts in every
+    layer), so static batching keeps SDPA; the batching bench times its decode step both ways."""
     if q.shape[2] == 1 and not is_causal and q.device.type == "cpu" and k.dim() == 4:
         from ..paged import cpu_kernel
         if cpu_kernel.supports(q[:, :, 0], k, k.shape[1]) and cpu_kernel.available():
