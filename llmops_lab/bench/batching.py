@@ -8,7 +8,8 @@ On a GPU both of ours replay CUDA graphs for their decode steps (the engine's ``
 batching's ``StaticDecoder``); transformers' ``generate`` runs as it ships, eagerly. On a CPU the
 engine's decode attention is the C kernel (``paged.cpu_kernel``) and static batching's is SDPA on its
 contiguous cache; the row also times a static decode step through the C kernel, to show whether
-SDPA is the slower choice for it (2026-11-27, four runs: SDPA 13.7-15.8 ms, the kernel 14.8-18.1 ms). On a GPU the engine also runs once with prefill graphs
+SDPA is the slower choice for it (2026-11-27, four runs: SDPA 13.7-15.8 ms, the kernel
+14.8-18.1 ms). On a GPU the engine also runs once with prefill graphs
 (``EngineConfig(prefill_graphs=True)``, a candidate for the default: new prompts' steps replay
 graphs instead of running eagerly), once more with async scheduling on top
 (``EngineConfig(async_scheduling=True)``: each step launched before the previous one's tokens are
