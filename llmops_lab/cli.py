@@ -57,7 +57,7 @@ def model_config(name: str):
 def kv(a) -> str:
     """The calculator's answer for the parsed ``kv`` arguments, as text."""
     from . import formulas
-    from .kv.calculator import GPU_MEMORY, kv_cache_budget, kv_heads_per_gpu
+    from .kv.calculator import GPU_MEMORY, default_weight_bits, kv_cache_budget, kv_heads_per_gpu
     config = model_config(a.model)
     if a.gpu_memory_gib is not None:
         total, gpu = a.gpu_memory_gib * 2**30, f"{a.gpu_memory_gib:g} GiB"
@@ -67,9 +67,7 @@ def kv(a) -> str:
         if key is None:
             raise ValueError(f"unknown GPU {a.gpu!r}; known: {', '.join(GPU_MEMORY)} (or give --gpu-memory-gib)")
         total, gpu = GPU_MEMORY[key], key
-    # the weights keep the model's dtype whatever the KV cache holds (vLLM's kv_cache_dtype="fp8" leaves
-    # bf16 weights bf16): sizing them by an fp8 or int8 KV dtype would count half their memory as free
-    weight_bits = a.weight_bits if a.weight_bits is not None else (32 if a.kv_dtype == "fp32" else 16)
+    weight_bits = a.weight_bits if a.weight_bits is not None else default_weight_bits(KV_DTYPES[a.kv_dtype])
     weight_bytes = formulas.weight_bytes(config, weight_bits)
     b = kv_cache_budget(config, total, a.gpu_memory_utilization, dtype_bytes=KV_DTYPES[a.kv_dtype],
                         block_size=a.block_size, weight_bytes=weight_bytes,

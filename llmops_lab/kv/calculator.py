@@ -71,6 +71,13 @@ class KVBudget:
                 f"Maximum concurrency for {self.max_model_len:,} tokens per request: {self.max_concurrency:.2f}x")
 
 
+def default_weight_bits(dtype_bytes: float) -> float:
+    """Bits per weight beside a KV cache of ``dtype_bytes`` per element: the model's own bf16/fp16,
+    or fp32 beside an fp32 cache. An fp8 or int8 KV cache (vLLM's ``kv_cache_dtype``) leaves the
+    weights as they were: sizing them by it would count half their memory as free."""
+    return 8 * max(dtype_bytes, 2)
+
+
 def kv_cache_budget(config: ModelConfig | str, gpu_memory_bytes: float, gpu_memory_utilization: float = 0.9,
                     dtype_bytes: float = 2, block_size: int = 16, weight_bytes: float | None = None,
                     activation_bytes: float = 0, max_model_len: int | None = None,
@@ -107,8 +114,8 @@ def kv_cache_budget(config: ModelConfig | str, gpu_memory_bytes: float, gpu_memo
     formulas._positive_int(block_size=block_size)
     formulas._nonneg(activation_bytes=activation_bytes)
     formulas._positive_int(tensor_parallel_size=tensor_parallel_size)
-    if weight_bytes is None:        # an fp8 or int8 KV cache leaves the weights in 16 bits
-        weight_bytes = formulas.weight_bytes(config, 8 * max(dtype_bytes, 2))
+    if weight_bytes is None:
+        weight_bytes = formulas.weight_bytes(config, default_weight_bits(dtype_bytes))
     formulas._nonneg(weight_bytes=weight_bytes)
     max_model_len = _check_max_model_len(config, max_model_len)
     tp = int(tensor_parallel_size)          # a numpy integer too

@@ -2,9 +2,10 @@
 
 Kernel level: the same keys and values held twice, contiguous [B, Hkv, S, D] and paged in blocks
 scattered at random over the pool (a fragmented pool, the case paging exists for); SDPA reads the
-first, the gather reference, our Triton kernel and (on a CPU) our C kernel the second.
-``python -m llmops_lab.paged.experiment`` times the C kernel on this CPU against the other two. Bytes read by one decode call are
-2 x B x Hkv x S x D x sizeof (every key and value once), so bandwidth = bytes / time.
+first, the gather reference, our Triton kernel and (on a CPU) our C kernel the second;
+``python -m llmops_lab.paged.experiment`` times the C kernel on this CPU against the other two.
+Bytes read by one decode call are 2 x B x Hkv x S x D x sizeof (every key and value once), so
+bandwidth = bytes / time.
 Model level: seconds per greedy decode step of the runtime with the contiguous ``KVCache`` against
 the ``PagedKVCache`` (prefill excluded).
 """
@@ -160,12 +161,12 @@ def decode_step_latency(model, batch_size: int = 4, context: int = 256, block_si
     return out
 
 
-def engine_decode_attention_seconds(kernel: bool, rounds: int = 1) -> list[dict]:
+def engine_decode_attention_seconds(rounds: int = 1) -> list[dict]:
     """The batching bench's CPU workload (``bench.batching``: 192 requests, 16 seats) replayed
-    through the engine ``rounds`` times, with the C kernel (``kernel``) or the gather+SDPA
-    reference as its decode attention: per run, the seconds its decode attention took (summed
-    over layers and steps, each call timed on the host: meaningful on a CPU only), the run's
-    wall seconds and its throughput."""
+    through the engine ``rounds`` times each way, the C kernel and the gather+SDPA reference as its
+    decode attention in turn (the machine's drift falls on both): per run, whether the kernel ran,
+    the seconds its decode attention took (summed over layers and steps, each call timed on the
+    host: meaningful on a CPU only), the run's wall seconds and its throughput."""
     import time
     from ..bench import BenchContext
     from ..bench.batching import _model_and_tokens, workload_spec
@@ -189,13 +190,13 @@ def engine_decode_attention_seconds(kernel: bool, rounds: int = 1) -> list[dict]
     out = []
     PackedBatch._decode = timed
     try:
-        for _ in range(rounds):
+        for kernel in (True, False) * rounds:
             spent[0] = 0.0
             t0 = time.perf_counter()
             r = run_continuous(model, wl, EngineConfig(max_num_seqs=seats, max_num_batched_tokens=2048,
                                                        cpu_paged_kernel=kernel), progress=False)
-            out.append({"attention_s": spent[0], "wall_s": time.perf_counter() - t0, "tok_s": r.throughput,
-                        "kernel_calls": r.engine.runner.cpu_kernel_calls})
+            out.append({"kernel": kernel, "attention_s": spent[0], "wall_s": time.perf_counter() - t0,
+                        "tok_s": r.throughput, "kernel_calls": r.engine.runner.cpu_kernel_calls})
     finally:
         PackedBatch._decode = real
     return out
@@ -233,11 +234,9 @@ def main(argv=None):
                 torch.set_num_threads(threads)
             print(f"context {S}, {n} thread(s): " + ", ".join(
                 f"{name} {r['timing'].median * 1e6:.0f} us" for name, r in res.items()))
-    for _ in range(a.engine):
-        for kernel in (True, False):
-            r, = engine_decode_attention_seconds(kernel)
-            print(f"engine, {'C kernel' if kernel else 'gather+SDPA reference'}: decode attention "
-                  f"{r['attention_s']:.2f} s of {r['wall_s']:.2f} s, {r['tok_s']:.0f} tok/s")
+    for r in engine_decode_attention_seconds(a.engine) if a.engine else ():
+        print(f"engine, {'C kernel' if r['kernel'] else 'gather+SDPA reference'}: decode attention "
+              f"{r['attention_s']:.2f} s of {r['wall_s']:.2f} s, {r['tok_s']:.0f} tok/s")
 
 
 if __name__ == "__main__":
