@@ -455,6 +455,14 @@ def test_step_time_fit_and_formulas(tiny):
         b = experiment.step_breakdown(res[kind])
         assert b["decode_steps"] + b["mixed_steps"] == len(res[kind].steps) and b["decode_steps"] > 0
         assert prefills is None or b["mixed_steps"] == prefills
+    # padded generate runs the batches static batching runs, each for its longest output: the prefill
+    # step gives each request's first token, so the two count the same steps
+    assert [[r.request_id for r in b] for b in experiment.padded_batches(wl, 4)] == \
+        [[r.request_id for r in sorted(wl, key=lambda r: r.arrival)][i:i + 4] for i in (0, 4)]
+    assert experiment.padded_generate_steps(wl, 4) == len(res["static"].steps)
+    assert experiment.padded_generate_steps(wl, 8) == max(r.params.max_tokens for r in wl)
+    with pytest.raises(ValueError, match="batch_size"):
+        experiment.padded_generate_steps(wl, 0)
     for kind in ("static", "continuous"):
         p = experiment.predict(res[kind], fn, kind, 4)
         assert p["throughput_tok_s"] > 0

@@ -269,11 +269,9 @@ def run_transformers_static(model, workload, batch_size: int, progress: bool = F
     from ..peers import hf_twin
     hf = hf_twin(model)
     dev = model.device
-    order = sorted(workload, key=lambda r: r.arrival)
     res = RunResult("transformers static")
     t0 = time.perf_counter()
-    for i in tqdm(range(0, len(order), batch_size), desc="transformers", disable=not progress):
-        batch = order[i:i + batch_size]
+    for batch in tqdm(padded_batches(workload, batch_size), desc="transformers", disable=not progress):
         ids, mask = left_pad([r.prompt_token_ids for r in batch])
         S = ids.shape[1]
         new = max(r.params.max_tokens for r in batch)
@@ -288,3 +286,19 @@ def run_transformers_static(model, workload, batch_size: int, progress: bool = F
                                  "n_in": len(r.prompt_token_ids), "n_out": len(toks), "e2e": end - r.arrival})
     res.makespan = time.perf_counter() - t0
     return res
+
+
+def padded_batches(workload, batch_size: int) -> list[list]:
+    """The batches padded ``generate`` runs (``run_transformers_static``): ``batch_size`` requests
+    at a time in arrival order."""
+    if not is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    order = sorted(workload, key=lambda r: r.arrival)
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def padded_generate_steps(workload, batch_size: int) -> int:
+    """Decode steps padded ``generate`` takes on ``workload``: each batch runs for its longest
+    request's output. Against the engine's step count it is the part of a throughput ratio that
+    comes from running fewer steps, whatever a step costs; the rest is each step's cost."""
+    return sum(max(r.params.max_tokens for r in batch) for batch in padded_batches(workload, batch_size))
