@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 KV_DTYPES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1}
+DEFAULT_GPU = "H100 80GB"
 
 
 def info() -> str:
@@ -59,11 +60,13 @@ def kv(a) -> str:
     from . import formulas
     from .kv.calculator import GPU_MEMORY, default_weight_bits, kv_cache_budget, kv_heads_per_gpu
     config = model_config(a.model)
+    if a.gpu_memory_gib is not None and a.gpu is not None:
+        raise ValueError(f"give --gpu or --gpu-memory-gib, not both (got {a.gpu!r} and {a.gpu_memory_gib:g})")
     if a.gpu_memory_gib is not None:
         total, gpu = a.gpu_memory_gib * 2**30, f"{a.gpu_memory_gib:g} GiB"
     else:
         names = {k.lower().replace(" ", ""): k for k in GPU_MEMORY}
-        key = names.get(a.gpu.lower().replace(" ", ""))
+        key = names.get((a.gpu or DEFAULT_GPU).lower().replace(" ", ""))
         if key is None:
             raise ValueError(f"unknown GPU {a.gpu!r}; known: {', '.join(GPU_MEMORY)} (or give --gpu-memory-gib)")
         total, gpu = GPU_MEMORY[key], key
@@ -85,7 +88,10 @@ def kv(a) -> str:
         ("KV cache", f"{max(b.kv_bytes_available, 0) / gib:.2f} GiB"),
         ("KV per token", f"{b.bytes_per_token / 2**10:.1f} KiB ({a.kv_dtype}: 2 x {config.num_hidden_layers} x "
                          f"{kv_heads_per_gpu(config, tp)} x {config.head_dim} x {KV_DTYPES[a.kv_dtype]} bytes)"),
-        ("KV per sequence", f"{b.bytes_per_token * b.max_model_len / gib:.3f} GiB at {b.max_model_len:,} tokens"),
+        ("KV per sequence", f"{b.bytes_per_token * b.max_model_len / gib:.3f} GiB at {b.max_model_len:,} tokens"
+         + ("" if b.blocks_per_sequence == -(-b.max_model_len // b.block_size) else
+            f"; with its sliding window of {b.sliding_window:,} tokens it holds {b.blocks_per_sequence:,} blocks "
+            f"({b.blocks_per_sequence * b.bytes_per_block / gib:.3f} GiB): blocks that leave the window are freed")),
         ("blocks", f"{b.num_gpu_blocks:,} of {b.block_size} tokens"),
         ("sequences", f"{b.max_num_seqs:,} of {b.max_model_len:,} tokens at once ({b.max_concurrency:.2f}x)"),
     ]
@@ -97,6 +103,7 @@ def generate(a) -> tuple[str, int]:
     """Run the parsed ``generate`` arguments through ``LLM``: (a description of the outputs, how
     many prompts were refused)."""
     import time
+    import warnings
 
     from .engine import LLM, SamplingParams
     params = SamplingParams(n=a.n, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
@@ -104,22 +111,33 @@ def generate(a) -> tuple[str, int]:
     model, tokenizer = load_quantized(a)
     llm = LLM(model=model, tokenizer=tokenizer, max_num_seqs=a.max_num_seqs)
     t0 = time.perf_counter()
-    outs = llm.generate(a.prompts, params, use_tqdm=len(a.prompts) > 1)
+    with warnings.catch_warnings():         # a refused prompt: the line below says so, once
+        warnings.filterwarnings("ignore", message=r"prompt \d+ refused")
+        outs = llm.generate(a.prompts, params, use_tqdm=len(a.prompts) > 1)
     seconds = time.perf_counter() - t0
     lines, tokens, refused = [], 0, 0
     for o in outs:
         if o.error:
-            lines.append(f"{o.prompt!r}: refused: {o.error}")
+            lines.append(f"{_short(o.prompt)}: refused: {o.error}")
             refused += 1
             continue
         for c in o.outputs:
             tokens += len(c.token_ids)
             tag = f"[{c.index}] " if len(o.outputs) > 1 else ""
             lines.append(f"{tag}{o.prompt}{c.text}")
-            lines.append(f"    ({len(c.token_ids)} tokens, finished: {c.finish_reason})")
+            cut = (f", at the model's context of {llm.engine.max_model_len:,} tokens before --max-tokens "
+                   f"{a.max_tokens:,}" if c.finish_reason == "length" and len(c.token_ids) < a.max_tokens else "")
+            lines.append(f"    ({len(c.token_ids)} tokens, finished: {c.finish_reason}{cut})")
     dev = llm.engine.model.device
     lines.append(f"{tokens} tokens in {seconds:.2f} s ({tokens / seconds:.1f} tok/s) on {dev}")
     return "\n".join(lines), refused
+
+
+def _short(prompt, limit: int = 60) -> str:
+    """A prompt as a refusal quotes it: its repr, cut to ``limit`` characters of text."""
+    if isinstance(prompt, str) and len(prompt) > limit:
+        return f"{prompt[:limit]!r}... ({len(prompt):,} characters)"
+    return repr(prompt)
 
 
 def load_quantized(a):
@@ -147,7 +165,7 @@ def perplexity(a) -> str:
     model, tokenizer = load_quantized(a)
     ids = encode(tokenizer, corpus.read_slice("validation"))
     window = min(a.window, model.config.max_position_embeddings)
-    value = ppl(model, ids, window=window, max_windows=a.windows)
+    value = ppl(model, ids, window=window, max_windows=a.windows, progress=True)
     scored = min(a.windows, (len(ids) - 1) // window) * window
     how = "unquantized" if not a.quantize else " ".join(
         [a.quantize] + [f"{k} {v}" for k, v in (("bits", a.bits), ("group size", a.group_size), ("sym", a.sym))
@@ -169,6 +187,7 @@ def _positive(kind):
         if not (math.isfinite(x) and x > 0):
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         return x
+    parse.__name__ = kind.__name__      # argparse names the type in its error: "invalid int value"
     return parse
 
 
@@ -189,15 +208,18 @@ def parser() -> argparse.ArgumentParser:
                        description="The KV-cache calculator (llmops_lab.kv.calculator): of the GPU's memory x "
                                    "utilization, less weights and activations, how many blocks, tokens and "
                                    "full-length sequences fit.")
-    k.add_argument("model", help="a preset (llama-2-70b, llama-3-8b, doc-70b-as-written, ...), target, draft, "
+    from .kv.calculator import GPU_MEMORY
+    from .presets import PRESETS
+    k.add_argument("model", help=f"a preset ({', '.join(PRESETS)}), target, draft, "
                                  "or a checkpoint folder / config.json")
-    k.add_argument("--gpu", default="H100 80GB", help="a known GPU (default: %(default)s)")
-    k.add_argument("--gpu-memory-gib", type=_positive(float), help="the GPU's memory instead of --gpu")
+    k.add_argument("--gpu", help=f"a known GPU: {', '.join(GPU_MEMORY)} (default: {DEFAULT_GPU}); its memory "
+                                 "as nvidia-smi reports it")
+    k.add_argument("--gpu-memory-gib", type=_positive(float), help="the GPU's memory in GiB, instead of --gpu")
     k.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9, help="default: %(default)s")
     k.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default="bf16", help="default: %(default)s")
     k.add_argument("--weight-bits", type=_positive(float),
                    help="bits per weight (default: 16, the bf16/fp16 weights an fp8 or int8 KV cache sits "
-                        "beside; 32 with --kv-dtype fp32; 4 for an int4 model)")
+                        "beside; 32 with --kv-dtype fp32); give 4 for an int4 model")
     k.add_argument("--block-size", type=_positive(int), default=16, help="default: %(default)s")
     k.add_argument("--max-model-len", type=_positive(int), help="tokens per request (default: the model's context)")
     k.add_argument("--activation-gib", type=_nonneg, default=0.0, help="peak activation memory (default: 0)")
@@ -245,14 +267,13 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     ap = parser()
     a, rest = ap.parse_known_args(argv)
-    if a.cmd == "bench":
-        from .bench.__main__ import main as bench_main
-        bench_main(rest)
-        return
-    if rest:                        # only bench passes its arguments on; anything else is a typo
+    if a.cmd != "bench" and rest:       # only bench passes its arguments on; anything else is a typo
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        if a.cmd == "info":
+        if a.cmd == "bench":
+            from .bench.__main__ import main as bench_main
+            bench_main(rest)
+        elif a.cmd == "info":
             print(info())
         elif a.cmd == "kv":
             print(kv(a))
@@ -263,6 +284,8 @@ def main(argv=None):
             print(text)
             if refused:                         # the others ran; the exit status says not all did
                 ap.exit(1)
+    except KeyboardInterrupt:               # Ctrl-C: one line and the shell's status for SIGINT
+        ap.exit(130, f"llmops-lab {a.cmd}: interrupted\n")
     except BrokenPipeError:                 # the reader left (``| head``): nothing more to say to it
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit
         sys.exit(1)

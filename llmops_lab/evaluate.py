@@ -10,6 +10,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from . import formulas
 
@@ -21,10 +22,10 @@ def encode(tokenizer, text: str) -> torch.Tensor:
 
 @torch.inference_mode()
 def perplexity(model, ids: torch.Tensor, window: int = 512, max_windows: int | None = None,
-               batch_size: int = 4) -> float:
+               batch_size: int = 4, progress: bool = False) -> float:
     """exp of the mean cross-entropy over consecutive windows of ``ids`` (1-D), each window scored
     on its own (no context carried across windows). A text shorter than one window is scored as
-    one window of all its tokens."""
+    one window of all its tokens. ``progress``: a bar over the windows."""
     if ids.dim() != 1 or len(ids) < 2:
         raise ValueError("perplexity needs a 1-D tensor of at least 2 token ids")
     formulas._positive_int(window=window, batch_size=batch_size)
@@ -39,11 +40,14 @@ def perplexity(model, ids: torch.Tensor, window: int = 512, max_windows: int | N
         n = min(n, max_windows)
     chunks = torch.stack([ids[i * window: (i + 1) * window + 1] for i in range(n)]).to(model.device)
     total, count = 0.0, 0
+    bar = tqdm(total=n, desc="perplexity", unit="window", disable=not progress)
     for b in range(0, n, batch_size):
         x = chunks[b: b + batch_size]
         logits = model(x[:, :-1])
         total += F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum").item()
         count += x[:, 1:].numel()
+        bar.update(len(x))
+    bar.close()
     return math.exp(total / count)
 
 

@@ -615,6 +615,18 @@ def num_blocks(seq_len: int, block_size: int) -> int:
     return -(-seq_len // block_size)
 
 
+def window_blocks(seq_len: int, block_size: int, window: int | None) -> int:
+    """KV blocks a sequence of seq_len tokens holds when attention sees only the last ``window``
+    tokens (Mistral's sliding window) and blocks that fall wholly out of it are freed, as vLLM's
+    sliding-window manager frees them: ceil(window / block_size) + 1, since the window's first token
+    need not start a block, and never more than ``num_blocks(seq_len)``. ``window=None``: no window."""
+    full = num_blocks(seq_len, block_size)
+    if window is None:
+        return full
+    _positive_int(window=window)
+    return min(full, num_blocks(window, block_size) + 1)
+
+
 def paged_reserved_tokens(seq_len: int, block_size: int) -> int:
     """Token slots a paged cache holds for one sequence: ceil(s / block_size) x block_size."""
     return num_blocks(seq_len, block_size) * block_size

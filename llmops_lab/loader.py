@@ -50,13 +50,18 @@ def resolve(path_or_id: str | Path) -> Path:
                          f"safetensors weights), e.g. {p.parent}")
     if p.exists():
         return p
+    text = str(path_or_id)
+    if isinstance(path_or_id, Path) or p.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1:
+        # written as a path (a hub id is "name" or "org/name"): no hub to ask
+        raise FileNotFoundError(f"no such folder: {p}")
     try:
         from huggingface_hub import snapshot_download
-        return Path(snapshot_download(str(path_or_id), allow_patterns=[
+        return Path(snapshot_download(text, allow_patterns=[
             "*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]))
     except Exception as e:  # offline, unknown id, gated repo...
-        raise FileNotFoundError(f"{path_or_id!r} is neither a local folder nor a hub id that could be "
-                                f"fetched here ({type(e).__name__}: {e})") from e
+        why = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise FileNotFoundError(f"{text!r} is neither a local folder nor a hub id that could be "
+                                f"fetched here ({type(e).__name__}: {why})") from e
 
 
 def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:

@@ -1,5 +1,6 @@
 """The bench suite and the CLI run end to end at small sizes (the GPU run is the real one)."""
 import json
+import warnings
 
 import pytest
 
@@ -90,29 +91,52 @@ def test_cli_refuses_unknown_arguments():
 
 
 def test_cli_kv_prints_vllm_lines_and_refuses_bad_input(capsys):
+    from llmops_lab.kv.calculator import GPU_MEMORY
+    h100 = GPU_MEMORY["H100 80GB"]
+    assert h100 == 81559 * 2**20                                   # what nvidia-smi reports, not 80 GiB
     cli.main(["kv", "llama-2-70b", "--gpu", "h100 80gb", "-tp", "4", "--max-model-len", "4096"])
     out = capsys.readouterr().out
-    want = kv_cache_budget("llama-2-70b", 80 * 2**30, 0.9, max_model_len=4096, tensor_parallel_size=4)
+    want = kv_cache_budget("llama-2-70b", h100, 0.9, max_model_len=4096, tensor_parallel_size=4)
     assert want.log_line() in out and "80.0 KiB" in out          # 2 x 80 x (8/4) x 128 x 2 bytes
     cli.main(["kv", "target", "--gpu-memory-gib", "1", "--kv-dtype", "int8"])
     assert "1.0 KiB" in capsys.readouterr().out                  # 2 x 8 x 2 x 32 x 1 bytes
     # an fp8 KV cache leaves the weights in bf16: sized at 16 bits, not at the KV cache's 8
     cli.main(["kv", "llama-2-7b", "--kv-dtype", "fp8"])
     fp8 = capsys.readouterr().out
-    want = kv_cache_budget("llama-2-7b", 80 * 2**30, 0.9, dtype_bytes=1,
-                           weight_bytes=kv_cache_budget("llama-2-7b", 80 * 2**30).weight_bytes)
+    want = kv_cache_budget("llama-2-7b", h100, 0.9, dtype_bytes=1,
+                           weight_bytes=kv_cache_budget("llama-2-7b", h100).weight_bytes)
     assert "at 16 bits" in fp8 and want.log_line() in fp8
     cli.main(["kv", "llama-2-7b", "--kv-dtype", "fp32"])
     assert "at 32 bits" in capsys.readouterr().out
+    cli.main(["kv", "mistral-7b"])                                # its window bounds a sequence's blocks
+    out = capsys.readouterr().out
+    assert "sliding window of 4,096 tokens it holds 257 blocks" in out
+    assert kv_cache_budget("mistral-7b", h100, 0.9).log_line() in out
     for argv in (["kv", "llama-2-70b"],                          # 138 GB of weights on one GPU
                  ["kv", "no-such-model"], ["kv", "llama-2-7b", "--gpu", "abacus"],
                  ["kv", "llama-2-7b", "--gpu-memory-utilization", "1.5"],
                  ["kv", "llama-2-7b", "--block-size", "0"], ["kv", "llama-2-7b", "--max-model-len", "5000"],
-                 ["kv", "llama-2-70b", "-tp", "3"], ["kv", "llama-2-7b", "--gpu-memory-gib", "nan"]):
+                 ["kv", "llama-2-70b", "-tp", "3"], ["kv", "llama-2-7b", "--gpu-memory-gib", "nan"],
+                 ["kv", "llama-2-7b", "--gpu", "L4 24GB", "--gpu-memory-gib", "8"]):   # which one?
         with pytest.raises(SystemExit) as e:
             cli.main(argv)
         assert e.value.code == 2, argv
         assert "error" in capsys.readouterr().err, argv
+    with pytest.raises(SystemExit):
+        cli.main(["kv", "llama-2-70b", "-tp", "2.5"])
+    assert "invalid int value: '2.5'" in capsys.readouterr().err     # the type's name, not the parser's
+    with pytest.raises(SystemExit):                                  # the error in the units of the table
+        cli.main(["kv", "llama-2-7b", "--gpu-memory-gib", "8"])
+    assert "7.20 GiB usable" in capsys.readouterr().err
+
+
+def test_cli_ctrl_c_is_one_line_and_status_130(capsys, monkeypatch):
+    def interrupted(a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "kv", interrupted)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["kv", "llama-2-7b"])
+    assert e.value.code == 130 and capsys.readouterr().err == "llmops-lab kv: interrupted\n"
 
 
 def test_cli_generate_greedy_matches_the_engine(capsys, tmp_path):
@@ -123,10 +147,20 @@ def test_cli_generate_greedy_matches_the_engine(capsys, tmp_path):
     for o in want:
         assert o.prompt + o.outputs[0].text in out
     assert "12 tokens in" in out
-    with pytest.warns(UserWarning, match="empty prompt"), pytest.raises(SystemExit) as e:
-        cli.main(["generate", "", "ROMEO:", "--max-tokens", "2"])          # one refused, the other runs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # the refusal is said once, in the output, not warned too
+        with pytest.raises(SystemExit) as e:
+            cli.main(["generate", "", "ROMEO:", "--max-tokens", "2"])      # one refused, the other runs
     assert e.value.code == 1 and "refused" in capsys.readouterr().out
-    for argv in (["generate", "x", "--temperature", "-1"], ["generate", "x", "--model", str(tmp_path / "none")]):
+    long = "to be or not " * 2000                                      # 26,000 characters, 8,000 tokens
+    with pytest.raises(SystemExit):
+        cli.main(["generate", long, "--max-tokens", "2"])
+    out = capsys.readouterr().out
+    assert "refused" in out and "(26,000 characters)" in out and len(out) < 600   # quoted, not echoed whole
+    cli.main(["generate", "ROMEO:", "--max-tokens", "5000", "--model", "draft"])   # past its context: said
+    assert "at the model's context of 1,024 tokens before --max-tokens 5,000" in capsys.readouterr().out
+    for argv in (["generate", "x", "--temperature", "-1"], ["generate", "x", "--model", str(tmp_path / "none")],
+                 ["generate", "x", "--model", "/no/such/folder"]):
         with pytest.raises(SystemExit) as e:
             cli.main(argv)
         assert e.value.code == 2 and "error" in capsys.readouterr().err, argv

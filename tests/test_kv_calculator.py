@@ -49,6 +49,22 @@ def test_grouped_query_attention_fits_more():
     assert mha.num_gpu_blocks * 8 <= gqa.num_gpu_blocks < (mha.num_gpu_blocks + 1) * 8
 
 
+def test_a_sliding_window_bounds_the_blocks_a_sequence_holds():
+    # Mistral-7B: a 4,096-token window in a 32,768-token context. The newest query sees its last
+    # 4,096 tokens; blocks wholly before them are freed, so a sequence holds 4096/16 = 256 blocks
+    # plus the one the window's unaligned start straddles: 257, not 2,048.
+    from llmops_lab import formulas
+    b = kv_cache_budget("mistral-7b", 80 * 2**30, 0.9)
+    assert b.sliding_window == 4096 and b.blocks_per_sequence == 257
+    assert b.max_concurrency == b.num_gpu_blocks / 257 and b.max_num_seqs == b.num_gpu_blocks // 257
+    assert kv_cache_budget("mistral-7b", 80 * 2**30, 0.9, max_model_len=4000).blocks_per_sequence == 250
+    assert formulas.window_blocks(100, 16, None) == formulas.num_blocks(100, 16) == 7
+    assert formulas.window_blocks(100, 16, 32) == 3 and formulas.window_blocks(20, 16, 32) == 2
+    with pytest.raises(ValueError, match="window"):
+        formulas.window_blocks(100, 16, 0)
+    assert kv_cache_budget("llama-2-7b", 80 * 2**30, 0.9).sliding_window is None
+
+
 def test_concurrency_falls_with_request_length():
     curve = concurrency_curve(SMALL, [4, 8, 16], gpu_memory_bytes=10_000, gpu_memory_utilization=0.5,
                               block_size=4, weight_bytes=1000)

@@ -11,6 +11,10 @@ With tensor parallelism over ``tensor_parallel_size`` GPUs (Megatron-LM's split,
 70B model) each GPU holds 1/tp of the weights and the KV heads of its share of the attention heads:
 Hkv/tp of them, or one (replicated) when there are fewer KV heads than GPUs. Every GPU caches every
 token, for its own heads, so the figures are one GPU's: its blocks, and the tokens they hold.
+
+A model with a sliding window (Mistral-7B's 4,096 tokens) attends only to its latest tokens, and
+vLLM frees the blocks that leave the window: a sequence then holds about the window's blocks
+however long it grows, and that is what the concurrency figures count.
 """
 from __future__ import annotations
 
@@ -20,9 +24,11 @@ from dataclasses import dataclass
 from .. import formulas
 from ..config import ModelConfig
 
-# Total memory of common GPUs in bytes, as torch.cuda reports it (binary GiB, as sold: "80GB" = 80 GiB).
-GPU_MEMORY = {"H100 80GB": 80 * 2**30, "H200 141GB": 141 * 2**30, "A100 80GB": 80 * 2**30,
-              "A100 40GB": 40 * 2**30, "L4 24GB": 24 * 2**30, "RTX 4090 24GB": 24 * 2**30}
+# Total memory of common GPUs in bytes, as nvidia-smi reports it (MiB): not the name's "80GB" (an
+# H100 80GB has 81,559 MiB, 79.6 GiB). CUDA's own total, which vLLM reads (torch.cuda.mem_get_info),
+# is a few hundred MiB less again; give the exact bytes (the CLI's --gpu-memory-gib) where it matters.
+GPU_MEMORY = {"H100 80GB": 81559 * 2**20, "H200 141GB": 143771 * 2**20, "A100 80GB": 81920 * 2**20,
+              "A100 40GB": 40960 * 2**20, "L4 24GB": 23034 * 2**20, "RTX 4090 24GB": 24564 * 2**20}
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,7 @@ class KVBudget:
     num_gpu_blocks: int           # whole blocks that fit (on each GPU)
     max_model_len: int
     tensor_parallel_size: int = 1  # weights, activations and KV bytes above are one GPU's
+    sliding_window: int | None = None  # attention sees only this many latest tokens (Mistral)
 
     @property
     def bytes_per_block(self) -> float:
@@ -52,8 +59,11 @@ class KVBudget:
 
     @property
     def blocks_per_sequence(self) -> int:
-        """Blocks one sequence of ``max_model_len`` tokens needs: ceil(max_model_len / block_size)."""
-        return formulas.num_blocks(self.max_model_len, self.block_size)
+        """Blocks one sequence of ``max_model_len`` tokens holds: ceil(max_model_len / block_size),
+        or with a sliding window shorter than that, the window's blocks plus the one it may
+        straddle (``formulas.window_blocks``: vLLM frees the blocks that leave the window; it also
+        keeps room for a prefill chunk, which is not counted here)."""
+        return formulas.window_blocks(self.max_model_len, self.block_size, self.sliding_window)
 
     @property
     def max_concurrency(self) -> float:
@@ -125,17 +135,18 @@ def kv_cache_budget(config: ModelConfig | str, gpu_memory_bytes: float, gpu_memo
     per_token = formulas.kv_cache_bytes_per_token(shard, dtype_bytes)
     blocks = int(max(available, 0) // (per_token * block_size))
     if blocks < 1:
-        usable = formulas.to_gb(gpu_memory_bytes * gpu_memory_utilization)
+        usable = formulas.to_gib(gpu_memory_bytes * gpu_memory_utilization)
         gpus = f" per GPU at tensor_parallel_size {tp}" if tp > 1 else ""
-        raise ValueError(f"no room for the KV cache: {usable:.2f} GB usable{gpus}, "
-                         f"{formulas.to_gb(weight_bytes + activation_bytes):.2f} GB of weights and "
+        raise ValueError(f"no room for the KV cache: {usable:.2f} GiB usable{gpus}, "
+                         f"{formulas.to_gib(weight_bytes + activation_bytes):.2f} GiB of weights and "
                          f"activations; one block needs {per_token * block_size:,.0f} bytes more"
-                         + ("" if tp > 1 else " (a model this size is split over GPUs: tensor_parallel_size)"))
+                         + ("" if tp > 1 else " (a model this size is split over GPUs: tensor_parallel_size, "
+                            "-tp on the command line)"))
     return KVBudget(model=config.name, gpu_memory_bytes=gpu_memory_bytes,
                     gpu_memory_utilization=gpu_memory_utilization, weight_bytes=weight_bytes,
                     activation_bytes=activation_bytes, kv_bytes_available=available,
                     bytes_per_token=per_token, block_size=block_size, num_gpu_blocks=blocks,
-                    max_model_len=max_model_len, tensor_parallel_size=tp)
+                    max_model_len=max_model_len, tensor_parallel_size=tp, sliding_window=config.sliding_window)
 
 
 def kv_heads_per_gpu(config: ModelConfig, tensor_parallel_size: int) -> int:
