@@ -107,7 +107,8 @@ def generate(a) -> tuple[str, int]:
 
     from .engine import LLM, SamplingParams
     params = SamplingParams(n=a.n, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                            max_tokens=a.max_tokens, seed=a.seed, stop=a.stop or None)
+                            max_tokens=a.max_tokens, seed=a.seed, stop=a.stop or None, min_tokens=a.min_tokens,
+                            stop_token_ids=a.stop_token_id or None, ignore_eos=a.ignore_eos)
     model, tokenizer = load_quantized(a)
     llm = LLM(model=model, tokenizer=tokenizer, max_num_seqs=a.max_num_seqs)
     t0 = time.perf_counter()
@@ -237,6 +238,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("-n", type=int, default=1, help="completions per prompt")
     g.add_argument("--seed", type=int)
     g.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    g.add_argument("--stop-token-id", type=int, action="append", help="a token id that stops (repeatable)")
+    g.add_argument("--min-tokens", type=int, default=0, help="tokens before EOS or a stop may end (default: 0)")
+    g.add_argument("--ignore-eos", action="store_true", help="go on past the end-of-sequence token")
     g.add_argument("--max-num-seqs", type=int, default=256)
     _model_options(g)
 

@@ -147,6 +147,11 @@ def test_cli_generate_greedy_matches_the_engine(capsys, tmp_path):
     for o in want:
         assert o.prompt + o.outputs[0].text in out
     assert "12 tokens in" in out
+    first = want[1].outputs[0].token_ids[0]               # SamplingParams' stop options reach the engine
+    cli.main(["generate", "ROMEO:", "--max-tokens", "6", "--stop-token-id", str(first)])
+    assert "(1 tokens, finished: stop)" in capsys.readouterr().out
+    cli.main(["generate", "ROMEO:", "--max-tokens", "6", "--stop-token-id", str(first), "--min-tokens", "2"])
+    assert "(1 tokens" not in capsys.readouterr().out     # held back until 2 tokens are out
     with warnings.catch_warnings():
         warnings.simplefilter("error")          # the refusal is said once, in the output, not warned too
         with pytest.raises(SystemExit) as e:
