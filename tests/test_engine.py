@@ -124,8 +124,9 @@ def test_abort_frees_blocks(tiny):
     for _ in range(3):
         eng.step()
     eng.abort("1")
-    eng.abort("3")
+    eng.abort_request(["3", "nope"])          # vLLM's name: several ids, an unknown one ignored
     assert eng.get_output("1").outputs[0].finish_reason == "abort"
+    assert eng.get_output("3").outputs[0].finish_reason == "abort"
     eng.check()
     while eng.has_unfinished_requests():
         eng.step()
@@ -189,10 +190,22 @@ def test_bad_requests_refused(tiny, prompt, params, match):
     # a scalar where a list goes was a raw "'int' object is not iterable"; a dict passed as its keys
     (dict(stop_token_ids=5), "stop_token_ids"), (dict(stop=5), "stop"), (dict(stop={"a": 1}), "stop"),
     (dict(ignore_eos="no"), "ignore_eos"),              # truthy: it ignored the EOS it meant to keep
+    (dict(include_stop_str_in_output=1), "include_stop_str_in_output"),
+    # vLLM's fields this engine does not implement: refused unless at vLLM's default
+    (dict(logprobs=1), "logprobs=1 is not implemented"), (dict(prompt_logprobs=0), "prompt_logprobs"),
+    (dict(repetition_penalty=1.2), "repetition_penalty"), (dict(presence_penalty=float("nan")), "presence_penalty"),
+    (dict(frequency_penalty=False), "frequency_penalty"), (dict(skip_special_tokens=False), "skip_special_tokens"),
+    (dict(max_tokens=None), "max_tokens=None"),
 ])
 def test_bad_sampling_params(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kwargs)
+
+
+def test_vllm_defaults_spelled_out_are_accepted():
+    sp = SamplingParams(logprobs=None, prompt_logprobs=None, presence_penalty=0, frequency_penalty=0.0,
+                        repetition_penalty=1, skip_special_tokens=True, include_stop_str_in_output=False)
+    assert sp == SamplingParams()
 
 
 @pytest.fixture(scope="module")
@@ -228,6 +241,42 @@ def test_stop_strings_cut_the_text_where_they_matched(embedded):
     bad = LLM(model=pad_early, tokenizer=tok, num_kv_blocks=256).generate(
         "Hello world", SamplingParams(max_tokens=10, stop="<pad>", **GREEDY), use_tqdm=False)[0]
     assert bad.error and "stop_token_ids" in bad.error
+    # vLLM's rules (v1 detokenizer): a stop token's text is left out, its id kept; a stop string
+    # counts only from the token after the first min_tokens (one that ends token min_tokens does not)
+    k = next(i for i in range(1, 10) if free.token_ids[i] not in free.token_ids[:i]
+             and tok.decode([free.token_ids[i]]).strip())
+    by_id = llm.generate("Hello world", SamplingParams(max_tokens=30, stop_token_ids=[free.token_ids[k]], **GREEDY),
+                         use_tqdm=False)[0].outputs[0]
+    assert by_id.token_ids == free.token_ids[:k + 1] and by_id.stop_reason == free.token_ids[k]
+    assert by_id.text == tok.decode(free.token_ids[:k], skip_special_tokens=True)
+    j = next(n for n in range(1, 31) if "\n" in tok.decode(free.token_ids[:n], skip_special_tokens=True))
+    at_j = llm.generate("Hello world", SamplingParams(max_tokens=30, stop="\n", min_tokens=j, **GREEDY),
+                        use_tqdm=False)[0].outputs[0]               # the newline comes with token j itself
+    assert len(at_j.token_ids) > j and at_j.text.startswith(tok.decode(free.token_ids[:j], skip_special_tokens=True))
+    # include_stop_str_in_output keeps the stop token's text, or the text up to the stop string's end
+    kept = llm.generate("Hello world", SamplingParams(max_tokens=30, stop_token_ids=[free.token_ids[k]],
+                                                      include_stop_str_in_output=True, **GREEDY),
+                        use_tqdm=False)[0].outputs[0]
+    assert kept.text == tok.decode(free.token_ids[:k + 1], skip_special_tokens=True)
+    kept = llm.generate("Hello world", SamplingParams(max_tokens=30, stop="\n", include_stop_str_in_output=True,
+                                                      **GREEDY), use_tqdm=False)[0].outputs[0]
+    assert kept.text == free.text[:first_newline + 1]
+
+
+def test_the_end_of_sequence_token_stops_with_no_stop_reason():
+    """vLLM reports EOS as finish "stop" with stop_reason None (a stop_token_ids entry as its id);
+    its text is left out either way."""
+    from types import SimpleNamespace
+
+    from llmops_lab.engine.sampling_params import stop_reason
+    class Seq(SimpleNamespace):
+        def __len__(self):
+            return 10
+    seq = Seq(sampling_params=SamplingParams(stop_token_ids=[7]), num_completion_tokens=3, output_token_ids=[4, 5, 1])
+    assert stop_reason(seq, 1, {1}, 100) == ("stop", None)
+    assert stop_reason(seq, 7, {1}, 100) == ("stop", 7)
+    seq.sampling_params = SamplingParams(ignore_eos=True)
+    assert stop_reason(seq, 1, {1}, 100) == (None, None)
 
 
 def test_a_stop_string_split_across_byte_tokens_is_found(embedded):
@@ -425,8 +474,12 @@ def test_llm_interface_embedded():
     assert outs[2].error and "empty" in outs[2].error
     stop = llm.generate("The king", SamplingParams(temperature=0, max_tokens=40, stop=["\n"]), use_tqdm=False)[0]
     assert "\n" not in stop.outputs[0].text
-    with pytest.raises(TypeError, match="unknown arguments"):
+    with pytest.raises(ValueError, match="one device"):                 # vLLM's argument, one GPU here
         LLM(model="target", tensor_parallel_size=2)
+    with pytest.raises(TypeError, match="unknown arguments"):
+        LLM(model="target", pipeline_parallel_size=2)
+    assert LLM(model="target", tensor_parallel_size=1, trust_remote_code=True).engine is not None
+    assert outs[0].prompt_logprobs is None and outs[0].outputs[0].cumulative_logprob is None
 
 
 def test_step_time_fit_and_formulas(tiny):

@@ -30,7 +30,15 @@ _ENGINE_KEYS = {f.name for f in dataclasses.fields(EngineConfig)}
 
 
 class LLM:
-    def __init__(self, model=None, tokenizer=None, dtype=None, device=None, **engine_args):
+    def __init__(self, model=None, tokenizer=None, dtype=None, device=None, tensor_parallel_size: int = 1,
+                 trust_remote_code: bool = False, **engine_args):
+        # vLLM's arguments a snippet often spells out: one GPU is all this engine runs on, and it never
+        # runs a checkpoint's code (config.json and safetensors only), so trust_remote_code changes nothing
+        if tensor_parallel_size != 1 or isinstance(tensor_parallel_size, bool):
+            raise ValueError(f"tensor_parallel_size={tensor_parallel_size!r}: this engine runs on one device "
+                             f"(the KV calculator, llmops_lab.kv, sizes tensor-parallel setups)")
+        if not isinstance(trust_remote_code, bool):
+            raise TypeError(f"trust_remote_code must be True or False, got {trust_remote_code!r}")
         unknown = set(engine_args) - _ENGINE_KEYS
         if unknown:
             raise TypeError(f"LLM got unknown arguments {sorted(unknown)}; it accepts model, tokenizer, "

@@ -3,8 +3,14 @@
 ``add_request`` queues a prompt, ``step`` runs one iteration (the scheduler picks prefill chunks
 and decodes, the model runner computes them in one packed forward pass, new tokens are sampled,
 finished sequences are retired and their blocks freed at once), ``abort`` cancels a request at any
-point. Bad input is refused at ``add_request`` with a clear error and leaves the engine untouched; a
-request that can never fit in the pool is finished with an error while the others go on.
+point (``abort_request``, vLLM's name, takes several ids and ignores unknown ones). Bad input is
+refused at ``add_request`` with a clear error and leaves the engine untouched; a request that can
+never fit in the pool is finished with an error while the others go on.
+
+Two differences from vLLM's engine: ``step`` returns the requests that finished in it, not every
+running request's partial output (``get_output(request_id)`` reads one at any time), and a finished
+request is kept, with its metrics, until ``release(request_id)`` forgets it (``LLM.generate``
+releases its own); a long-running loop over ``step`` should release what it has collected.
 
 With ``EngineConfig(async_scheduling=True)`` steps of greedy requests overlap the host's work with
 the GPU's (``async_scheduling``, a candidate).
@@ -203,6 +209,13 @@ class LLMEngine(AsyncScheduling):
                 self.scheduler.finish(seq, "abort")
                 seq.finish_time = now
 
+    def abort_request(self, request_id) -> None:
+        """vLLM's name: cancel one request id or several; ids not (or no longer) here are ignored,
+        as vLLM ignores them (``abort`` refuses an unknown id)."""
+        for rid in [request_id] if isinstance(request_id, str) else list(request_id):
+            if rid in self.requests:
+                self.abort(rid)
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -309,7 +322,8 @@ class LLMEngine(AsyncScheduling):
             req.forked or req.seqs[0].finish_reason in ("error", "abort"))
 
     def _text(self, seq: Sequence) -> str:
-        return completion_text(self.tokenizer, seq.output_token_ids, seq.stop_reason)
+        return completion_text(self.tokenizer, seq.output_token_ids, seq.stop_reason, seq.finish_reason,
+                               seq.sampling_params.include_stop_str_in_output)
 
     def _output(self, req: _Request) -> RequestOutput:
         m = req.metrics

@@ -13,6 +13,8 @@ class CompletionOutput:
     finish_reason: str | None = None      # "stop", "length", "abort", "error", None while running
     stop_reason: int | str | None = None  # the stop token id or string that ended it
     num_preemptions: int = 0
+    cumulative_logprob: float | None = None   # vLLM's fields for log-probabilities: not computed
+    logprobs: list | None = None              # here (SamplingParams refuses logprobs), so None
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -60,3 +62,4 @@ class RequestOutput:
     finished: bool = False
     metrics: RequestMetrics | None = None
     error: str | None = None              # why the request failed (finish_reason "error")
+    prompt_logprobs: list | None = None   # vLLM's field; not computed here (SamplingParams refuses it)

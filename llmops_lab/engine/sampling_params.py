@@ -6,8 +6,12 @@ and ``top_p`` of 1 switch those filters off, ``n`` samples share the prompt's KV
 strings end a completion (and are cut from its text; they are looked for in the text each new
 token adds), ``min_tokens`` holds back the end-of-sequence token and ``stop_token_ids`` (their
 logits are masked) and the stop strings until that many tokens are out, ``ignore_eos`` keeps going
-past the end-of-sequence token (benchmarks use it to fix output lengths).
-Validated on construction: a bad value is an error here, never a silent change of behaviour.
+past the end-of-sequence token (benchmarks use it to fix output lengths). As in vLLM, the stop
+string or stop token that ends a completion is left out of its text unless
+``include_stop_str_in_output``.
+Validated on construction: a bad value is an error here, never a silent change of behaviour. vLLM's
+fields that this engine does not implement (log-probabilities, penalties, special tokens in the
+text) are accepted at their defaults, so snippets that spell them out run, and refused otherwise.
 """
 from __future__ import annotations
 
@@ -19,6 +23,10 @@ from ..checks import is_real as _is_real
 
 
 GREEDY_BELOW = 1e-5     # temperatures under this sample greedily
+
+# vLLM's fields that are not implemented here, each with the only value accepted (vLLM's default)
+NOT_IMPLEMENTED = {"logprobs": None, "prompt_logprobs": None, "presence_penalty": 0.0,
+                   "frequency_penalty": 0.0, "repetition_penalty": 1.0, "skip_special_tokens": True}
 
 
 @dataclass(frozen=True)
@@ -33,10 +41,24 @@ class SamplingParams:
     stop: tuple[str, ...] | list[str] | str | None = None
     stop_token_ids: tuple[int, ...] | list[int] | None = None
     ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    skip_special_tokens: bool = True
 
     def __post_init__(self):
         def bad(msg):
             raise ValueError(f"SamplingParams: {msg}")
+        for name, default in NOT_IMPLEMENTED.items():
+            value = getattr(self, name)
+            if value is not default and (isinstance(value, bool) != isinstance(default, bool) or value != default):
+                bad(f"{name}={value!r} is not implemented by this engine (only vLLM's default, {default!r})")
+        if self.max_tokens is None:
+            bad("max_tokens=None (vLLM: up to the model's context) is not supported here: give a number "
+                "(a completion also ends at the model's context)")
         if not _is_int(self.n) or self.n < 1:
             bad(f"n must be an integer >= 1, got {self.n!r}")
         # a NaN passes every comparison below and would sample from NaN probabilities
@@ -50,8 +72,9 @@ class SamplingParams:
             bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             bad(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
-        if not isinstance(self.ignore_eos, bool):      # "no" is truthy: it ignored the EOS it meant to keep
-            bad(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        for name in ("ignore_eos", "include_stop_str_in_output"):   # "no" is truthy: a silent flip
+            if not isinstance(getattr(self, name), bool):
+                bad(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.seed is not None and not _is_int(self.seed):
             bad(f"seed must be an integer or None, got {self.seed!r}")
         if self.stop is not None and not isinstance(self.stop, (str, list, tuple)):
@@ -89,18 +112,19 @@ class SamplingParams:
 
 
 def stop_reason(seq, tok: int, eos_ids, max_model_len: int, tokenizer=None):
-    """Why seq (whose newest token is tok) ends now: ("stop", the token or string),
-    ("length", None), or (None, None) to go on. Shared by the engine and the static baseline.
-    A stop string counts where it overlaps the text the newest token added (``stop_string_at``),
-    so one that appeared before ``min_tokens`` does not end the completion later."""
+    """Why seq (whose newest token is tok) ends now: ("stop", the stop token id or string; None for
+    the end-of-sequence token, as vLLM reports it), ("length", None), or (None, None) to go on.
+    Shared by the engine and the static baseline. A stop string counts where it overlaps the text
+    the newest token added (``stop_string_at``), and only from the token after the first
+    ``min_tokens`` (vLLM's rule), so one that appeared before then does not end the completion later."""
     p = seq.sampling_params
     n_out = seq.num_completion_tokens
-    if n_out >= p.min_tokens:
+    if n_out >= p.min_tokens:                # stop tokens are masked until then (``banned_tokens``)
         if not p.ignore_eos and tok in eos_ids:
-            return "stop", tok
+            return "stop", None
         if tok in p.stop_token_ids:
             return "stop", tok
-        if p.stop:
+        if p.stop and n_out > p.min_tokens:
             texts = _texts(tokenizer, seq.output_token_ids)        # decoded once for every stop string
             for s in p.stop:
                 if stop_string_at(tokenizer, seq.output_token_ids, s, texts) >= 0:
@@ -128,13 +152,18 @@ def stop_string_at(tokenizer, output_ids, stop: str, texts: tuple[str, str] | No
     return text.find(stop, max(0, same - len(stop) + 1))
 
 
-def completion_text(tokenizer, output_ids, stop_reason) -> str:
-    """The completion's text (special tokens skipped), cut before the stop string that ended it."""
+def completion_text(tokenizer, output_ids, stop_reason, finish_reason=None, include_stop: bool = False) -> str:
+    """The completion's text (special tokens skipped), cut before the stop string that ended it,
+    and without the stop token (a ``stop_token_ids`` entry or end-of-sequence) that ended it, as
+    vLLM leaves them out; the token ids keep it. ``include_stop`` (``include_stop_str_in_output``):
+    the text keeps the stop token's text, or runs to the end of the stop string."""
     if tokenizer is None:
         return ""
+    if finish_reason == "stop" and not isinstance(stop_reason, str) and not include_stop:
+        output_ids = output_ids[:-1]
     text = tokenizer.decode(output_ids, skip_special_tokens=True)
     if isinstance(stop_reason, str):
         at = stop_string_at(tokenizer, output_ids, stop_reason)
         if at >= 0:
-            text = text[:at]
+            text = text[:at + (len(stop_reason) if include_stop else 0)]
     return text
