@@ -45,9 +45,9 @@ def workload_spec(ctx: BenchContext) -> dict:
         # had 32 requests (2 a seat, outputs of mean 64 up to 384, to fit the bench's time): padded
         # generate then took only 1.54x the engine's steps (361 against 234, the longest request
         # bounding both), so the ratio mostly measured the draining tail. These 128 shorter outputs
-        # take 3.17x the steps (934 against 295; counted on the CPU, a step count depends on the
-        # lengths alone) and about the same transformers time as 48 requests with the old lengths
-        # (~1 min at the 60-77 ms a step it took on the H100).
+        # take 3.17x the steps (934 against 295; counted on the CPU: steps depend on the lengths and
+        # the scheduler, not the model), and transformers about 1 min instead of 22-28 s (934 steps
+        # at the 60-77 ms a step it took on the H100).
         return dict(n=128, prompt_len=(32, 256), mean_output=32, spread=1.2, max_output=192, seats=16)
     # a queue of 12 requests per seat: the steady state of a busy server, not only its draining tail
     return dict(n=192, prompt_len=(16, 64), mean_output=48, spread=1.2, max_output=400, seats=16)
