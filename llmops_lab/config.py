@@ -14,6 +14,9 @@ from pathlib import Path
 from .checks import is_int, is_real
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# max_position_embeddings of a config.json without it, as transformers' LlamaConfig (2048),
+# MistralConfig and Qwen2Config read it; their rms_norm_eps default is 1e-6 for all three
+HF_DEFAULT_CONTEXT = {"llama": 2048, "mistral": 131072, "qwen2": 32768}
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,12 @@ class ModelConfig:
         sliding = cfg.get("sliding_window", 4096 if model_type in ("mistral", "qwen2") else None)
         if model_type == "qwen2":
             sliding = _qwen2_window(cfg, sliding)
+        # Llama's attention_bias puts biases on q, k, v and o_proj; this runtime has Qwen2's (q, k, v only)
+        if model_type != "qwen2" and cfg.get("attention_bias") is True:
+            raise ValueError(f"attention_bias true for {model_type}: biases on q, k, v and o_proj are not "
+                             f"supported (this runtime has Qwen2's q/k/v biases only)")
+        if cfg.get("mlp_bias") is True:
+            raise ValueError("mlp_bias true is not supported: this runtime's MLP has no biases")
         heads_kv = cfg.get("num_key_value_heads")      # missing or null: multi-head; 0 is refused below
         return cls(
             vocab_size=cfg["vocab_size"],
@@ -154,9 +163,10 @@ class ModelConfig:
             num_hidden_layers=cfg["num_hidden_layers"],
             num_attention_heads=cfg["num_attention_heads"],
             num_key_value_heads=cfg["num_attention_heads"] if heads_kv is None else heads_kv,
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            # a key that is absent reads as transformers' own config class reads it
+            max_position_embeddings=cfg.get("max_position_embeddings", HF_DEFAULT_CONTEXT.get(model_type, 2048)),
             head_dim=cfg.get("head_dim"),
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6 if model_type == "qwen2" else 1e-5),
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta),
             rope_scaling=scaling,
             attention_bias=cfg.get("attention_bias", model_type == "qwen2"),

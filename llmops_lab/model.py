@@ -133,8 +133,11 @@ class Decoder(nn.Module):
 def build_mask(start: int, S: int, attention_mask, sliding_window, device):
     """Boolean [B or 1, 1, S, start+S] mask (True = attend), or None for plain causal attention.
 
-    Query i sits at cache position start+i and sees keys at positions <= start+i that are not
-    padding (and, with a sliding window, no older than the window).
+    Query i sits at cache slot start+i and sees keys at slots <= start+i that are not padding
+    (and, with a sliding window, no older than the window). The window is measured in token
+    positions, counted along the mask's valid slots: a cache with holes (the rejected drafts that
+    speculative decoding's rollback leaves in a batch) is wider in slots than in tokens, and a
+    window measured in slots showed a row fewer tokens than the model attends to.
     """
     Sk = start + S
     windowed = sliding_window is not None and Sk > sliding_window
@@ -142,15 +145,18 @@ def build_mask(start: int, S: int, attention_mask, sliding_window, device):
         return None
     if attention_mask is None and not windowed and S == 1:
         return None  # one new query sees every cached key
+    if attention_mask is not None and attention_mask.shape[-1] != Sk:
+        raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {Sk}")
     qpos = torch.arange(start, Sk, device=device)[:, None]
     kpos = torch.arange(Sk, device=device)[None, :]
-    allowed = kpos <= qpos
+    allowed = (kpos <= qpos)[None, None]                              # [1, 1, S, Sk]
     if windowed:
-        allowed &= kpos > qpos - sliding_window
-    allowed = allowed[None, None]                                     # [1, 1, S, Sk]
+        if attention_mask is None:
+            allowed = allowed & (kpos > qpos - sliding_window)[None, None]
+        else:                                   # positions of the tokens each row's slots hold
+            pos = attention_mask.long().cumsum(-1) - 1                # [B, Sk]
+            allowed = allowed & (pos[:, None, :] > pos[:, start:, None] - sliding_window)[:, None]
     if attention_mask is not None:
-        if attention_mask.shape[-1] != Sk:
-            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {Sk}")
         allowed = allowed & attention_mask.bool()[:, None, None, :]
         # A padding query would see nothing at all; let it see itself so softmax stays finite.
         allowed = allowed | (kpos == qpos)[None, None]

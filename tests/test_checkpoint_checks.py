@@ -97,6 +97,29 @@ def test_mistral_window_defaults_as_in_transformers():
     assert ModelConfig.from_hf_dict(d).sliding_window == 4096
 
 
+def test_absent_keys_read_as_transformers_reads_them():
+    """A config.json without rms_norm_eps read 1e-5 for Llama and Mistral where transformers reads
+    1e-6 (logits 0.8 apart on a small-norm model); without max_position_embeddings, Mistral and
+    Qwen2 read 2048 where transformers reads 131072 and 32768."""
+    d = SMALL.to_hf_dict()
+    for key in ("rms_norm_eps", "max_position_embeddings"):
+        d.pop(key)
+    for kind, context in (("llama", 2048), ("mistral", 131072), ("qwen2", 32768)):
+        c = ModelConfig.from_hf_dict({**d, "model_type": kind})
+        assert c.rms_norm_eps == 1e-6 and c.max_position_embeddings == context, kind
+
+
+def test_llama_biases_this_runtime_lacks_are_refused_by_name():
+    """Llama's attention_bias puts a bias on o_proj too, and mlp_bias on the MLP: neither exists
+    here, and loading failed later with "unexpected ['...o_proj.bias']"."""
+    with pytest.raises(ValueError, match="o_proj"):
+        ModelConfig.from_hf_dict({**SMALL.to_hf_dict(), "attention_bias": True})
+    with pytest.raises(ValueError, match="mlp_bias"):
+        ModelConfig.from_hf_dict({**SMALL.to_hf_dict(), "mlp_bias": True})
+    qwen = dataclasses.replace(SMALL, model_type="qwen2", attention_bias=True).to_hf_dict()
+    assert ModelConfig.from_hf_dict(qwen).attention_bias       # Qwen2's q/k/v biases are supported
+
+
 @pytest.mark.parametrize("where", ["rope_scaling", "rope_parameters"])
 def test_rope_scaling_without_a_type_is_refused(where):
     """{"factor": 4.0} was read as the default RoPE: the factor was dropped without a word."""

@@ -62,6 +62,21 @@ def test_padded_batch_rows_accept_differently_and_match_greedy(pair, lean):
     assert len(set(per_step)) > 1
 
 
+def test_a_windowed_target_in_a_batch_matches_its_greedy_rows(pair):
+    """Rows that accept different numbers of drafts leave holes in a batch's cache; a sliding window
+    measured in cache slots showed a row fewer tokens than its window, and the tokens departed from
+    the target's own greedy ones (at the first new token in a Mistral-shaped case). The window is
+    measured in token positions now."""
+    target = tiny(0, sliding_window=6, model_type="mistral")
+    _, draft = pair
+    ids = torch.randint(2, 64, (3, 10), generator=torch.Generator().manual_seed(3))
+    got, stats = SpeculativeDecoder(target, draft, 4).generate(ids, 40)
+    assert len(set(stats.accepted)) > 1                       # the rows did leave holes
+    for i in range(3):
+        alone = target.generate(ids[i:i + 1], max_new_tokens=40, stop_token_ids=())
+        assert got[i, 10:].tolist() == alone[0, 10:].tolist(), f"row {i}"
+
+
 def test_identical_draft_accepts_everything(pair):
     target, _ = pair
     ids = torch.tensor([[0, 5, 9]])

@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from ..checks import check_float_model
+from ..model import build_mask
 from .rtn import quantize_rtn, resolve_group_size
 from .weights import QuantizedWeight, check_bool, is_int
 
@@ -223,11 +224,15 @@ class LayerRunner:
             self.x = model.model.embed_tokens(ids)                      # [n, S, D]
         positions = torch.arange(ids.shape[1], device=ids.device).expand(1, -1)
         self.cos, self.sin = model.rope(positions, self.x.dtype)       # [1, S, D/2*2]
+        # the attention the model itself computes: causal, and within its sliding window if it has
+        # one (a plain causal mask fitted Mistral's layers to activations the model never makes)
+        self.mask = build_mask(0, ids.shape[1], None, model.config.sliding_window, ids.device)
 
     @torch.no_grad()
     def run(self, layer, x=None) -> torch.Tensor:
         x = self.x if x is None else x
-        outs = [layer(x[b:b + self.batch_size], self.cos, self.sin, None, 0, None, x.shape[1] > 1,
+        causal = self.mask is None and x.shape[1] > 1
+        outs = [layer(x[b:b + self.batch_size], self.cos, self.sin, None, 0, self.mask, causal,
                       self.model.backend) for b in range(0, x.shape[0], self.batch_size)]
         return torch.cat(outs)
 
