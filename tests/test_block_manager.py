@@ -115,6 +115,13 @@ def test_copy_on_write_after_fork():
     p.append_token(8)
     assert bm.append_slot(p) is None                  # p now owns its block alone: no copy
     bm.check_invariants([p, c])
+    bm.free(p)                                        # a freed sequence is refused by name (it was a
+    for use in (lambda: bm.fork(p, Sequence([1])), lambda: bm.append_slot(p), lambda: bm.allocate(p)):
+        with pytest.raises(RuntimeError, match="was freed"):      # bare TypeError or AttributeError)
+            use()
+    p.block_table = []                                # what the scheduler does when it preempts
+    bm.allocate(p)
+    bm.check_invariants([p, c])
 
 
 @pytest.mark.parametrize("bad", [0, 3, 12, -4])

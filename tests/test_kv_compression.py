@@ -319,11 +319,31 @@ def test_expected_kv_bytes_refuses_bad_arguments(method, budget, match, error):
         experiment.expected_kv_bytes(TINY, method, 32, budget)
 
 
+def test_sizes_and_windows_that_meant_nothing_are_refused(model):
+    """for_model read max_seq_len=0 as "not given" (the whole context); a 0-bit quantized cache
+    was sized at its scales alone; the document's window of 0 kept everything (its slice [-0:])."""
+    from llmops_lab.kv import experiment
+    from llmops_lab.kv.quantized import quantized_kv_cache_bytes
+    for cls in (KVCache, Int8KVCache):
+        with pytest.raises(ValueError, match="max_seq_len"):
+            cls.for_model(model, 1, max_seq_len=0)
+    with pytest.raises(ValueError, match="bits"):
+        quantized_kv_cache_bytes(2, 2, 16, 32, bits=0)
+    for w in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="window_size"):
+            DocumentSlidingWindowCache(w)
+    with pytest.raises(ValueError, match="evict nothing"):   # a ring larger than the text
+        experiment.compression_quality(model, _flat_ids(64), budgets=(64,), window_len=32, num_windows=1,
+                                       num_prompts=1, prefix=8)
+
+
 def test_expected_kv_bytes_of_known_methods():
     from llmops_lab.kv import experiment
     full = formulas.kv_cache_bytes(L, HKV, D, 32, 4)
     assert experiment.expected_kv_bytes(TINY, "full", 32) == full
     assert experiment.expected_kv_bytes(TINY, "sliding window", 32, 8) == full // 4
+    # a budget past the sequence: the ring's slots are allocated all the same (it counted 32 tokens)
+    assert experiment.expected_kv_bytes(TINY, "sliding window", 32, 64) == 2 * full
     assert experiment.expected_kv_bytes(TINY, "document as written", 32) == 0
 
 

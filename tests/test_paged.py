@@ -448,6 +448,18 @@ def test_a_failed_forward_leaves_no_uncomputed_block_in_the_prefix_cache(tiny):
     cache.check()
 
 
+def test_paged_update_checks_the_new_keys_and_values(tiny):
+    """Called directly, update copied one KV head into every head of the pool (and a size-1 head
+    dim across the dim) without a word, and layer -1 wrote the last layer's pool."""
+    cache = PagedKVCache.for_model(tiny, 1, num_blocks=8, block_size=4)
+    cache.add_prompts(prompt(1, 3))                    # one row of 3 tokens to write
+    Hkv, D = tiny.config.num_key_value_heads, tiny.config.head_dim
+    for k, layer, match in ((torch.zeros(1, 1, 3, D), 0, "KV heads"), (torch.zeros(1, Hkv, 3, 1), 0, "dim"),
+                            (torch.zeros(1, Hkv, 3, D), -1, "layer"), (torch.zeros(2, Hkv, 3, D), 0, "batch")):
+        with pytest.raises(ValueError, match=match):
+            cache.update(layer, k, k, 0)
+
+
 @pytest.mark.parametrize("make, match", [
     (lambda m: PagedKVCache.for_model(m, 2, num_blocks=8, dtype=torch.float16), "dtype torch.float16"),
     (lambda m: PagedKVCache(2, 1, 16, 8, 16), "KV heads 1"),

@@ -113,6 +113,7 @@ class BlockManager:
         """Give seq (no blocks yet) blocks for all its tokens; returns how many tokens were found in
         the prefix cache (their KV need not be computed). Blocks in ``computing`` are hits even while
         pending: the same forward as seq's computes their KV (identical prompts in one batch)."""
+        self._check_not_freed(seq)
         if seq.block_table:
             raise RuntimeError(f"sequence {seq.seq_id} already has blocks")
         if not self.can_allocate(seq):
@@ -169,6 +170,7 @@ class BlockManager:
         Returns (src, dst) when the last block was shared and had to be copied (copy-on-write):
         the model runner copies the KV of block src into block dst before writing.
         """
+        self._check_not_freed(seq)
         n = len(seq)
         copy = None
         if len(seq.block_table) < self.blocks_needed(seq):       # token opens a new block
@@ -201,12 +203,22 @@ class BlockManager:
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """child shares every block of parent (parallel sampling); writes will copy-on-write."""
+        self._check_not_freed(parent)
+        self._check_not_freed(child)
         if child.block_table:
             raise RuntimeError(f"sequence {child.seq_id} already has blocks")
         for bid in parent.block_table:
             self.blocks[bid].ref_count += 1
         child.block_table = list(parent.block_table)
         child.last_hash = parent.last_hash
+
+    @staticmethod
+    def _check_not_freed(seq: Sequence) -> None:
+        """A freed sequence's table is None until its owner gives it a fresh one (the scheduler sets
+        [] when it preempts): using it before then failed as a bare TypeError or AttributeError."""
+        if seq.block_table is None:
+            raise RuntimeError(f"sequence {seq.seq_id} was freed; give it a new block table "
+                               f"(seq.block_table = []) before allocating again")
 
     def free(self, seq: Sequence) -> None:
         if seq.block_table is None:

@@ -234,8 +234,9 @@ def make_cache(model, method: str, batch_size: int, seq_len: int, budget: int | 
 def expected_kv_bytes(config, method: str, seq_len: int, budget: int | None = None, dtype_bytes: float = 4) -> float:
     """The bytes per sequence a method's cache should hold, from the formulas (what ``nbytes`` is checked against).
 
-    Evicting caches hold ``budget`` tokens (H2O adds one fp32 score per held token, head and layer);
-    full and int8 hold ``seq_len`` tokens; the document's class holds nothing.
+    Evicting caches allocate ``budget`` token slots whatever the sequence's length (a fixed ring;
+    H2O adds one fp32 score per slot, head and layer); full and int8 hold ``seq_len`` tokens; the
+    document's class holds nothing.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; methods: {METHODS}")
@@ -250,7 +251,8 @@ def expected_kv_bytes(config, method: str, seq_len: int, budget: int | None = No
         return quantized_kv_cache_bytes(L, H, D, seq_len, bits=8, scale_bytes=2)
     if method == "document as written":
         return 0
-    kv = formulas.kv_cache_bytes(L, H, D, formulas.sliding_window_kv_tokens(seq_len, budget), dtype_bytes)
+    # the slots allocated, not min(seq_len, budget) tokens held: below the budget the ring is part empty
+    kv = formulas.kv_cache_bytes(L, H, D, budget, dtype_bytes)
     return kv + (L * H * budget * 4 if method == "H2O" else 0)
 
 
@@ -309,6 +311,8 @@ def compression_quality(model, ids: torch.Tensor, budgets=(64, 128, 256), window
     if any(m not in _HOLD_ALL for m in methods):
         for b in budgets:
             formulas._positive_int(budget=b)
+            if b > window_len:   # a ring larger than the text: evicts nothing, allocates more than full
+                raise ValueError(f"budget {b} exceeds window_len {window_len}: the cache would evict nothing")
     need = (num_windows + num_prompts) * window_len
     rows = ids[:need].view(-1, window_len).to(model.device)
     text = rows[:num_windows]

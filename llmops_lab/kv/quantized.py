@@ -3,7 +3,10 @@
 Symmetric absmax quantization (Jacob et al. 2018) along the head dimension: each cached vector
 x [D] is stored as q = round(x / Delta) in -127..127 with Delta = max|x| / 127
 (``formulas.quant_step_symmetric(max|x|, 8)``), so |x - q Delta| <= Delta / 2
-(``formulas.quant_error_bound_symmetric``). One scale per token and head, as in KIVI (Liu et al.
+(``formulas.quant_error_bound_symmetric``) for q Delta computed in fp32. The cache hands attention
+q Delta in the keys' own dtype, which rounds it once more: in bf16 or fp16 the error can exceed
+Delta / 2 by up to half a unit in the last place of |x| (measured up to 1.9 x Delta / 2 in bf16,
+whose 8-bit mantissa is as coarse as the int8 codes). One scale per token and head, as in KIVI (Liu et al.
 2024) for values and in vLLM's per-token int8 KV; keys have outlier channels that per-channel
 scales would handle better (KIVI), which this simple per-token scheme gives up for simplicity.
 Attention runs on the dequantized tensors: the cache saves memory, not arithmetic.
@@ -13,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from .. import formulas
+from ..checks import is_int
 from .cache import check_dims, check_new_kv, check_no_gap, check_start
 from .sliding_window import model_dims
 
@@ -55,6 +59,7 @@ def quantized_kv_cache_bytes(num_layers: int, num_kv_heads: int, head_dim: int, 
     The ``formulas.kv_cache_bytes`` layout with each D-vector stored in b bits plus one scale;
     int8 with fp16 scales and D = 128: 130 bytes per vector against 256 in fp16 (1.97x smaller).
     """
+    formulas._check_bits(bits)      # 0 counted the scales alone; -8 failed as "dtype_bytes must be > 0"
     per_vector = head_dim * bits / 8 + scale_bytes
     return formulas.kv_cache_bytes(num_layers, num_kv_heads, 1, seq_len, per_vector, batch_size)
 
@@ -89,6 +94,8 @@ class Int8KVCache:
     def for_model(cls, model, batch_size: int, max_seq_len: int | None = None, dtype=None, device=None,
                   scale_dtype=torch.float16):
         dims = model_dims(model, dtype, device, evicts=False)
+        if max_seq_len is not None and (not is_int(max_seq_len) or max_seq_len < 1):
+            raise ValueError(f"max_seq_len must be an integer >= 1 or None, got {max_seq_len!r}")
         return cls(batch_size=batch_size, max_seq_len=max_seq_len or dims["context_len"],
                    scale_dtype=scale_dtype, **dims)
 

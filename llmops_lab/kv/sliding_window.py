@@ -51,6 +51,9 @@ class DocumentSlidingWindowCache:
     """
 
     def __init__(self, window_size: int = 2048):
+        # the document's slice [..., -W:, :] keeps everything at W = 0 and drops the first 3 at W = -3
+        if not is_int(window_size) or window_size < 1:
+            raise ValueError(f"window_size must be an integer >= 1, got {window_size!r}")
         self.window_size = window_size
         self.length = 0
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..engine import BlockManager, NoFreeBlocksError, Sequence
-from ..kv.cache import check_cache_fits, check_dims
+from ..kv.cache import check_cache_fits, check_dims, check_new_kv
 from .attention import PagedView, gather_kv, store_kv
 
 
@@ -153,6 +153,9 @@ class PagedKVCache:
         contiguous keys/values 0..start+S, or ``PagedView``s for the Triton kernels."""
         if torch.is_tensor(start):
             raise NotImplementedError("the paged cache has no static-shape decode step")
+        # the pools are [blocks, Hkv, block_size, D]: heads and dim in the places check_new_kv reads
+        # (one head or a size-1 dim broadcast into every head of the pool without a word)
+        check_new_kv(layer, self.k_pools, k, v, len(self.seqs))
         B, _, S, _ = k.shape
         if layer == 0 or self._meta is None:   # once per forward, shared by every layer
             self._meta = self._prepare(start, S, B, k.device)
