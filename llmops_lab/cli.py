@@ -89,7 +89,7 @@ def kv(a) -> str:
         ("KV per token", f"{b.bytes_per_token / 2**10:.1f} KiB ({a.kv_dtype}: 2 x {config.num_hidden_layers} x "
                          f"{kv_heads_per_gpu(config, tp)} x {config.head_dim} x {KV_DTYPES[a.kv_dtype]} bytes)"),
         ("KV per sequence", f"{b.bytes_per_token * b.max_model_len / gib:.3f} GiB at {b.max_model_len:,} tokens"
-         + ("" if b.blocks_per_sequence == -(-b.max_model_len // b.block_size) else
+         + ("" if b.blocks_per_sequence == formulas.num_blocks(b.max_model_len, b.block_size) else
             f"; with its sliding window of {b.sliding_window:,} tokens it holds {b.blocks_per_sequence:,} blocks "
             f"({b.blocks_per_sequence * b.bytes_per_block / gib:.3f} GiB): blocks that leave the window are freed")),
         ("blocks", f"{b.num_gpu_blocks:,} of {b.block_size} tokens"),

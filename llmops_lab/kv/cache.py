@@ -37,12 +37,11 @@ class KVCache:
     def for_model(cls, model, batch_size: int, max_seq_len: int | None = None, dtype=None, device=None):
         c = model.config
         p = next(model.parameters())
-        # 0 read as "not given": the model's whole context. More slots than the context is allowed:
-        # speculative decoding's batch caches hold holes beside the tokens
-        if max_seq_len is not None and (not is_int(max_seq_len) or max_seq_len < 1):
-            raise ValueError(f"max_seq_len must be an integer >= 1 or None, got {max_seq_len!r}")
+        # None, not any falsy value, means the model's context: a 0 reaches the constructor's check.
+        # More slots than the context is allowed: speculative decoding's batch caches hold holes
         return cls(c.num_hidden_layers, batch_size, c.num_key_value_heads, c.head_dim,
-                   max_seq_len or c.max_position_embeddings, dtype or p.dtype, device or p.device)
+                   c.max_position_embeddings if max_seq_len is None else max_seq_len,
+                   dtype or p.dtype, device or p.device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start):
         """Write k, v [B, Hkv, S, D] at positions start..start+S; return keys/values 0..start+S.

@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 
 from .. import formulas
-from ..checks import is_int
 from .cache import check_dims, check_new_kv, check_no_gap, check_start
 from .sliding_window import model_dims
 
@@ -94,9 +93,8 @@ class Int8KVCache:
     def for_model(cls, model, batch_size: int, max_seq_len: int | None = None, dtype=None, device=None,
                   scale_dtype=torch.float16):
         dims = model_dims(model, dtype, device, evicts=False)
-        if max_seq_len is not None and (not is_int(max_seq_len) or max_seq_len < 1):
-            raise ValueError(f"max_seq_len must be an integer >= 1 or None, got {max_seq_len!r}")
-        return cls(batch_size=batch_size, max_seq_len=max_seq_len or dims["context_len"],
+        return cls(batch_size=batch_size,        # None, not 0, means the model's context
+                   max_seq_len=dims["context_len"] if max_seq_len is None else max_seq_len,
                    scale_dtype=scale_dtype, **dims)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start):
