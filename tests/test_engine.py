@@ -291,6 +291,56 @@ def test_a_stop_string_split_across_byte_tokens_is_found(embedded):
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
+def test_step_streams_outputs_by_output_kind(embedded, async_scheduling):
+    """vLLM's RequestOutputKind: step() returns a running request's output in every step that gives
+    it a token (CUMULATIVE: the completion so far; DELTA: only what is new), or only once it
+    finishes (FINAL_ONLY, as before; LLM.generate asks for it). Text that may still be cut (the
+    start of a stop string) is held back, so every streamed text is a prefix of the final one and
+    the deltas add up to it."""
+    from llmops_lab.engine import RequestOutputKind as K
+    m, tok, _ = embedded
+    for stop in (None, ["\n", "the end"]):
+        sp = dict(max_tokens=30, stop=stop, **GREEDY)
+        ref = LLM(model=m, tokenizer=tok, num_kv_blocks=256).generate(
+            "Hello world", SamplingParams(**sp), use_tqdm=False)[0].outputs[0]
+        for kind in K:
+            eng = LLMEngine(m, tok, EngineConfig(num_kv_blocks=256, async_scheduling=async_scheduling))
+            eng.add_request("a", "Hello world", SamplingParams(output_kind=kind, **sp))
+            got = []
+            while eng.has_unfinished_requests():
+                got += eng.step()
+            assert [o.finished for o in got] == [False] * (len(got) - 1) + [True], (stop, kind)
+            outs = [o.outputs[0] for o in got]
+            last = outs[-1]
+            assert (last.finish_reason, last.stop_reason) == (ref.finish_reason, ref.stop_reason)
+            if kind is K.FINAL_ONLY:
+                assert len(got) == 1 and (last.text, last.token_ids) == (ref.text, ref.token_ids)
+            elif kind is K.CUMULATIVE:
+                assert len(got) == len(ref.token_ids)              # one output per token
+                assert [len(o.token_ids) for o in outs] == list(range(1, len(ref.token_ids) + 1))
+                assert all(ref.token_ids[:len(o.token_ids)] == o.token_ids for o in outs)
+                assert all(ref.text.startswith(o.text) for o in outs), [o.text for o in outs]
+                assert (last.text, last.token_ids) == (ref.text, ref.token_ids)
+            else:
+                assert all(len(o.token_ids) == 1 for o in outs)
+                assert "".join(o.text for o in outs) == ref.text
+                assert sum((o.token_ids for o in outs), []) == ref.token_ids
+            assert eng.get_output("a").outputs[0].text == ref.text      # whole, whatever the kind
+        if stop:
+            assert ref.finish_reason == "stop"                    # the hold-back was exercised
+
+
+def test_streamed_text_holds_back_what_may_still_change():
+    from llmops_lab.engine.sampling_params import streamed_text
+    assert streamed_text("abc\ufffd", SamplingParams()) == "abc"          # half a character
+    assert streamed_text("abcdef", SamplingParams(stop=["xyz", "q"])) == "abcd"   # may start "xyz"
+    assert streamed_text("abcdef", SamplingParams(stop="xyz", include_stop_str_in_output=True)) == "abcdef"
+    assert streamed_text("a", SamplingParams(stop="xyz")) == ""
+    with pytest.raises(ValueError, match="output_kind"):
+        SamplingParams(output_kind="delta")
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
 def test_min_tokens_masks_eos_and_stop_ids(embedded, async_scheduling):
     """Before min_tokens the end-of-sequence id and stop_token_ids cannot be sampled (vLLM masks
     their logits); they were sampled, kept in the output and generation went on past them."""
@@ -950,8 +1000,10 @@ def engine_machine(tiny):
     small enough to preempt, with prompts that share prefixes (prefix-cache hits) and n = 2
     (copy-on-write). After every operation the block manager's invariants hold; at the end every
     request is accounted for, every block is free, and each request that was not aborted produced
-    exactly what its prompt produces alone (up to its stop token, when it has one). (Without the
+    exactly what its prompt produces alone (up to its stop token, when it has one), streamed as its
+    output kind asks: cumulative outputs only ever grow, deltas add up to the whole. (Without the
     copy half of copy-on-write it fails at once; about 3 preemptions and 1.4 aborts per example.)"""
+    from llmops_lab.engine import RequestOutputKind as K
     from hypothesis import settings
     from hypothesis import strategies as st
     from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -981,18 +1033,33 @@ def engine_machine(tiny):
             self.eng = (static_decode_engine(tiny, False, prefill_graphs=16, **cfg) if self.graphs
                         else LLMEngine(tiny, config=EngineConfig(**cfg)))
             self.reqs, self.aborted, self.outs, self.ids = {}, set(), {}, 0
+            self.streamed = {}          # request id: each sample's tokens, as its outputs gave them
+
+        def collect(self, out):
+            kind, got = self.reqs[out.request_id][4], self.streamed.setdefault(out.request_id, {})
+            for c in out.outputs:
+                if kind is K.DELTA:
+                    got[c.index] = got.get(c.index, []) + c.token_ids
+                else:
+                    assert c.token_ids[:len(got.get(c.index, []))] == got.get(c.index, []), out.request_id
+                    got[c.index] = c.token_ids
+            assert kind is not K.FINAL_ONLY or out.finished
+            if out.finished:
+                self.outs[out.request_id] = out
 
         @rule(which=st.integers(0, 2), cut=st.integers(1, 12), tail=st.lists(st.integers(2, 300), max_size=6),
-              two=st.integers(0, 8), max_tokens=st.integers(1, 14), stops=st.sampled_from([(), STOP]))
-        def add(self, which, cut, tail, two, max_tokens, stops):
+              two=st.integers(0, 8), max_tokens=st.integers(1, 14), stops=st.sampled_from([(), STOP]),
+              kind=st.sampled_from(list(K)))
+        def add(self, which, cut, tail, two, max_tokens, stops, kind):
             # n = 2 for a third of the requests; for a ninth with async scheduling, where any n > 1
             # request in the engine puts the steps back in lockstep
             n = 2 if two < (1 if self.overlap else 3) else 1
             p = base[which][:cut] + tail
             rid = f"r{self.ids}"
             self.ids += 1
-            self.eng.add_request(rid, p, SamplingParams(n=n, max_tokens=max_tokens, stop_token_ids=stops, **GREEDY))
-            self.reqs[rid] = (p, n, max_tokens, stops)
+            self.eng.add_request(rid, p, SamplingParams(n=n, max_tokens=max_tokens, stop_token_ids=stops,
+                                                        output_kind=kind, **GREEDY))
+            self.reqs[rid] = (p, n, max_tokens, stops, kind)
 
         @rule(pick=st.integers(0, 1000))
         def abort(self, pick):
@@ -1008,7 +1075,7 @@ def engine_machine(tiny):
                 if not self.eng.has_unfinished_requests():
                     break
                 for out in self.eng.step():
-                    self.outs[out.request_id] = out
+                    self.collect(out)
 
         @invariant()
         def blocks_consistent(self):
@@ -1018,9 +1085,9 @@ def engine_machine(tiny):
         def teardown(self):
             while self.eng.has_unfinished_requests():
                 for out in self.eng.step():
-                    self.outs[out.request_id] = out
+                    self.collect(out)
             assert self.eng.block_manager.num_free_blocks == self.eng.num_kv_blocks
-            for rid, (p, n, max_tokens, stops) in self.reqs.items():
+            for rid, (p, n, max_tokens, stops, kind) in self.reqs.items():
                 out = self.outs.get(rid) or self.eng.get_output(rid)
                 assert out.finished, rid
                 if rid in self.aborted and rid not in self.outs:
@@ -1028,7 +1095,10 @@ def engine_machine(tiny):
                 if out.error:          # refused while running: only a request the pool cannot hold
                     assert "too small" in out.error, out.error
                     continue
-                assert [c.token_ids for c in out.outputs] == [expected(p, max_tokens, stops)] * n, rid
+                want = [expected(p, max_tokens, stops)] * n
+                if kind is not K.DELTA:          # a delta output holds only the last tokens
+                    assert [c.token_ids for c in out.outputs] == want, rid
+                assert [self.streamed[rid][i] for i in range(n)] == want, rid
 
     Machine.TestCase.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
     return Machine

@@ -8,12 +8,12 @@ bookkeeping imports without them.
 from .block_manager import Block, BlockManager, NoFreeBlocksError
 from .config import EngineConfig
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
-from .sampling_params import SamplingParams
+from .sampling_params import RequestOutputKind, SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence, SequenceStatus
 
 __all__ = ["Block", "BlockManager", "NoFreeBlocksError", "Sequence", "SequenceStatus", "EngineConfig",
-           "SamplingParams", "Scheduler", "ScheduledBatch", "CompletionOutput", "RequestMetrics",
+           "SamplingParams", "RequestOutputKind", "Scheduler", "ScheduledBatch", "CompletionOutput", "RequestMetrics",
            "RequestOutput", "LLMEngine", "LLM", "ModelRunner"]
 
 

@@ -100,7 +100,7 @@ class AsyncScheduling:
         if new is not None and not self.scheduler.has_unfinished():
             touched |= self._resolve(new)       # every row stopped in the step before: nothing to read
             self._inflight = None
-        return [self._output(self.requests[r]) for r in touched if self._finished(self.requests[r])]
+        return self._step_outputs(touched)
 
     def _resolve(self, flight: InFlight) -> set[str]:
         """Read a launched step's tokens and put each in its sequence's place (a sequence finished

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .config import EngineConfig
 from .llm_engine import LLMEngine
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, final_only
 
 _ENGINE_KEYS = {f.name for f in dataclasses.fields(EngineConfig)}
 
@@ -75,6 +75,9 @@ class LLM:
         bad = next((sp for sp in params if not isinstance(sp, SamplingParams)), None)
         if bad is not None:               # before any request is queued
             raise TypeError(f"sampling_params must be SamplingParams (or a list of them), got {type(bad).__name__}")
+        # each request's output once, when it is done (vLLM's LLM.generate asks for the same)
+        final = {id(sp): final_only(sp) for sp in params}
+        params = [final[id(sp)] for sp in params]
         eng = self.engine
         results: dict[str, RequestOutput] = {}
         order = []
@@ -90,6 +93,8 @@ class LLM:
         bar.update(len(results))
         while eng.has_unfinished_requests():
             for out in eng.step():
+                if not out.finished:          # a request added to the engine directly, still running
+                    continue
                 results[out.request_id] = out
                 eng.release(out.request_id)
                 bar.update(1)

@@ -31,7 +31,7 @@ from .block_manager import BlockManager
 from .config import EngineConfig
 from .model_runner import ModelRunner, decode_graphs_possible, num_kv_blocks
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
-from .sampling_params import SamplingParams, completion_text, stop_reason
+from .sampling_params import RequestOutputKind, SamplingParams, completion_text, stop_reason, streamed_text
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
 
@@ -62,7 +62,7 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
 
 class _Request:
     __slots__ = ("request_id", "prompt", "prompt_token_ids", "params", "seqs", "metrics", "forked",
-                 "generators")
+                 "generators", "sent")
 
     def __init__(self, request_id, prompt, ids, params, arrival):
         self.request_id, self.prompt, self.prompt_token_ids, self.params = request_id, prompt, ids, params
@@ -70,6 +70,7 @@ class _Request:
         self.metrics = RequestMetrics(arrival)
         self.forked = params.n == 1
         self.generators: list[torch.Generator | None] = []
+        self.sent: dict[int, tuple[int, int]] = {}   # RequestOutputKind.DELTA: sample i's tokens and characters sent
 
 
 class LLMEngine(AsyncScheduling):
@@ -221,7 +222,9 @@ class LLMEngine(AsyncScheduling):
 
     # -- one iteration ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run one packed forward, sample, retire. Returns the requests that finished."""
+        """Schedule, run one packed forward, sample, retire. Returns an output for every request
+        that finished in this step, and for every running one that gained tokens unless its
+        ``SamplingParams.output_kind`` is ``FINAL_ONLY`` (``_step_outputs``)."""
         if self.config.async_scheduling and self._can_overlap():
             return self._step_overlapped()
         touched = self._resolve(self._inflight) if self._inflight is not None else set()
@@ -246,7 +249,7 @@ class LLMEngine(AsyncScheduling):
                     self._fail(seq, f"sampling failed: {type(e).__name__}: {e}", now)
                 touched.add(seq.request_id)
             self.step_stats.append(self._stats_row(batch, t0, now))
-        return [self._output(self.requests[r]) for r in touched if self._finished(self.requests[r])]
+        return self._step_outputs(touched)
 
     def _schedule(self, t0: float):
         """The scheduler's batch for a step starting at t0, and the requests it failed (finished
@@ -322,10 +325,25 @@ class LLMEngine(AsyncScheduling):
             req.forked or req.seqs[0].finish_reason in ("error", "abort"))
 
     def _text(self, seq: Sequence) -> str:
-        return completion_text(self.tokenizer, seq.output_token_ids, seq.stop_reason, seq.finish_reason,
+        text = completion_text(self.tokenizer, seq.output_token_ids, seq.stop_reason, seq.finish_reason,
                                seq.sampling_params.include_stop_str_in_output)
+        return text if seq.is_finished else streamed_text(text, seq.sampling_params)
 
-    def _output(self, req: _Request) -> RequestOutput:
+    def _step_outputs(self, touched: set[str]) -> list[RequestOutput]:
+        """What a step returns for the requests it touched (in the order they were added): each
+        finished one, and each running one unless it asked for ``FINAL_ONLY``; a ``DELTA`` request's
+        output holds only what is new since its last."""
+        outs = []
+        for rid in (r for r in self.requests if r in touched) if touched else ():
+            req = self.requests[rid]
+            kind = req.params.output_kind
+            if self._finished(req) or kind is not RequestOutputKind.FINAL_ONLY:
+                outs.append(self._output(req, delta=kind is RequestOutputKind.DELTA))
+        return outs
+
+    def _output(self, req: _Request, delta: bool = False) -> RequestOutput:
+        """req's output: every sample's completion so far (``delta``: only the tokens and text
+        since the last delta output, which this one moves on)."""
         m = req.metrics
         seqs = req.seqs
         firsts = [s.first_token_time for s in seqs if s.first_token_time is not None]
@@ -336,8 +354,14 @@ class LLMEngine(AsyncScheduling):
         m.finish_time = max(s.finish_time for s in seqs) if done else None
         m.num_output_tokens = len(seqs[0].output_token_ids)
         errors = [s.error for s in seqs if s.error]
-        outs = [CompletionOutput(i, self._text(s), s.output_token_ids, s.finish_reason, s.stop_reason,
-                                 s.num_preemptions) for i, s in enumerate(seqs)]
+        outs = []
+        for i, s in enumerate(seqs):
+            ids, text = s.output_token_ids, self._text(s)
+            if delta:
+                n_ids, n_chars = req.sent.get(i, (0, 0))
+                req.sent[i] = (len(ids), max(n_chars, len(text)))
+                ids, text = ids[n_ids:], text[n_chars:]
+            outs.append(CompletionOutput(i, text, ids, s.finish_reason, s.stop_reason, s.num_preemptions))
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, done, m,
                              errors[0] if errors else None)
 
@@ -348,6 +372,7 @@ class LLMEngine(AsyncScheduling):
         return req
 
     def get_output(self, request_id: str) -> RequestOutput:
+        """The request's whole output so far (whatever its ``output_kind``)."""
         return self._output(self._request(request_id))
 
     def release(self, request_id: str) -> None:

@@ -23,7 +23,9 @@ import torch
 from ..measure import synchronize
 from .config import EngineConfig
 from .llm_engine import LLMEngine
-from .sampling_params import SamplingParams
+from .sampling_params import RequestOutputKind, SamplingParams
+
+FINAL = RequestOutputKind.FINAL_ONLY     # no output built for a running request: the step is what is timed
 
 
 @torch.inference_mode()
@@ -46,12 +48,13 @@ def profile_decode_steps(model, batch_size: int = 16, prompt_len: int = 128, ste
     g = torch.Generator().manual_seed(0)
     prompt = lambda: torch.randint(3, model.config.vocab_size, (prompt_len,), generator=g).tolist()
     for i in range(batch_size - mixed):
-        engine.add_request(str(i), prompt(), SamplingParams(max_tokens=2 * steps + 8, ignore_eos=True, temperature=0.0))
+        engine.add_request(str(i), prompt(), SamplingParams(max_tokens=2 * steps + 8, ignore_eos=True, temperature=0.0,
+                                                            output_kind=FINAL))
     newcomer = iter(range(batch_size, batch_size + 2 * steps + 8))
 
     def step():
         if mixed:
-            engine.add_request(str(next(newcomer)), prompt(), SamplingParams(max_tokens=1, temperature=0.0))
+            engine.add_request(str(next(newcomer)), prompt(), SamplingParams(max_tokens=1, temperature=0.0, output_kind=FINAL))
         engine.step()
     for _ in range(4):                       # the prefill, then warm steps (kernels compiled)
         step()

@@ -8,15 +8,20 @@ token adds), ``min_tokens`` holds back the end-of-sequence token and ``stop_toke
 logits are masked) and the stop strings until that many tokens are out, ``ignore_eos`` keeps going
 past the end-of-sequence token (benchmarks use it to fix output lengths). As in vLLM, the stop
 string or stop token that ends a completion is left out of its text unless
-``include_stop_str_in_output``.
+``include_stop_str_in_output``. ``output_kind`` (vLLM's ``RequestOutputKind``) says what
+``LLMEngine.step`` returns for the request while it runs: its whole output so far (``CUMULATIVE``,
+vLLM's default), only what is new since the last one (``DELTA``), or nothing until it finishes
+(``FINAL_ONLY``, what ``LLM.generate`` and the benchmarks use).
 Validated on construction: a bad value is an error here, never a silent change of behaviour. vLLM's
 fields that this engine does not implement (log-probabilities, penalties, special tokens in the
 text) are accepted at their defaults, so snippets that spell them out run, and refused otherwise.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from enum import Enum
 
 from ..checks import is_int as _is_int
 from ..checks import is_real as _is_real
@@ -27,6 +32,13 @@ GREEDY_BELOW = 1e-5     # temperatures under this sample greedily
 # vLLM's fields that are not implemented here, each with the only value accepted (vLLM's default)
 NOT_IMPLEMENTED = {"logprobs": None, "prompt_logprobs": None, "presence_penalty": 0.0,
                    "frequency_penalty": 0.0, "repetition_penalty": 1.0, "skip_special_tokens": True}
+
+
+class RequestOutputKind(Enum):
+    """What ``LLMEngine.step`` returns for a running request (vLLM's enum, same members)."""
+    CUMULATIVE = 0       # every step that adds tokens: the whole completion so far
+    DELTA = 1            # every step that adds tokens: only the tokens and text new since the last output
+    FINAL_ONLY = 2       # once, when it finishes
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     skip_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self):
         def bad(msg):
@@ -75,6 +88,9 @@ class SamplingParams:
         for name in ("ignore_eos", "include_stop_str_in_output"):   # "no" is truthy: a silent flip
             if not isinstance(getattr(self, name), bool):
                 bad(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.output_kind, RequestOutputKind):
+            bad(f"output_kind must be a RequestOutputKind ({', '.join(k.name for k in RequestOutputKind)}), "
+                f"got {self.output_kind!r}")
         if self.seed is not None and not _is_int(self.seed):
             bad(f"seed must be an integer or None, got {self.seed!r}")
         if self.stop is not None and not isinstance(self.stop, (str, list, tuple)):
@@ -150,6 +166,24 @@ def stop_string_at(tokenizer, output_ids, stop: str, texts: tuple[str, str] | No
     # starts where the two texts stop agreeing, not at len(before) (which skipped a stop like "é").
     same = len(before.rstrip("\ufffd"))
     return text.find(stop, max(0, same - len(stop) + 1))
+
+
+def final_only(params: SamplingParams) -> SamplingParams:
+    """params, asking for the request's output only when it finishes (``LLM.generate``, benchmarks)."""
+    if params.output_kind is RequestOutputKind.FINAL_ONLY:
+        return params
+    return dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
+
+
+def streamed_text(text: str, params: SamplingParams) -> str:
+    """The part of a running completion's text that is safe to hand out: without a trailing
+    character still being assembled from byte tokens (U+FFFD until its last byte comes), and, when
+    stop strings are cut from the text, without the last ``len(longest stop) - 1`` characters,
+    which may turn out to begin a stop string (vLLM's detokenizer holds the same back)."""
+    text = text.rstrip("\ufffd")
+    if params.stop and not params.include_stop_str_in_output:
+        text = text[:max(0, len(text) - (max(map(len, params.stop)) - 1))]
+    return text
 
 
 def completion_text(tokenizer, output_ids, stop_reason, finish_reason=None, include_stop: bool = False) -> str:

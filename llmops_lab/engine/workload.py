@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..checks import is_int, is_real
 from .config import EngineConfig
 from .llm_engine import LLMEngine
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, final_only
 from .static import run_static_batch
 
 
@@ -179,7 +179,7 @@ def run_continuous(model, workload: list[WorkloadRequest], config: EngineConfig 
         now = time.perf_counter()
         while i < len(pending) and t0 + pending[i].arrival <= now:
             r = pending[i]
-            engine.add_request(r.request_id, r.prompt_token_ids, r.params, arrival_time=t0 + r.arrival)
+            engine.add_request(r.request_id, r.prompt_token_ids, final_only(r.params), arrival_time=t0 + r.arrival)
             i += 1
         if not engine.has_unfinished_requests():
             _wait_until(t0 + pending[i].arrival)
