@@ -24,20 +24,23 @@ def encode(tokenizer, text: str) -> torch.Tensor:
 def perplexity(model, ids: torch.Tensor, window: int = 512, max_windows: int | None = None,
                batch_size: int = 4, progress: bool = False) -> float:
     """exp of the mean cross-entropy over consecutive windows of ``ids`` (1-D), each window scored
-    on its own (no context carried across windows). A text shorter than one window is scored as
-    one window of all its tokens. ``progress``: a bar over the windows."""
-    if ids.dim() != 1 or len(ids) < 2:
+    on its own (no context carried across windows). Only whole windows count: the last
+    ``(len(ids) - 1) % window`` targets are left out, as llama.cpp's perplexity tool leaves out a
+    last partial chunk, so every scored token has the same kind of context whatever the text's
+    length (``scored_tokens`` says how many count). A text shorter than one window is scored as one
+    window of all its tokens. ``progress``: a bar over the windows."""
+    if not torch.is_tensor(ids) or ids.dim() != 1 or len(ids) < 2:
         raise ValueError("perplexity needs a 1-D tensor of at least 2 token ids")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise ValueError(f"perplexity needs integer token ids, got {ids.dtype}")
+    ids = ids.long()                     # cross_entropy takes long targets; the model takes int32 too
     formulas._positive_int(window=window, batch_size=batch_size)
     if max_windows is not None:
         formulas._positive_int(max_windows=max_windows)
     ctx = model.config.max_position_embeddings
     if window > ctx:
         raise ValueError(f"window {window} exceeds the model's context of {ctx}")
-    window = min(window, len(ids) - 1)
-    n = (len(ids) - 1) // window
-    if max_windows is not None:
-        n = min(n, max_windows)
+    window, n = _windows(len(ids), window, max_windows)
     chunks = torch.stack([ids[i * window: (i + 1) * window + 1] for i in range(n)]).to(model.device)
     total, count = 0.0, 0
     bar = tqdm(total=n, desc="perplexity", unit="window", disable=not progress)
@@ -49,6 +52,25 @@ def perplexity(model, ids: torch.Tensor, window: int = 512, max_windows: int | N
         bar.update(len(x))
     bar.close()
     return math.exp(total / count)
+
+
+def _windows(num_ids: int, window: int, max_windows: int | None) -> tuple[int, int]:
+    """(window length, number of windows) ``perplexity`` scores in a text of num_ids tokens."""
+    formulas._positive_int(window=window)
+    if max_windows is not None:
+        formulas._positive_int(max_windows=max_windows)
+    window = min(window, num_ids - 1)
+    n = (num_ids - 1) // window
+    return window, n if max_windows is None else min(n, max_windows)
+
+
+def scored_tokens(num_ids: int, window: int = 512, max_windows: int | None = None) -> int:
+    """How many next-token predictions ``perplexity`` averages over for a text of num_ids tokens."""
+    formulas._positive_int(num_ids=num_ids)
+    if num_ids < 2:
+        raise ValueError(f"a text of {num_ids} token has no next token to score")
+    window, n = _windows(num_ids, window, max_windows)
+    return window * n
 
 
 def common_prefix(a, b) -> int:

@@ -128,9 +128,10 @@ def check_fixed_length(model, input_ids, max_new_tokens, temperature, top_k, top
     B, S = input_ids.shape
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
         raise ValueError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
-    if max_new_tokens < 1 or S + max_new_tokens > model.config.max_position_embeddings:
-        raise ValueError(f"need 1 <= max_new_tokens and prompt + new tokens <= context "
-                         f"({S} + {max_new_tokens} > {model.config.max_position_embeddings})")
+    # the last new token is never fed back: the model sees S + max_new_tokens - 1 positions
+    if max_new_tokens < 1 or S + max_new_tokens - 1 > model.config.max_position_embeddings:
+        raise ValueError(f"need 1 <= max_new_tokens and prompt + new tokens - 1 <= context "
+                         f"({S} + {max_new_tokens} - 1 > {model.config.max_position_embeddings})")
     return B, S
 
 
@@ -141,7 +142,7 @@ def generate_static(model, input_ids, max_new_tokens: int = 32, temperature: flo
     """Like ``generation.generate`` without stop tokens (every row runs ``max_new_tokens``), on a
     static cache; pass a ``decoder`` to reuse its captured graph across calls of the same shape."""
     B, S = check_fixed_length(model, input_ids, max_new_tokens, temperature, top_k, top_p, attention_mask)
-    dec = decoder or StaticDecoder(model, B, S + max_new_tokens, cuda_graph)
+    dec = decoder or StaticDecoder(model, B, S + max_new_tokens - 1, cuda_graph)
     if dec.cache.batch_size != B or dec.cache.max_seq_len < S + max_new_tokens - 1:
         raise ValueError(f"the decoder holds {dec.cache.batch_size} rows of {dec.cache.max_seq_len} tokens; this "
                          f"generation needs {B} of {S + max_new_tokens - 1}")

@@ -130,15 +130,17 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
         raise ValueError(f"pad_token_id must be a token id in [0, {model.config.vocab_size}), got {pad_token_id!r}")
     B, S = input_ids.shape
     ctx = model.config.max_position_embeddings
-    if S >= ctx:
-        raise ValueError(f"prompt of {S} tokens leaves no room in the model's context of {ctx}")
-    if S + max_new_tokens > ctx:
-        warnings.warn(f"generation truncated at the model's context: {ctx - S} new tokens, not {max_new_tokens}")
-        max_new_tokens = ctx - S
+    # the last new token is sampled, never fed back: a prompt of the whole context still gets one
+    # (as in transformers), and prompt + new tokens may reach the context plus one
+    if S > ctx:
+        raise ValueError(f"prompt of {S} tokens exceeds the model's context of {ctx}")
+    if S + max_new_tokens - 1 > ctx:
+        warnings.warn(f"generation truncated at the model's context: {ctx - S + 1} new tokens, not {max_new_tokens}")
+        max_new_tokens = ctx - S + 1
     if pad_token_id is None:
         pad_token_id = stops[0] if stops else 0
     device = input_ids.device
-    cache = KVCache.for_model(model, B, S + max_new_tokens)
+    cache = KVCache.for_model(model, B, S + max_new_tokens - 1)
     mask = attention_mask.to(device) if attention_mask is not None else None
 
     out = [input_ids]

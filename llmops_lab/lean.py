@@ -221,10 +221,10 @@ def generate_lean(model, input_ids, max_new_tokens: int = 32, temperature: float
     a ``LeanModel``; pass ``lean`` to reuse its fused weights across calls."""
     B, S = check_fixed_length(model, input_ids, max_new_tokens, temperature, top_k, top_p, attention_mask)
     lean = lean or LeanModel(model)
-    cache = lean.new_cache(B, S + max_new_tokens)
+    cache = lean.new_cache(B, S + max_new_tokens - 1)      # the last new token is never fed back
     mask = None
     if attention_mask is not None and not bool(attention_mask.all()):
-        mask = torch.ones(B, S + max_new_tokens, dtype=torch.long, device=input_ids.device)
+        mask = torch.ones(B, S + max_new_tokens - 1, dtype=torch.long, device=input_ids.device)
         mask[:, :S] = attention_mask
     logits = lean(input_ids, cache, None if mask is None else mask[:, :S], last_only=True)[:, -1]
     out = torch.empty(B, S + max_new_tokens, dtype=torch.long, device=input_ids.device)

@@ -125,6 +125,9 @@ def _read_safetensors_file(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
 
 
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
 def load_model(path_or_id="target", device=None, dtype=None, backend="sdpa") -> LlamaModel:
     """Load a Llama, Mistral or Qwen2 checkpoint into ``LlamaModel`` (eval mode).
 
@@ -135,9 +138,10 @@ def load_model(path_or_id="target", device=None, dtype=None, backend="sdpa") -> 
         dtype = None if dtype == "auto" else getattr(torch, dtype, None)
         if dtype is None and given != "auto":
             dtype = given                       # refused just below, by its name
-    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-        raise ValueError(f"dtype must be a floating-point torch.dtype, 'auto' or its name, e.g. 'bfloat16'; "
-                         f"got {given!r}")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or dtype not in COMPUTE_DTYPES):
+        # float8 is a floating dtype too, but no matmul or norm of this runtime computes in it
+        raise ValueError(f"dtype must be one of {', '.join(str(d).removeprefix('torch.') for d in COMPUTE_DTYPES)} "
+                         f"(a torch.dtype, its name, or 'auto'); got {given!r}")
     device = as_device(device)
     folder = resolve(path_or_id)
     config = ModelConfig.from_json(folder)

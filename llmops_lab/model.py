@@ -131,7 +131,8 @@ class Decoder(nn.Module):
 
 
 def build_mask(start: int, S: int, attention_mask, sliding_window, device):
-    """Boolean [B or 1, 1, S, start+S] mask (True = attend), or None for plain causal attention.
+    """Boolean [B or 1, 1, S, start+S] mask (True = attend), or None for plain causal attention
+    (no padding, no window in reach: the backends' ``is_causal``, aligned bottom-right).
 
     Query i sits at cache slot start+i and sees keys at slots <= start+i that are not padding
     (and, with a sliding window, no older than the window). The window is measured in token
@@ -141,10 +142,11 @@ def build_mask(start: int, S: int, attention_mask, sliding_window, device):
     """
     Sk = start + S
     windowed = sliding_window is not None and Sk > sliding_window
-    if attention_mask is None and not windowed and start == 0:
+    if attention_mask is None and not windowed:
+        # plain causal attention: every backend aligns is_causal bottom-right when there are fewer
+        # queries than keys (a chunk or drafts after a cache), so no mask is needed, and the flash
+        # kernel, which takes none, runs chunked prefill and speculative verification too
         return None
-    if attention_mask is None and not windowed and S == 1:
-        return None  # one new query sees every cached key
     if attention_mask is not None and attention_mask.shape[-1] != Sk:
         raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {Sk}")
     qpos = torch.arange(start, Sk, device=device)[:, None]
@@ -175,6 +177,15 @@ class LlamaModel(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.backend = get_backend(backend)
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def _apply(self, fn, *args, **kwargs):
+        """Module casts (``.to(bf16)``, ``.half()``) leave RoPE's frequencies in fp32, as transformers
+        builds them: cast with the weights, bf16 rounds them by up to 0.4%, and the rotation angle
+        at distance d is off by d times that (14 radians at 8000 tokens with theta 5e5)."""
+        super()._apply(fn, *args, **kwargs)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
+        return self
 
     @property
     def device(self):

@@ -39,6 +39,21 @@ def test_perplexity_of_good_arguments(model):
     assert math.isfinite(ppl) and ppl > 1
     assert evaluate.perplexity(model, ids, window=32, max_windows=2, batch_size=2) == pytest.approx(ppl, rel=1e-5)
     assert math.isfinite(evaluate.perplexity(model, ids[:10], window=32))  # a short text is one window
+    # int32 ids, which the model takes, were a cross_entropy error
+    assert evaluate.perplexity(model, ids.int(), window=32, max_windows=2) == pytest.approx(ppl, rel=1e-6)
+
+
+def test_scored_tokens_counts_whole_windows_only(model):
+    """97 ids give 96 targets: 3 windows of 32; 100 ids, the same 3 (the last 3 targets are left
+    out, and perplexity is the same); a short text, all its targets."""
+    assert evaluate.scored_tokens(97, window=32) == 96
+    assert evaluate.scored_tokens(100, window=32) == 96
+    assert evaluate.scored_tokens(100, window=32, max_windows=2) == 64
+    assert evaluate.scored_tokens(10, window=32) == 9
+    ids = ids_for(100)
+    assert evaluate.perplexity(model, ids, window=32) == pytest.approx(evaluate.perplexity(model, ids[:97], window=32))
+    with pytest.raises(ValueError, match="no next token"):
+        evaluate.scored_tokens(1)
 
 
 @pytest.mark.parametrize("kwargs, match, error", [
@@ -50,10 +65,11 @@ def test_perplexity_of_good_arguments(model):
     (dict(batch_size=-1), "batch_size must be >= 1, got -1", ValueError),  # used to be ZeroDivisionError
     (dict(window=8.0), "window must be an integer", ValueError),
     (dict(window=None), "window must be an integer, got None", TypeError),
+    (dict(ids=torch.rand(97)), "integer token ids", ValueError),
 ])
 def test_perplexity_refuses_bad_arguments(model, kwargs, match, error):
     with pytest.raises(error, match=match):
-        evaluate.perplexity(model, ids_for(97), **kwargs)
+        evaluate.perplexity(model, kwargs.pop("ids", ids_for(97)), **kwargs)
 
 
 def test_greedy_agreement_refuses_no_prompts(model):

@@ -117,6 +117,63 @@ def test_decode_with_grouped_heads_folds_queries_and_matches_naive(dtype, mask_r
     assert (sdpa_attention(q, k, v, per_head).float() - naive_attention(q, k, v, per_head).float()).abs().max() < tol
 
 
+@pytest.mark.parametrize("backend", ["naive", "sdpa", "cpu_decode", "flash"])
+def test_chunks_after_a_cache_match_one_pass_on_every_backend(backend):
+    """Several tokens after a filled cache (chunked prefill, speculative verification) are plain
+    causal attention aligned bottom-right: no mask is built, so the flash kernel, which takes
+    none, runs them too (it refused the mask built for them)."""
+    from llmops_lab.attention import triton_flash
+    if backend == "flash" and not triton_flash.available():
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    m = LlamaModel(TINY).eval()
+    ids = torch.randint(2, TINY.vocab_size, (2, 21), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = m(ids, backend="naive")
+        cache = KVCache.for_model(m, 2, 32)
+        got = torch.cat([m(ids[:, a:b], cache=cache, backend=backend) for a, b in ((0, 7), (7, 18), (18, 21))], 1)
+    assert (got - full).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("cast", ["to_bf16", "half", "load_bf16"])
+def test_rope_frequencies_stay_fp32_through_casts(cast):
+    """Cast with the weights, bf16 rounded RoPE's frequencies by up to 0.4%; the rotation angle at
+    distance d is off by d times that. transformers keeps them in fp32, and so do we."""
+    from llmops_lab.model import rope_inv_freq
+    if cast == "load_bf16":
+        m = llmops_lab.load_model("target", device="cpu", dtype=torch.bfloat16)
+    else:
+        m = LlamaModel(TINY).eval()
+        m = m.to(torch.bfloat16) if cast == "to_bf16" else m.half()
+    assert m.inv_freq.dtype == torch.float32 and torch.equal(m.inv_freq, rope_inv_freq(m.config))
+    assert m.lm_head.weight.dtype != torch.float32
+
+
+def test_the_last_new_token_may_pass_the_context():
+    """The last new token is sampled, never fed back: a prompt of the whole context gets one token
+    (transformers gives one; it was refused) and a prompt one short gets two (it got one), on every
+    generation path."""
+    import warnings
+
+    from llmops_lab.fast_decode import generate_static
+    from llmops_lab.lean import generate_lean
+    m = LlamaModel(TINY).eval()
+    ctx = TINY.max_position_embeddings
+    for S, new in ((ctx, 1), (ctx - 1, 2)):
+        ids = torch.randint(2, TINY.vocab_size, (1, S), generator=torch.Generator().manual_seed(S))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")                # no truncation warning: they fit
+            ref = m.generate(ids, max_new_tokens=new, stop_token_ids=())
+        assert ref.shape[1] == S + new
+        assert torch.equal(generate_static(m, ids, max_new_tokens=new, cuda_graph=False), ref)
+        assert torch.equal(generate_lean(m, ids, max_new_tokens=new), ref)
+    with pytest.warns(UserWarning, match="truncated at the model's context: 2 new tokens"):
+        assert m.generate(ids, max_new_tokens=5, stop_token_ids=()).shape[1] == ctx + 1
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        m.generate(torch.zeros(1, ctx + 1, dtype=torch.long), max_new_tokens=1)
+    with pytest.raises(ValueError, match="prompt \\+ new tokens - 1 <= context"):
+        generate_static(m, ids, max_new_tokens=3, cuda_graph=False)
+
+
 def test_sampling_is_seeded_and_respects_top_k():
     m = LlamaModel(TINY).eval()
     ids = torch.tensor([[0, 5, 6, 7]])
@@ -145,7 +202,7 @@ def test_stop_tokens_end_rows_and_pad():
     (torch.zeros(1, 0, dtype=torch.long), "empty"),
     (torch.tensor([[0, 5, 320]]), "token ids"),
     (torch.tensor([[-1, 5]]), "token ids"),
-    (torch.zeros(1, 256, dtype=torch.long), "context"),
+    (torch.zeros(1, 257, dtype=torch.long), "context"),     # 256 fills the context: one new token
 ])
 def test_bad_input_is_a_clear_error(bad, match):
     m = LlamaModel(TINY).eval()
@@ -203,7 +260,7 @@ def test_generation_stops_at_context_with_a_warning():
     m = LlamaModel(TINY).eval()
     with pytest.warns(UserWarning, match="context"):
         out = m.generate(torch.zeros(1, 250, dtype=torch.long), max_new_tokens=20, stop_token_ids=())
-    assert out.shape[1] == 256
+    assert out.shape[1] == 257           # the model saw 256 positions; the last token is never fed back
 
 
 @pytest.mark.parametrize("field, value, match", [
@@ -264,6 +321,9 @@ def test_loader_says_what_is_wrong_with_a_checkpoint(tmp_path):
         llmops_lab.load_model(tmp_path, device="cpu")
     m = llmops_lab.load_model(tmp_path, device="cpu", dtype="float32")      # a dtype resolves it
     assert m.dtype == torch.float32 and m(torch.tensor([[0, 5]])).isfinite().all()
+    for bad in (torch.float8_e4m3fn, "float8_e5m2", torch.int8, "int4x"):  # float8 loaded, then every forward failed
+        with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16"):
+            llmops_lab.load_model(tmp_path, device="cpu", dtype=bad)
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
     with pytest.raises(ValueError, match="weight_map"):
         llmops_lab.load_model(tmp_path, device="cpu")
