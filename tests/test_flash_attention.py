@@ -26,13 +26,13 @@ def qkv(B, H, Hkv, Sq, Sk, D, dtype=torch.float32, seed=0, device="cpu"):
 def test_tiled_equals_naive(causal, Sq, Sk, bm, bn):
     q, k, v = qkv(2, 4, 2, Sq, Sk, 16)
     want = naive_attention(q, k, v, is_causal=causal)
-    assert (tiled_attention(q, k, v, causal, bm, bn) - want).abs().max() < 1e-5
+    assert (tiled_attention(q, k, v, is_causal=causal, block_m=bm, block_n=bn) - want).abs().max() < 1e-5
 
 
 def test_tiled_trace_records_running_statistics():
     q, k, v = qkv(1, 1, 1, 8, 32, 16)
     trace = []
-    tiled_attention(q, k, v, False, 8, 8, trace=trace)
+    tiled_attention(q, k, v, is_causal=False, block_m=8, block_n=8, trace=trace)
     assert len(trace) == 4 and all(b["sum"] >= a["sum"] * 0 for a, b in zip(trace, trace[1:]))
     assert [t["max"] for t in trace] == sorted(t["max"] for t in trace)  # the running max never falls
 
@@ -51,7 +51,12 @@ def test_kernel_matches_reference(dtype, causal, B, H, Hkv, Sq, Sk, D):
     got, lse = triton_flash.flash_attention(q, k, v, is_causal=causal, return_lse=True)
     assert got.dtype == dtype and got.shape == q.shape
     assert (got.float() - want).abs().max().item() < TOL[dtype]
-    assert torch.isfinite(lse).all()
+    # the log-sum-exp of each row's scores, against float64 (the kernel's fp32 statistics)
+    kr = k.double().repeat_interleave(H // Hkv, 1)
+    scores = q.double() @ kr.transpose(-1, -2) / D ** 0.5
+    if causal:
+        scores = scores.masked_fill(~torch.ones(Sq, Sk, dtype=torch.bool, device=DEV).tril(Sk - Sq), float("-inf"))
+    assert lse.shape == (B, H, Sq) and (lse.double() - scores.logsumexp(-1)).abs().max() < 1e-3
 
 
 @needs_triton
@@ -139,7 +144,7 @@ def test_backends_agree_on_causal_alignment(Sq, Sk):
     from llmops_lab.attention import get_backend
     q, k, v = qkv(1, 4, 2, Sq, Sk, 8)
     want = naive_attention(q, k, v, is_causal=True)
-    for name in ("sdpa", "cpu_decode"):
+    for name in ("sdpa", "cpu_decode", "tiled"):
         torch.testing.assert_close(get_backend(name)(q, k, v, is_causal=True), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(tiled_attention(q, k, v, is_causal=True, block_m=2, block_n=2), want,
                                rtol=1e-5, atol=1e-5)
@@ -257,7 +262,7 @@ def test_plot_tiles_checks_that_the_trace_fits_the_grid():
     from llmops_lab.attention import viz
     q, k, v = qkv(1, 1, 1, 64, 64, 8)
     trace = []
-    tiled_attention(q, k, v, True, 16, 16, trace=trace)
+    tiled_attention(q, k, v, is_causal=True, block_m=16, block_n=16, trace=trace)
     fig, (a, b) = plt.subplots(1, 2)
     try:
         for grid, match in (((2, 2), "outside the 2 x 2 grid"), ((4, 5), "last row or column"),
@@ -274,3 +279,104 @@ def test_plot_tiles_checks_that_the_trace_fits_the_grid():
         assert len(b.get_lines()[0].get_xdata()) == 4          # the last query block's 4 key blocks
     finally:
         plt.close(fig)
+
+
+@needs_triton
+def test_varlen_allocates_no_log_sum_exp_buffer():
+    """The packed path allocated a [B*H, T] fp32 log-sum-exp buffer it never returned, of which it
+    wrote H x T entries: for 64 one-token sequences, 4x the bytes of q. It now stores none; besides
+    its output it allocates only a few integers per sequence (the lengths)."""
+    from llmops_lab import measure
+    T, H, D = 64, 8, 16
+    g = torch.Generator().manual_seed(0)
+    q, kv = torch.randn(T, H, D, generator=g).to(DEV), torch.randn(T, 2, D, generator=g).to(DEV)
+    cu = torch.arange(T + 1, dtype=torch.int32, device=DEV)                 # 64 sequences of 1 token
+    pm = measure.peak_memory(triton_flash.flash_attention_varlen, q, kv, kv, cu, cu, 1, device=DEV)
+    assert pm.peak_bytes - q.numel() * q.element_size() <= 16 * len(cu)
+    want = naive_attention(q[:, :, None], kv[:, :, None], kv[:, :, None])[:, :, 0]   # each token alone
+    assert (pm.result - want).abs().max() < 2e-4
+
+
+@needs_triton
+def test_memory_row_measures_what_its_formulas_count():
+    """Both sides leave the output out: the O(S) line was the output plus the statistics (65x the
+    statistics at D=64 fp32) against a measurement with the output subtracted, and the O(S^2) line
+    one score matrix in q's dtype against a naive backend holding S and P in fp32."""
+    from llmops_lab.attention import experiment
+    B, H, S, D = 2, 3, 72, 16
+    flash = lambda q, k, v, c: triton_flash.flash_attention(q, k, v, is_causal=c)
+    naive = lambda q, k, v, c: naive_attention(q, k, v, is_causal=c)
+    for causal in (False, True):
+        row = experiment.memory_row("ours", flash, B, H, H, S, D, torch.float32, DEV, causal)
+        assert row["flash_formula_bytes"] == B * H * S * 4                # one fp32 log-sum-exp per row
+        assert row["extra_bytes"] == row["flash_formula_bytes"]           # the kernel's only extra allocation
+        row = experiment.memory_row("naive", naive, B, H, H, S, D, torch.float32, DEV, causal)
+        assert row["naive_formula_bytes"] == 2 * B * H * S * S * 4       # S and P, fp32
+        # the formula leaves out the causal mask, one S x S boolean shared by the heads
+        assert row["naive_formula_bytes"] <= row["extra_bytes"] <= row["naive_formula_bytes"] + S * S
+    # 16-bit inputs: the naive backend still builds S and P in fp32
+    row = experiment.memory_row("naive", naive, B, H, H, S, D, torch.bfloat16, DEV)
+    assert row["naive_formula_bytes"] == 2 * B * H * S * S * 4 and row["extra_bytes"] >= row["naive_formula_bytes"]
+    assert row["flash_formula_bytes"] == B * H * S * 4
+
+
+@needs_triton
+def test_flash_refuses_zero_key_value_heads():
+    """No key/value heads was a ZeroDivisionError (H % Hkv) in both entry points. No query heads is
+    an empty result, as from every other backend, without launching a grid with a zero dimension."""
+    q, k, v = qkv(1, 2, 2, 4, 4, 16, device=DEV)
+    with pytest.raises(ValueError, match="at least one key/value head"):
+        triton_flash.flash_attention(q, k[:, :0], v[:, :0])
+    assert triton_flash.flash_attention(q[:, :0], k, v).shape == (1, 0, 4, 16)
+    x = torch.randn(8, 2, 16, device=DEV)
+    cu = torch.tensor([0, 8], dtype=torch.int32, device=DEV)
+    with pytest.raises(ValueError, match="at least one key/value head"):
+        triton_flash.flash_attention_varlen(x, x[:, :0], x[:, :0], cu, cu, 8)
+    assert triton_flash.flash_attention_varlen(x[:, :0], x, x, cu, cu, 8).shape == (8, 0, 16)
+
+
+@pytest.mark.parametrize("name", ["naive", "sdpa", "cpu_decode", "tiled"])
+def test_backends_refuse_mixed_and_integer_dtypes(name):
+    """fp16 q against fp32 k, v came back in fp16 from the naive and tiled backends (SDPA refused),
+    and integer inputs were truncated to nonsense: every backend now wants one floating dtype."""
+    from llmops_lab.attention import get_backend
+    fn = get_backend(name)
+    q, k, v = qkv(1, 4, 2, 1, 6, 32)                      # one query with grouped heads: cpu_decode's kernel path
+    for args in ((q.half(), k, v), (q, k, v.double()), (q.long(), k.long(), v.long())):
+        with pytest.raises(TypeError, match="one floating dtype"):
+            fn(*args)
+
+
+def test_cpu_decode_checks_its_inputs_before_the_kernel():
+    """One fp32 query with grouped heads on a CPU goes to the C kernel, which named a missing kernel
+    variant for no keys or a batch mismatch: the shared checks now run first."""
+    from llmops_lab.attention.backends import cpu_decode_attention
+    q, k, v = qkv(2, 4, 2, 1, 5, 32)
+    with pytest.raises(ValueError, match="at least one key"):
+        cpu_decode_attention(q, k[:, :, :0], v[:, :, :0])
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        cpu_decode_attention(q, k[:1], v[:1])
+
+
+def test_tiled_is_a_runtime_backend():
+    """tiled_attention takes the backends' (q, k, v, mask, is_causal): a model runs on it by function
+    or by name, prefill and decode; a mask is refused, and so is is_causal in the mask's place."""
+    from llmops_lab.config import ModelConfig
+    from llmops_lab.kv import KVCache
+    from llmops_lab.model import LlamaModel
+    torch.manual_seed(0)
+    m = LlamaModel(ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
+    ids = torch.randint(0, 64, (2, 21))
+    with torch.no_grad():
+        want = m(ids, backend="sdpa")
+        assert (m(ids, backend=tiled_attention) - want).abs().max() < 1e-4
+        cache = KVCache.for_model(m, 2, 32)
+        m(ids[:, :20], cache=cache, backend="tiled")
+        step = m(ids[:, 20:], cache=cache, backend="tiled")          # decode: one query, all keys
+        assert (step[:, -1] - want[:, -1]).abs().max() < 1e-4
+        with pytest.raises(ValueError, match="no explicit mask"):
+            m(ids, attention_mask=torch.ones(2, 21, dtype=torch.long), backend="tiled")
+    q, k, v = qkv(1, 2, 2, 4, 4, 8)
+    with pytest.raises(TypeError, match="fourth argument is the mask"):
+        tiled_attention(q, k, v, True)

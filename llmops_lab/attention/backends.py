@@ -15,16 +15,21 @@ import torch.nn.functional as F
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, is_causal: bool = False) -> None:
     """Shapes, and what every backend must agree on: a boolean mask (True = attend; SDPA would read
     a float one as an additive bias, the naive backend could not read it at all), a mask or
-    ``is_causal``, not both, at least one key, and a causal pass with no more queries than keys
-    (aligned bottom right: query i sees the keys up to i + Sk - Sq; more queries would leave rows
-    with no key at all). Shapes only: the engine's steps call this, so it never reads a tensor's
-    values (on a GPU that would wait for the device). A mask row with every key masked is refused
-    by ``naive_attention`` alone (softmax over nothing: NaN there, zeros from SDPA)."""
+    ``is_causal``, not both, one floating dtype for q, k and v, at least one key, and a causal pass
+    with no more queries than keys (aligned bottom right: query i sees the keys up to i + Sk - Sq;
+    more queries would leave rows with no key at all). Shapes and dtypes only: the engine's steps
+    call this, so it never reads a tensor's values (on a GPU that would wait for the device). A mask
+    row with every key masked is refused by ``naive_attention`` alone (softmax over nothing: NaN
+    there, zeros from SDPA)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be [B, H, S, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     # Broadcast by matmul and SDPA: a q of batch 1 against k, v of batch 3 gave 3 rows, no error.
     if not q.shape[0] == k.shape[0] == v.shape[0]:
         raise ValueError(f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
+    # The naive and tiled backends upcast and cast back to q's dtype: mixed inputs came back in q's
+    # dtype and integer inputs truncated to nonsense, where SDPA and the flash kernel refuse both.
+    if not q.dtype.is_floating_point or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.shape[1] != v.shape[1]:  # SDPA's enable_gqa broadcast a single value head over two key heads
         raise ValueError(f"key and value heads differ: {k.shape[1]} vs {v.shape[1]}")
     if k.shape[1] == 0 or q.shape[-1] == 0:
@@ -117,8 +122,10 @@ def cpu_decode_attention(q, k, v, mask=None, is_causal=False):
     of equal length a whole static decode step of the embedded target is as fast or faster through
     SDPA (16 rows of 256 tokens, four batching bench runs of 2026-11-27: 13.7-15.8 ms through SDPA,
     14.8-18.1 ms through the kernel, which also pays for turning the mask into row starts in every
-    layer), so static batching keeps SDPA; the batching bench times its decode step both ways."""
-    if q.shape[2] == 1 and not is_causal and q.device.type == "cpu" and k.dim() == 4:
+    layer), so static batching keeps SDPA; the batching bench times its decode step both ways.
+    Inputs are checked first, as in every backend: the kernel's own refusals named the wrong cause."""
+    _check(q, k, v, mask, is_causal)
+    if q.shape[2] == 1 and not is_causal and q.device.type == "cpu":
         from ..paged import cpu_kernel
         if cpu_kernel.supports(q[:, :, 0], k, k.shape[1]) and cpu_kernel.available():
             starts = suffix_starts(mask, q.shape[0], k.shape[2])
@@ -151,7 +158,11 @@ def get_backend(name_or_fn: str | Callable) -> Callable:
     if name_or_fn == "flash":  # imported on demand: it needs triton
         from .triton_flash import flash_attention
         return flash_attention
+    if name_or_fn == "tiled":  # imported on demand: tiled.py imports this module
+        from .tiled import tiled_attention
+        return tiled_attention
     try:
         return BACKENDS[name_or_fn]
     except KeyError:
-        raise ValueError(f"unknown attention backend {name_or_fn!r}; known: {sorted(BACKENDS) + ['flash']}") from None
+        raise ValueError(f"unknown attention backend {name_or_fn!r}; "
+                         f"known: {sorted(BACKENDS) + ['flash', 'tiled']}") from None

@@ -1,9 +1,10 @@
 """Measuring attention implementations: peak memory and latency against sequence length.
 
 Each implementation is called the same way, ``fn(q, k, v, is_causal)``; memory is measured by
-``measure.peak_memory`` (allocator statistics on a GPU, the profiler's allocation events on a CPU)
-and set against ``formulas.attention_scores_bytes`` (O(S^2)) and
-``formulas.flash_attention_extra_bytes`` (O(S)).
+``measure.peak_memory`` (allocator statistics on a GPU, the profiler's allocation events on a CPU),
+less the output, and set against two formulas that count the same way, the output left out:
+``naive_extra_bytes`` (O(S^2): the fp32 scores and probabilities the naive backend holds) and
+``flash_extra_bytes`` (O(S): the fp32 log-sum-exp a flash kernel writes besides its output).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def _sdpa(backend: str):
 def implementations(device, include_triton: bool = True) -> dict:
     """name -> fn(q, k, v, is_causal) for everything that runs on this device."""
     impls = {"naive": lambda q, k, v, c: naive_attention(q, k, v, is_causal=c),
-             "tiled (PyTorch)": lambda q, k, v, c: tiled_attention(q, k, v, c, 128, 128)}
+             "tiled (PyTorch)": lambda q, k, v, c: tiled_attention(q, k, v, is_causal=c, block_m=128, block_n=128)}
     for name in SDPA_BACKENDS:
         if works(_sdpa(name), device):
             impls[f"SDPA {name}"] = _sdpa(name)
@@ -64,15 +65,32 @@ def inputs(B, H, Hkv, S, D, dtype, device, seed=0):
     return mk(H), mk(Hkv), mk(Hkv)
 
 
+def naive_extra_bytes(B: int, H: int, S: int) -> float:
+    """What ``naive_attention`` holds at its peak besides its output, in the O(S^2) term: the scores S
+    and the probabilities P = softmax(S), both live at once and both fp32 whatever the input dtype
+    (it computes in fp32): 2 x B x H x S x S x 4. Not counted: a causal mask (S x S booleans, once
+    for all heads) and, for 16-bit inputs, fp32 copies of q, k, v and of the output."""
+    return 2 * formulas.attention_scores_bytes(B, H, S, 4)
+
+
+def flash_extra_bytes(B: int, H: int, S: int, D: int, dtype_bytes: float) -> float:
+    """What a flash kernel writes besides its output: one fp32 log-sum-exp per query row, B x H x S x 4
+    (``formulas.flash_attention_extra_bytes`` less the output O it also counts, as the measurement
+    subtracts O). Our Triton kernel allocates exactly this; the tiled PyTorch loop and SDPA's
+    kernels also hold per-tile working buffers, which this does not count."""
+    return formulas.flash_attention_extra_bytes(B, H, S, D, dtype_bytes) - B * H * S * D * dtype_bytes
+
+
 def memory_row(name, fn, B, H, Hkv, S, D, dtype, device, causal=True) -> dict:
-    """Peak memory of one call beyond its inputs, with the output's bytes subtracted."""
+    """Peak memory of one call beyond its inputs, with the output's bytes subtracted (``extra_bytes``),
+    and the two formulas counted the same way (output excluded): ``naive_formula_bytes`` (fp32 S and
+    P, ``naive_extra_bytes``) and ``flash_formula_bytes`` (the fp32 statistics, ``flash_extra_bytes``)."""
     q, k, v = inputs(B, H, Hkv, S, D, dtype, device)
     pm = measure.peak_memory(fn, q, k, v, causal, device=device)
     out_bytes = q.numel() * q.element_size()
-    esize = torch.finfo(dtype).bits // 8
     return {"impl": name, "seq_len": S, "peak_bytes": pm.peak_bytes, "extra_bytes": max(pm.peak_bytes - out_bytes, 0),
-            "method": pm.method, "scores_formula_bytes": formulas.attention_scores_bytes(B, H, S, esize),
-            "flash_formula_bytes": formulas.flash_attention_extra_bytes(B, H, S, D, esize)}
+            "method": pm.method, "naive_formula_bytes": naive_extra_bytes(B, H, S),
+            "flash_formula_bytes": flash_extra_bytes(B, H, S, D, q.element_size())}
 
 
 def latency_row(name, fn, B, H, Hkv, S, D, dtype, device, causal=True, repeats=5) -> dict:

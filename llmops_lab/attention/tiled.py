@@ -20,15 +20,24 @@ from ..checks import is_int
 from .backends import _check
 
 
-def tiled_attention(q, k, v, is_causal: bool = False, block_m: int = 64, block_n: int = 64,
+def tiled_attention(q, k, v, mask=None, is_causal: bool = False, block_m: int = 64, block_n: int = 64,
                     trace: list | None = None):
     """Exact attention, q [B, H, Sq, D], k/v [B, Hkv, Sk, D], computed tile by tile.
 
+    A runtime backend like the others, ``(q, k, v, mask, is_causal)``, that applies no explicit
+    mask: ``mask`` must be None (a padding mask or a sliding window needs another backend).
     Causal masking aligns the last query with the last key (query i sees keys <= i + Sk - Sq).
-    Shapes are checked as for every backend (``backends._check``: equal batch sizes, head dim >= 1).
+    Inputs are checked as for every backend (``backends._check``: equal batch sizes, one floating
+    dtype, head dim >= 1).
     If ``trace`` is a list, each (query block, key block) step appends its running max and sum for
     the block's first query, for the notebook's picture.
     """
+    if isinstance(mask, bool):  # the old signature's fourth argument was is_causal
+        raise TypeError(f"tiled_attention's fourth argument is the mask, as in every backend "
+                        f"(q, k, v, mask, is_causal); got {mask!r}: pass is_causal={mask} by name")
+    if mask is not None:
+        raise ValueError("tiled_attention applies no explicit mask, only is_causal; "
+                         "use the naive or sdpa backend for a padding mask or a sliding window")
     if q.dim() == k.dim() == 4 and 0 in (q.shape[2], k.shape[2]):
         raise ValueError("empty sequence: attention needs at least one query and one key")
     _check(q, k, v, None, is_causal)

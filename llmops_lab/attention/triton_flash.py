@@ -118,9 +118,11 @@ if triton is not None:
         o_base = o_ptr + b * stride_ob + h * stride_oh + q_start * stride_os
         tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], acc.to(o_ptr.dtype.element_ty),
                  mask=in_q[:, None])
-        # log-sum-exp of each row's scores, natural log (what a backward pass or a split-KV merge needs)
-        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
-        tl.store(lse_ptr + pid_bh * seq_q_fixed + q_start + offs_m, lse, mask=in_q)
+        # log-sum-exp of each row's scores, natural log (what a backward pass or a split-KV merge needs);
+        # [B*H, seq_q_fixed]. The packed (VARLEN) path returns none, so it stores none.
+        if not VARLEN:
+            lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+            tl.store(lse_ptr + pid_bh * seq_q_fixed + offs_m, lse, mask=in_q)
 
     def _tile_configs():
         """Candidate (BLOCK_M, BLOCK_N, warps, stages) for 16-bit inputs; the autotuner times them
@@ -185,6 +187,8 @@ def flash_attention(q, k, v, mask=None, is_causal: bool = False, return_lse: boo
         raise ValueError(f"key and value shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
     if k.shape[0] != B:                  # the kernel indexes k and v by q's batch row: no broadcasting
         raise ValueError(f"q has batch {B}, k and v have {k.shape[0]}")
+    if Hkv == 0:
+        raise ValueError("attention needs at least one key/value head; got k, v with 0 heads")
     if H % Hkv:
         raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
     if Sq == 0 or Sk == 0:
@@ -195,7 +199,7 @@ def flash_attention(q, k, v, mask=None, is_causal: bool = False, return_lse: boo
     lse = torch.empty(B * H, Sq, device=q.device, dtype=torch.float32)
     _launch(q, k, v, o, lse, B, H, Hkv, Sq, Sk, (q.stride(0), q.stride(1), q.stride(2)),
             (k.stride(0), k.stride(1), k.stride(2)), (v.stride(0), v.stride(1), v.stride(2)),
-            (o.stride(0), o.stride(1), o.stride(2)), is_causal, None, None, Sq)
+            (o.stride(0), o.stride(1), o.stride(2)), is_causal, None, None)
     return (o, lse.view(B, H, Sq)) if return_lse else o
 
 
@@ -206,6 +210,8 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
     if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
         raise ValueError(f"varlen inputs are packed [tokens, heads, head_dim], k and v alike; got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape[1] == 0:
+        raise ValueError("attention needs at least one key/value head; got k, v with 0 heads")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
     # The kernel trusts these: rows past max_seqlen_q are never written, offsets past the tensors
@@ -225,19 +231,21 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
         raise ValueError("causal attention with more queries than keys in some sequence")
     B, H, Hkv = len(lens_q), q.shape[1], k.shape[1]
     o = torch.empty_like(q)
-    lse = torch.empty(B * H, q.shape[0], device=q.device, dtype=torch.float32)
-    _launch(q, k, v, o, lse, B, H, Hkv, max_seqlen_q, 0, (0, q.stride(1), q.stride(0)),
+    # no log-sum-exp buffer: the kernel stores none on the packed path (o only fills the pointer slot)
+    _launch(q, k, v, o, o, B, H, Hkv, max_seqlen_q, 0, (0, q.stride(1), q.stride(0)),
             (0, k.stride(1), k.stride(0)), (0, v.stride(1), v.stride(0)), (0, o.stride(1), o.stride(0)),
-            is_causal, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32), q.shape[0])
+            is_causal, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32))
     return o
 
 
-def _launch(q, k, v, o, lse, B, H, Hkv, Sq, Sk, sq, sk, sv, so, is_causal, cu_q, cu_k, lse_stride):
+def _launch(q, k, v, o, lse, B, H, Hkv, Sq, Sk, sq, sk, sv, so, is_causal, cu_q, cu_k):
     import os
+    if B * H == 0:  # no query head or no batch row: nothing to compute, and no grid to launch
+        return
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     D = q.shape[-1]
     args = (q, k, v, o, lse, cu_q if cu_q is not None else q, cu_k if cu_k is not None else q,
-            *sq, *sk, *sv, *so, H, H // Hkv, lse_stride if cu_q is not None else Sq, Sk,
+            *sq, *sk, *sv, *so, H, H // Hkv, Sq, Sk,
             (1.0 / math.sqrt(D)) * 1.4426950408889634, triton.next_power_of_2(max(Sq, Sk)))
     flags = dict(IS_CAUSAL=is_causal, VARLEN=cu_q is not None, HEAD_DIM=D,
                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
