@@ -58,6 +58,14 @@ def test_a_failing_suite_becomes_an_error_row(tmp_path, monkeypatch):
     rows = bench.run("cpu", tmp_path)
     assert [r["name"] for r in rows] == ["error", "x"] and "boom" in rows[0]["error"]
     assert len(json.loads((tmp_path / "bench.json").read_text())["rows"]) == 2
+    # a second run into the same folder keeps the first run's file (it was overwritten)
+    first = (tmp_path / "bench.json").read_text()
+    bench.run("cpu", tmp_path, only=["flash"])
+    kept = sorted(tmp_path.glob("bench-*.json"))
+    assert len(kept) == 1 and kept[0].read_text() == first
+    assert len(json.loads((tmp_path / "bench.json").read_text())["rows"]) == 1
+    bench.run("cpu", tmp_path, only=["flash"])
+    assert len(list(tmp_path.glob("bench-*.json"))) == 2
 
 
 def test_recorded_gpu_runs_load_by_suite():

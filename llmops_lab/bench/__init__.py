@@ -65,6 +65,7 @@ def run(device: str | None = None, out: str | Path | None = None, only: list[str
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ValueError(f"cannot write bench results to {out}: {e}") from None
+        keep_previous(out / "bench.json", echo)
     from ..loader import embedded_fingerprint
     ctx = BenchContext(dev, quick, compile)
     rows, t0 = [], time.time()
@@ -94,6 +95,23 @@ def run(device: str | None = None, out: str | Path | None = None, only: list[str
         if out is not None:
             (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str) + "\n")
     return rows
+
+
+def keep_previous(path: Path, echo: bool = False) -> Path | None:
+    """A run's results must not overwrite an earlier run's: an existing ``path`` is renamed to
+    ``bench-<its modification time>.json`` beside it (a number added if that is taken); returns
+    the new name, or None when there was nothing to keep."""
+    if not path.exists():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+    kept, n = path.with_name(f"{path.stem}-{stamp}{path.suffix}"), 1
+    while kept.exists():
+        n += 1
+        kept = path.with_name(f"{path.stem}-{stamp}-{n}{path.suffix}")
+    path.rename(kept)
+    if echo:
+        print(f"an earlier {path.name} is kept as {kept.name}", flush=True)
+    return kept
 
 
 def _run_order(path: Path) -> tuple:

@@ -7,7 +7,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m llmops_lab.bench",
                                  description="Measure llmops-lab against its peers in the same run.")
     ap.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
-    ap.add_argument("--out", help="folder for bench.json")
+    ap.add_argument("--out", help="folder for bench.json (an earlier bench.json there is kept, renamed bench-<time>.json)")
     ap.add_argument("--only", nargs="+", choices=sorted(suites()), help="run only these suites")
     ap.add_argument("--quick", action="store_true", help="small sizes: checks that the suite runs")
     ap.add_argument("--compile", action="store_true",
