@@ -182,6 +182,14 @@ def _fraction(text: str) -> float:
     return x
 
 
+def _weight_bits(text: str) -> float:
+    """Bits per weight: 1 (binary) to 32 (fp32); 1.58 (ternary) and the like are fine."""
+    x = float(text)
+    if not (math.isfinite(x) and 1 <= x <= 32):
+        raise argparse.ArgumentTypeError(f"bits per weight must lie in [1, 32], got {text}")
+    return x
+
+
 def _positive(kind):
     def parse(text: str):
         x = kind(text)
@@ -218,7 +226,7 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--gpu-memory-gib", type=_positive(float), help="the GPU's memory in GiB, instead of --gpu")
     k.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9, help="default: %(default)s")
     k.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default="bf16", help="default: %(default)s")
-    k.add_argument("--weight-bits", type=_positive(float),
+    k.add_argument("--weight-bits", type=_weight_bits,
                    help="bits per weight (default: 16, the bf16/fp16 weights an fp8 or int8 KV cache sits "
                         "beside; 32 with --kv-dtype fp32); give 4 for an int4 model")
     k.add_argument("--block-size", type=_positive(int), default=16, help="default: %(default)s")

@@ -125,7 +125,8 @@ def test_cli_kv_prints_vllm_lines_and_refuses_bad_input(capsys):
                  ["kv", "llama-2-7b", "--gpu-memory-utilization", "1.5"],
                  ["kv", "llama-2-7b", "--block-size", "0"], ["kv", "llama-2-7b", "--max-model-len", "5000"],
                  ["kv", "llama-2-70b", "-tp", "3"], ["kv", "llama-2-7b", "--gpu-memory-gib", "nan"],
-                 ["kv", "llama-2-7b", "--gpu", "L4 24GB", "--gpu-memory-gib", "8"]):   # which one?
+                 ["kv", "llama-2-7b", "--gpu", "L4 24GB", "--gpu-memory-gib", "8"],    # which one?
+                 ["kv", "llama-2-7b", "--weight-bits", "0.001"], ["kv", "llama-2-7b", "--weight-bits", "64"]):
         with pytest.raises(SystemExit) as e:
             cli.main(argv)
         assert e.value.code == 2, argv
