@@ -118,13 +118,13 @@ def _check_k(k: int) -> None:
 
 def to_gb(num_bytes: float) -> float:
     """Bytes to decimal gigabytes (1 GB = 1e9 bytes), the unit the document's "10.7 GB" uses."""
-    _real("num_bytes", num_bytes)
+    _nonneg(num_bytes=num_bytes)
     return num_bytes / 1e9
 
 
 def to_gib(num_bytes: float) -> float:
     """Bytes to binary gibibytes (1 GiB = 2**30 bytes), the unit of ``torch.cuda`` memory stats."""
-    _real("num_bytes", num_bytes)
+    _nonneg(num_bytes=num_bytes)
     return num_bytes / 2**30
 
 
@@ -210,9 +210,11 @@ def quant_error_bound_asymmetric(w_min: float, w_max: float, bits: int) -> float
 
     As written: eps = |w - quantize(w, b)| <= Delta/2 = (w_max - w_min) / (2^(b+1) - 2).
     With Delta = (w_max - w_min)/(2^b - 1), Delta/2 = (w_max - w_min)/(2^(b+1) - 2): round to nearest
-    is off by at most half a step. It still holds with an integer zero point (GPTQ/AWQ
-    ``zero_point``): rounding the zero point shifts the grid by at most Delta/2, and a value that
-    falls outside is clamped to an end code at most Delta/2 away. w_min, w_max are per group
+    is off by at most half a step, for a grid whose ends sit at w_min and w_max. An integer zero
+    point in [0, 2^b - 1] (GPTQ/AWQ ``zero_point``) puts 0 on the grid, so the grid must span
+    [min(w_min, 0), max(w_max, 0)] (``quant.rtn`` widens the range to it), and the bound holds with
+    that range, not the group's own: for a group whose weights share one sign the bound as written
+    fails (``[1.00, 1.01, 1.02, 1.03]`` at 4 bits errs 30x past it). w_min, w_max are per group
     (``group_size`` weights), not per tensor.
     """
     _check_bits(bits)
@@ -301,6 +303,7 @@ def quant_speedup_as_written(bits: int) -> float:
 
     As written in its table: one constant per bit width, with no batch size, hardware or kernel.
     """
+    _check_bits(bits)       # an integer, as every count here: 8.0 is refused, not looked up
     table = {16: 1.0, 8: 1.5, 4: 2.5}
     if bits not in table:
         raise ValueError(f"the document gives a speedup for bits in {sorted(table)}, not {bits}")
@@ -346,9 +349,12 @@ def speculative_speedup_as_written(t_target: float, t_draft: float, alpha: float
     As written: Speedup = T_target / (T_draft * alpha * k + T_target * (1 - alpha * k)), with T the
     per-token costs, k the draft length, alpha the acceptance rate. The denominator is
     T_target - alpha*k*(T_target - T_draft): it reaches 0 (speedup infinite) at
-    alpha*k = T_target/(T_target - T_draft) and goes negative beyond, and alpha*k > 1 already
-    claims more than all k drafts accepted. It also ignores the k draft passes paid even when
-    nothing is accepted (alpha = 0 gives 1.0, not a slowdown). Use ``speculative_speedup``.
+    alpha*k = T_target/(T_target - T_draft) = 1/(1 - c) and goes negative beyond. It reads
+    alpha*k as the fraction of tokens the draft supplies and 1 - alpha*k as the target's, a
+    fraction that turns negative once alpha*k > 1 (alpha = 0.3 at k = 4 already), although
+    alpha*k is the expected number of accepted drafts, which may well exceed 1. It also ignores
+    the k draft passes paid even when nothing is accepted (alpha = 0 gives 1.0, not a slowdown).
+    Use ``speculative_speedup``.
     """
     _positive(t_target=t_target)
     _nonneg(t_draft=t_draft)
@@ -474,10 +480,11 @@ def continuous_batching_gain(output_lens: Sequence[int]) -> float:
 
 def attention_scores_bytes(batch: int, heads: int, seq_len: int, dtype_bytes: float,
                            seq_k: int | None = None) -> float:
-    """Bytes of the naive attention score matrix S = QK^T: B x H x S_q x S_k x sizeof (O(n^2)).
+    """Bytes of one naive attention score matrix S = QK^T: B x H x S_q x S_k x sizeof (O(n^2)).
 
-    The document's "Memory_standard = O(n^2)": naive attention materialises S (and P = softmax(S),
-    same size) in HBM, per layer.
+    The document's "Memory_standard = O(n^2)": naive attention materialises S in HBM, per layer,
+    and P = softmax(S) beside it, the same size again; this counts S alone (what
+    ``standard_attention_written_bytes`` counts twice).
     """
     seq_k = seq_len if seq_k is None else seq_k
     _nonneg_int(batch=batch, heads=heads, seq_len=seq_len, seq_k=seq_k)
@@ -497,10 +504,25 @@ def flash_attention_extra_bytes(batch: int, heads: int, seq_len: int, head_dim: 
     return batch * heads * seq_len * (head_dim * dtype_bytes + 4)
 
 
+def standard_attention_written_bytes(batch: int, heads: int, seq_len: int, head_dim: int,
+                                     dtype_bytes: float) -> float:
+    """Bytes naive attention writes to HBM besides its inputs: S = QK^T, P = softmax(S) and the
+    output O = PV, B x H x (2 x S^2 + S x D) x sizeof (Dao et al. 2022, Algorithm 0)."""
+    _nonneg_int(head_dim=head_dim)
+    return (2 * attention_scores_bytes(batch, heads, seq_len, dtype_bytes)
+            + batch * heads * seq_len * head_dim * dtype_bytes)
+
+
 def attention_memory_saving(seq_len: int, head_dim: int, dtype_bytes: float = 2) -> float:
-    """Score-matrix bytes / FlashAttention extra bytes = S x sizeof / (D x sizeof + 4), ~ S/D."""
+    """How many times fewer bytes FlashAttention writes to HBM than naive attention, besides the
+    inputs Q, K, V both read: naive writes S, P and O (``standard_attention_written_bytes``),
+    flash writes O and an fp32 logsumexp per row (``flash_attention_extra_bytes``), so the ratio
+    is (2 x S x sizeof + D x sizeof) / (D x sizeof + 4), ~ 2S/D. Both sides count the output O,
+    which each attention writes; without it (S and P against the logsumexp alone) the ratio
+    would be S x sizeof / 2, the extra bytes only.
+    """
     _positive_int(seq_len=seq_len)
-    return (attention_scores_bytes(1, 1, seq_len, dtype_bytes)
+    return (standard_attention_written_bytes(1, 1, seq_len, head_dim, dtype_bytes)
             / flash_attention_extra_bytes(1, 1, seq_len, head_dim, dtype_bytes))
 
 

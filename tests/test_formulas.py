@@ -15,6 +15,10 @@ def test_kv_cache_doc_example_as_written():
     assert b == 2 * 80 * 64 * 128 * 4096 * 2 == 10_737_418_240
     assert round(F.to_gb(b), 2) == 10.74
     assert F.to_gib(b) == 10.0
+    assert F.to_gb(0) == 0.0 and F.to_gib(0) == 0.0
+    for fn in (F.to_gb, F.to_gib):          # a size is never negative (to_gb(-5) was -5e-09)
+        with pytest.raises(ValueError, match="num_bytes must be >= 0"):
+            fn(-1)
 
 
 def test_kv_cache_gqa_and_batch():
@@ -117,6 +121,14 @@ def test_quantized_sizes():
     assert F.linear_weight_count(cfg) == cfg.num_parameters() - n_emb - norms
 
 
+def test_quant_speedup_as_written_takes_an_integer_bit_width():
+    assert F.quant_speedup_as_written(16) == 1.0 and F.quant_speedup_as_written(8) == 1.5
+    with pytest.raises(ValueError, match="bits must be an integer"):   # 8.0 was looked up as 8
+        F.quant_speedup_as_written(8.0)
+    with pytest.raises(TypeError):
+        F.quant_speedup_as_written(True)
+
+
 # --- speculative decoding ---------------------------------------------------------------------
 
 def test_expected_tokens_leviathan():
@@ -197,7 +209,12 @@ def test_attention_memory():
     assert F.attention_scores_bytes(2, 32, 4096, 2) == 2 * 32 * 4096 * 4096 * 2
     assert F.attention_scores_bytes(1, 1, 3, 2, seq_k=5) == 30
     assert F.flash_attention_extra_bytes(2, 32, 4096, 128, 2) == 2 * 32 * 4096 * (128 * 2 + 4)
-    assert F.attention_memory_saving(4096, 128, 2) == pytest.approx(4096 * 2 / 260)
+    # Like with like: naive writes S, P and O; flash writes O and the logsumexp. It compared one
+    # score matrix against O + lse (31.5 here), counting O on one side only.
+    assert F.standard_attention_written_bytes(2, 32, 4096, 128, 2) == 2 * 32 * (2 * 4096**2 + 4096 * 128) * 2
+    assert F.attention_memory_saving(4096, 128, 2) == pytest.approx(64.0)
+    assert F.attention_memory_saving(4096, 128, 2) == pytest.approx(
+        F.standard_attention_written_bytes(3, 5, 4096, 128, 2) / F.flash_attention_extra_bytes(3, 5, 4096, 128, 2))
     # Doubling n: quadratic vs linear.
     assert F.attention_scores_bytes(1, 1, 2048, 2) == 4 * F.attention_scores_bytes(1, 1, 1024, 2)
     assert F.flash_attention_extra_bytes(1, 1, 2048, 64, 2) == 2 * F.flash_attention_extra_bytes(1, 1, 1024, 64, 2)

@@ -2,7 +2,8 @@
 
 What it does, step by step, as the document wrote it:
 - both models re-run the whole prefix every step (no KV cache: quadratic work);
-- the loop condition counts the prompt in ``max_tokens`` and can overshoot it by up to k tokens;
+- the loop condition counts the prompt in ``max_tokens`` and can overshoot it by up to k - 1 tokens
+  (a step starts below max_tokens and adds at most k);
 - after a rejection at draft i it appends ``argmax(target_logits[:, -(k - accepted)])``: the target's
   prediction one position *after* the rejected draft, conditioned on that rejected token, instead of
   ``target_logits[:, -(k + 1 - accepted)]``, the prediction at the rejected position. So its output

@@ -76,7 +76,8 @@ def _verify(t_logits, drafts, qs, temperature, top_k, top_p, generator) -> tuple
 
     Sampling: keep draft d with probability min(1, p(d)/q(d)); the first rejected one is replaced
     by a draw from norm(max(0, p - q)), and after k accepted drafts a bonus token is drawn from p.
-    Greedy is the same rule with one-hot p and q, which reduces to comparing argmaxes.
+    Greedy is the same rule with one-hot p and q, which reduces to comparing argmaxes. With no
+    drafts (k = 0: a plain target step) the token is drawn from p, as the target alone would.
     """
     B, k = drafts.shape
     if temperature == 0:
@@ -90,6 +91,8 @@ def _verify(t_logits, drafts, qs, temperature, top_k, top_p, generator) -> tuple
         return n_acc, [t_row[a] for t_row, a in zip(t_tok, n_acc)]
     rows = torch.arange(B, device=drafts.device)
     p = logits_to_probs(t_logits, temperature, top_k, top_p)                # [B, k+1, V]
+    if k == 0:
+        return [0] * B, _draw(p[:, 0], generator).tolist()
     q = torch.stack(qs, 1)                                                   # [B, k, V]
     pd = p[:, :k].gather(-1, drafts[..., None]).squeeze(-1)
     qd = q.gather(-1, drafts[..., None]).squeeze(-1)
@@ -154,6 +157,13 @@ class SpeculativeDecoder:
         if target.config.vocab_size != draft.config.vocab_size:
             raise ValueError(f"draft vocabulary ({draft.config.vocab_size}) differs from the target's "
                              f"({target.config.vocab_size}): they must share a tokenizer")
+        # The same size is not the same tokenizer: special ids that differ mean the ids do too.
+        t_cfg, d_cfg = target.config, draft.config
+        if (t_cfg.bos_token_id != d_cfg.bos_token_id
+                or set(t_cfg.eos_token_ids) != set(d_cfg.eos_token_ids)):
+            raise ValueError(f"draft special tokens (bos {d_cfg.bos_token_id}, eos {d_cfg.eos_token_ids}) differ "
+                             f"from the target's (bos {t_cfg.bos_token_id}, eos {t_cfg.eos_token_ids}): "
+                             f"they must share a tokenizer")
         self.target, self.draft, self.k = target, draft, k
         # lean=False runs both models through LlamaModel.forward: the slow twin of the lean step.
         self.runs = (_runner(target, lean), _runner(draft, lean))
@@ -167,9 +177,12 @@ class SpeculativeDecoder:
 
     @torch.inference_mode()
     def generate(self, input_ids, max_new_tokens: int = 32, temperature: float = 0.0, top_k=None, top_p=None,
-                 attention_mask=None, generator=None, stop_token_ids=()):
-        """New tokens after a (left-padded) batch of prompts: returns ([B, S + max_new_tokens] with
-        ``pad`` 0 after a row's stop token, stats)."""
+                 attention_mask=None, generator=None, stop_token_ids=None, pad_token_id=None):
+        """New tokens after a (left-padded) batch of prompts: returns ([B, S + n], stats), as
+        ``generation.generate`` does: a row stops at any of ``stop_token_ids`` (default: the
+        target config's eos ids; ``()`` for none) and is filled with ``pad_token_id`` afterwards
+        (default: the first stop id, 0 without stops); n is max_new_tokens, or fewer when every
+        row stopped earlier."""
         if not torch.is_tensor(input_ids):
             raise TypeError(f"input_ids must be a tensor of token ids, got {type(input_ids).__name__}")
         if input_ids.dim() == 1:
@@ -181,7 +194,13 @@ class SpeculativeDecoder:
         check_sampling(temperature, top_k, top_p)
         if not is_int(max_new_tokens) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        stops = set(as_stop_token_ids(stop_token_ids, self.target.config.vocab_size))
+        vocab = self.target.config.vocab_size
+        stop_ids = as_stop_token_ids(stop_token_ids, vocab, self.target.config.eos_token_ids)
+        if pad_token_id is not None and (not is_int(pad_token_id) or not 0 <= pad_token_id < vocab):
+            raise ValueError(f"pad_token_id must be a token id in [0, {vocab}), got {pad_token_id!r}")
+        if pad_token_id is None:
+            pad_token_id = stop_ids[0] if stop_ids else 0
+        stops = set(stop_ids)
         B, S = input_ids.shape
         check_attention_mask(attention_mask, input_ids)
         ctx = min(self.target.config.max_position_embeddings, self.draft.config.max_position_embeddings)
@@ -189,8 +208,9 @@ class SpeculativeDecoder:
         if int(n_prompt.max()) + max_new_tokens > ctx:
             raise ValueError(f"prompt ({int(n_prompt.max())}) + max_new_tokens ({max_new_tokens}) exceeds the "
                              f"context shared by target and draft ({ctx})")
-        # drafting more tokens than are left to generate only wastes the draft's and target's time
-        k, dev = min(self.k, max_new_tokens), input_ids.device
+        # k - 1 drafts plus the target's own token already give k tokens: drafting as many tokens
+        # as are left to generate would only waste a draft pass and a verify position
+        k, dev = min(self.k, max_new_tokens - 1), input_ids.device
         prompt_valid = attention_mask.long().to(dev) if attention_mask is not None else torch.ones_like(input_ids)
         # Cache slots (positions plus the holes rollbacks leave in a batch): each step writes at most
         # k + 1 past the kept ones and keeps at most k + 1 more, one row's worth (the longest); summed
@@ -201,7 +221,8 @@ class SpeculativeDecoder:
         # Invariant: each cache holds every committed token but the last one ("pending").
         if S > 1:
             tgt.feed(input_ids[:, :-1], prompt_valid[:, :-1])
-            dft.feed(input_ids[:, :-1], prompt_valid[:, :-1])
+            if k > 0:                                # one new token: the draft never runs
+                dft.feed(input_ids[:, :-1], prompt_valid[:, :-1])
         pending = input_ids[:, -1:]                  # [B, 1]: the last committed token of each row
         carry = None                                 # drafts of rows that accepted all k (draft never saw d_k)
         new = [[] for _ in range(B)]
@@ -212,9 +233,13 @@ class SpeculativeDecoder:
         k_max = k
         while not all(done):
             # Near the end of the context the step drafts fewer tokens: the target scores pending
-            # + k drafts at positions up to pend_pos + k, which must stay inside the context.
+            # + k drafts at positions up to pend_pos + k, which must stay inside the context. And
+            # it drafts no more than the longest row still needs: left - 1 drafts and the target's
+            # token make left. k = 0 is a plain target step and the last one: every live row has
+            # one token left (the context bound is >= 1: a live row's pending position is at most
+            # ctx - 2, and a finished row's stays where its last step began, at most ctx - 2).
             left = max(max_new_tokens - len(new[b]) for b in range(B) if not done[b])
-            k = min(k_max, ctx - 1 - max(pend_pos), left)
+            k = min(k_max, ctx - 1 - max(pend_pos), left - 1)
             # 1. Draft k tokens autoregressively.
             t0 = time.perf_counter()
             if carry is not None:
@@ -224,7 +249,8 @@ class SpeculativeDecoder:
                 d_in, d_valid = pending, None
             d_start = dft.cache.length
             qs, drafts = [], []
-            logits = dft.feed(d_in, d_valid, last_only=True)[:, -1]
+            if k > 0:     # a plain target step leaves the draft alone: nothing follows it
+                logits = dft.feed(d_in, d_valid, last_only=True)[:, -1]
             for j in range(k):
                 if temperature == 0:
                     d = logits.argmax(-1)
@@ -234,7 +260,7 @@ class SpeculativeDecoder:
                 drafts.append(d)
                 if j < k - 1:
                     logits = dft.feed(d[:, None], last_only=True)[:, -1]
-            drafts = torch.stack(drafts, 1)           # [B, k]
+            drafts = torch.stack(drafts, 1) if k else pending[:, :0]     # [B, k]
             synchronize(dev)
             stats.draft_seconds += time.perf_counter() - t0
             # 2. The target scores pending + k drafts in one pass.
@@ -250,15 +276,20 @@ class SpeculativeDecoder:
                     continue
                 a = n_acc[b]
                 stats.accepted.append(a)
-                if b == 0:
-                    stats.trace.append({"drafts": d_tok[0], "accepted": a, "fix": fix[0], "bonus": a == k})
                 for j in range(min(a + 1, k)):
                     stats.position_tries[j] += 1
                     stats.position_accepts[j] += int(j < a)
+                before = len(new[b])
                 for tok in d_tok[b][:a] + [fix[b]]:
                     if len(new[b]) < max_new_tokens and not done[b]:
                         new[b].append(tok)
                         done[b] = tok in stops or len(new[b]) >= max_new_tokens
+                if b == 0:   # a bonus (after k accepted drafts) only if it was drafted for and kept
+                    kept_fix = len(new[0]) - before == a + 1
+                    stats.trace.append({"drafts": d_tok[0], "accepted": a, "fix": fix[0],
+                                        "bonus": k > 0 and a == k and kept_fix})
+            if all(done):
+                break
             n_in = d_in.shape[1]
             live = [not d for d in done]                                  # finished rows keep nothing more
             tgt.rollback(t_start, [(a + 1) * v for a, v in zip(n_acc, live)], k + 1)   # pending + accepted drafts
@@ -270,8 +301,8 @@ class SpeculativeDecoder:
             else:
                 carry = None
             pending = torch.tensor(fix, device=dev)[:, None]
-        width = max_new_tokens
-        out = torch.zeros(B, S + width, dtype=torch.long, device=dev)
+        width = max(len(row) for row in new)      # as generate: it stops once every row has
+        out = torch.full((B, S + width), pad_token_id, dtype=torch.long, device=dev)
         out[:, :S] = input_ids
         for b in range(B):
             out[b, S:S + len(new[b])] = torch.tensor(new[b], dtype=torch.long)
