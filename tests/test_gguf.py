@@ -225,3 +225,22 @@ def test_llama_cpp_generate_refuses_what_it_would_ignore(peers):
         for bad in (4096, -1):
             with pytest.raises(ValueError, match=r"\[0, 4096\)"):
                 run(torch.tensor([[5, bad]]))
+
+
+@pytest.mark.parametrize("qtype, largest_code", [("Q8_0", 127), ("Q4_0", 8)])
+def test_bound_holds_for_blocks_whose_fp16_scale_is_subnormal(qtype, largest_code):
+    """The block bound assumed a normal fp16 scale d: Q8_0 blocks with max |w| under 7.8e-3 (d =
+    amax/127 under 2^-14) read back up to 1.02x the bound at std 2e-3 and 23x at std 2e-5, and
+    check_gguf reported a correct export as failed. A subnormal d is off by up to half the
+    subnormal spacing, 2^-24 / 2, times the largest |code|."""
+    from llmops_lab.quant.gguf import _BLOCK_ABSOLUTE, error_bound
+    assert np.finfo(np.float16).smallest_subnormal == 2.0 ** -24
+    assert _BLOCK_ABSOLUTE[qtype] == largest_code * 2.0 ** -24 / 2
+    rng = np.random.default_rng(0)
+    amax = np.exp(rng.uniform(np.log(1e-9), np.log(1e-1), (2048, 1)))          # normal and subnormal d
+    w = (rng.uniform(-1, 1, (2048, 32)) * amax).astype(np.float32)
+    t = getattr(gguf.GGMLQuantizationType, qtype)
+    back = gguf.quants.dequantize(gguf.quants.quantize(w, t), t)
+    ratio = np.abs(back - w) / error_bound(w, qtype)
+    assert ratio.max() <= 1.0
+    assert ratio.max() > 0.9                                                   # and not loose

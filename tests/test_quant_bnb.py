@@ -28,7 +28,7 @@ def linear_bytes(model):
 @needs_bnb
 @torch.no_grad()
 @pytest.mark.parametrize("method, cls, ppl_tol, logit_tol, max_bytes", [
-    ("bnb_int8", "Linear8bitLt", 0.01, 0.01, 0.26),   # measured: ppl +0.01%, logits 0.3%, 0.253 of fp32
+    ("bnb_int8", "Linear8bitLt", 0.01, 0.015, 0.26),  # measured: ppl +0.07%, logits 0.85%, 0.253 of fp32
     ("bnb_nf4", "Linear4bit", 0.03, 0.08, 0.14),      # measured: ppl +0.75%, logits 3.7%, 0.132 of fp32
 ])
 def test_bnb_target_close_to_fp32_and_smaller(target, method, cls, ppl_tol, logit_tol, max_bytes):
@@ -55,6 +55,34 @@ def test_bnb_linear_keeps_bias_and_outlier_threshold():
         rel = (mod(x) - lin(x)).norm() / lin(x).norm()
         assert rel < (0.02 if method == "bnb_int8" else 0.15), (method, rel)
     assert qbnb.module_nbytes(qbnb.bnb_linear(lin, "bnb_int8")) < qbnb.module_nbytes(lin) / 3
+
+
+@needs_bnb
+@torch.no_grad()
+def test_bnb_int8_in_an_eval_model_splits_outliers():
+    """The swapped modules take the model's mode: a freshly built Linear8bitLt is in training mode,
+    where bitsandbytes on a CPU dequantizes the weight and multiplies in float, so the outlier
+    threshold did nothing and the "LLM.int8()" rows measured weight-only int8."""
+    from llmops_lab.config import ModelConfig
+    from llmops_lab.model import LlamaModel
+    torch.manual_seed(0)
+    base = LlamaModel(ModelConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)).eval()
+    for p in base.parameters():
+        torch.nn.init.normal_(p, std=0.08)
+    for layer in base.model.layers:                     # one outlier channel into q, k, v
+        layer.input_layernorm.weight.fill_(1.0)
+        layer.input_layernorm.weight[3] = 40.0
+    ids = torch.randint(3, 320, (2, 16), generator=torch.Generator().manual_seed(2))
+    ref, outs = base(ids), {}
+    for threshold in (0.0, 6.0):
+        q = quantize(copy.deepcopy(base), "bnb_int8", threshold=threshold, progress=False)
+        assert not any(m.training for m in q.modules())
+        outs[threshold] = q(ids)
+    err = {t: float((o - ref).norm() / ref.norm()) for t, o in outs.items()}
+    assert err[6.0] < err[0.0] / 2, err               # the outliers kept in 16 bits: measured 1.9% vs 8.7%
+    train = quantize(copy.deepcopy(base).train(), "bnb_int8", progress=False)
+    assert all(m.training for m in train.modules())
 
 
 @needs_bnb

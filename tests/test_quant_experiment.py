@@ -223,3 +223,16 @@ def test_quant_spec_refuses_formats_it_would_mislabel(tiny):
         nan.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         E.quantized_copy(nan, E.QuantSpec("bnb_int8", 8, -1))
+
+
+def test_quant_spec_pins_gguf_formats_and_float_widths():
+    """QuantSpec("gguf_q4_0", 8, 128) and QuantSpec("fp32", 4) were accepted and carried the wrong
+    bits into the memory and quality tables."""
+    for bad in (("gguf_q4_0", 8, 128), ("gguf_q4_0", 4, 128), ("gguf_q8_0", 4, 32)):
+        with pytest.raises(ValueError, match=r"gguf_q\d_0 runs bits=\d, group_size=32"):
+            E.QuantSpec(*bad)
+    for bad in (("fp32", 4), ("fp32",), ("bf16", 32), ("gguf_f16", 32)):          # ("fp32",): bits=16
+        with pytest.raises(ValueError, match=r"is (32|16) bits a weight"):
+            E.QuantSpec(*bad)
+    for ok in (("fp32", 32), ("bf16", 16), ("gguf_q8_0", 8, 32), ("gguf_q4_0", 4, 32), ("gguf_f32", 32)):
+        E.QuantSpec(*ok)

@@ -69,11 +69,15 @@ def test_act_order_gives_valid_weight(target, feats, group_size, sym):
     H = hessian_from_inputs(x)
     q = gptq_quantize_weight(w, H, GPTQConfig(4, group_size, desc_act=True, sym=sym))
     assert q.shape == tuple(w.shape) and q.group_size == (128 if group_size == 128 else w.shape[1])
-    lo, hi = (-7, 7) if sym else (0, 15)
+    lo, hi = (-8, 7) if sym else (0, 15)
     assert int(q.codes.min()) >= lo and int(q.codes.max()) <= hi
-    # Static groups: every group's params are those of round-to-nearest on the original columns.
+    # Static groups: every group's params are those of its grid on the original columns.
     rtn = quantize_rtn(w, 4, group_size, sym)
-    torch.testing.assert_close(q.scales, rtn.scales)
+    if sym:                                    # AutoGPTQ's symmetric grid: 2 absmax / (2^b - 1)
+        absmax = w.view(w.shape[0], -1, q.group_size).abs().amax(-1)
+        torch.testing.assert_close(q.scales, 2 * absmax / 15)
+    else:
+        torch.testing.assert_close(q.scales, rtn.scales)
     e_act = output_error(x, w, q.dequantize())
     e_plain = output_error(x, w, gptq_quantize_weight(w, H, GPTQConfig(4, group_size, sym=sym)).dequantize())
     assert e_act < 0.05 and e_act < output_error(x, w, rtn.dequantize())
@@ -235,3 +239,49 @@ def test_bad_hessian_shape(target):
     w = target.model.layers[0].self_attn.q_proj.weight.detach()
     with pytest.raises(ValueError):
         gptq_quantize_weight(w, torch.eye(10), GPTQConfig())
+
+
+# ---- GPTQ's symmetric grid, AWQ's version, errors that say what is wrong --------------------------
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_gptq_sym_uses_all_2_to_the_b_codes(target, feats, bits):
+    """GPTQ sym=True used round-to-nearest's grid, codes -(2^(b-1)-1)..2^(b-1)-1: three levels at
+    2 bits, where AutoGPTQ (which transformers' GPTQConfig runs) uses four, scale 2 absmax/(2^b - 1)."""
+    x, w = feats["self_attn.o_proj"], target.model.layers[1].self_attn.o_proj.weight.detach()
+    q = gptq_quantize_weight(w, hessian_from_inputs(x), GPTQConfig(bits, 128, sym=True))
+    assert q.codes.unique().numel() == 2 ** bits
+    assert int(q.codes.min()) == -(2 ** (bits - 1)) and int(q.codes.max()) == 2 ** (bits - 1) - 1
+    static = gptq_quantize_weight(w, hessian_from_inputs(x), GPTQConfig(bits, 128, sym=True, desc_act=True))
+    absmax = w.view(w.shape[0], -1, 128).abs().amax(-1)
+    torch.testing.assert_close(static.scales, 2 * absmax / (2 ** bits - 1))   # AutoGPTQ's scale
+
+
+def test_gptq_sym_codes_survive_storage(calib):
+    """The lowest code, -2^(b-1), is stored in the same b bits and read back by QuantLinear."""
+    from llmops_lab.quant import QuantLinear, quantize
+    m = small_model(1)
+    ref = copy.deepcopy(m)
+    qs = gptq_quantize_model(ref, calib[:2, :32], GPTQConfig(2, 128), progress=False, apply=True)
+    quantize(m, "gptq", bits=2, calibration=calib[:2, :32], progress=False, scale_dtype=torch.float32)
+    for n in LINEAR_NAMES:
+        layer = m.model.layers[0].get_submodule(n)
+        assert isinstance(layer, QuantLinear) and layer.qweight.dtype == torch.uint8
+        codes = layer.quantized_weight().codes
+        assert torch.equal(codes.long(), qs[f"model.layers.0.{n}"].codes.long())
+        assert set(codes.unique().tolist()) == {-2, -1, 0, 1}
+
+
+@pytest.mark.parametrize("version", ["GEMM", "gemm", "GEMV", "gemv", "Gemm"])
+def test_awq_version_is_case_insensitive(version):
+    """AutoAWQ lower-cases the version and its saved configs hold "gemm"; ours refused it."""
+    assert AWQConfig(version=version).version == version
+
+
+def test_awq_names_non_finite_activations_and_the_layer(calib):
+    """A NaN embedding made AWQ say "weight contains NaN or inf" though every weight was finite."""
+    for fn, config in ((awq_quantize_model, AWQConfig()), (gptq_quantize_model, GPTQConfig())):
+        m = small_model(1)
+        with torch.no_grad():
+            m.model.embed_tokens.weight[calib[0, 0]] = float("nan")
+        with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj: .*activations.*NaN or inf"):
+            fn(m, calib[:2, :32], config, progress=False)

@@ -110,7 +110,7 @@ def test_half_activations(dtype, tol):
 @needs_kernel
 def test_quant_linear_routes_through_kernel():
     lin = torch.nn.Linear(96, 40, bias=True)
-    q = QuantLinear.from_linear(lin, quantize_rtn(lin.weight.detach(), bits=4, group_size=32)).to(DEV)
+    q = QuantLinear.from_linear(lin, quantize_rtn(lin.weight.detach(), bits=4, group_size=32, scale_dtype=torch.float16)).to(DEV)
     x = torch.randn(2, 3, 96, device=DEV)                            # [B, S, in]: 6 tokens
     q.kernel = "torch"
     want = q(x)
@@ -135,7 +135,7 @@ def test_quantized_model_same_logits_with_kernel(random_llama):
 
 def test_auto_uses_plain_path_on_cpu_and_checks_the_choice():
     lin = torch.nn.Linear(64, 8)
-    q = QuantLinear.from_linear(lin, quantize_rtn(lin.weight.detach(), bits=4, group_size=32))
+    q = QuantLinear.from_linear(lin, quantize_rtn(lin.weight.detach(), bits=4, group_size=32, scale_dtype=torch.float16))
     assert not q.uses_kernel(torch.randn(1, 64))                      # CPU: PyTorch path
     q.kernel = "fast"
     with pytest.raises(ValueError, match="kernel must be"):
@@ -206,10 +206,11 @@ def test_fast_convert_is_exact(kernel, bits, sym, split):
 
 @needs_kernel
 def test_fast_convert_covers_every_code():
-    """One weight row per code value at 8 bits (sym -127..127, asym 0..255 stored as int8 -128..127)
-    and at 4 bits: identity activations read the dequantized weight back exactly."""
+    """One weight row per code value at 8 bits (sym -128..127, GPTQ's grid using -128; asym 0..255
+    stored as int8 -128..127) and at 4 bits: identity activations read the dequantized weight back
+    exactly."""
     for bits, sym in ((8, True), (8, False), (4, True), (4, False)):
-        lo, hi = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if sym else (0, 2 ** bits - 1)
+        lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if sym else (0, 2 ** bits - 1)
         codes = torch.arange(lo, hi + 1, dtype=torch.int32)[:, None].repeat(1, 32)       # [codes, K]
         q = pack_codes(codes, bits, sym).to(DEV)
         scales = torch.full((codes.shape[0], 1), 0.5, dtype=torch.float16, device=DEV)
@@ -269,6 +270,6 @@ def test_kernel_and_quant_linear_refuse_what_they_would_misread():
     with pytest.raises(TypeError, match="uint8"):
         dequant_matmul(x, qweight.view(torch.int8), scales, zeros, 4, g, False)
     lin = torch.nn.Linear(32, 8)
-    ql = QuantLinear.from_linear(lin, quantize_rtn(lin.weight.detach(), bits=4, group_size=16, sym=False))
+    ql = QuantLinear.from_linear(lin, quantize_rtn(lin.weight.detach(), bits=4, group_size=16, sym=False, scale_dtype=torch.float16))
     with pytest.raises(TypeError, match="floating-point"):
         ql(torch.ones(2, 32, dtype=torch.long))

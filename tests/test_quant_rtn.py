@@ -1,5 +1,6 @@
 """Round-to-nearest quantization: packing, the error bound on every weight, QuantLinear, quantize()."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -50,12 +51,31 @@ def test_pack_int4_round_trip(rows, half_cols, seed):
 @settings(max_examples=40, deadline=None)
 @given(bits=st.integers(2, 8), sym=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_pack_codes_round_trip_every_width(bits, sym, seed):
-    lo, hi = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if sym else (0, 2 ** bits - 1)
+    # symmetric: all 2^b codes -2^(b-1)..2^(b-1)-1 (GPTQ's grid; round-to-nearest's leaves out the lowest)
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if sym else (0, 2 ** bits - 1)
     codes = torch.randint(lo, hi + 1, (3, 8), generator=torch.Generator().manual_seed(seed))
+    codes[0, :2] = torch.tensor([lo, hi])
     stored = pack_codes(codes, bits, sym)
     assert stored.dtype == (torch.int8 if bits == 8 else torch.uint8)
     assert stored.numel() == 3 * bits                       # 8 codes a row: `bits` bytes, 8 at 8 bits
-    assert torch.equal(unpack_codes(stored, bits, sym).long(), codes)
+    assert torch.equal(unpack_codes(stored, bits, sym, K=8).long(), codes)
+
+
+@pytest.mark.parametrize("bits, K", [(2, 3), (3, 3), (5, 3), (6, 3), (7, 7)])
+def test_unpack_codes_without_k_refuses_a_row_padding_could_hide(bits, K):
+    """unpack_codes without K read a row of 3 two-bit codes back as 4 ([[1, 2, 3]] -> [[1, 2, 3, 0]]):
+    the byte's padding bits were taken for a code. Each case here has room for one more code."""
+    codes = torch.arange(1, K + 1)[None]
+    stored = pack_codes(codes, bits, sym=False)
+    with pytest.raises(ValueError, match="pass K"):
+        unpack_codes(stored, bits, sym=False)
+    assert unpack_codes(stored, bits, sym=False, K=K).tolist() == codes.tolist()
+
+
+def test_unpack_codes_without_k_at_4_and_8_bits():
+    codes = torch.tensor([[1, 2, 3, 4]])
+    for bits in (4, 8):                                      # whole pairs, whole bytes: no padding to misread
+        assert unpack_codes(pack_codes(codes, bits, sym=False), bits, sym=False).tolist() == [[1, 2, 3, 4]]
 
 
 @settings(max_examples=60, deadline=None)
@@ -87,8 +107,8 @@ def test_packing_bad_input():
         pack_int4(torch.full((1, 2), 16))
     with pytest.raises(ValueError, match="integer"):
         pack_int4(torch.zeros(1, 2))
-    with pytest.raises(ValueError, match="lie in"):
-        pack_codes(torch.full((1, 2), -8), 4, sym=True)
+    with pytest.raises(ValueError, match=r"lie in \[-8, 7\]"):
+        pack_codes(torch.full((1, 2), -9), 4, sym=True)
 
 
 @pytest.mark.parametrize("call", [
@@ -348,3 +368,76 @@ def test_quant_linear_rejects_odd_in_features_at_4_bits():
     assert q3.qweight.shape == (4, 3)
     assert torch.equal(q3.quantized_weight().codes.long(), qw3.codes.long())
     assert torch.allclose(q3.dequantize(), qw3.dequantize(), atol=1e-3)
+
+
+# --- scales as stored: chosen against, kept through casts ---------------------------------------
+
+def test_codes_are_chosen_against_the_stored_fp16_scales():
+    """quantize() stored fp16 scales but chose the codes against the float32 ones: 8-bit layers of
+    weights with std 0.01 missed the half-step bound check_error_bound reports by 7%, std 0.001 by 60%."""
+    lin = torch.nn.Linear(128, 64, bias=False)
+    torch.nn.init.normal_(lin.weight, std=0.01, generator=torch.Generator().manual_seed(0))
+    w = lin.weight.detach().clone()
+    model = torch.nn.Sequential(lin)
+    q = quantize(model, bits=8, group_size=32, skip=(), progress=False)[0]
+    assert q.scales.dtype == torch.float16
+    r = check_error_bound(w, q.quantized_weight())
+    assert r["derived_bound_holds"], r
+    assert r["derived_max_ratio"] <= 1.0 and r["derived_max_ratio"] > 0.99    # the bound is tight
+    qw = quantize_rtn(w, 8, 32, scale_dtype=torch.float16)                  # the same, directly
+    assert qw.scales.dtype == torch.float16 and torch.equal(qw.scales, q.scales)
+    assert check_error_bound(w, qw)["derived_bound_holds"]
+
+
+def test_scales_rounded_after_the_codes_warn():
+    lin = torch.nn.Linear(128, 64, bias=False)
+    qw = quantize_rtn(lin.weight.detach(), 8, 32)                            # float32 scales
+    with pytest.warns(UserWarning, match="after the codes were chosen.*scale_dtype=torch.float16"):
+        QuantLinear(qw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        QuantLinear(quantize_rtn(lin.weight.detach(), 8, 32, scale_dtype=torch.float16))
+        QuantLinear(qw, scale_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("std, bits, fits", [(1e-3, 8, False), (1e-4, 4, False), (1e-3, 4, True)])
+def test_subnormal_fp16_scales_that_break_the_bound_are_refused(std, bits, fits):
+    """fp16 scales under 6.1e-5 are subnormal: spaced 6e-8 apart, so rounding one up can grow the
+    step past the bound (std 1e-4 at 8 bits: 7.3x the half step, with codes chosen in float32)."""
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0)) * std
+    if not fits:
+        with pytest.raises(ValueError, match="underflow torch.float16's normal range.*scale_dtype=torch.float32"):
+            quantize_rtn(w, bits, 32, scale_dtype=torch.float16)
+        qw = quantize_rtn(w, bits, 32, scale_dtype=torch.float32)            # the suggested fix
+    else:
+        qw = quantize_rtn(w, bits, 32, scale_dtype=torch.float16)
+    assert check_error_bound(w, QuantLinear(qw, scale_dtype=qw.scales.dtype).quantized_weight())["derived_bound_holds"]
+
+
+@pytest.mark.parametrize("bits, std, scale_dtype", [(8, 0.08, torch.float16), (4, 1e-6, torch.float32)])
+def test_casting_a_quantized_model_keeps_scales_and_zeros(bits, std, scale_dtype):
+    """.half() / .to(bfloat16) re-cast the scales unchecked: fp16 scales became bf16 (8 bits: the
+    error past the half step went from 1.08x to 1.65x), and fp32 scales of tiny weights flushed to 0
+    in fp16, zeroing the layer."""
+    m = tiny_model()
+    with torch.no_grad():
+        for p in m.model.parameters():
+            p.mul_(std / 0.08)
+    quantize(m, bits=bits, group_size=32, scale_dtype=scale_dtype, progress=False)
+    layers = {n: q for n, q in m.named_modules() if isinstance(q, QuantLinear)}
+    before = {n: q.dequantize(torch.float64) for n, q in layers.items()}
+    for cast in (lambda x: x.half(), lambda x: x.to(torch.bfloat16), lambda x: x.float(), lambda x: x.double()):
+        cast(m)
+        for n, q in layers.items():
+            assert q.scales.dtype == q.zeros.dtype == scale_dtype, n
+            assert torch.equal(q.dequantize(torch.float64), before[n]), n
+    assert all(q.dtype == torch.float64 for q in layers.values())         # the compute dtype follows
+    m.to("meta")                                                            # a device move still moves them
+    assert all(q.scales.device.type == q.zeros.device.type == q.qweight.device.type == "meta"
+               and q.scales.dtype == scale_dtype for q in layers.values())
+
+
+def test_a_second_rtn_pass_says_already_quantized():
+    m = quantize(tiny_model(), bits=8, group_size=32, progress=False)
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize(m, bits=8, group_size=32, progress=False)

@@ -221,3 +221,72 @@ def test_calibrated_methods_refuse_a_partly_quantized_model(small, calib, method
         direct(part, calib, GPTQConfig() if method == "gptq" else AWQConfig(), progress=False)
     quantize(part, "rtn", skip=("lm_head",), progress=False)
     assert not any(isinstance(m, torch.nn.Linear) for n, m in part.named_modules() if "layers" in n)
+
+
+# --- skip during calibration ---------------------------------------------------------------------
+
+def _odd_mlp_model(random_llama):
+    """Two layers whose down_proj takes 96 inputs: group_size 64 fits every linear but that one."""
+    from llmops_lab.config import ModelConfig
+    cfg = ModelConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return random_llama(cfg)
+
+
+CAL = torch.randint(3, 320, (4, 32), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_calibrated_methods_honour_skip_for_a_layer_the_group_does_not_fit(random_llama, method):
+    """RTN could skip a linear its group size does not divide; GPTQ and AWQ checked every decoder
+    linear, skipped or not, and refused with an error that named no layer."""
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.down_proj: group_size 64 does not divide"):
+        quantize(_odd_mlp_model(random_llama), method, group_size=64, calibration=CAL, progress=False)
+    m = quantize(_odd_mlp_model(random_llama), method, group_size=64, calibration=CAL, progress=False,
+                 skip=("lm_head", "down_proj"))
+    for layer in m.model.layers:
+        assert type(layer.mlp.down_proj) is torch.nn.Linear
+        assert all(isinstance(layer.get_submodule(n), QuantLinear) for n in LINEAR_NAMES if n != "mlp.down_proj")
+
+
+@torch.no_grad()
+def test_gptq_keeps_skipped_linears_float_while_calibrating(random_llama):
+    """Skipped linears were quantized during the sequential run (and put back after), so layer 1 was
+    calibrated on what a quantized layer-0 MLP computes, which the final model never does."""
+    from llmops_lab.quant.gptq import LINEAR_SETS, HessianAccumulator, LayerRunner, gptq_quantize_weight
+    config = GPTQConfig(bits=3, group_size=32)
+    model = _odd_mlp_model(random_llama)
+    got = gptq_quantize_model(copy.deepcopy(model), CAL, config, progress=False, skip=("mlp",))
+    assert sorted(got) == sorted(f"model.layers.{i}.{n}" for i in range(2) for n in LINEAR_NAMES[:4])
+    # the run by hand: layer 0's attention quantized, its MLP float, then layer 1's q_proj
+    ref = copy.deepcopy(model)
+    runner = LayerRunner(ref, CAL)
+    layer0, layer1 = ref.model.layers
+    for names in LINEAR_SETS[:2]:
+        acc = {n: HessianAccumulator(layer0.get_submodule(n).in_features) for n in names}
+        runner.capture(layer0, names, lambda n, x: acc[n].add_batch(x))
+        for n in names:
+            lin = layer0.get_submodule(n)
+            lin.weight.copy_(gptq_quantize_weight(lin.weight, acc[n].H, config).dequantize())
+    runner.x = runner.run(layer0)
+    acc = HessianAccumulator(64)
+    runner.capture(layer1, ["self_attn.q_proj"], lambda n, x: acc.add_batch(x))
+    want = gptq_quantize_weight(layer1.self_attn.q_proj.weight, acc.H, config)
+    assert torch.equal(got["model.layers.1.self_attn.q_proj"].codes, want.codes)
+
+
+@torch.no_grad()
+def test_awq_skipped_linears_stay_float_and_the_function_is_kept(random_llama):
+    model = _odd_mlp_model(random_llama)
+    ref = model(CAL)
+    folded = copy.deepcopy(model)
+    skip = ("self_attn.v_proj", "layers.1.mlp.gate_proj", "layers.1.mlp.up_proj")   # a whole set, and half
+    got = awq_quantize_model(folded, CAL, AWQConfig(q_group_size=32), progress=False, apply=False, skip=skip)
+    assert "model.layers.0.self_attn.v_proj" not in got and "model.layers.0.mlp.down_proj" in got
+    assert "model.layers.1.mlp.up_proj" not in got and "model.layers.1.mlp.down_proj" in got
+    assert torch.allclose(folded(CAL), ref, atol=1e-4)        # scales folded into skipped linears too
+    q = quantize(copy.deepcopy(model), "awq", group_size=32, calibration=CAL, progress=False,
+                 skip=("lm_head",) + skip)
+    assert type(q.model.layers[0].self_attn.v_proj) is torch.nn.Linear
+    assert type(q.model.layers[1].mlp.gate_proj) is torch.nn.Linear
+    assert isinstance(q.model.layers[1].self_attn.o_proj, QuantLinear)

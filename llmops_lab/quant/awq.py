@@ -24,8 +24,14 @@ calibration tokens. q_proj and k_proj are not clipped (AutoAWQ's ``avoid_clippin
 amplified by the attention softmax).
 
 Differences from AutoAWQ, on purpose: the next layer's calibration inputs come out of the
-quantized layer (the sequential scheme GPTQ uses; AutoAWQ feeds fp outputs), and the search error
-is measured on the set's linear outputs, not on the whole attention or MLP block.
+quantized layer (the sequential scheme GPTQ uses; AutoAWQ feeds fp outputs), the search error
+is measured on the set's linear outputs, not on the whole attention or MLP block, and the zero-point
+grid is ``quantize_rtn``'s (the range widened to contain 0; AutoAWQ keeps the group's own range and
+clamps the zero point to [0, 2^b - 1]).
+
+Skipped linears (``skip``) are not quantized: the scale search of a set measures the error of its
+quantized linears only, the scale is still folded into all of them (the fp function is unchanged),
+and a set whose linears are all skipped is not scaled.
 """
 from __future__ import annotations
 
@@ -35,7 +41,8 @@ import torch
 import torch.nn as nn
 
 from ..checks import check_float_model
-from .gptq import LINEAR_NAMES, LayerRunner, _progress, check_calibration, check_linears
+from .gptq import (LINEAR_NAMES, LayerRunner, _progress, check_calibration, check_linears, check_skip,
+                   quantized_names)
 from .rtn import quantize_rtn
 from .weights import QuantizedWeight, check_bool, is_int
 
@@ -47,7 +54,11 @@ AVOID_CLIPPING = ("self_attn.q_proj", "self_attn.k_proj")
 
 @dataclass(frozen=True)
 class AWQConfig:
-    """AWQ settings with AutoAWQ's ``quant_config`` keys; ``q_group_size=-1`` is per channel."""
+    """AWQ settings with AutoAWQ's ``quant_config`` keys; ``q_group_size=-1`` is per channel.
+
+    ``version`` ("GEMM" or "GEMV", any case: AutoAWQ's saved configs hold "gemm") names AutoAWQ's
+    kernel layout; it is checked and kept, and has no effect on the math here.
+    """
     w_bit: int = 4
     q_group_size: int = 128
     zero_point: bool = True
@@ -59,8 +70,8 @@ class AWQConfig:
         if not is_int(self.q_group_size) or not (self.q_group_size == -1 or self.q_group_size > 0):
             raise ValueError(f"q_group_size must be a positive int or -1 (per channel), got {self.q_group_size!r}")
         check_bool("zero_point", self.zero_point)
-        if self.version not in ("GEMM", "GEMV"):
-            raise ValueError(f"version must be 'GEMM' or 'GEMV', got {self.version!r}")
+        if not isinstance(self.version, str) or self.version.upper() not in ("GEMM", "GEMV"):
+            raise ValueError(f"version must be 'GEMM' or 'GEMV' (any case), got {self.version!r}")
 
 
 def pseudo_quantize(w: torch.Tensor, config: AWQConfig) -> torch.Tensor:
@@ -135,31 +146,43 @@ def gqa_tie(n_heads: int, n_kv: int, head_dim: int):
 
 
 @torch.no_grad()
-def scale_layer(layer, feats: dict[str, torch.Tensor], config: AWQConfig) -> dict[str, ScaleSearch]:
+def scale_layer(layer, feats: dict[str, torch.Tensor], config: AWQConfig,
+                quantized=LINEAR_NAMES) -> dict[str, ScaleSearch]:
     """Search and fold the four scale sets of one decoder layer, given its linears' fp inputs
-    ``feats`` [N, in] (which are divided by their s in place, so they stay the layer's inputs)."""
+    ``feats`` [N, in] (which are divided by their s in place, so they stay the layer's inputs).
+    ``quantized``: the linears (names as in ``LINEAR_NAMES``) that will be quantized; only their
+    error is searched, and a set with none of them is left unscaled (missing from the result)."""
     a, m = layer.self_attn, layer.mlp
     out = {}
-    qkv = [a.q_proj, a.k_proj, a.v_proj]
-    out["qkv"] = r = search_scales(feats["self_attn.q_proj"], [l.weight for l in qkv], config)
-    fold_into_norm(layer.input_layernorm, qkv, r.scales)
-    for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
-        feats[n] = feats[n] / r.scales
+
+    def search(key, names, tie=None):
+        weights = [layer.get_submodule(n).weight for n in names if n in quantized]
+        if weights:
+            out[key] = search_scales(feats[names[0]], weights, config, tie=tie)
+        return out.get(key)
+
+    def divide(names, s):
+        for n in names:
+            feats[n] = feats[n] / s
+
+    qkv = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    if r := search("qkv", qkv):
+        fold_into_norm(layer.input_layernorm, [layer.get_submodule(n) for n in qkv], r.scales)
+        divide(qkv, r.scales)
 
     tie, to_v = gqa_tie(a.n_heads, a.n_kv, a.head_dim)
-    out["o"] = r = search_scales(feats["self_attn.o_proj"], [a.o_proj.weight], config, tie=tie)
-    fold_into_linear(a.v_proj, [a.o_proj], to_v(r.scales), r.scales)
-    feats["self_attn.o_proj"] = feats["self_attn.o_proj"] / r.scales
+    if r := search("o", ("self_attn.o_proj",), tie=tie):
+        fold_into_linear(a.v_proj, [a.o_proj], to_v(r.scales), r.scales)
+        divide(("self_attn.o_proj",), r.scales)
 
-    gu = [m.gate_proj, m.up_proj]
-    out["gate_up"] = r = search_scales(feats["mlp.gate_proj"], [l.weight for l in gu], config)
-    fold_into_norm(layer.post_attention_layernorm, gu, r.scales)
-    for n in ("mlp.gate_proj", "mlp.up_proj"):
-        feats[n] = feats[n] / r.scales
+    gu = ("mlp.gate_proj", "mlp.up_proj")
+    if r := search("gate_up", gu):
+        fold_into_norm(layer.post_attention_layernorm, [layer.get_submodule(n) for n in gu], r.scales)
+        divide(gu, r.scales)
 
-    out["down"] = r = search_scales(feats["mlp.down_proj"], [m.down_proj.weight], config)
-    fold_into_linear(m.up_proj, [m.down_proj], r.scales, r.scales)
-    feats["mlp.down_proj"] = feats["mlp.down_proj"] / r.scales
+    if r := search("down", ("mlp.down_proj",)):
+        fold_into_linear(m.up_proj, [m.down_proj], r.scales, r.scales)
+        divide(("mlp.down_proj",), r.scales)
     return out
 
 
@@ -199,8 +222,8 @@ def apply_clip(lin: nn.Linear, max_val: torch.Tensor) -> None:
 @torch.no_grad()
 def awq_quantize_model(model, calibration_ids: torch.Tensor, config: AWQConfig = AWQConfig(),
                        progress: bool = True, apply: bool = True, clip: bool = True,
-                       check=None) -> dict[str, QuantizedWeight]:
-    """AWQ on every decoder linear of ``model``, layer by layer.
+                       check=None, skip=(), scale_dtype: torch.dtype = torch.float32) -> dict[str, QuantizedWeight]:
+    """AWQ on every decoder linear of ``model`` but the skipped ones, layer by layer.
 
     The scales are always folded into the model (RMSNorm weights, v_proj and up_proj rows): the
     returned codes belong to the scaled weights, so they only make sense with the folded model.
@@ -210,13 +233,18 @@ def awq_quantize_model(model, calibration_ids: torch.Tensor, config: AWQConfig =
     clip=False skips the clipping search (scales only), to measure what each half contributes.
     check: called as check(name, QuantizedWeight) on each layer's results; an error it raises
     restores the model like any other (``quantize`` checks the scales fit its scale_dtype there).
+    skip: linears left float, as ``quantize`` reads it: not quantized, clipped or checked, and float
+    while the later layers are calibrated (see the module docstring for the scale search).
+    scale_dtype: the final scales are rounded up to it before the codes are chosen.
     Returns {"model.layers.{i}.{name}": QuantizedWeight}. On a bad input nothing is changed.
     """
     # a quantized layer's .weight is a dequantized copy: the run would rewrite a temporary and
     # quantize the already quantized codes again
     check_float_model(model, "AWQ")
+    skip = check_skip(skip)
     ids = check_calibration(model, calibration_ids)
-    check_linears(model, config.q_group_size)
+    check_linears(model, config.q_group_size, skip)
+    todo = set(quantized_names(model, skip))
     runner = LayerRunner(model, ids)
     result: dict[str, QuantizedWeight] = {}
     backups: dict[int, dict] = {}
@@ -224,9 +252,10 @@ def awq_quantize_model(model, calibration_ids: torch.Tensor, config: AWQConfig =
         for i in _progress(range(len(model.model.layers)), progress, "AWQ layers"):
             layer = model.model.layers[i]
             backups[i] = {k: v.detach().to("cpu", copy=True) for k, v in layer.state_dict().items()}
-            _awq_layer(layer, i, runner, config, apply, clip, result)
+            mine = tuple(n for n in LINEAR_NAMES if f"model.layers.{i}.{n}" in todo)
+            _awq_layer(layer, i, runner, config, apply, clip, result, mine, scale_dtype)
             if check is not None:
-                for n in LINEAR_NAMES:
+                for n in mine:
                     check(f"model.layers.{i}.{n}", result[f"model.layers.{i}.{n}"])
     except BaseException:   # a failure half way (out of memory, interrupt) leaves the model as it was
         for i, state in backups.items():
@@ -237,19 +266,32 @@ def awq_quantize_model(model, calibration_ids: torch.Tensor, config: AWQConfig =
 
 @torch.no_grad()
 def _awq_layer(layer, i: int, runner: LayerRunner, config: AWQConfig, apply: bool, clip: bool,
-               result: dict[str, QuantizedWeight]) -> None:
-    """Scale, clip and quantize one decoder layer, then move the calibration past it."""
+               result: dict[str, QuantizedWeight], quantized=LINEAR_NAMES,
+               scale_dtype: torch.dtype = torch.float32) -> None:
+    """Scale, clip and quantize the ``quantized`` linears of one decoder layer, then move the
+    calibration past it."""
+    if not quantized:                                  # every linear skipped: the layer stays fp
+        runner.x = runner.run(layer)
+        return
     feats: dict[str, list] = {n: [] for n in LINEAR_NAMES}
     runner.capture(layer, LINEAR_NAMES, lambda n, x: feats[n].append(x.float()))
     feats = {n: torch.cat(v) for n, v in feats.items()}
-    scale_layer(layer, feats, config)
+    for n in quantized:
+        if not torch.isfinite(feats[n]).all():
+            raise ValueError(f"model.layers.{i}.{n}: its calibration activations (the inputs it sees) "
+                             f"contain NaN or inf; the weights are finite; refusing to quantize")
+    scale_layer(layer, feats, config, quantized)
     folded = {}
-    for n in LINEAR_NAMES:
+    for n in quantized:
         lin = layer.get_submodule(n)
         folded[n] = lin.weight.detach().clone()
         if clip and n not in AVOID_CLIPPING:
             apply_clip(lin, search_clip(feats[n], lin.weight, config))
-        q = quantize_rtn(lin.weight.float(), config.w_bit, config.q_group_size, sym=not config.zero_point)
+        try:
+            q = quantize_rtn(lin.weight.float(), config.w_bit, config.q_group_size, sym=not config.zero_point,
+                             scale_dtype=scale_dtype)
+        except ValueError as e:
+            raise ValueError(f"cannot quantize model.layers.{i}.{n}: {e}") from None
         result[f"model.layers.{i}.{n}"] = q
         lin.weight.copy_(q.dequantize().to(lin.weight.dtype))
     runner.x = runner.run(layer)                       # the quantized layer feeds the next

@@ -14,6 +14,8 @@ stores (its state dict: codes, scales, quantization state, bias), never from the
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -24,6 +26,8 @@ def import_bnb():
     """The bitsandbytes module, or an ImportError saying how to get it."""
     try:
         import bitsandbytes
+        # LLM.int8() multiplies in fp16 by design; bitsandbytes says so on every call with fp32 input
+        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast from")
     except ImportError as e:
         raise ImportError("bitsandbytes is not installed: pip install 'bitsandbytes>=0.46' "
                           "(0.46 and later run on a CPU as well as on CUDA)") from e
@@ -59,7 +63,9 @@ def bnb_linear(linear: nn.Linear, method: str, device=None, threshold: float = 6
         raise ValueError(f"bitsandbytes methods are {BNB_METHODS}, got {method!r}")
     if has_bias:
         mod.bias = nn.Parameter(linear.bias.detach().to("cpu", copy=True), requires_grad=False)
-    return mod.to(device)
+    # a new module is in training mode: Linear8bitLt in training mode on a CPU multiplies by the
+    # dequantized weight in float and never splits outliers; the twin takes the linear's mode
+    return mod.to(device).train(linear.training)
 
 
 def module_nbytes(module: nn.Module) -> int:

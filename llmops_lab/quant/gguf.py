@@ -264,6 +264,17 @@ def read_gguf(path: str | Path) -> tuple[dict, dict[str, tuple[str, np.ndarray]]
 # (llama.cpp searches scales and mins), one full step of the asymmetric range.
 _BLOCK_BOUND = {"Q8_0": 0.5 / 127 + 2.0 ** -11, "Q4_0": 1 / 8 + 2.0 ** -10,
                 "Q4_K": 2 / 15, "Q5_K": 2 / 31, "Q6_K": 2 / 63}
+# The codes are chosen against the fp32 scale d, then d is stored in fp16 (to nearest). A normal
+# fp16 d is off by at most 2^-11 of itself (above); a block with amax under about 7.8e-3 (Q8_0)
+# or 4.9e-4 (Q4_0) has a subnormal d, off by up to half the subnormal spacing, 2^-24 / 2 = 2^-25,
+# whatever its size: times the largest |code| (127 for Q8_0, 8 for Q4_0), an absolute term.
+_BLOCK_ABSOLUTE = {"Q8_0": 127 * 2.0 ** -25, "Q4_0": 8 * 2.0 ** -25}
+
+
+def block_error_bound(amax: np.ndarray, ggml_type: str) -> np.ndarray:
+    """Bound on |w - dequant(quant(w))| in a block whose max |w| is ``amax`` (Q8_0, Q4_0, k-quants):
+    the relative part of ``_BLOCK_BOUND`` plus, where defined, the subnormal-scale term."""
+    return amax * _BLOCK_BOUND[ggml_type] + _BLOCK_ABSOLUTE.get(ggml_type, 0.0)
 
 
 def error_bound(w: np.ndarray, ggml_type: str) -> np.ndarray:
@@ -275,7 +286,7 @@ def error_bound(w: np.ndarray, ggml_type: str) -> np.ndarray:
     block = 256 if ggml_type.endswith("_K") else 32
     rows, cols = w.shape
     amax = np.abs(w.reshape(rows, cols // block, block)).max(-1, keepdims=True)
-    bound = np.broadcast_to(amax * _BLOCK_BOUND[ggml_type], (rows, cols // block, block))
+    bound = np.broadcast_to(block_error_bound(amax, ggml_type), (rows, cols // block, block))
     return bound.reshape(rows, cols) * (1 + 1e-6) + 1e-12
 
 

@@ -10,7 +10,8 @@ the output error is H = 2 X^T X / N [I, I]. Following the paper's implementation
 - the inverse Hessian's upper Cholesky factor U (H^-1 = U^T U) gives every update row at once;
 - lazy batch updates: errors propagate inside a block of ``block_size`` columns at once, and to
   the rest of the matrix once per block (one matmul instead of I rank-1 updates);
-- groups: a group's scale/zero is computed by round-to-nearest (``quantize_rtn``) from the
+- groups: a group's scale/zero is computed (``group_params``: the zero-point grid of
+  ``quantize_rtn``, or the symmetric grid below) from the
   current, error-updated weights when the first column of the group comes up, including the
   errors a lazy block still owes the columns past it (the paper's code reads those columns stale,
   which makes its result depend on ``block_size``; here block_size=1 and 128 agree);
@@ -20,6 +21,10 @@ the output error is H = 2 X^T X / N [I, I]. Following the paper's implementation
   ``QuantizedWeight`` has contiguous groups, so act-order here uses AutoGPTQ's *static groups*:
   group params are computed from the original column groups before permuting, and the codes are
   un-permuted at the end.
+- symmetric (``sym=True``): AutoGPTQ's grid, which transformers' GPTQConfig runs: all 2^b codes,
+  ``scale = 2 absmax / (2^b - 1)``, codes -2^(b-1)..2^(b-1)-1 (AutoGPTQ stores them as 0..2^b-1
+  with the zero point 2^(b-1): the same grid, held in the same b bits; ``sym_grid_scale``). Not the
+  symmetric round-to-nearest grid of ``quantize_rtn`` (2^b - 1 codes, a ternary grid at 2 bits).
 
 ``gptq_quantize_model`` runs the sequential scheme: the calibration batch goes through the decoder
 layer by layer; inside a layer the linears are quantized in execution order ([q, k, v], [o],
@@ -35,8 +40,9 @@ import torch.nn as nn
 
 from ..checks import check_float_model
 from ..model import build_mask
+from .quant_linear import _skipped
 from .rtn import quantize_rtn, resolve_group_size
-from .weights import QuantizedWeight, check_bool, is_int
+from .weights import QuantizedWeight, check_bool, is_int, round_scales_up
 
 # Linears of a Llama decoder layer in execution order; each inner list shares one input.
 LINEAR_SETS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
@@ -46,7 +52,19 @@ LINEAR_NAMES = tuple(n for s in LINEAR_SETS for n in s)
 
 @dataclass(frozen=True)
 class GPTQConfig:
-    """GPTQ settings, named as in transformers' ``GPTQConfig``; ``group_size=-1`` is per channel."""
+    """GPTQ settings, named as in transformers' ``GPTQConfig``; ``group_size=-1`` is per channel.
+
+    Where the defaults and meanings differ from the peers:
+
+    - ``damp_percent`` defaults to 0.01, the paper's and AutoGPTQ's value; transformers'
+      ``GPTQConfig`` defaults to 0.1. Pass ``damp_percent=0.1`` to match transformers.
+    - ``desc_act=True`` behaves like AutoGPTQ's ``desc_act=True`` with ``static_groups=True``: group
+      scales come from the original column groups before the act-order permutation, so the groups
+      stay contiguous and no per-column ``g_idx`` is needed (see the module docstring).
+    - ``sym=True`` uses AutoGPTQ's grid of all 2^b codes, scale 2 absmax / (2^b - 1), for every
+      group (``sym_grid_scale``). AutoGPTQ, for a group with no negative weight, takes absmax / (2^b - 1)
+      with the zero point mid-grid, so its weights past about absmax / 2 clamp; we do not.
+    """
     bits: int = 4
     group_size: int = 128
     desc_act: bool = False
@@ -93,10 +111,34 @@ def hessian_from_inputs(x: torch.Tensor) -> torch.Tensor:
     return HessianAccumulator(x.shape[-1], x.device).add_batch(x).H
 
 
-def _group_params(w: torch.Tensor, bits: int, sym: bool):
-    """Scale and zero [O] of round-to-nearest over the columns of w [O, g]."""
-    q = quantize_rtn(w, bits, -1, sym)
-    return q.scales[:, 0].to(w.dtype), q.zeros[:, 0].to(w.dtype)
+def sym_grid_scale(absmax: torch.Tensor, bits: int) -> torch.Tensor:
+    """Step of GPTQ's symmetric grid (AutoGPTQ's): 2 absmax / (2^b - 1), codes -2^(b-1)..2^(b-1)-1.
+
+    The grid spans [-2^(b-1) scale, (2^(b-1) - 1) scale] = [-absmax - scale/2, absmax - scale/2],
+    so every |w| <= absmax is within scale/2 = absmax / (2^b - 1) of a code (clamping +absmax costs
+    exactly that): one code more than round-to-nearest's symmetric grid, step absmax / (2^(b-1) - 1),
+    and a bound of absmax / (2^b - 1) instead of its absmax / (2^b - 2).
+    """
+    return 2 * absmax / (2 ** bits - 1)
+
+
+def group_params(w: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype = torch.float32):
+    """Scale and zero [O] of one group, the columns of w [O, g]: the symmetric grid of
+    ``sym_grid_scale`` (zero 0; an all-zero group gets scale 1), or round-to-nearest's zero-point
+    grid. The scale is rounded up to ``scale_dtype`` (``weights.round_scales_up``)."""
+    if not sym:
+        q = quantize_rtn(w, bits, -1, sym, scale_dtype=scale_dtype)
+        return q.scales[:, 0].to(w.dtype), q.zeros[:, 0].to(w.dtype)
+    scale = sym_grid_scale(w.float().abs().amax(dim=1), bits)
+    if not torch.isfinite(scale).all():
+        raise ValueError(f"weights up to {float(w.abs().max()):.3g} give float32 scales that overflow to inf")
+    scale = round_scales_up(torch.where(scale > 0, scale, torch.ones_like(scale)), scale_dtype)
+    return scale.to(w.dtype), torch.zeros_like(scale, dtype=w.dtype)
+
+
+def code_range(bits: int, sym: bool) -> tuple[int, int]:
+    """Codes GPTQ uses: all 2^b either way, centred on 0 when symmetric."""
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if sym else (0, 2 ** bits - 1)
 
 
 def _to_grid(w, scale, zero, qmin: int, qmax: int):
@@ -117,22 +159,28 @@ def _inverse_hessian_factor(H: torch.Tensor, damp_percent: float) -> torch.Tenso
                      "check the calibration inputs for NaN or inf")
 
 
-def gptq_quantize_weight(w: torch.Tensor, H: torch.Tensor, config: GPTQConfig = GPTQConfig()) -> QuantizedWeight:
+def gptq_quantize_weight(w: torch.Tensor, H: torch.Tensor, config: GPTQConfig = GPTQConfig(),
+                         scale_dtype: torch.dtype = torch.float32) -> QuantizedWeight:
     """Quantize w [O, I] given the Hessian H [I, I] of its inputs; w and H are not modified.
 
     Args:
         w: the nn.Linear weight [out, in]. H: ``hessian_from_inputs`` of that linear's inputs.
         config: bits, group_size (-1 per channel), desc_act, damp_percent, sym, block_size.
+        scale_dtype: the scales are rounded up to it before the codes are chosen (the dtype
+            ``QuantLinear`` will store them in).
     Returns the QuantizedWeight in the original column order (codes, per-group scales and zeros).
     """
     O, I = w.shape
     g = resolve_group_size(I, config.group_size)
     if H.shape != (I, I):
         raise ValueError(f"Hessian must be [{I}, {I}], got {tuple(H.shape)}")
-    if not torch.isfinite(w).all() or not torch.isfinite(H).all():
-        raise ValueError("weight or Hessian contains NaN or inf; refusing to quantize")
+    if not torch.isfinite(w).all():
+        raise ValueError("the weight contains NaN or inf; refusing to quantize")
+    if not torch.isfinite(H).all():
+        raise ValueError("the Hessian of the calibration inputs (activations) contains NaN or inf; "
+                         "refusing to quantize")
     bits, sym = config.bits, config.sym
-    qmin, qmax = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if sym else (0, 2 ** bits - 1)
+    qmin, qmax = code_range(bits, sym)
     W = w.detach().to(torch.float64).clone()
     H = H.detach().to(torch.float64).clone()
     dead = torch.diag(H) == 0
@@ -146,7 +194,7 @@ def gptq_quantize_weight(w: torch.Tensor, H: torch.Tensor, config: GPTQConfig = 
     if config.desc_act:
         # Static groups: params from the original contiguous groups, before any error update.
         for k in range(n_groups):
-            scales[:, k], zeros[:, k] = _group_params(W[:, k * g:(k + 1) * g], bits, sym)
+            scales[:, k], zeros[:, k] = group_params(W[:, k * g:(k + 1) * g], bits, sym, scale_dtype)
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
     # Factorise in float64; the column loop runs in float32 as the reference does.
@@ -170,7 +218,7 @@ def gptq_quantize_weight(w: torch.Tensor, H: torch.Tensor, config: GPTQConfig = 
                     if beyond > 0:                      # owed this block's errors so far
                         ahead = W[:, i2:i2 + beyond] - Err1[:, :i] @ Hinv[i1:i1 + i, i2:i2 + beyond]
                         current = torch.cat([current, ahead], dim=1)
-                    scales[:, k], zeros[:, k] = _group_params(current, bits, sym)
+                    scales[:, k], zeros[:, k] = group_params(current, bits, sym, scale_dtype)
             q = _to_grid(W1[:, i], scales[:, k], zeros[:, k], qmin, qmax)
             codes[:, col] = q
             err = (W1[:, i] - scales[:, k] * (q - zeros[:, k])) / Hinv1[i, i]
@@ -181,7 +229,7 @@ def gptq_quantize_weight(w: torch.Tensor, H: torch.Tensor, config: GPTQConfig = 
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     code_dtype = torch.int16 if (not sym and bits == 8) else torch.int8
-    return QuantizedWeight(codes=codes.to(code_dtype), scales=scales, zeros=zeros,
+    return QuantizedWeight(codes=codes.to(code_dtype), scales=scales.to(scale_dtype), zeros=zeros.to(scale_dtype),
                            bits=bits, group_size=g, sym=sym)
 
 
@@ -205,14 +253,31 @@ def check_calibration(model, calibration_ids) -> torch.Tensor:
     return calibration_ids.to(model.device)
 
 
-def check_linears(model, group_size: int) -> None:
-    """Every decoder linear must be finite and split into whole groups (before anything changes)."""
-    for i, layer in enumerate(model.model.layers):
-        for name in LINEAR_NAMES:
-            lin = layer.get_submodule(name)
+def check_skip(skip) -> tuple:
+    """``skip`` as ``quantize`` takes it: a tuple or list of names or name parts, never a bare string."""
+    if isinstance(skip, str) or not all(isinstance(s, str) for s in skip):
+        raise TypeError(f"skip must be a tuple or list of module names or name parts, got {skip!r}")
+    return tuple(skip)
+
+
+def quantized_names(model, skip=()) -> list[str]:
+    """Names of the decoder linears to quantize, "model.layers.{i}.{name}", in execution order,
+    leaving out those ``skip`` names (as ``quantize`` reads it: a name part or a dotted tail)."""
+    return [f"model.layers.{i}.{n}" for i in range(len(model.model.layers)) for n in LINEAR_NAMES
+            if not _skipped(f"model.layers.{i}.{n}", skip)]
+
+
+def check_linears(model, group_size: int, skip=()) -> None:
+    """Every decoder linear to quantize (not skipped) must be finite and split into whole groups
+    (checked before anything changes); the error names the layer."""
+    for key in quantized_names(model, skip):
+        lin = model.get_submodule(key)
+        try:
             resolve_group_size(lin.in_features, group_size)
-            if not torch.isfinite(lin.weight).all():
-                raise ValueError(f"model.layers.{i}.{name} has NaN or inf weights; refusing to quantize")
+        except ValueError as e:
+            raise ValueError(f"cannot quantize {key}: {e}") from None
+        if not torch.isfinite(lin.weight).all():
+            raise ValueError(f"{key} has NaN or inf weights; refusing to quantize")
 
 
 class LayerRunner:
@@ -260,8 +325,9 @@ def _progress(iterable, enabled: bool, desc: str):
 
 @torch.no_grad()
 def gptq_quantize_model(model, calibration_ids: torch.Tensor, config: GPTQConfig = GPTQConfig(),
-                        progress: bool = True, apply: bool = True, check=None) -> dict[str, QuantizedWeight]:
-    """GPTQ on every decoder linear of ``model``, sequentially, layer by layer.
+                        progress: bool = True, apply: bool = True, check=None, skip=(),
+                        scale_dtype: torch.dtype = torch.float32) -> dict[str, QuantizedWeight]:
+    """GPTQ on every decoder linear of ``model`` but the skipped ones, sequentially, layer by layer.
 
     Args:
         calibration_ids: [n_seq, seq_len] token ids (n_seq >= 1, seq_len >= 2).
@@ -271,13 +337,18 @@ def gptq_quantize_model(model, calibration_ids: torch.Tensor, config: GPTQConfig
             linears must see the quantized ones' outputs). Embeddings and lm_head stay as they are.
         check: called as check(name, QuantizedWeight) on each result as it is made; an error it
             raises restores the model like any other (``quantize`` checks the scales fit there).
+        skip: linears left float, as ``quantize`` reads it (a name part such as "mlp" or a dotted
+            tail such as "layers.0.mlp.down_proj"): not quantized, not checked, and float while
+            the later linears are calibrated. scale_dtype: see ``gptq_quantize_weight``.
     Returns {"model.layers.{i}.{name}": QuantizedWeight}. On a bad input nothing is changed.
     """
     # a quantized layer's .weight is a dequantized copy: the run would rewrite a temporary and
     # quantize the already quantized codes again
     check_float_model(model, "GPTQ")
+    skip = check_skip(skip)
     ids = check_calibration(model, calibration_ids)
-    check_linears(model, config.group_size)
+    check_linears(model, config.group_size, skip)
+    todo = set(quantized_names(model, skip))
     runner = LayerRunner(model, ids)
     result: dict[str, QuantizedWeight] = {}
     originals: dict[str, torch.Tensor] = {}
@@ -285,12 +356,18 @@ def gptq_quantize_model(model, calibration_ids: torch.Tensor, config: GPTQConfig
         for i in _progress(range(len(model.model.layers)), progress, "GPTQ layers"):
             layer = model.model.layers[i]
             for names in LINEAR_SETS:
+                names = [n for n in names if f"model.layers.{i}.{n}" in todo]
+                if not names:
+                    continue
                 acc = {n: HessianAccumulator(layer.get_submodule(n).in_features, ids.device) for n in names}
                 runner.capture(layer, names, lambda n, x: acc[n].add_batch(x))
                 for n in names:
                     lin: nn.Linear = layer.get_submodule(n)
-                    q = gptq_quantize_weight(lin.weight, acc[n].H, config)
                     key = f"model.layers.{i}.{n}"
+                    try:
+                        q = gptq_quantize_weight(lin.weight, acc[n].H, config, scale_dtype)
+                    except ValueError as e:
+                        raise ValueError(f"cannot quantize {key}: {e}") from None
                     if check is not None:
                         check(key, q)
                     originals[key] = lin.weight.detach().to("cpu", copy=True)

@@ -3,13 +3,20 @@
 - below 8 bits (2-7): each row is a little-endian bit stream, code ``k`` in bits ``k*b .. k*b+b-1``
   of the row (bit ``i`` of the stream is bit ``i % 8`` of byte ``i // 8``), so a row of ``K`` codes
   takes ``ceil(K*b/8)`` bytes: 3-bit codes 8 to 3 bytes, 2-bit codes 4 to a byte. Codes are stored
-  unsigned: symmetric ones offset by ``2^(b-1)`` (4-bit -7..7 as 1..15), asymmetric ones as they are.
-- 4 bits is that stream too, and the layout GPTQ/AWQ checkpoints and llama.cpp's Q4_0 use in spirit
-  (they pack 8 nibbles per int32; we pack 2 per uint8, the same bytes): column ``2j`` in the low
-  nibble and ``2j+1`` in the high nibble of byte ``j``. ``pack_int4`` writes it directly (the
-  Triton kernel's fast path reads it that way) and needs an even number of columns.
-- 8 bits: one signed int8 per code. Symmetric codes as they are; asymmetric codes 0..255 centred,
-  ``code - 128``, so they fit int8.
+  unsigned: symmetric ones offset by ``2^(b-1)`` (4-bit -8..7 as 0..15; round-to-nearest uses -7..7,
+  GPTQ all 16), asymmetric ones as they are.
+- 4 bits is that stream too: column ``2j`` in the low nibble and ``2j+1`` in the high nibble of
+  byte ``j``, the nibble order GPTQ/AWQ checkpoints use in spirit (they pack 8 nibbles per int32; we
+  pack 2 per uint8). llama.cpp's Q4_0 is *not* this layout: a block of 32 puts column ``j`` and
+  ``j+16`` in one byte (see ``gguf``, which writes Q4_0 with the ``gguf`` package). ``pack_int4``
+  writes ours directly (the Triton kernel's fast path reads it that way) and needs an even number
+  of columns.
+- 8 bits: one signed int8 per code. Symmetric codes as they are (-128..127); asymmetric codes
+  0..255 centred, ``code - 128``, so they fit int8.
+
+A packed row does not say how many codes it holds below 8 bits (a row of 3 two-bit codes and one of
+4 both take a byte), so unpacking takes ``K``; only 4 bits (whose rows are whole pairs) and 8 bits
+(one byte a code) can go without it.
 """
 from __future__ import annotations
 
@@ -97,7 +104,7 @@ def pack_codes(codes: torch.Tensor, bits: int, sym: bool) -> torch.Tensor:
     """Codes of a ``QuantizedWeight`` -> stored tensor: uint8 [out, packed_width(in, bits)] below 8
     bits, int8 [out, in] at 8."""
     _check_bits(bits)
-    lo, hi = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if sym else (0, 2 ** bits - 1)
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if sym else (0, 2 ** bits - 1)
     _check_codes(codes, lo, hi, f"{bits}-bit {'symmetric' if sym else 'asymmetric'} codes")
     shifted = codes.to(torch.int16) - storage_offset(bits, sym)
     if bits == 8:
@@ -106,8 +113,9 @@ def pack_codes(codes: torch.Tensor, bits: int, sym: bool) -> torch.Tensor:
 
 
 def unpack_codes(stored: torch.Tensor, bits: int, sym: bool, K: int | None = None) -> torch.Tensor:
-    """Stored tensor -> codes as int16 [out, in], the inverse of ``pack_codes``. ``K`` (in) is
-    needed below 8 bits when it is not a whole number of bytes' worth (else it is inferred)."""
+    """Stored tensor -> codes as int16 [out, in], the inverse of ``pack_codes``. ``K`` (in, the
+    codes a row) is required at 2, 3, 5, 6 and 7 bits, where a row's padding bits could hold one
+    more code; at 4 bits (pairs, so K = 2 x bytes) and 8 bits it may be left out."""
     _check_bits(bits)
     if bits == 8:
         raw = stored
@@ -119,12 +127,18 @@ def unpack_codes(stored: torch.Tensor, bits: int, sym: bool, K: int | None = Non
 
 
 def codes_per_row(width: int, bits: int, K: int | None = None) -> int:
-    """How many codes a packed row of ``width`` bytes holds: ``K`` when given (checked), else
-    width*8/bits, which must then be whole (a row of 3 three-bit codes and one of 2 both take 2 bytes)."""
+    """How many codes a packed row of ``width`` bytes holds: ``K`` when given (checked). Without
+    it: at 4 bits 2 a byte (odd rows are never packed at 4 bits), at 8 bits 1 a byte, and at other
+    widths only when one row length fits; else ValueError (a row of 3 two-bit codes and one of 4
+    both take a byte)."""
     if K is not None:
         if packed_width(K, bits) != width:
             raise ValueError(f"{K} codes of {bits} bits take {packed_width(K, bits)} bytes a row, got {width}")
         return K
-    if width * 8 % bits:
-        raise ValueError(f"{width} bytes of {bits}-bit codes: pass K, the number of codes a row")
-    return width * 8 // bits
+    if bits in (4, 8):
+        return width * 8 // bits
+    fewest, most = 8 * (width - 1) // bits + 1, 8 * width // bits       # ceil(k*bits/8) == width
+    if fewest != most:
+        raise ValueError(f"a row of {width} bytes of {bits}-bit codes holds {fewest} to {most} codes: "
+                         f"pass K, the number of codes a row")
+    return most

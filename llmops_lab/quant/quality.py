@@ -206,8 +206,9 @@ def calibration_spread(study: list[dict]) -> list[dict]:
 def method_gains(rows: list[dict], group_size: int = 128) -> list[dict]:
     """At each bit width, how much of round-to-nearest's perplexity increase GPTQ and AWQ remove,
     each against RTN on its own grid: GPTQ (the document's ``sym=True``) against symmetric RTN, AWQ
-    (``zero_point=True``) against zero-point RTN. Rows: bits, method, delta_pct, rtn_delta_pct,
-    beyond_noise (the two differ by more than 2 combined standard errors)."""
+    (``zero_point=True``) against zero-point RTN. GPTQ's symmetric grid (AutoGPTQ's) has 2^b codes,
+    symmetric RTN's 2^b - 1: part of GPTQ's gain at 2-3 bits is that code. Rows: bits, method,
+    delta_pct, rtn_delta_pct, beyond_noise (the two differ by more than 2 combined standard errors)."""
     by = {(r["method"], r["bits"], r["group_size"]): r for r in rows
           if r.get("perplexity") is not None and r["calibration"] == "calibration"}
     out = []

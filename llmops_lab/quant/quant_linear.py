@@ -35,6 +35,11 @@ class QuantLinear(nn.Module):
     the fused Triton kernel (``triton_dequant``), which reads the packed codes directly and never
     materialises the float weight. ``kernel``: "auto" (that rule), "triton" (always the kernel:
     tests under TRITON_INTERPRET=1) or "torch".
+
+    Module casts (``.half()``, ``.to(torch.bfloat16)``, ``.double()``) change the compute dtype and
+    the bias, never ``scales`` and ``zeros``: the codes were chosen against them as stored, and a
+    cast would re-round them unchecked (fp32-stored scales of tiny weights flush to 0 in fp16).
+    Device moves move them as usual.
     """
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None,
@@ -57,6 +62,19 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", scales)
         self.register_buffer("zeros", zeros)
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
+
+    def _apply(self, fn, recurse=True):
+        """nn.Module's cast/move of every tensor, then ``scales`` and ``zeros`` put back in their
+        storage dtype on the device the cast chose (see the class docstring)."""
+        kept = {k: self._buffers[k] for k in ("scales", "zeros")}
+        super()._apply(fn, recurse)
+        for k, t in kept.items():
+            if self._buffers[k].dtype != t.dtype:
+                self._buffers[k] = t.to(device=self._buffers[k].device)
+        compute = fn(torch.empty(0, dtype=self.dtype, device=kept["scales"].device))
+        if compute.dtype.is_floating_point:       # the dtype the cast gave float tensors
+            self.dtype = compute.dtype
+        return self
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, qw: QuantizedWeight, **kwargs) -> "QuantLinear":
@@ -167,15 +185,24 @@ def linear_targets(model: nn.Module, skip) -> list[tuple[str, nn.Linear]]:
                if isinstance(mod, nn.Linear) and not _skipped(name, skip)
                and not type(mod).__module__.startswith("bitsandbytes")]
     if not targets:
+        done = [n for n, m in model.named_modules()
+                if isinstance(m, QuantLinear) or type(m).__module__.startswith("bitsandbytes")]
+        if done:
+            raise ValueError(f"{type(model).__name__} is already quantized ({len(done)} quantized linears, "
+                             f"{done[0]} first); no float nn.Linear is left to quantize (skip={skip})")
         raise ValueError(f"no nn.Linear to quantize in {type(model).__name__} (skip={skip})")
     return targets
 
 
 def swap_modules(model: nn.Module, new: dict[str, nn.Module]) -> None:
-    """Put each new module in place of the one at its name (called once all were built)."""
+    """Put each new module in place of the one at its name (called once all were built), in the
+    old one's mode: a module is built in training mode, and bitsandbytes' Linear8bitLt in training
+    mode skips LLM.int8()'s outlier split on a CPU (an eval model held it so, threshold ignored)."""
     for name, q in new.items():
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
+        parent = model.get_submodule(parent_name) if parent_name else model
+        q.train(getattr(parent, child).training)
+        setattr(parent, child, q)
 
 
 class _Default:                    # marks an argument the caller left out (None means per channel)
@@ -230,18 +257,19 @@ def _quantize_calibrated(model, method, config, calibration, skip, progress, sca
     ids = as_calibration_ids(calibration)
     run = gptq_quantize_model if method == "gptq" else awq_quantize_model
     def check(name, qw):          # called inside the run, so a refusal also undoes AWQ's folding
-        if not _skipped(name, skip):
-            try:
-                qw.stored_scales(scale_dtype)
-            except ValueError as e:
-                raise ValueError(f"cannot quantize {name}: {e}") from None
+        try:
+            qw.stored_scales(scale_dtype)
+        except ValueError as e:
+            raise ValueError(f"cannot quantize {name}: {e}") from None
 
     # apply=False: GPTQ puts the float weights back; AWQ leaves its scales folded into the model
-    # (the same function) and returns the codes of the folded, clipped weights.
-    result = run(model, ids, config, progress=progress, apply=False, check=check)
+    # (the same function) and returns the codes of the folded, clipped weights. Skipped linears stay
+    # float during the run too, and the codes are chosen against scales as scale_dtype stores them.
+    result = run(model, ids, config, progress=progress, apply=False, check=check, skip=skip,
+                 scale_dtype=scale_dtype)
     new = {name: QuantLinear.from_linear(model.get_submodule(name), qw, scale_dtype=scale_dtype)
            .to(model.get_submodule(name).weight.device)
-           for name, qw in result.items() if not _skipped(name, skip)}
+           for name, qw in result.items()}
     swap_modules(model, new)
     return model
 
@@ -259,14 +287,17 @@ def quantize(model: nn.Module, method: str = "rtn", bits=DEFAULT, group_size=DEF
             channel). For gptq/awq they fill the config (defaults: GPTQConfig's, AWQConfig's);
             bitsandbytes takes none of them.
         skip: modules left in float, by a part of their name ("lm_head", "mlp") or a dotted tail of
-            it ("layers.0.mlp.down_proj"); gptq/awq quantize the decoder layers only.
+            it ("layers.0.mlp.down_proj"); gptq/awq quantize the decoder layers only, and keep the
+            skipped ones float while calibrating (the later layers see what the final model computes).
         config: a GPTQConfig / AWQConfig; or pass its fields as keyword arguments
             (``damp_percent=0.1``, ``desc_act=True``, ``w_bit=3``, ...). bnb: ``threshold``,
             ``compute_dtype``.
         calibration: token ids [n_seq, seq_len] or a list of 1-D tensors (cut to the shortest);
             default: the embedded calibration slice (8 x 128 tokens; for the embedded models).
-        scale_dtype: storage of the scales and zero points (rtn, gptq, awq). fp16 cannot hold
-            scales of very small or very large weights: that raises a ValueError; use torch.float32.
+        scale_dtype: storage of the scales and zero points (rtn, gptq, awq); the codes are chosen
+            against the scales rounded up to it. fp16 cannot hold scales of very large weights, nor
+            (within the half-step bound) the subnormal scales of very small ones, under 6.1e-5: that
+            raises a ValueError; use torch.float32.
     Every check runs before anything changes: on any error (bad bits, a group size that does not
     divide a layer, NaN/inf weights, scales that do not fit scale_dtype, an empty or too short
     calibration set) the model is left untouched, and every new module is built before the first
@@ -300,7 +331,7 @@ def quantize(model: nn.Module, method: str = "rtn", bits=DEFAULT, group_size=DEF
     new = {}                                                 # quantize all first, swap after
     for name, mod in tqdm(targets, desc=f"quantize {method} int{bits}", disable=not progress):
         try:
-            qw = quantize_rtn(mod.weight, bits=bits, group_size=group_size, sym=sym)
+            qw = quantize_rtn(mod.weight, bits=bits, group_size=group_size, sym=sym, scale_dtype=scale_dtype)
             new[name] = QuantLinear.from_linear(mod, qw, scale_dtype=scale_dtype).to(mod.weight.device)
         except ValueError as e:
             raise ValueError(f"cannot quantize {name}: {e}") from None

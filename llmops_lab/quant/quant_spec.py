@@ -35,18 +35,21 @@ class QuantSpec:
         for name in ("bits", "group_size"):
             if not is_int(getattr(self, name)):
                 raise TypeError(f"{name} must be an integer, got {getattr(self, name)!r}")
-        # bitsandbytes and GGUF formats are fixed: other bits or groups would label rows with a
-        # format that did not run (bnb_int8 "int4 g32" ran int8 per channel).
-        if self.method in _BNB_FORMATS and (self.bits, self.group_size) != _BNB_FORMATS[self.method]:
-            bits, group = _BNB_FORMATS[self.method]
-            raise ValueError(f"{self.method} runs bits={bits}, group_size={group}; got bits={self.bits}, "
-                             f"group_size={self.group_size}")
         if not self.method.startswith("gguf_") and self.method not in SPEC_METHODS:
             # a typo ("GPTQ", "rtn4") showed as a "not measured" row, as if a library were missing
             raise ValueError(f"unknown method {self.method!r}; known: {SPEC_METHODS} or gguf_<type>")
         if self.method.startswith("gguf_") and self.method[5:].upper() not in GGUF_TYPES:
             raise ValueError(f"method {self.method!r}: GGUF types here are "
                              f"{tuple('gguf_' + t.lower() for t in GGUF_TYPES)}")
+        # bitsandbytes and GGUF formats are fixed: other bits or groups would label rows with a
+        # format that did not run (bnb_int8 "int4 g32" ran int8 per channel; gguf_q4_0 at bits=8
+        # carried 8 bits into the memory table). Float copies are their dtype's width.
+        if self.method in _FIXED_FORMATS and (self.bits, self.group_size) != _FIXED_FORMATS[self.method]:
+            bits, group = _FIXED_FORMATS[self.method]
+            raise ValueError(f"{self.method} runs bits={bits}, group_size={group}; got bits={self.bits}, "
+                             f"group_size={self.group_size}")
+        if self.method in _FLOAT_BITS and self.bits != _FLOAT_BITS[self.method]:
+            raise ValueError(f"{self.method} is {_FLOAT_BITS[self.method]} bits a weight; got bits={self.bits}")
 
     @property
     def label(self) -> str:
@@ -59,8 +62,11 @@ class QuantSpec:
 
 
 SPEC_METHODS = ("fp32", "bf16", "rtn", "rtn_sym", "gptq", "awq", "bnb_int8", "bnb_nf4")
-# The one format each bitsandbytes method runs: (bits, group_size); NF4 quantizes blocks of 64.
-_BNB_FORMATS = {"bnb_int8": (8, -1), "bnb_nf4": (4, 64)}
+# The one format each bitsandbytes and GGUF block method runs: (bits, group_size); NF4 quantizes
+# blocks of 64, Q8_0 and Q4_0 blocks of 32 (one fp16 scale each).
+_FIXED_FORMATS = {"bnb_int8": (8, -1), "bnb_nf4": (4, 64), "gguf_q8_0": (8, 32), "gguf_q4_0": (4, 32)}
+# The width of the float copies (group_size means nothing there and is not checked).
+_FLOAT_BITS = {"fp32": 32, "bf16": 16, "gguf_f32": 32, "gguf_f16": 16}
 
 
 class NotMeasured(Exception):

@@ -3,8 +3,9 @@
 Uniform affine quantization (Jacob et al. 2018), the baseline GPTQ (Frantar et al. 2022) and AWQ
 (Lin et al. 2023) are measured against. For each group of ``group_size`` input columns of a row:
 
-- asymmetric (zero point, ``sym=False``): the range is widened to contain 0 (as GPTQ and AutoAWQ do,
-  so a zero weight stays exactly zero and the zero point is a valid code),
+- asymmetric (zero point, ``sym=False``): the range is widened to contain 0 (as GPTQ's quantizer
+  does, so a zero weight stays exactly zero and the zero point is a valid code; AutoAWQ instead keeps
+  the group's own range and clamps the zero point to [0, 2^b - 1]),
   ``w_min = min(min w, 0)``, ``w_max = max(max w, 0)``, ``scale = (w_max - w_min) / (2^b - 1)``,
   ``zero = clamp(round(-w_min / scale), 0, 2^b - 1)``,
   ``code = clamp(round(w / scale) + zero, 0, 2^b - 1)``;
@@ -15,6 +16,9 @@ Per tensor (``per_tensor=True``) is one group for the whole tensor, stored in th
 ``group_size = in_features`` with the same scale (and zero) repeated on every row. A group whose
 range is 0 (a constant row of zeros) gets ``scale = 1`` so nothing divides by zero; its codes are
 the zero point and it dequantizes exactly.
+
+``scale_dtype``: the scales are rounded up to what that dtype holds (``weights.round_scales_up``)
+before the codes are chosen, so the codes fit the scales as ``QuantLinear`` stores them.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import math
 import torch
 
 from .. import formulas
-from .weights import QuantizedWeight, check_bool, is_int
+from .weights import QuantizedWeight, check_bool, is_int, round_scales_up, stored_step_factor
 
 # Float rounding in scale * (code - zero): a few ulps of the group's magnitude, not a bound failure.
 _ULPS = 8
@@ -67,15 +71,19 @@ def _check_finite_scale(scale: torch.Tensor, w: torch.Tensor) -> None:
 
 
 def quantize_rtn(w: torch.Tensor, bits: int = 4, group_size: int | None = None, sym: bool = False,
-                 per_tensor: bool = False) -> QuantizedWeight:
+                 per_tensor: bool = False, scale_dtype: torch.dtype = torch.float32) -> QuantizedWeight:
     """Round-to-nearest quantization of ``w`` [out, in] into the shared ``QuantizedWeight`` format.
 
     Args:
         bits: 2..8. group_size: input columns per group; None or -1 = per output channel.
         sym: absmax (True) or zero point (False). per_tensor: one scale for the whole tensor
             (``group_size`` must then be None/-1).
-    Returns a QuantizedWeight with int8 codes (asymmetric 8-bit codes 0..255 in int16) and float32
-    scales/zeros. ``w`` is never modified.
+        scale_dtype: the dtype the scales will be stored in (``QuantLinear``'s, fp16 there by
+            default): each scale is rounded up to it before the codes are chosen, and scales and
+            zeros are returned in it. ValueError if a scale overflows it or is subnormal in it and
+            grows past the bound (``weights.round_scales_up``).
+    Returns a QuantizedWeight with int8 codes (asymmetric 8-bit codes 0..255 in int16) and
+    scales/zeros in ``scale_dtype``. ``w`` is never modified.
     """
     g = validate_weight(w, bits, group_size)
     check_bool("sym", sym)
@@ -90,7 +98,7 @@ def quantize_rtn(w: torch.Tensor, bits: int = 4, group_size: int | None = None, 
         absmax = reduce(x.abs(), torch.amax)
         scale = absmax / qmax
         _check_finite_scale(scale, w)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        scale = round_scales_up(torch.where(scale > 0, scale, torch.ones_like(scale)), scale_dtype).float()
         zero = torch.zeros_like(scale)
         codes = torch.clamp(torch.round(x / scale), -qmax, qmax)
     else:
@@ -99,14 +107,14 @@ def quantize_rtn(w: torch.Tensor, bits: int = 4, group_size: int | None = None, 
         hi = torch.clamp(reduce(x, torch.amax), min=0.0)
         scale = (hi - lo) / qmax
         _check_finite_scale(scale, w)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        scale = round_scales_up(torch.where(scale > 0, scale, torch.ones_like(scale)), scale_dtype).float()
         zero = torch.clamp(torch.round(-lo / scale), 0, qmax)
         codes = torch.clamp(torch.round(x / scale) + zero, 0, qmax)
     out, n_groups = w.shape[0], w.shape[1] // g
     code_dtype = torch.int16 if (not sym and bits == 8) else torch.int8
     return QuantizedWeight(codes=codes.reshape(w.shape).to(code_dtype),
-                           scales=scale.expand(out, n_groups, 1).reshape(out, n_groups).contiguous(),
-                           zeros=zero.expand(out, n_groups, 1).reshape(out, n_groups).contiguous(),
+                           scales=scale.expand(out, n_groups, 1).reshape(out, n_groups).to(scale_dtype).contiguous(),
+                           zeros=zero.expand(out, n_groups, 1).reshape(out, n_groups).to(scale_dtype).contiguous(),
                            bits=bits, group_size=g, sym=sym)
 
 
@@ -125,8 +133,11 @@ def check_error_bound(w: torch.Tensor, qw: QuantizedWeight, per_tensor: bool = F
         ``derived_bound_holds`` / ``derived_max_ratio``: the bound that always holds for this
             quantizer: asymmetric with the range widened to contain 0 (``min(w_min, 0)``,
             ``max(w_max, 0)``), which is the range the scale is computed from; symmetric the same as
-            the document's. Both allow a few float32 ulps of the group's magnitude: measured on
-            the embedded target the ratio reaches 1 + 7e-6 at 8 bits from float32 arithmetic alone.
+            the document's; both times ``weights.stored_step_factor`` of the scales' dtype (1 + 2^-10
+            for fp16 scales, which ``quantize_rtn(scale_dtype=...)`` rounds up before choosing codes).
+            Both bounds allow a few float32 ulps of the group's magnitude: measured on the embedded
+            target the ratio reaches 1 + 7e-6 at 8 bits from float32 arithmetic alone. The document's
+            bound is as written, exact arithmetic: fp16-stored scales can exceed it by that factor.
         ``violations``: number of weights above the document's bound (beyond the ulp allowance).
         ``bits``, ``group_size``, ``sym``, ``per_tensor``.
     Why the widened range: the zero point must be an integer code, so min-max rounding is run on
@@ -152,6 +163,7 @@ def check_error_bound(w: torch.Tensor, qw: QuantizedWeight, per_tensor: bool = F
         per_unit = formulas.quant_error_bound_asymmetric(0.0, 1.0, qw.bits)  # linear in the range
         document = per_unit * (hi - lo)
         derived = per_unit * (hi.clamp(min=0) - lo.clamp(max=0))
+    derived = derived * stored_step_factor(qw.scales.dtype)             # the scale rounded up to storage
     slack = _ULPS * torch.finfo(torch.float32).eps * absmax
     doc_ok = err <= document + slack
     der_ok = err <= derived + slack

@@ -59,7 +59,7 @@ def make_linears(method: str, shapes, device, dtype, group_size: int = 128, seed
     g = torch.Generator().manual_seed(seed)
     mods = []
     for _, out_f, in_f in shapes:
-        lin = nn.Linear(in_f, out_f, bias=False)
+        lin = nn.Linear(in_f, out_f, bias=False).eval()       # inference: a bitsandbytes twin takes its mode
         with torch.no_grad():
             lin.weight.copy_(torch.randn(out_f, in_f, generator=g) * in_f ** -0.5)
         if method == FLOAT:
@@ -67,8 +67,8 @@ def make_linears(method: str, shapes, device, dtype, group_size: int = 128, seed
         elif method in ("int4", "int8") or method in CANDIDATES:
             bits, options = CANDIDATES.get(method, (8 if method == "int8" else 4, {}))
             gs = group_size if bits == 4 and in_f % group_size == 0 else None     # int8: per channel
-            qw = quantize_rtn(lin.weight, bits=bits, group_size=gs, sym=bits == 8)
-            mod = QuantLinear(qw, dtype=dtype).to(device)
+            qw = quantize_rtn(lin.weight, bits=bits, group_size=gs, sym=bits == 8, scale_dtype=torch.float16)
+            mod = QuantLinear(qw, dtype=dtype).to(device)                 # fp16 scales, as chosen
             for k, v in options.items():
                 setattr(mod, k, v)
             mods.append(mod)
