@@ -162,6 +162,20 @@ def test_skip_takes_dotted_names_and_refuses_a_bare_string(small):
     with pytest.raises(TypeError, match="skip"):
         quantize(fresh, "rtn", bits=8, skip="mlp.gate_proj", progress=False)
     assert not any(isinstance(mod, QuantLinear) for mod in fresh.modules())
+    # a dotted run of parts names every linear inside that module ("layers.1.mlp" skipped nothing)
+    m = copy.deepcopy(small)
+    quantize(m, "rtn", bits=8, skip=("lm_head", "layers.1.mlp", "self_attn.o_proj"), progress=False)
+    assert all(type(lin) is torch.nn.Linear for lin in m.model.layers[1].mlp.children())
+    assert isinstance(m.model.layers[0].mlp.up_proj, QuantLinear)
+    assert all(type(layer.self_attn.o_proj) is torch.nn.Linear for layer in m.model.layers)
+    assert isinstance(m.model.layers[1].self_attn.q_proj, QuantLinear)
+    # an entry that names no module (a typo) is refused, the model untouched
+    for method in ("rtn", "gptq"):
+        with pytest.raises(ValueError, match="name no module"):
+            quantize(fresh, method, bits=4, skip=("lm_head", "layers.9.mlp"), progress=False)
+    with pytest.raises(ValueError, match=r"\['mpl'\] name no module"):
+        quantize(fresh, "rtn", bits=8, skip=("mpl",), progress=False)
+    assert not any(isinstance(mod, QuantLinear) for mod in fresh.modules())
 
 
 def _tiny_quantized(**kw):

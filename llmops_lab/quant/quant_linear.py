@@ -169,10 +169,16 @@ class QuantLinear(nn.Module):
 
 
 def _skipped(name: str, skip) -> bool:
-    """Whether ``skip`` names this module: one of its name's parts ("lm_head", "mlp"), or a
-    dotted tail of its name ("layers.0.mlp.down_proj")."""
-    parts = name.split(".")
-    return any(s in parts if "." not in s else name == s or name.endswith("." + s) for s in skip)
+    """Whether ``skip`` names this module or a module it lies in: each entry is one part of a
+    name ("lm_head", "mlp") or several in a row ("layers.0.mlp", "mlp.down_proj",
+    "layers.0.mlp.down_proj"), matched against whole parts of the module's dotted name."""
+    return any(_runs_in(s.split("."), name.split(".")) for s in skip)
+
+
+def _runs_in(run: list[str], parts: list[str]) -> bool:
+    """Whether ``run`` appears as consecutive items of ``parts``."""
+    n = len(run)
+    return any(parts[i:i + n] == run for i in range(len(parts) - n + 1))
 
 
 def linear_targets(model: nn.Module, skip) -> list[tuple[str, nn.Linear]]:
@@ -180,6 +186,13 @@ def linear_targets(model: nn.Module, skip) -> list[tuple[str, nn.Linear]]:
     if isinstance(skip, str) or not all(isinstance(s, str) for s in skip):
         # a bare string would be read letter by letter as substrings of every name
         raise TypeError(f"skip must be a tuple or list of module names or name parts, got {skip!r}")
+    # a skip entry that names no module skipped nothing, unseen (a typo, or "layers.1.mlp" when
+    # only whole names matched): every layer was quantized. "lm_head", the default, may be absent.
+    names = [name for name, _ in model.named_modules() if name]
+    unknown = [s for s in skip if s != "lm_head" and not any(_skipped(n, [s]) for n in names)]
+    if unknown:
+        raise ValueError(f"skip entries {unknown} name no module of {type(model).__name__} "
+                         f"(e.g. {names[-1]!r}); give name parts like 'lm_head' or 'layers.0.mlp'")
     # bitsandbytes' modules subclass nn.Linear: their int8/NF4 codes are not float weights to quantize
     targets = [(name, mod) for name, mod in model.named_modules()
                if isinstance(mod, nn.Linear) and not _skipped(name, skip)
