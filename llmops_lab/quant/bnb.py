@@ -14,7 +14,7 @@ stores (its state dict: codes, scales, quantization state, bias), never from the
 """
 from __future__ import annotations
 
-import warnings
+import logging
 
 import torch
 from torch import nn
@@ -26,12 +26,30 @@ def import_bnb():
     """The bitsandbytes module, or an ImportError saying how to get it."""
     try:
         import bitsandbytes
-        # LLM.int8() multiplies in fp16 by design; bitsandbytes says so on every call with fp32 input
-        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast from")
     except ImportError as e:
         raise ImportError("bitsandbytes is not installed: pip install 'bitsandbytes>=0.46' "
                           "(0.46 and later run on a CPU as well as on CUDA)") from e
+    # LLM.int8() multiplies in fp16 by design, and bitsandbytes logs so on every call with fp32
+    # input (hundreds of lines in notebook 01): each such message once per process is enough
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _Once) for f in log.filters):
+        log.addFilter(_Once())
     return bitsandbytes
+
+
+class _Once(logging.Filter):
+    """A logging filter that lets each distinct message through once."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg in self.seen:
+            return False
+        self.seen.add(msg)
+        return True
 
 
 def available() -> bool:
