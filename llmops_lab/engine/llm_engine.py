@@ -372,7 +372,8 @@ class LLMEngine(AsyncScheduling):
         return req
 
     def get_output(self, request_id: str) -> RequestOutput:
-        """The request's whole output so far (whatever its ``output_kind``)."""
+        """The request's output so far, whatever its ``output_kind``: every token, and the text
+        without what may still change while it runs (``streamed_text``)."""
         return self._output(self._request(request_id))
 
     def release(self, request_id: str) -> None:
