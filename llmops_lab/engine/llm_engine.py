@@ -7,10 +7,12 @@ point (``abort_request``, vLLM's name, takes several ids and ignores unknown one
 refused at ``add_request`` with a clear error and leaves the engine untouched; a request that can
 never fit in the pool is finished with an error while the others go on.
 
-Two differences from vLLM's engine: ``step`` returns the requests that finished in it, not every
-running request's partial output (``get_output(request_id)`` reads one at any time), and a finished
-request is kept, with its metrics, until ``release(request_id)`` forgets it (``LLM.generate``
-releases its own); a long-running loop over ``step`` should release what it has collected.
+``step`` returns, as vLLM's does, an output for every request that finished in it and for every
+running one it gave a token (its completion so far, or only what is new, as its
+``SamplingParams.output_kind`` asks; ``FINAL_ONLY``: finished ones only). One difference from
+vLLM's engine: a finished request is kept, with its metrics, until ``release(request_id)`` forgets
+it (``LLM.generate`` releases its own); a long-running loop over ``step`` should release what it
+has collected. ``get_output(request_id)`` reads any request's output at any time.
 
 With ``EngineConfig(async_scheduling=True)`` steps of greedy requests overlap the host's work with
 the GPU's (``async_scheduling``, a candidate).
