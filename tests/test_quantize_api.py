@@ -175,6 +175,8 @@ def test_skip_takes_dotted_names_and_refuses_a_bare_string(small):
             quantize(fresh, method, bits=4, skip=("lm_head", "layers.9.mlp"), progress=False)
     with pytest.raises(ValueError, match=r"\['mpl'\] name no module"):
         quantize(fresh, "rtn", bits=8, skip=("mpl",), progress=False)
+    with pytest.raises(ValueError, match="has no submodules"):      # was an IndexError
+        quantize(torch.nn.Linear(16, 16), "rtn", bits=8, skip=("x",), progress=False)
     assert not any(isinstance(mod, QuantLinear) for mod in fresh.modules())
 
 

@@ -162,6 +162,7 @@ def test_max_tokens_reached_mid_block_truncates(pair):
     got, stats = SpeculativeDecoder(target, target, 8).generate(ids, 5, stop_token_ids=())
     assert got.shape == (1, 8) and torch.equal(got, target.generate(ids, max_new_tokens=5, stop_token_ids=()))
     assert [len(t["drafts"]) for t in stats.trace] == [4] and stats.trace[0]["bonus"]
+    assert stats.drafts == 4                 # what sweep_k's per-draft cost divides by (it took k = 8)
 
 
 def test_bad_input(pair):

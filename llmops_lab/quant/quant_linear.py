@@ -191,8 +191,9 @@ def linear_targets(model: nn.Module, skip) -> list[tuple[str, nn.Linear]]:
     names = [name for name, _ in model.named_modules() if name]
     unknown = [s for s in skip if s != "lm_head" and not any(_skipped(n, [s]) for n in names)]
     if unknown:
-        raise ValueError(f"skip entries {unknown} name no module of {type(model).__name__} "
-                         f"(e.g. {names[-1]!r}); give name parts like 'lm_head' or 'layers.0.mlp'")
+        example = f" (e.g. {names[-1]!r})" if names else " (it has no submodules)"
+        raise ValueError(f"skip entries {unknown} name no module of {type(model).__name__}{example}; "
+                         f"give name parts like 'lm_head' or 'layers.0.mlp'")
     # bitsandbytes' modules subclass nn.Linear: their int8/NF4 codes are not float weights to quantize
     targets = [(name, mod) for name, mod in model.named_modules()
                if isinstance(mod, nn.Linear) and not _skipped(name, skip)

@@ -33,6 +33,8 @@ class SpeculativeStats:
     accepted: list = field(default_factory=list)       # per step and row: drafts accepted (0..k)
     position_tries: list = None                         # per draft position: times it was verified
     position_accepts: list = None                       # ... and accepted
+    drafts: int = 0                                      # draft tokens made, summed over steps (the last
+                                                         # step may draft fewer than k, or none)
     draft_seconds: float = 0.0
     target_seconds: float = 0.0
     trace: list = field(default_factory=list)           # row 0, per step: drafts, accepted, fix
@@ -263,6 +265,7 @@ class SpeculativeDecoder:
             drafts = torch.stack(drafts, 1) if k else pending[:, :0]     # [B, k]
             synchronize(dev)
             stats.draft_seconds += time.perf_counter() - t0
+            stats.drafts += k
             # 2. The target scores pending + k drafts in one pass.
             t_start = tgt.cache.length
             t_logits, dt = self._time(tgt.feed, torch.cat([pending, drafts], 1))

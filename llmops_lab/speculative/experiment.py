@@ -112,7 +112,7 @@ def distribution_test(target, draft, prompt, n: int = 2000, temperature: float =
       probability integral transform u = P(X < x) + V P(X = x), V uniform: u is uniform on [0, 1)
       exactly when x is drawn from that distribution; the u are counted in equal bins.
 
-    ``p_value`` is the smaller of the two doubled (Bonferroni), so ``p_value > a`` rejects an
+    ``p_value`` is the smaller of the two doubled (Bonferroni), so ``p_value < a`` rejects an
     exact sampler with probability at most a. A k the decoder would shrink (the prompt too close
     to the context) is refused."""
     from ..generation import logits_to_probs
@@ -224,7 +224,8 @@ def sweep_k(target, draft, prompts, ks=(1, 2, 3, 4, 5, 6, 8), new_tokens: int = 
         # after each target pass has evicted its weights from cache), in units of the target
         # alone's time per token in its own loop (base: every prompt's new_tokens, prefill included).
         t_alone = base / (len(prompts) * new_tokens)
-        c_loop = sum(st.draft_seconds for st in runs) / (steps * k) / t_alone
+        # per draft token made: the last step of a request drafts only what it still needs
+        c_loop = sum(st.draft_seconds for st in runs) / max(sum(st.drafts for st in runs), 1) / t_alone
         v_loop = sum(st.target_seconds for st in runs) / steps / t_alone
         rows.append({"k": k, "temperature": temperature, "alpha": alpha, "tokens_per_step": tokens / steps,
                      "expected_tokens_per_step": formulas.expected_tokens_per_step(min(alpha, 1 - 1e-9), k),
