@@ -34,13 +34,12 @@ def perplexity(model, ids: torch.Tensor, window: int = 512, max_windows: int | N
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise ValueError(f"perplexity needs integer token ids, got {ids.dtype}")
     ids = ids.long()                     # cross_entropy takes long targets; the model takes int32 too
-    formulas._positive_int(window=window, batch_size=batch_size)
-    if max_windows is not None:
-        formulas._positive_int(max_windows=max_windows)
+    formulas._positive_int(batch_size=batch_size)
+    scored, n = _windows(len(ids), window, max_windows)          # checks window and max_windows
     ctx = model.config.max_position_embeddings
     if window > ctx:
         raise ValueError(f"window {window} exceeds the model's context of {ctx}")
-    window, n = _windows(len(ids), window, max_windows)
+    window = scored
     chunks = torch.stack([ids[i * window: (i + 1) * window + 1] for i in range(n)]).to(model.device)
     total, count = 0.0, 0
     bar = tqdm(total=n, desc="perplexity", unit="window", disable=not progress)

@@ -41,7 +41,7 @@ import torch.nn as nn
 from ..checks import check_float_model
 from ..model import build_mask
 from .quant_linear import _skipped
-from .rtn import quantize_rtn, resolve_group_size
+from .rtn import _check_finite_scale, quantize_rtn, resolve_group_size
 from .weights import QuantizedWeight, check_bool, is_int, round_scales_up
 
 # Linears of a Llama decoder layer in execution order; each inner list shares one input.
@@ -130,9 +130,8 @@ def group_params(w: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype
         q = quantize_rtn(w, bits, -1, sym, scale_dtype=scale_dtype)
         return q.scales[:, 0].to(w.dtype), q.zeros[:, 0].to(w.dtype)
     scale = sym_grid_scale(w.float().abs().amax(dim=1), bits)
-    if not torch.isfinite(scale).all():
-        raise ValueError(f"weights up to {float(w.abs().max()):.3g} give float32 scales that overflow to inf")
-    scale = round_scales_up(torch.where(scale > 0, scale, torch.ones_like(scale)), scale_dtype)
+    _check_finite_scale(scale, w)
+    scale = round_scales_up(scale, scale_dtype)
     return scale.to(w.dtype), torch.zeros_like(scale, dtype=w.dtype)
 
 

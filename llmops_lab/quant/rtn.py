@@ -98,7 +98,7 @@ def quantize_rtn(w: torch.Tensor, bits: int = 4, group_size: int | None = None, 
         absmax = reduce(x.abs(), torch.amax)
         scale = absmax / qmax
         _check_finite_scale(scale, w)
-        scale = round_scales_up(torch.where(scale > 0, scale, torch.ones_like(scale)), scale_dtype).float()
+        scale = round_scales_up(scale, scale_dtype).float()
         zero = torch.zeros_like(scale)
         codes = torch.clamp(torch.round(x / scale), -qmax, qmax)
     else:
@@ -107,7 +107,7 @@ def quantize_rtn(w: torch.Tensor, bits: int = 4, group_size: int | None = None, 
         hi = torch.clamp(reduce(x, torch.amax), min=0.0)
         scale = (hi - lo) / qmax
         _check_finite_scale(scale, w)
-        scale = round_scales_up(torch.where(scale > 0, scale, torch.ones_like(scale)), scale_dtype).float()
+        scale = round_scales_up(scale, scale_dtype).float()
         zero = torch.clamp(torch.round(-lo / scale), 0, qmax)
         codes = torch.clamp(torch.round(x / scale) + zero, 0, qmax)
     out, n_groups = w.shape[0], w.shape[1] // g

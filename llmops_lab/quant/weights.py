@@ -41,7 +41,8 @@ def _hint(dtype: torch.dtype) -> str:
 
 
 def round_scales_up(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Positive scales rounded *up* to the nearest value ``dtype`` holds, returned in ``dtype``.
+    """Scales rounded *up* to the nearest value ``dtype`` holds, returned in ``dtype``; a zero scale
+    (an all-zero group, whose codes are all 0 whatever the step) becomes 1.
 
     Codes are then chosen against the scale as it will be stored. Rounding up, not to nearest: a
     smaller step would shrink the grid below the range it must span, and the end weights would clamp
@@ -52,6 +53,7 @@ def round_scales_up(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     subnormal spacing is fixed (fp16: 2^-24 = 6e-8), so a scale of 1e-7 would become 1.2e-7.
     """
     check_scale_dtype(dtype)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     c = scale.to(dtype)
     c = torch.where(c.to(scale.dtype) < scale, torch.nextafter(c, torch.full_like(c, math.inf)), c)
     if not torch.isfinite(c).all():
