@@ -279,6 +279,33 @@ def test_drafts_shrink_at_the_end_of_the_context(pair, lean, k):
     assert got[0, 240:240 + row0.index(stop) + 1].tolist() == row0[:row0.index(stop) + 1]
 
 
+@pytest.mark.parametrize("lean", [True, False])
+def test_prompt_and_new_tokens_may_reach_the_context_plus_one(pair, lean):
+    """As in ``generate``, the last new token is sampled and never fed back: 250 + 7 tokens in a
+    context of 256, and a prompt of the whole context, get their tokens; one more is refused."""
+    target, draft = pair
+    ctx = target.config.max_position_embeddings
+    dec = SpeculativeDecoder(target, draft, 4, lean=lean)
+    g = torch.Generator().manual_seed(8)
+    for n in (ctx - 6, ctx):
+        ids = torch.randint(2, 64, (1, n), generator=g)
+        want = target.generate(ids, max_new_tokens=ctx + 1 - n, stop_token_ids=())
+        got, _ = dec.generate(ids, ctx + 1 - n, stop_token_ids=())
+        assert got.shape[1] == ctx + 1 and torch.equal(got, want)
+    ids = torch.full((2, ctx - 4), 2)                   # a batch: row 1 left-padded to 20 tokens
+    ids[0] = torch.randint(2, 64, (ctx - 4,), generator=g)
+    ids[1, -20:] = torch.randint(2, 64, (20,), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :-20] = 0
+    got, _ = dec.generate(ids, 5, attention_mask=mask, stop_token_ids=())
+    assert torch.equal(got[0], target.generate(ids[:1], max_new_tokens=5, stop_token_ids=())[0])
+    assert torch.equal(got[1, -25:], target.generate(ids[1:, -20:], max_new_tokens=5, stop_token_ids=())[0])
+    with pytest.raises(ValueError, match="plus the one token sampled last"):
+        dec.generate(ids[:1], 6, stop_token_ids=())
+    with pytest.raises(ValueError, match="exceeds the context"):
+        dec.generate(torch.full((1, ctx + 1), 2), 1, stop_token_ids=())
+
+
 def test_attention_mask_must_match_the_ids(pair):
     target, draft = pair
     with pytest.raises(ValueError, match="attention_mask"):

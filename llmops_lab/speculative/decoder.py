@@ -207,9 +207,14 @@ class SpeculativeDecoder:
         check_attention_mask(attention_mask, input_ids)
         ctx = min(self.target.config.max_position_embeddings, self.draft.config.max_position_embeddings)
         n_prompt = attention_mask.sum(-1) if attention_mask is not None else torch.full((B,), S)
-        if int(n_prompt.max()) + max_new_tokens > ctx:
+        # The last new token is sampled, never fed back (as in ``generate``): prompt + new tokens may
+        # reach the context plus one, and a prompt of the whole context still gets one token.
+        if int(n_prompt.max()) > ctx:
+            raise ValueError(f"prompt ({int(n_prompt.max())}) exceeds the context shared by target and "
+                             f"draft ({ctx})")
+        if int(n_prompt.max()) + max_new_tokens > ctx + 1:
             raise ValueError(f"prompt ({int(n_prompt.max())}) + max_new_tokens ({max_new_tokens}) exceeds the "
-                             f"context shared by target and draft ({ctx})")
+                             f"context shared by target and draft ({ctx}) plus the one token sampled last")
         # k - 1 drafts plus the target's own token already give k tokens: drafting as many tokens
         # as are left to generate would only waste a draft pass and a verify position
         k, dev = min(self.k, max_new_tokens - 1), input_ids.device
@@ -237,9 +242,9 @@ class SpeculativeDecoder:
             # Near the end of the context the step drafts fewer tokens: the target scores pending
             # + k drafts at positions up to pend_pos + k, which must stay inside the context. And
             # it drafts no more than the longest row still needs: left - 1 drafts and the target's
-            # token make left. k = 0 is a plain target step and the last one: every live row has
-            # one token left (the context bound is >= 1: a live row's pending position is at most
-            # ctx - 2, and a finished row's stays where its last step began, at most ctx - 2).
+            # token make left. k = 0 is a plain target step; the context bound never goes below 0:
+            # a live row's pending position is at most ctx - 1 (prompt + new <= ctx + 1), and a
+            # finished row's stays where its last step began, at most ctx - 1.
             left = max(max_new_tokens - len(new[b]) for b in range(B) if not done[b])
             k = min(k_max, ctx - 1 - max(pend_pos), left - 1)
             # 1. Draft k tokens autoregressively.
