@@ -307,6 +307,25 @@ def test_simulated_memory_agrees_with_the_formulas():
     assert share == {"shared_blocks": 2 + 2 + 2 + 3, "copies": 2, "separate_blocks": 4 + 4 + 5}  # 13, 15, 19 tokens
 
 
+def test_a_busy_server_snapshot_is_the_time_average():
+    """when="during" finds requests in proportion to the steps they spend in the server, so its
+    waste is the time average over every decode step of every request (what the vLLM paper's
+    figure 2 reports). Catching every request once, at a random step, over-counts the short ones."""
+    from llmops_lab import formulas
+    from llmops_lab.paged import simulate
+    reqs = simulate.sample_requests(2000, max_len=2048, seed=0)
+    steps = [(r, r.prompt_len + k) for r in reqs for k in range(1, r.output_len + 1)]
+    used = sum(s for _, s in steps)
+    exact = {"contiguous, max length": 1 - used / (2048 * len(steps)),
+             "contiguous, oracle": 1 - used / sum(r.total for r, _ in steps),
+             "paged": 1 - used / sum(formulas.paged_reserved_tokens(s, 16) for _, s in steps)}
+    snap = simulate.memory_report(reqs, 2048, 16, when="during")["waste"]
+    for name, w in exact.items():
+        assert abs(snap[name] - w) < 0.2 * w, (name, snap[name], w)
+    once = [r.prompt_len + (r.output_len + 1) / 2 for r in reqs]      # each request once, mean step
+    assert 1 - sum(once) / (2048 * len(once)) > exact["contiguous, max length"] + 0.05
+
+
 def test_a_refused_batch_leaves_no_uncomputed_block_in_the_prefix_cache(tiny):
     cache = PagedKVCache.for_model(tiny, 2, num_blocks=3, block_size=4)
     ids = torch.cat([prompt(1, 8, seed=7), prompt(1, 8, seed=8)])      # 2 + 2 blocks, 3 free
