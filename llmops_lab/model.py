@@ -298,7 +298,9 @@ class LlamaModel(nn.Module):
         cos, sin = self.rope((pos if positions is None else positions)[:, None], x.dtype)
         kpos = torch.arange(cache.max_seq_len, device=x.device)
         mask = kpos[None, :] <= pos[:, None]                                  # [B, S_max]
-        if self.config.sliding_window is not None:      # as build_mask: the window counts cache slots
+        # The window in slots: this buffer holds each row's tokens after its left padding, with no
+        # holes, so a distance in slots is one in token positions, which build_mask counts
+        if self.config.sliding_window is not None:
             mask = mask & (kpos[None, :] > pos[:, None] - self.config.sliding_window)
         if attention_mask is not None:
             mask = mask & attention_mask.bool()

@@ -345,7 +345,15 @@ class LLMEngine(AsyncScheduling):
 
     def _output(self, req: _Request, delta: bool = False) -> RequestOutput:
         """req's output: every sample's completion so far (``delta``: only the tokens and text
-        since the last delta output, which this one moves on)."""
+        since the last delta output, which this one moves on).
+
+        The metrics are the request's, as vLLM's are, whatever its n: the first token is its
+        samples' first (they are forked from one prompt and get it in the same step), the finish is
+        its last sample's, and ``num_output_tokens`` is its longest sample's length (every running
+        sample gains one token a step: the length of the request's decode). So TPOT = (e2e - TTFT) / (longest - 1) is the time per token of the
+        request's decode; sample 0's length with the last sample's finish was neither (TPOT twice
+        too high, or None beside a sample of 20 tokens). Throughput counts every sample's tokens:
+        the workload rows sum them (``workload._row``)."""
         m = req.metrics
         seqs = req.seqs
         firsts = [s.first_token_time for s in seqs if s.first_token_time is not None]
@@ -354,7 +362,7 @@ class LLMEngine(AsyncScheduling):
         m.first_token_time = min(firsts) if firsts else None
         done = all(s.is_finished for s in seqs)
         m.finish_time = max(s.finish_time for s in seqs) if done else None
-        m.num_output_tokens = len(seqs[0].output_token_ids)
+        m.num_output_tokens = max(len(s.output_token_ids) for s in seqs)
         errors = [s.error for s in seqs if s.error]
         outs = []
         for i, s in enumerate(seqs):

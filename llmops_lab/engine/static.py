@@ -19,6 +19,7 @@ import time
 import torch
 
 from ..kv import KVCache
+from ..measure import synchronize
 from .llm_engine import ban_tokens, sample_token
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .sampling_params import SamplingParams, completion_text, stop_reason
@@ -37,14 +38,61 @@ def left_pad(prompts: list[list[int]], pad_token_id: int = 0) -> tuple[torch.Ten
     return ids, mask
 
 
+def row_limits(prompts: list[list[int]], params: list[SamplingParams], ctx: int) -> list[int]:
+    """The most tokens each row may generate: its own ``max_tokens``, and what its own prompt leaves
+    of the context (``stop_reason``'s length rule, as the engine applies it to the prompt alone:
+    prompt + output up to ``ctx``). Not what the longest prompt of the batch leaves: a short prompt
+    batched with a long one was cut short and reported ``"length"``."""
+    limits = []
+    for b, (p, sp) in enumerate(zip(prompts, params)):
+        if len(p) >= ctx:
+            raise ValueError(f"row {b}: a prompt of {len(p)} tokens leaves no room in the model's context of {ctx}")
+        limits.append(min(sp.max_tokens, ctx - len(p)))
+    return limits
+
+
+def check_static_layout(limits: list[int], S: int, ctx: int) -> None:
+    """The static cache (``StaticDecoder``) holds at most ``ctx`` slots, and left padding puts every
+    row's tokens after the longest prompt's S: a row generating L tokens feeds L - 1 of them, up to
+    slot S + L - 1. A row that needs more is refused rather than cut short. (The growing cache has
+    no such limit: the context bounds positions, which count a row's own tokens, not slots.)"""
+    for b, limit in enumerate(limits):
+        if S + limit - 1 > ctx:
+            raise ValueError(f"row {b}: {limit} new tokens after the batch's left-padded prompts of {S} "
+                             f"need {S + limit - 1} cache slots; the static cache holds the model's "
+                             f"context of {ctx}. Batch it with shorter prompts, lower its max_tokens to "
+                             f"{ctx - S + 1}, or run with static_cache=False")
+
+
+def decode_positions(prompts: list[list[int]], S: int, ctx: int, device):
+    """``position_at(slot)``: each row's RoPE position [B, 1] for the token fed at cache slot
+    ``slot`` of the left-padded layout (its own prompt length on, as the mask counts it). A finished
+    row keeps running as padding, its logits thrown away: its position is clamped to the context's
+    last, since counted on it would pass the context (and the model refuse the step) while a row
+    with a shorter prompt goes on. Masking the finished rows' slots instead would break the mask's
+    left-padding suffix, which the C decode kernel needs (it sent every such step to SDPA)."""
+    start = torch.tensor([len(p) - S for p in prompts], device=device)
+    return lambda slot: (start + slot).clamp(max=ctx - 1)[:, None]
+
+
+def _clock(device) -> float:
+    """``time.perf_counter()`` once the device has done what was launched: a GPU returns from a launch
+    at once, so a bare read put the prefill's time in the first decode step and each step's in the
+    next (the wait came in the next ``.tolist()``)."""
+    synchronize(device)
+    return time.perf_counter()
+
+
 @torch.inference_mode()
 def run_static_batch(model, prompts: list[list[int]], params: list[SamplingParams],
                      arrivals: list[float] | None = None, request_ids: list[str] | None = None,
                      tokenizer=None, generator: torch.Generator | None = None, pad_token_id: int = 0,
                      static_cache: bool | None = None, backend=None):
     """Run one static batch; returns (outputs, steps) where steps are per-step stat rows.
-    ``static_cache``: decode on ``StaticDecoder``'s static cache, replayed as a CUDA graph on a GPU
-    (default: on a CUDA device; elsewhere the growing contiguous cache). ``backend``: the attention
+    Each row generates what it would alone (``row_limits``); the batch runs until its last row is
+    done. ``static_cache``: decode on ``StaticDecoder``'s static cache, replayed as a CUDA graph on
+    a GPU (default: on a CUDA device; elsewhere the growing contiguous cache), which refuses a batch
+    whose left-padded layout it cannot hold (``check_static_layout``). ``backend``: the attention
     backend of the eager decode steps (default: the model's)."""
     B = len(prompts)
     if B == 0:
@@ -52,6 +100,11 @@ def run_static_batch(model, prompts: list[list[int]], params: list[SamplingParam
     for name, xs in (("params", params), ("arrivals", arrivals), ("request_ids", request_ids)):
         if xs is not None and len(xs) != B:
             raise ValueError(f"{name} has {len(xs)} entries for {B} prompts; give one per prompt")
+    for b, (p, sp) in enumerate(zip(prompts, params)):
+        if len(p) == 0:        # left padding would make an all-padding row, decoded as garbage
+            raise ValueError(f"row {b}: empty prompt")
+        if sp.n != 1:          # one row a prompt: the other samples would be dropped, unseen
+            raise ValueError(f"row {b}: n={sp.n}; static batching runs one sample per prompt (the engine runs n > 1)")
     dev, ctx = model.device, model.config.max_position_embeddings
     now = time.perf_counter()
     arrivals = arrivals or [now] * B
@@ -60,30 +113,36 @@ def run_static_batch(model, prompts: list[list[int]], params: list[SamplingParam
             for p, sp, r, a in zip(prompts, params, request_ids, arrivals)]
     done_at: list[float | None] = [None] * B      # when each row's own last token came
     S = max(len(p) for p in prompts)
-    new = min(max(sp.max_tokens for sp in params), ctx - S)
-    if new < 1:
-        raise ValueError(f"a prompt of {S} tokens leaves no room in the model's context of {ctx}")
-    ids, prompt_mask = left_pad(prompts, pad_token_id)
-    mask = torch.cat([prompt_mask, torch.ones(B, new, dtype=torch.long)], dim=1)
-    ids, mask = ids.to(dev), mask.to(dev)
+    limits = row_limits(prompts, params, ctx)
+    new = max(limits)                  # steps the batch runs: every row reaches its limit by then
     graph = dev.type == "cuda" if static_cache is None else static_cache
     if graph:
+        check_static_layout(limits, S, ctx)
+    # the last token is never fed back: S + new - 1 slots (a growing cache may pass ctx: a row's
+    # positions count its own tokens, and stay within the context up to its own limit)
+    slots = S + new - 1
+    ids, prompt_mask = left_pad(prompts, pad_token_id)
+    mask = torch.cat([prompt_mask, torch.ones(B, slots - S, dtype=torch.long)], dim=1)
+    ids, mask = ids.to(dev), mask.to(dev)
+    if graph:
         from ..fast_decode import StaticDecoder
-        decoder = StaticDecoder(model, B, S + new)
+        decoder = StaticDecoder(model, B, slots)
+        decoder.capture()              # before the clock starts: a server captures its graphs ahead
     else:
-        cache = KVCache.for_model(model, B, S + new)
+        cache = KVCache.for_model(model, B, slots)
+        position_at = decode_positions(prompts, S, ctx, dev)
     eos = set(model.config.eos_token_ids)
     gen = generator or torch.Generator(device="cpu").manual_seed(0)
-    t0 = time.perf_counter()
+    t0 = _clock(dev)
     if graph:
         logits = decoder.prefill(ids, mask[:, :S]).float()
     else:
         logits = model(ids, cache=cache, attention_mask=mask[:, :S], last_only=True)[:, -1].float()
-    steps = [{"t_start": t0, "t_end": time.perf_counter(), "num_seqs": B, "num_active": B,
+    steps = [{"t_start": t0, "t_end": _clock(dev), "num_seqs": B, "num_active": B,
               "num_tokens": int(mask[:, :S].sum())}]
     done = [False] * B
     for step in range(new):
-        t = time.perf_counter()
+        t = _clock(dev)                                # the logits this step samples from are ready
         nxt = []
         ban_tokens(logits, [s.sampling_params.banned_tokens(eos, s.num_completion_tokens) for s in seqs])
         # every greedy row's token in one reduction and one device-to-host copy, as the engine does
@@ -107,11 +166,11 @@ def run_static_batch(model, prompts: list[list[int]], params: list[SamplingParam
         if graph:
             logits = decoder.step(torch.tensor(nxt, device=dev)).float()
         else:
-            logits = model(torch.tensor(nxt, device=dev)[:, None], cache=cache,
+            logits = model(torch.tensor(nxt, device=dev)[:, None], cache=cache, positions=position_at(cache.length),
                            attention_mask=mask[:, :cache.length + 1], backend=backend)[:, -1].float()
-        steps.append({"t_start": t, "t_end": time.perf_counter(), "num_seqs": B, "num_active": active,
+        steps.append({"t_start": t, "t_end": _clock(dev), "num_seqs": B, "num_active": active,
                       "num_tokens": B})
-    end = time.perf_counter()
+    end = _clock(dev)
     outs = []
     for s, done in zip(seqs, done_at):
         s.finish_reason = s.finish_reason or "length"

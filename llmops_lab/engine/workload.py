@@ -101,6 +101,7 @@ class RunResult:
 
     @property
     def output_tokens(self) -> int:
+        """Tokens generated over the run: every sample of every request."""
         return sum(r["n_out"] for r in self.requests)
 
     @property
@@ -125,11 +126,16 @@ class RunResult:
         return sum(vals) / len(vals) if vals else float("nan")
 
     def percentile(self, key: str, q: float, strict: bool = True) -> float:
-        """The q-th percentile (0-100, nearest rank) of ``key``; NaN when no request has it."""
+        """The q-th percentile (0-100, nearest rank) of ``key``: the smallest value with at least q%
+        of the values at or below it (q = 0: the smallest); NaN when no request has it."""
         if not is_real(q) or not 0 <= q <= 100:         # -50 wrapped to the end of the list
             raise ValueError(f"q must be a percentile in [0, 100], got {q!r}")
         vals = sorted(self._values(key, strict))
-        return vals[min(len(vals) - 1, int(q / 100 * len(vals)))] if vals else float("nan")
+        if not vals:
+            return float("nan")
+        # rank ceil(q N / 100), counted from 1; q * N / 100 rather than q / 100 * N, which is exact
+        # for a whole q (0.07 * 100 is 7.000000000000001, one rank too high again)
+        return vals[max(0, math.ceil(q * len(vals) / 100) - 1)]
 
     def summary(self) -> dict:
         return {"name": self.name, "requests": len(self.requests), "output_tokens": self.output_tokens,
@@ -141,12 +147,14 @@ class RunResult:
 
 
 def _row(out, t0: float) -> dict:
+    """A finished request's row. ``n_out`` counts the tokens of every sample (n > 1): all were
+    generated, so throughput counts them all; the latencies are the request's (``LLMEngine._output``)."""
     m = out.metrics
     rel = (lambda x: None if x is None else x - t0)
     return {"request_id": out.request_id, "arrival": rel(m.arrival_time), "start": rel(m.first_scheduled_time),
             "first_token": rel(m.first_token_time), "finish": rel(m.finish_time),
             "last_token": rel(m.last_token_time if m.last_token_time is not None else m.finish_time),
-            "n_in": len(out.prompt_token_ids), "n_out": len(out.outputs[0].token_ids),
+            "n_in": len(out.prompt_token_ids), "n_out": sum(len(c.token_ids) for c in out.outputs),
             "ttft": m.ttft, "tpot": m.tpot, "e2e": m.e2e, "finish_reason": out.outputs[0].finish_reason,
             "preemptions": out.outputs[0].num_preemptions}
 
