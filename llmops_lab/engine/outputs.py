@@ -28,7 +28,7 @@ class RequestMetrics:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
-    num_output_tokens: int = 0
+    num_output_tokens: int = 0          # the longest sample's (n > 1): the length of the request's decode
     last_token_time: float | None = None   # static batching: the row is done but waits for its batch
 
     @property
