@@ -592,7 +592,7 @@ def decode_tokens_per_s_bound(bandwidth_bytes_per_s: float, bytes_per_token: flo
 
     ``bytes_per_token`` is what one decode step reads (``decode_bytes_per_token``, with the KV of
     all B sequences); a step yields one token per sequence. Llama-2-7B fp16 at 3.35 TB/s:
-    3.35e12 / 13.5e9 = 249 tokens/s at batch 1.
+    3.35e12 / 13.5e9 = 248 tokens/s at batch 1.
     """
     _positive(bandwidth_bytes_per_s=bandwidth_bytes_per_s, bytes_per_token=bytes_per_token)
     _nonneg_int(batch_size=batch_size)

@@ -8,7 +8,7 @@ its own kernel that reads and writes the whole tensor: ``RMSNorm`` in bf16 is ei
 mean, add, rsqrt, multiply, cast, scale), rotary embedding five per tensor (negate, concatenate,
 two products, a sum), SwiGLU's gate two, a residual add one. At a batch of 16 tokens each costs
 a few microseconds of GPU time, however little it computes: in the H100 profile of a graphed 7B
-decode step (``engine.profile``, 2026-11-26) the top rows alone show over 600 such kernels a step
+decode step (``engine.profile``, 2026-11-26) the top rows alone show about 580 such kernels a step
 taking about 2 ms of its 8.9 ms of device time, beside 5.3 ms of matmuls. Fused, a layer's ~30
 elementwise kernels become six, each reading its inputs once and writing its outputs once.
 

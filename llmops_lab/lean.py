@@ -43,7 +43,9 @@ class Linear:
     x [..., in] @ w.T, the same product as ``F.linear(x, w)`` up to the last bit.
 
     Measured at the embedded models' shapes on this project's 2-core CPU (fp32, weights streamed
-    from memory, as in a decode step between draft steps):
+    from memory, as in a decode step between draft steps) while this was written; the timings below
+    were printed then and are not kept as files (``python -m llmops_lab.bench --only spec`` measures
+    the verify cost v again, as its rows' ``verify_cost``):
 
     - one row (a decode step) goes through MKL: it reads w when the input is the wider side (the
       down projection) and wt = w.T contiguous [in, out] otherwise; the plain ``F.linear`` is

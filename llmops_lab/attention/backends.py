@@ -106,8 +106,9 @@ def fold_gqa_queries(q, k, v, mask=None):
     FlashInfer and vLLM's decode kernels use). The same arithmetic as SDPA's ``enable_gqa``, and
     on a CPU about twice as fast: with 8 query heads on 2 KV heads and 16 rows of 257 keys, 89 us a
     call folded against 168 us through ``enable_gqa`` (this project's 2-core CPU, torch 2.13; an
-    engine or static decode step of the embedded target 0.4-0.6 ms faster of about 9). On a GPU
-    this is unmeasured, so ``sdpa_attention`` folds on a CPU only.
+    engine or static decode step of the embedded target 0.4-0.6 ms faster of about 9; measured
+    while writing this and not kept as files, and no bench command repeats it). On a GPU this is
+    unmeasured, so ``sdpa_attention`` folds on a CPU only.
     ``mask`` [B or 1, 1, 1, Sk] (one mask for all heads) broadcasts over the folded queries."""
     B, H, _, D = q.shape
     out = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], H // k.shape[1], D), k, v, attn_mask=mask)
@@ -120,9 +121,11 @@ def cpu_decode_attention(q, k, v, mask=None, is_causal=False):
     the C decode kernel reads the cache in place (``paged.cpu_kernel.contiguous_decode_cpu``, the
     kernel the engine's paged decode runs on a CPU, sharing rows among PyTorch's threads). For rows
     of equal length a whole static decode step of the embedded target is as fast or faster through
-    SDPA (16 rows of 256 tokens, four batching bench runs of 2026-11-27: 13.7-15.8 ms through SDPA,
-    14.8-18.1 ms through the kernel, which also pays for turning the mask into row starts in every
-    layer), so static batching keeps SDPA; the batching bench times its decode step both ways.
+    SDPA (16 rows of 256 tokens, four CPU batching bench runs of 2026-11-27, printed then and not
+    kept as files: 13.7-15.8 ms through SDPA, 14.8-18.1 ms through the kernel, which also pays for
+    turning the mask into row starts in every layer; ``python -m llmops_lab.bench --only batching``
+    on a CPU records both in its row), so static batching keeps SDPA; the batching bench times its
+    decode step both ways.
     Inputs are checked first, as in every backend: the kernel's own refusals named the wrong cause."""
     _check(q, k, v, mask, is_causal)
     if q.shape[2] == 1 and not is_causal and q.device.type == "cpu":

@@ -8,8 +8,9 @@ On a GPU both of ours replay CUDA graphs for their decode steps (the engine's ``
 batching's ``StaticDecoder``); transformers' ``generate`` runs as it ships, eagerly. On a CPU the
 engine's decode attention is the C kernel (``paged.cpu_kernel``) and static batching's is SDPA on its
 contiguous cache; the row also times a static decode step through the C kernel, to show whether
-SDPA is the slower choice for it (2026-11-27, four runs: SDPA 13.7-15.8 ms, the kernel
-14.8-18.1 ms). On a GPU the engine also runs once with prefill graphs
+SDPA is the slower choice for it (four CPU runs of 2026-11-27, printed then and not kept as files:
+SDPA 13.7-15.8 ms, the kernel 14.8-18.1 ms; ``python -m llmops_lab.bench --only batching`` on a CPU
+records both in its row). On a GPU the engine also runs once with prefill graphs
 (``EngineConfig(prefill_graphs=True)``, a candidate for the default: new prompts' steps replay
 graphs instead of running eagerly), once more with async scheduling on top
 (``EngineConfig(async_scheduling=True)``: each step launched before the previous one's tokens are
@@ -42,12 +43,13 @@ def workload_spec(ctx: BenchContext) -> dict:
         return dict(n=12, prompt_len=(8, 32), mean_output=12, spread=1.2, max_output=64, seats=4)
     if ctx.device.type == "cuda":
         # 8 requests a seat, a busy server's queue as on the CPU below. The H100 runs of 2026-11-26
-        # had 32 requests (2 a seat, outputs of mean 64 up to 384, to fit the bench's time): padded
-        # generate then took only 1.54x the engine's steps (361 against 234, the longest request
-        # bounding both), so the ratio mostly measured the draining tail. These 128 shorter outputs
-        # take 3.17x the steps (934 against 295; counted on the CPU: steps depend on the lengths and
-        # the scheduler, not the model), and transformers about 1 min instead of 22-28 s (934 steps
-        # at the 60-77 ms a step it took on the H100).
+        # had 32 requests (2 a seat, outputs drawn with mean 64 and at most 384, to fit the bench's
+        # time; the rows record outputs 2-234, mean 49): padded generate then took only 1.54x the
+        # engine's steps (361 against 234, the longest request bounding both), so the ratio mostly
+        # measured the draining tail. These 128 shorter outputs (drawn with mean 32 and at most 192:
+        # 1-192, mean 28, with this seed) take 3.17x the steps (934 against 295; counted on the CPU:
+        # steps depend on the lengths and the scheduler, not the model), and transformers about
+        # 1 min instead of 22-28 s (934 steps at the 60-77 ms a step it took on the H100).
         return dict(n=128, prompt_len=(32, 256), mean_output=32, spread=1.2, max_output=192, seats=16)
     # a queue of 12 requests per seat: the steady state of a busy server, not only its draining tail
     return dict(n=192, prompt_len=(16, 64), mean_output=48, spread=1.2, max_output=400, seats=16)
@@ -61,11 +63,12 @@ def run(ctx: BenchContext) -> list[dict]:
     seats = spec.pop("seats")
     wl = make_workload(tokens, **spec)
     cpu = ctx.device.type == "cpu"
-    # On the shared CPU the machine's speed drifts by 10-30% within a minute: the two alternate,
-    # continuous, static, continuous, static, continuous, and each kind's runs are pooled
-    # (experiment.compare, bracket). One static run of ~30 s between two engine runs of ~8 s (the
-    # design until 2026-11-26) let one fast or slow spell decide the static side: 2.98-3.86x in
-    # three runs that day.
+    # On the shared CPU the machine's speed can drift by 10-30% within a minute (seen while writing
+    # this; the CPU row lists every run's throughput to show it): the two alternate, continuous,
+    # static, continuous, static, continuous, and each kind's runs are pooled (experiment.compare,
+    # bracket). One static run of ~30 s between two engine runs of ~8 s (the design until
+    # 2026-11-26) let one fast or slow spell decide the static side: 2.98-3.86x in three runs that
+    # day (printed then, not kept as files).
     res = experiment.compare(model, wl, max_num_seqs=seats, max_num_batched_tokens=2048, bracket=cpu,
                              rounds=2 if cpu and not ctx.quick else 1)
     hf = experiment.run_transformers_static(model, wl, seats)

@@ -1,26 +1,29 @@
 """The paged decode kernel for a CPU: ``csrc/paged_decode_cpu.c``, compiled on first use.
 
 On a GPU the engine's decode attention reads the block pool in place (``triton_paged``). On a CPU
-its reference gathers every sequence's blocks into one padded [B, longest, Hkv, D] copy per layer and
-runs SDPA over it with a mask. In the batching bench's steady state the longest context of a step
-was 2.45x the mean, so that reference copied and scored 2.45 keys for each one it needed (gather,
-SDPA and the mask's conversion took 20% of the engine's CPU time). The C kernel reads each
-sequence's own blocks, to its own length, with no copy: what vLLM's CPU backend does with its own
-paged-attention kernel. It is fp32 only, and specialised for head dims 32, 64 and 128 with 1, 2, 4
-or 8 query heads per KV head; anything else, or a machine without a C compiler, takes the reference
-(``available`` says why). Through strides it reads three layouts: the engine's token-major pool,
-``PagedKVCache``'s heads-first pool, and a contiguous [B, Hkv, S, D] cache (``contiguous_decode_cpu``).
+its reference gathers every sequence's blocks into one padded [B, longest, Hkv, D] copy per layer
+and runs SDPA over it with a mask. In the batching bench's steady state the longest context of a
+step was 2.45x the mean (this and the CPU timings below were measured on this project's machines
+while writing this and are not kept as files; where a command is named, it measures them again), so
+that reference copied and scored 2.45 keys for each one it needed (gather, SDPA and the mask's
+conversion took 20% of the engine's CPU time). The C kernel reads each sequence's own blocks, to its
+own length, with no copy: what vLLM's CPU backend does with its own paged-attention kernel. It is
+fp32 only, and specialised for head dims 32, 64 and 128 with 1, 2, 4 or 8 query heads per KV head;
+anything else, or a machine without a C compiler, takes the reference (``available`` says why).
+Through strides it reads three layouts: the engine's token-major pool, ``PagedKVCache``'s
+heads-first pool, and a contiguous [B, Hkv, S, D] cache (``contiguous_decode_cpu``).
 
 A call's rows are shared among PyTorch's own OpenMP threads (``shares_torch_threads``; a
 single-threaded build where PyTorch's threads are not libgomp's, as a second runtime's spinning
 threads beside PyTorch's made both slower). Over the batching bench's 192 requests the engine's
 decode attention took 0.68-0.96 s through it against 1.89-3.06 s through the reference (2026-11-27,
 this project's 2-core AMD EPYC with AVX2 and no AVX-512; six runs of it and four of the reference,
-the machine's speed drifting; ``python -m llmops_lab.paged.experiment --engine 2``). One call on 16
-rows of 256 tokens: 151 us, against 269 us for SDPA on a contiguous cache and 619 us for the
-reference. Its first version, single-threaded on 16-float vectors, took 2.36-2.38 s there, slower
-than the reference: without AVX-512 the compiler split each vector in two and spilled the halves to
-the stack (on the AVX-512 machine of 2026-11-26 it had taken 0.83-0.89 s against 1.58-1.70 s).
+the machine's speed drifting; ``python -m llmops_lab.paged.experiment --engine 2`` measures it). One
+call on 16 rows of 256 tokens: 151 us, against 269 us for SDPA on a contiguous cache and 619 us for
+the reference (``python -m llmops_lab.paged.experiment``). Its first version, single-threaded on
+16-float vectors, took 2.36-2.38 s there, slower than the reference: without AVX-512 the compiler
+split each vector in two and spilled the halves to the stack (on the AVX-512 machine of 2026-11-26
+it had taken 0.83-0.89 s against 1.58-1.70 s).
 
 The library is built with the system's C compiler (``$CC``, else ``cc``) at ``-O3 -march=native``
 into a per-user cache, keyed by the source, the flags, the compiler and this CPU's feature flags,

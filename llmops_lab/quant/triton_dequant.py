@@ -27,24 +27,28 @@ the one or two bytes it spans. Storage layout: ``packing``.
 
 For 1 to 4 rows (``GEMV_MAX_ROWS``) a second kernel, ``dequant_gemv_kernel`` (``kernel="gemv"``),
 skips ``tl.dot``: a 16-row ``tl.dot`` tile is 15/16 padding at batch 1, and split-K needs a zeroed
-fp32 output and a cast afterwards, three kernels per layer where a 4096x4096 int4 weight takes ~2 us
-to read. Each program owns BLOCK_N output features over the whole of K, multiplies the dequantized
-tile by x in registers, sums over K once at the end and stores y in the activations' dtype: one
-kernel, no atomics (the layout of gpt-fast's and llama.cpp's GEMV kernels for quantized decode).
-It is not the default: its first version (a reduction across threads in every K step) ran at 0.37x
-bf16 on an H100 where the tiled kernel ran at about 1.15x (``data/bench/``), and the version here
-is timed by ``python -m llmops_lab.quant.tune_gemv`` against the tiled kernel.
+fp32 output and a cast afterwards, three kernels per layer where a 4096x4096 int4 weight takes ~3 us
+to read (8.4 MB of codes at the 2.9 TB/s copy bandwidth the H100 measured in run 3). Each program
+owns BLOCK_N output features over the whole of K, multiplies the dequantized tile by x in registers,
+sums over K once at the end and stores y in the activations' dtype: one kernel, no atomics (the
+layout of gpt-fast's and llama.cpp's GEMV kernels for quantized decode). It is not the default: its
+first version (a reduction across threads in every K step) ran at 0.37x bf16 at batch 1 on an H100
+(run 3), where the tiled kernel ran at 1.20x (run 4; 1.02-1.15x at batch 2-16; both in
+``data/bench/``), and the version here is timed by ``python -m llmops_lab.quant.tune_gemv`` against
+the tiled kernel.
 
-At 4 bits either kernel can leave the nibbles where they are (``split_nibbles``): the low nibbles
-of a row of bytes are the weight's even columns and the high nibbles its odd ones, so the tile is
-two half-width tiles multiplied by x's even and odd columns, with no interleave. In the tuning run
-of 2026-11-26 (H100) the interleaving GEMV slowed from 591 to 187 GB/s when its K tile went from
-128 to 256 codes, while the int8 GEMV (nothing to interleave) held 1500-1750 GB/s at any tile:
-the interleave is the suspect. The split variant is checked under the interpreter; no GPU has
-timed it yet, so it is not the default. Nor is ``fast_convert``, the other candidate: codes become
-floats by bit arithmetic (``_codes_to_float``) instead of an int-to-float instruction, which the
-CUDA programming guide's throughput table lists at a fraction of the float-add rate; the GEMV needs
-one per weight, and at 4 bits reads only half a byte per weight.
+At 4 bits either kernel can leave the nibbles where they are (``split_nibbles``): the low nibbles of
+a row of bytes are the weight's even columns and the high nibbles its odd ones, so the tile is two
+half-width tiles multiplied by x's even and odd columns, with no interleave. In the tuning run of
+2026-11-26 (H100, ``data/bench/logs/``) the interleaving int4 GEMV slowed when its K tile went from
+128 to 256 codes (BLOCK_N 16, 4 warps): 591 to 187 GB/s at 4096x4096, 646 to 286 and 998 to 174 at
+the two shapes with 11008. The int8 GEMV, with nothing to interleave, did not: 814 to 1501, 540 to
+971 and 1256 to 1269 GB/s. (int8 itself ranged widely over the tiles, 540-1754 GB/s, so its tiles
+matter too.) The interleave is the suspect. The split variant is checked under the interpreter; no
+GPU has timed it yet, so it is not the default. Nor is ``fast_convert``, the other candidate: codes
+become floats by bit arithmetic (``_codes_to_float``) instead of an int-to-float instruction, which
+the CUDA programming guide's throughput table lists at a fraction of the float-add rate; the GEMV
+needs one per weight, and at 4 bits reads only half a byte per weight.
 
 Runs on a CPU under TRITON_INTERPRET=1 at small sizes (tests/test_quant_kernel.py).
 """
@@ -270,7 +274,8 @@ if triton is not None:
         in_m, in_n = offs_m < M, offs_n < N
         # Products accumulate elementwise, each thread along its own stretch of K, and are summed
         # across K once after the loop: a reduction across threads in every iteration (the first
-        # version) ran at 100-300 GB/s on an H100.
+        # version) ran at 97-234 GB/s at 4 bits and 166-725 GB/s at 8 bits on an H100 (1-4 rows,
+        # run 3 in data/bench/).
         if BITS == 4 and SPLIT_NIBBLES:         # low nibbles times even columns, high times odd
             acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K // 2], dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
@@ -352,8 +357,10 @@ def dequant_matmul(x, qweight, scales, zeros, bits: int, group_size: int, sym: b
         split_nibbles: at 4 bits, multiply the low nibbles by x's even columns and the high nibbles
             by its odd columns instead of interleaving the codes back into column order (either
             kernel; same sums in a different order). Not the default until a GPU has timed it:
-            on an H100 (run 4) the interleaving GEMV fell from 591 to 187 GB/s when its K tile grew
-            from 128 to 256 codes while the int8 one, which interleaves nothing, held 1500-1750 GB/s.
+            on an H100 (run 4's tuning log) the interleaving int4 GEMV fell from 591 to 187 GB/s at
+            4096x4096 when its K tile grew from 128 to 256 codes, while the int8 one, which
+            interleaves nothing, rose from 814 to 1501 GB/s (the same at the other two shapes: int4
+            slower, int8 as fast or faster; see the module docstring).
         fast_convert: turn codes into floats by bit arithmetic instead of an int-to-float
             conversion (``_codes_to_float``; exact, so the same result). Not the default until a
             GPU has timed it (``quant.tune_gemv``).

@@ -19,8 +19,12 @@ import argparse
 import torch
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages). The H100 run of 2026-11-26 (data/bench/logs) timed 12;
-# these are its fastest six for int4 or int8, so that three variants of each fit the GPU script's
-# 100 s for this tool (8 warps and 64-wide tiles were slowest at every shape).
+# these are its six with 4 warps, so that three variants of each fit the GPU script's 100 s for this
+# tool. In that log a 4-warp tile was the fastest GEMV candidate at five of the six shapes (at int8
+# 4096x11008, (16, 512, 8, 3) led at 33.16 us, 1% ahead of (8, 512, 4, 3)), and the 64-wide tiles
+# ranked 10th-12th of 12 at every shape. Not all six rank high everywhere: (32, 256, 4, 3) was 9th
+# at five shapes and 2nd at int8 11008x4096, and (16, 128, 4, 3) led at the three int4 shapes and
+# was last at int8 4096x11008.
 CANDIDATES = [(16, 128, 4, 3), (16, 256, 4, 3), (16, 512, 4, 3), (32, 256, 4, 3), (8, 512, 4, 3), (8, 1024, 4, 3)]
 
 # (label suffix, split_nibbles, fast_convert) of each variant, per bit width
