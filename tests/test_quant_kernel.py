@@ -228,7 +228,9 @@ def test_tune_gemv_times_every_variant_and_checks_it():
     the tiled kernel's; at 4 bits each also with split nibbles (and fast conversion), at 8 bits
     with fast conversion."""
     from llmops_lab.quant.tune_gemv import tune
-    rows = tune(rows=1, candidates=[(16, 32, 4, 1)], device=DEV, shapes=[(24, 64)])
+    reported = []                       # each shape's rows as soon as they are timed
+    rows = tune(rows=1, candidates=[(16, 32, 4, 1)], device=DEV, shapes=[(24, 64)], report=reported.append)
+    assert [len(g) for g in reported] == [7, 5] and sum(reported, []) == rows
     configs = {(r["method"], str(r["config"])) for r in rows}
     assert configs == {("int4", c) for c in ("bf16 F.linear", "tiled (default)", "tiled split", "tiled split fast",
                                              "(16, 32, 4, 1)", "(16, 32, 4, 1) split", "(16, 32, 4, 1) split fast")} | {

@@ -165,6 +165,6 @@ def engine_candidate(model, wl, seats: int, cont, hf, **options) -> dict:
                cand.throughput, "tok/s", peer="transformers generate", peer_value=hf.throughput,
                default_continuous_tok_s=cont.throughput, vs_default=cand.throughput / cont.throughput,
                prefill_graph_steps=eng.runner.prefill_graph_steps, overlapped_steps=eng.overlapped_steps,
-               fused_ops=eng.runner.graphs is not None and eng.runner.graphs.fused,
+               fused_ops=eng.config.fused_ops,      # the runner refuses it without its graphs; release() drops them
                cuda_graph_steps=eng.runner.graph_steps, **experiment.step_breakdown(cand),
                first_token_agreement=agree["first_token"], prefix_agreement=agree["prefix"])

@@ -15,6 +15,7 @@ of each byte back into column order (the default), with ``split_nibbles`` ("spli
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
@@ -41,9 +42,11 @@ def time_call(fn, device="cuda") -> float:
 
 @torch.inference_mode()
 def tune(preset: str = "llama-2-7b", rows: int = 1, candidates=CANDIDATES, device="cuda",
-         shapes: list[tuple[int, int]] | None = None) -> list[dict]:
+         shapes: list[tuple[int, int]] | None = None, report=None) -> list[dict]:
     """One row per (format, shape, kernel variant): us and gb_s, or the error that stopped it.
-    ``shapes``: (out, in) pairs instead of the preset's (a test runs small ones in the interpreter)."""
+    ``shapes``: (out, in) pairs instead of the preset's (a test runs small ones in the interpreter).
+    ``report(rows)``, given, gets each shape's rows as soon as they are timed: a run stopped by a
+    time limit has still printed the shapes it finished."""
     from .speed import make_linears, preset_shapes
     from .triton_dequant import dequant_matmul
     shapes = sorted(set(shapes) if shapes else {(o, i) for _, o, i in preset_shapes(preset)})
@@ -74,7 +77,22 @@ def tune(preset: str = "llama-2-7b", rows: int = 1, candidates=CANDIDATES, devic
                                     max_err=err))
                 except Exception as e:   # a tile too big for the registers or shared memory
                     out.append(dict(method=method, N=o, K=i, config=label, error=f"{type(e).__name__}: {str(e)[:80]}"))
+            if report is not None:
+                report([r for r in out if (r["method"], r["N"], r["K"]) == (method, o, i)])
     return out
+
+
+def print_shape(group: list[dict], rows: int) -> None:
+    """One shape's rows, fastest first, then the variants that failed."""
+    r0 = group[0]
+    ok = sorted((r for r in group if "us" in r), key=lambda r: r["us"])
+    print(f"--- {r0['method']} N={r0['N']} K={r0['K']}, {rows} row(s)")
+    for r in ok:
+        print(f"  {str(r['config']):>22}  {r['us']:8.2f} us  {r['gb_s']:7.0f} GB/s  err {r.get('max_err', 0):.3g}")
+    for r in group:
+        if "error" in r:
+            print(f"  {str(r['config']):>22}  {r['error']}")
+    sys.stdout.flush()
 
 
 def main(argv=None):
@@ -82,16 +100,7 @@ def main(argv=None):
     ap.add_argument("--preset", default="llama-2-7b")
     ap.add_argument("--rows", type=int, default=1)
     a = ap.parse_args(argv)
-    rows = tune(a.preset, a.rows)
-    for key in sorted({(r["method"], r["N"], r["K"]) for r in rows}):
-        group = [r for r in rows if (r["method"], r["N"], r["K"]) == key]
-        ok = sorted((r for r in group if "us" in r), key=lambda r: r["us"])
-        print(f"--- {key[0]} N={key[1]} K={key[2]}, {a.rows} row(s)")
-        for r in ok:
-            print(f"  {str(r['config']):>22}  {r['us']:8.2f} us  {r['gb_s']:7.0f} GB/s  err {r.get('max_err', 0):.3g}")
-        for r in group:
-            if "error" in r:
-                print(f"  {str(r['config']):>22}  {r['error']}")
+    tune(a.preset, a.rows, report=lambda group: print_shape(group, a.rows))
 
 
 if __name__ == "__main__":
