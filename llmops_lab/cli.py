@@ -3,7 +3,7 @@
     llmops-lab info                        the machine and the embedded models
     llmops-lab bench [--device cuda] ...   the benchmark suite (python -m llmops_lab.bench)
     llmops-lab kv llama-2-70b --gpu "H100 80GB"
-                                           what fits in a GPU's KV cache (vLLM's start-up lines)
+                                           what fits in a GPU's KV cache (vLLM's start-up sum)
     llmops-lab generate "To be, or" --max-tokens 40 [--quantize gptq --bits 4]
                                            generation through the continuous-batching engine
     llmops-lab perplexity [--quantize awq --bits 3]
@@ -18,8 +18,16 @@ import os
 import sys
 from pathlib import Path
 
-KV_DTYPES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1}
 DEFAULT_GPU = "H100 80GB"
+KV_EPILOG = """\
+The figures are vLLM's start-up sum with the formulas, not a measurement, and are upper bounds on
+what vLLM logs: vLLM also subtracts the memory allocated outside PyTorch (CUDA context, cuBLAS and
+NCCL workspaces: about 0.5 to 1+ GiB per GPU; --non-torch-gib) and the activations of its profiling
+run (--activation-gib), both 0 by default here. For a sliding-window model vLLM v1 holds
+cdiv(min(W - 1 + max_num_batched_tokens, max_model_len), block_size) + 1 blocks per sequence (the
+window plus a prefill chunk); without --max-num-batched-tokens the chunk is left out.
+--kv-dtype fp8 is 1 byte per element (vLLM's per-tensor scales); int8 adds one fp16 scale per
+token and KV head, as llmops_lab.kv.Int8KVCache stores it (1 + 2/head_dim bytes per element)."""
 
 
 def info() -> str:
@@ -58,7 +66,7 @@ def model_config(name: str):
 def kv(a) -> str:
     """The calculator's answer for the parsed ``kv`` arguments, as text."""
     from . import formulas
-    from .kv.calculator import GPU_MEMORY, default_weight_bits, kv_cache_budget, kv_heads_per_gpu
+    from .kv.calculator import GPU_MEMORY, KV_CACHE_DTYPES, default_weight_bits, kv_cache_budget, kv_heads_per_gpu
     config = model_config(a.model)
     if a.gpu_memory_gib is not None and a.gpu is not None:
         raise ValueError(f"give --gpu or --gpu-memory-gib, not both (got {a.gpu!r} and {a.gpu_memory_gib:g})")
@@ -70,31 +78,56 @@ def kv(a) -> str:
         if key is None:
             raise ValueError(f"unknown GPU {a.gpu!r}; known: {', '.join(GPU_MEMORY)} (or give --gpu-memory-gib)")
         total, gpu = GPU_MEMORY[key], key
-    weight_bits = a.weight_bits if a.weight_bits is not None else default_weight_bits(KV_DTYPES[a.kv_dtype])
+    kv_dtype = KV_CACHE_DTYPES[a.kv_dtype]
+    elem, scale = kv_dtype["dtype_bytes"], kv_dtype["scale_bytes"]
+    weight_bits = a.weight_bits if a.weight_bits is not None else default_weight_bits(elem)
     weight_bytes = formulas.weight_bytes(config, weight_bits)
-    b = kv_cache_budget(config, total, a.gpu_memory_utilization, dtype_bytes=KV_DTYPES[a.kv_dtype],
-                        block_size=a.block_size, weight_bytes=weight_bytes,
-                        activation_bytes=a.activation_gib * 2**30, max_model_len=a.max_model_len,
-                        tensor_parallel_size=a.tensor_parallel_size)
+    b = kv_cache_budget(config, total, a.gpu_memory_utilization, block_size=a.block_size, weight_bytes=weight_bytes,
+                        activation_bytes=a.activation_gib * 2**30, non_torch_bytes=a.non_torch_gib * 2**30,
+                        max_model_len=a.max_model_len, tensor_parallel_size=a.tensor_parallel_size,
+                        max_num_batched_tokens=a.max_num_batched_tokens, **kv_dtype)
     gib, tp = 2**30, a.tensor_parallel_size
     heads = config.num_key_value_heads
+    L, hkv, D = config.num_hidden_layers, kv_heads_per_gpu(config, tp), config.head_dim
+    if scale:       # codes and scales apart: 2 x L x Hkv x (D x bytes + scale)
+        vectors = 2 * L * hkv
+        per_token = (f"{b.bytes_per_token / 2**10:.1f} KiB ({a.kv_dtype}: 2 x {L} x {hkv} x ({D} x {elem:g} + "
+                     f"{scale:g}) bytes: {vectors * D * elem / 2**10:.1f} KiB of codes + {vectors * scale:,.0f} "
+                     f"bytes of scales, one per token and KV head as Int8KVCache stores them)")
+    else:
+        per_token = f"{b.bytes_per_token / 2**10:.1f} KiB ({a.kv_dtype}: 2 x {L} x {hkv} x {D} x {elem:g} bytes)"
+    windowed = b.blocks_per_sequence != formulas.num_blocks(b.max_model_len, b.block_size)
+    chunk = (f" and a prefill chunk of up to {b.max_num_batched_tokens:,} tokens (vLLM v1's count)"
+             if b.max_num_batched_tokens is not None else "")
     rows = [
-        ("model", f"{config.name or a.model}: {config.num_hidden_layers} layers, {heads} KV heads "
-                  f"of {config.head_dim} (of {config.num_attention_heads} query heads)"),
+        ("model", f"{config.name or a.model}: {L} layers, {heads} KV heads "
+                  f"of {D} (of {config.num_attention_heads} query heads)"),
         ("GPU", f"{gpu} x {a.gpu_memory_utilization:g} = {total * a.gpu_memory_utilization / gib:.2f} GiB"
                 + (f" on each of {tp} GPUs (tensor parallel; the lines below are one GPU's)" if tp > 1 else "")),
         ("weights", f"{b.weight_bytes / gib:.2f} GiB at {weight_bits:g} bits"),
         ("activations", f"{b.activation_bytes / gib:.2f} GiB"),
+        ("non-torch", f"{b.non_torch_bytes / gib:.2f} GiB"),
         ("KV cache", f"{max(b.kv_bytes_available, 0) / gib:.2f} GiB"),
-        ("KV per token", f"{b.bytes_per_token / 2**10:.1f} KiB ({a.kv_dtype}: 2 x {config.num_hidden_layers} x "
-                         f"{kv_heads_per_gpu(config, tp)} x {config.head_dim} x {KV_DTYPES[a.kv_dtype]} bytes)"),
+        ("KV per token", per_token),
         ("KV per sequence", f"{b.bytes_per_token * b.max_model_len / gib:.3f} GiB at {b.max_model_len:,} tokens"
-         + ("" if b.blocks_per_sequence == formulas.num_blocks(b.max_model_len, b.block_size) else
-            f"; with its sliding window of {b.sliding_window:,} tokens it holds {b.blocks_per_sequence:,} blocks "
-            f"({b.blocks_per_sequence * b.bytes_per_block / gib:.3f} GiB): blocks that leave the window are freed")),
+         + ("" if not windowed else
+            f"; with its sliding window of {b.sliding_window:,} tokens{chunk} it holds {b.blocks_per_sequence:,} "
+            f"blocks ({b.blocks_per_sequence * b.bytes_per_block / gib:.3f} GiB): blocks that leave the window "
+            f"are freed")),
         ("blocks", f"{b.num_gpu_blocks:,} of {b.block_size} tokens"),
         ("sequences", f"{b.max_num_seqs:,} of {b.max_model_len:,} tokens at once ({b.max_concurrency:.2f}x)"),
     ]
+    notes = []
+    missing = [what for what, given in (("its profiled activations (--activation-gib)", b.activation_bytes),
+                                        ("its non-torch memory, CUDA context etc., ~0.5-1+ GiB per GPU "
+                                         "(--non-torch-gib)", b.non_torch_bytes)) if not given]
+    if missing:
+        notes.append("upper bounds: vLLM also subtracts " + " and ".join(missing))
+    if b.sliding_window is not None and b.max_num_batched_tokens is None:
+        notes.append("vLLM v1 also holds a prefill chunk per sliding-window sequence: "
+                     "cdiv(min(W - 1 + max_num_batched_tokens, max_model_len), block_size) + 1 blocks; "
+                     "without --max-num-batched-tokens the chunk is left out and the concurrency is an upper bound")
+    rows += [("note", n) for n in notes]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows) + "\n" + b.log_line()
 
@@ -213,11 +246,13 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="device, capabilities and the embedded models' card")
     sub.add_parser("bench", help="the benchmark suite (same as python -m llmops_lab.bench)", add_help=False)
 
-    k = sub.add_parser("kv", help="what fits in a GPU's KV cache: blocks, tokens, sequences (vLLM's start-up lines)",
+    k = sub.add_parser("kv", help="what fits in a GPU's KV cache: blocks, tokens, sequences (vLLM's start-up "
+                                  "sum; upper bounds)",
                        description="The KV-cache calculator (llmops_lab.kv.calculator): of the GPU's memory x "
-                                   "utilization, less weights and activations, how many blocks, tokens and "
-                                   "full-length sequences fit.")
-    from .kv.calculator import GPU_MEMORY
+                                   "utilization, less weights, activations and non-torch memory, how many blocks, "
+                                   "tokens and full-length sequences fit.",
+                       epilog=KV_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .kv.calculator import GPU_MEMORY, KV_CACHE_DTYPES
     from .presets import PRESETS
     k.add_argument("model", help=f"a preset ({', '.join(PRESETS)}), target, draft, "
                                  "or a checkpoint folder / config.json")
@@ -225,13 +260,21 @@ def parser() -> argparse.ArgumentParser:
                                  "as nvidia-smi reports it")
     k.add_argument("--gpu-memory-gib", type=_positive(float), help="the GPU's memory in GiB, instead of --gpu")
     k.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9, help="default: %(default)s")
-    k.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default="bf16", help="default: %(default)s")
+    k.add_argument("--kv-dtype", choices=sorted(KV_CACHE_DTYPES), default="bf16",
+                   help="default: %(default)s; int8 counts one fp16 scale per token and KV head (Int8KVCache)")
     k.add_argument("--weight-bits", type=_weight_bits,
                    help="bits per weight (default: 16, the bf16/fp16 weights an fp8 or int8 KV cache sits "
                         "beside; 32 with --kv-dtype fp32); give 4 for an int4 model")
     k.add_argument("--block-size", type=_positive(int), default=16, help="default: %(default)s")
     k.add_argument("--max-model-len", type=_positive(int), help="tokens per request (default: the model's context)")
-    k.add_argument("--activation-gib", type=_nonneg, default=0.0, help="peak activation memory (default: 0)")
+    k.add_argument("--activation-gib", type=_nonneg, default=0.0,
+                   help="peak activation memory, which vLLM profiles (default: 0)")
+    k.add_argument("--non-torch-gib", type=_nonneg, default=0.0,
+                   help="memory outside PyTorch per GPU (CUDA context etc.), which vLLM measures: about 0.5 "
+                        "to 1+ GiB (default: 0)")
+    k.add_argument("--max-num-batched-tokens", type=_positive(int),
+                   help="vLLM's tokens per scheduler step: a sliding-window sequence also holds this prefill "
+                        "chunk (default: left out)")
     k.add_argument("--tensor-parallel-size", "-tp", type=_positive(int), default=1,
                    help="GPUs the model is split over (default: 1)")
 

@@ -107,7 +107,7 @@ def test_cli_kv_prints_vllm_lines_and_refuses_bad_input(capsys):
     want = kv_cache_budget("llama-2-70b", h100, 0.9, max_model_len=4096, tensor_parallel_size=4)
     assert want.log_line() in out and "80.0 KiB" in out          # 2 x 80 x (8/4) x 128 x 2 bytes
     cli.main(["kv", "target", "--gpu-memory-gib", "1", "--kv-dtype", "int8"])
-    assert "1.0 KiB" in capsys.readouterr().out                  # 2 x 8 x 2 x 32 x 1 bytes
+    assert "1.1 KiB (int8: 2 x 8 x 2 x (32 x 1 + 2) bytes" in capsys.readouterr().out   # codes and fp16 scales
     # an fp8 KV cache leaves the weights in bf16: sized at 16 bits, not at the KV cache's 8
     cli.main(["kv", "llama-2-7b", "--kv-dtype", "fp8"])
     fp8 = capsys.readouterr().out

@@ -170,3 +170,63 @@ def test_an_fp8_kv_cache_leaves_the_weights_in_16_bits():
     assert fp8.bytes_per_token * 2 == bf16.bytes_per_token
     assert kv_cache_budget("llama-2-7b", 80 * 2**30, 0.9, dtype_bytes=4).weight_bytes == 2 * bf16.weight_bytes
 
+
+
+def test_int8_counts_the_scales_int8kvcache_stores():
+    """An int8 KV cache was sized at 1 byte per element; Int8KVCache also stores an fp16 scale per
+    token and KV head (qwen2.5-0.5b: 6,336 bytes per token, not 6,144). fp8 stays at 1 byte (vLLM's
+    fp8 cache has per-tensor scales only)."""
+    from llmops_lab.kv import Int8KVCache
+    from llmops_lab.kv.calculator import KV_CACHE_DTYPES
+    from llmops_lab.kv.quantized import quantized_vector_bytes
+    from llmops_lab.presets import PRESETS
+    assert quantized_vector_bytes(64) == 66 and quantized_vector_bytes(128, 2, 0) == 256
+    for name, c in PRESETS.items():
+        b = kv_cache_budget(c, 10 * 2**40, **KV_CACHE_DTYPES["int8"])
+        meta = Int8KVCache(c.num_hidden_layers, 1, c.num_key_value_heads, c.head_dim, 1, device="meta")
+        assert b.bytes_per_token == meta.nbytes, name
+        fp8, bf16 = (kv_cache_budget(c, 10 * 2**40, **KV_CACHE_DTYPES[d]) for d in ("fp8", "bf16"))
+        assert fp8.bytes_per_token * 2 == bf16.bytes_per_token, name
+        assert b.weight_bytes == fp8.weight_bytes == bf16.weight_bytes         # the weights stay bf16
+    assert kv_cache_budget("qwen2.5-0.5b", 80 * 2**30, **KV_CACHE_DTYPES["int8"]).bytes_per_token == 6336
+    # per tensor-parallel shard: the scales of the GPU's own KV heads
+    four = kv_cache_budget("llama-2-70b", 80 * 2**30, tensor_parallel_size=4, **KV_CACHE_DTYPES["int8"])
+    assert four.bytes_per_token == 2 * 80 * 2 * (128 + 2)
+
+
+def test_non_torch_memory_is_subtracted_like_activations():
+    # 10000 x 0.5 - 1000 - 300 - 500 = 3200 bytes -> 12 blocks of 256 bytes.
+    b = kv_cache_budget(SMALL, 10_000, 0.5, block_size=4, weight_bytes=1000, activation_bytes=300,
+                        non_torch_bytes=500)
+    assert b.kv_bytes_available == 3200 and b.num_gpu_blocks == 12 and b.non_torch_bytes == 500
+    with pytest.raises(ValueError, match="non-torch memory"):
+        kv_cache_budget(SMALL, 10_000, 0.5, block_size=4, weight_bytes=1000, non_torch_bytes=3900)
+
+
+def test_vllm_counts_a_prefill_chunk_beside_the_sliding_window():
+    """vLLM v1 (SlidingWindowSpec.max_memory_usage_bytes): cdiv(min(W - 1 + max_num_batched_tokens,
+    max_model_len), block_size) + 1 blocks per request. Mistral-7B, W = 4096, 8192 batched tokens:
+    min(4095 + 8192, 32768) = 12287 tokens -> 768 blocks + 1 = 769, not the window's 257."""
+    from llmops_lab.kv.calculator import sliding_window_blocks
+    b = kv_cache_budget("mistral-7b", 80 * 2**30, 0.9, max_num_batched_tokens=8192)
+    assert b.blocks_per_sequence == sliding_window_blocks(32768, 16, 4096, 8192) == 769
+    assert b.max_concurrency == b.num_gpu_blocks / 769
+    assert kv_cache_budget("mistral-7b", 80 * 2**30, 0.9).blocks_per_sequence == 257   # the chunk left out
+    # capped by max_model_len, and (as vLLM's sum) one block more than the full count then
+    assert sliding_window_blocks(4000, 16, 4096, 8192) == 250 + 1
+    assert sliding_window_blocks(100, 16, 32, 1) == 3          # 32 tokens: 2 blocks + the straddled one
+    # a model without a window ignores it, as vLLM's full-attention spec does
+    assert kv_cache_budget("llama-2-7b", 80 * 2**30, max_num_batched_tokens=8192).blocks_per_sequence == 256
+    for bad in (0, 2.5, -1):
+        with pytest.raises((TypeError, ValueError), match="max_num_batched_tokens"):
+            kv_cache_budget("mistral-7b", 80 * 2**30, max_num_batched_tokens=bad)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(non_torch_bytes=-1), "non_torch_bytes must be >= 0"),
+    (dict(non_torch_bytes=float("nan")), "non_torch_bytes must be finite"),
+    (dict(scale_bytes=-2), "scale_bytes must be >= 0"),
+])
+def test_bad_memory_and_scale_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        kv_cache_budget(SMALL, 10_000, 0.5, block_size=4, weight_bytes=1000, **kwargs)

@@ -80,14 +80,39 @@ def test_ring_holds_exactly_the_kept_positions(model, cls, kwargs, prefix):
     assert torch.equal(ring.v[0][:, :, ring.slot(keep)], full.v[0][:, :, keep])
 
 
-@torch.no_grad()
-def test_sliding_window_equals_mistral_sliding_window_attention(model):
-    # Decoding through a W-token window is Mistral's sliding-window attention (prompt shorter than W).
-    windowed = LlamaModel(dataclasses.replace(TINY, model_type="mistral", sliding_window=16)).eval()
+def windowed_twin(model, window):
+    """The same weights in a Mistral-style model whose own mask windows every query, the prompt's too."""
+    windowed = LlamaModel(dataclasses.replace(TINY, model_type="mistral", sliding_window=window)).eval()
     windowed.load_state_dict(model.state_dict())
+    return windowed
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("prefix", [1, 9, 16])       # prompts up to W long
+def test_sliding_window_equals_mistral_sliding_window_attention(model, prefix):
+    # A prompt of at most W tokens is inside every query's window, so prefilling it whole is what
+    # Mistral does too; after it, each decoded token attends to exactly the last W positions.
     ids = ids_for(2, 60)
-    out = decode(model, ids, SlidingWindowKVCache.for_model(model, 2, 16), prefix=9)
-    assert (out - windowed(ids)).abs().max() < 1e-4
+    out = decode(model, ids, SlidingWindowKVCache.for_model(model, 2, 16), prefix=prefix)
+    assert (out - windowed_twin(model, 16)(ids)).abs().max() < 1e-4
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("prefix", [17, 30, 45])     # prompts longer than W
+def test_sliding_window_prefills_a_long_prompt_with_full_attention(model, prefix):
+    """What the docstring says: a prompt longer than W attends to all of itself (the runtime's
+    causal prefill; the cache then keeps its last W tokens), and only decoded tokens are windowed.
+    The reference: the full model prefills a KVCache, the windowed twin decodes on it (its mask
+    shows each new token the last W positions of the full cache). Mistral itself windows the prompt
+    too, so from layer 1 on its keys differ and so do the logits."""
+    W, ids = 16, ids_for(2, 60)
+    windowed = windowed_twin(model, W)
+    out = decode(model, ids, SlidingWindowKVCache.for_model(model, 2, W), prefix=prefix)
+    full = KVCache.for_model(model, 2, ids.shape[1])
+    ref = [model(ids[:, :prefix], cache=full)]
+    ref += [windowed(ids[:, t:t + 1], cache=full) for t in range(prefix, ids.shape[1])]
+    assert (out - torch.cat(ref, 1)).abs().max() < 1e-4
+    assert (out - windowed(ids)).abs().max() > 1e-3      # not Mistral's (logits ~0.3): its prompt is windowed too
 
 
 @torch.no_grad()

@@ -248,7 +248,7 @@ def expected_kv_bytes(config, method: str, seq_len: int, budget: int | None = No
     if method == "full":
         return formulas.kv_cache_bytes(L, H, D, seq_len, dtype_bytes)
     if method == "int8":
-        return quantized_kv_cache_bytes(L, H, D, seq_len, bits=8, scale_bytes=2)
+        return quantized_kv_cache_bytes(L, H, D, seq_len, bits=8)   # Int8KVCache's fp16 scales
     if method == "document as written":
         return 0
     # the slots allocated, not min(seq_len, budget) tokens held: below the budget the ring is part empty

@@ -20,9 +20,11 @@ from .cache import check_dims, check_new_kv, check_no_gap, check_start
 from .sliding_window import model_dims
 
 QMAX = 127  # int8 codes -127..127; -128 is left unused so the grid is symmetric
+SCALE_DTYPE = torch.float16   # Int8KVCache's default scale: one per cached vector (token x KV head)
+SCALE_BYTES = torch.finfo(SCALE_DTYPE).bits // 8
 
 
-def quantize_per_token(x: torch.Tensor, scale_dtype=torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_per_token(x: torch.Tensor, scale_dtype=SCALE_DTYPE) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., D] -> (int8 codes [..., D], scales [..., 1] in scale_dtype), absmax over D."""
     xf = x.float()
     # The smallest positive (subnormal) scale, so an all-zero vector still gets a usable one: the
@@ -51,15 +53,29 @@ def dequantize_per_token(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float
     return (q.float() * scale.float()).to(dtype)
 
 
+def quantized_vector_bytes(head_dim: int, element_bytes: float = 1, scale_bytes: float = SCALE_BYTES) -> float:
+    """Bytes of one cached key or value vector (one token, one KV head): D x element_bytes + scale_bytes.
+
+    The one definition of the layout ``Int8KVCache`` allocates (``quantized_kv_cache_bytes``) and
+    the KV calculator sizes a cache by (``calculator.KV_CACHE_DTYPES``): int8 with fp16 scales is
+    1 + 2 / D bytes per element; at D = 128, 130 bytes per vector against 256 in fp16 (1.97x smaller).
+    An unscaled dtype (fp16, or fp8 with a per-tensor scale) has scale_bytes = 0.
+    """
+    formulas._positive_int(head_dim=head_dim)
+    formulas._positive(element_bytes=element_bytes)
+    formulas._nonneg(scale_bytes=scale_bytes)
+    return head_dim * element_bytes + scale_bytes
+
+
 def quantized_kv_cache_bytes(num_layers: int, num_kv_heads: int, head_dim: int, seq_len: int,
-                             bits: int = 8, scale_bytes: float = 2, batch_size: int = 1) -> float:
+                             bits: int = 8, scale_bytes: float = SCALE_BYTES, batch_size: int = 1) -> float:
     """Bytes of a KV cache quantized per token and head: 2 x L x B x Hkv x s x (D x b/8 + scale_bytes).
 
-    The ``formulas.kv_cache_bytes`` layout with each D-vector stored in b bits plus one scale;
-    int8 with fp16 scales and D = 128: 130 bytes per vector against 256 in fp16 (1.97x smaller).
+    The ``formulas.kv_cache_bytes`` layout with each D-vector stored in b bits plus one scale
+    (``quantized_vector_bytes``).
     """
     formulas._check_bits(bits)      # 0 counted the scales alone; -8 failed as "dtype_bytes must be > 0"
-    per_vector = head_dim * bits / 8 + scale_bytes
+    per_vector = quantized_vector_bytes(head_dim, bits / 8, scale_bytes)
     return formulas.kv_cache_bytes(num_layers, num_kv_heads, 1, seq_len, per_vector, batch_size)
 
 
@@ -71,7 +87,7 @@ class Int8KVCache:
     """
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int,
-                 max_seq_len: int, dtype=torch.float32, device="cpu", scale_dtype=torch.float16,
+                 max_seq_len: int, dtype=torch.float32, device="cpu", scale_dtype=SCALE_DTYPE,
                  context_len: int | None = None):
         check_dims(num_layers=num_layers, batch_size=batch_size, num_kv_heads=num_kv_heads,
                    head_dim=head_dim, max_seq_len=max_seq_len)
@@ -91,7 +107,7 @@ class Int8KVCache:
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_seq_len: int | None = None, dtype=None, device=None,
-                  scale_dtype=torch.float16):
+                  scale_dtype=SCALE_DTYPE):
         dims = model_dims(model, dtype, device, evicts=False)
         return cls(batch_size=batch_size,        # None, not 0, means the model's context
                    max_seq_len=dims["context_len"] if max_seq_len is None else max_seq_len,

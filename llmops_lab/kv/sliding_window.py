@@ -188,7 +188,14 @@ class SlidingWindowKVCache(SinkKVCache):
     it stores nothing, so it cannot be a cache. This one holds [B, Hkv, W, D] per layer and
     overwrites the oldest slot with each new token, so memory is bounded by W
     (``formulas.sliding_window_kv_tokens``). A decoded token at position p attends to positions
-    p-W+1..p, exactly Mistral's sliding-window attention.
+    p-W+1..p, as in Mistral's sliding-window attention.
+
+    The prompt, as with every compressing cache here, is prefilled with full causal attention: the
+    cache sees only keys and values, and the mask is the model's. So decoding through this cache is
+    exactly Mistral's sliding-window attention when the prompt is at most W tokens (every prompt
+    query's window then holds the whole prompt; a test checks it). With a longer prompt, Mistral
+    windows the prompt's queries too, and from layer 1 on the cached keys and values differ from
+    Mistral's (a test checks that as well, against a full prefill followed by windowed decoding).
     """
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int,
