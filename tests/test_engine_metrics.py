@@ -74,16 +74,21 @@ def test_percentile_refuses_bad_q(q):
 
 
 # -- a request of n samples: metrics per request, tokens of every sample ------------------------
-def uneven_samples(model):
-    """A seeded n=2 request whose samples end at different lengths (a stop token ends one early)."""
-    for seed in range(200):
-        params = SamplingParams(n=2, temperature=1.5, seed=seed, max_tokens=20, ignore_eos=True,
-                                stop_token_ids=list(range(2, 40)))
+def seeded_samples(model, max_tokens: int, stops: int, want):
+    """A seeded n=2 request whose sample lengths satisfy ``want(lens)`` (stop tokens among the
+    first ``stops`` ids end samples early, at different points)."""
+    for seed in range(400):
+        params = SamplingParams(n=2, temperature=1.5, seed=seed, max_tokens=max_tokens, ignore_eos=True,
+                                stop_token_ids=list(range(2, stops)))
         out = engine_alone(model, ramp(6), params)
-        lens = [len(c.token_ids) for c in out.outputs]
-        if lens[0] < lens[1] - 4:               # sample 0 the shorter: where its length was taken
+        if want([len(c.token_ids) for c in out.outputs]):
             return params, out
-    pytest.fail("no seed gave samples of different lengths")
+    pytest.fail("no seed gave samples of the lengths wanted")
+
+
+def uneven_samples(model):
+    """Sample 0 the shorter by more than 4 tokens: where the request's length used to be taken."""
+    return seeded_samples(model, 20, 40, lambda lens: lens[0] < lens[1] - 4)
 
 
 def test_n_samples_metrics_follow_the_longest_sample(tiny):
@@ -97,15 +102,8 @@ def test_n_samples_metrics_follow_the_longest_sample(tiny):
 
 def test_one_token_sample_does_not_hide_the_requests_tpot(tiny):
     """Sample 0 stops after its first token while the other runs on: TPOT is still measured."""
-    for seed in range(400):
-        params = SamplingParams(n=2, temperature=1.5, seed=seed, max_tokens=12, ignore_eos=True,
-                                stop_token_ids=list(range(2, 60)))
-        out = engine_alone(tiny, ramp(6), params)
-        lens = [len(c.token_ids) for c in out.outputs]
-        if lens[0] == 1 and lens[1] > 2:
-            break
-    else:
-        pytest.fail("no seed gave a one-token sample 0 beside a longer sample")
+    _, out = seeded_samples(tiny, 12, 60, lambda lens: lens[0] == 1 and lens[1] > 2)
+    lens = [len(c.token_ids) for c in out.outputs]
     assert out.metrics.num_output_tokens == lens[1]
     assert out.metrics.tpot is not None and out.metrics.tpot > 0     # was None
 
