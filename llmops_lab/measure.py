@@ -131,23 +131,34 @@ def time_fn(fn: Callable, *args: Any, warmup: int = 2, repeats: int = 10,
 
 def time_interleaved(fns: dict[str, Callable], warmup: int = 1, repeats: int = 3,
                      device: str | torch.device | None = None) -> dict[str, Timing]:
-    """Time several functions in alternation: each round calls every one of them once, in order.
+    """Time several functions in alternation: each round calls every one of them once.
 
     A ratio of two timings is only as good as the machine was steady between them. On a shared
     machine (this project's CPU runners among them) its speed drifts by 10-30% over tens of
     seconds; timing A's repeats and then B's puts that drift into A/B. Alternating puts it into
     both, and the medians' ratio keeps only what differs between A and B.
+
+    Round r starts at the (r mod n)-th function and goes on in ``fns``' order, wrapping around
+    (A B C, then B C A, then C A B), so over n rounds each function holds each place in the round
+    once. In a fixed order, whatever carries over from one call to the next (caches, allocator
+    state, clock boosts) went one way: the round's first call always followed the previous round's
+    last, and of two functions A always ran after B, never B after A. Rotated, two functions take
+    turns at both. (With three or more, rotation keeps their cyclic order, so a function still
+    mostly follows the same one; what rotation evens out is the place in the round.) Sample i of
+    every function comes from round i, so samples with the same index can be paired.
     """
     if not is_int(repeats) or not is_int(warmup) or repeats < 1 or warmup < 0:
         raise ValueError(f"need integers repeats >= 1 and warmup >= 0, got {repeats=} {warmup=}")
     device = _as_device(device)
-    for _ in range(warmup):
+    for _ in range(warmup):                 # untimed: the order does not matter here
         for fn in fns.values():
             fn()
     synchronize(device)
+    items = list(fns.items())
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for r in range(repeats):
+        start = r % len(items) if items else 0      # no functions: no rounds to time, {} back
+        for name, fn in items[start:] + items[:start]:
             samples[name].append(_time_once(fn, (), {}, device))
     return {name: Timing(xs) for name, xs in samples.items()}
 

@@ -69,14 +69,18 @@ def measured_vs_formula(ax, x: Sequence[float], measured: Sequence[float],
                         formulas: Mapping[str, Formula] | None = None, label: str = "measured",
                         xlabel: str | None = None, ylabel: str | None = None,
                         logx: bool = False, logy: bool = False,
-                        spread: Sequence[float] | None = None):
+                        spread: Sequence[float] | None = None,
+                        p10: Sequence[float] | None = None, p90: Sequence[float] | None = None):
     """Measured points against one or more formula curves, each named on its line.
 
     Args:
         x, measured: the measurement, one value per x.
         formula, formula_name: one formula (a callable of one x, or its values at x) and its name.
         formulas: several formulas by name, instead of or besides ``formula``.
-        spread: per-point p90 - p10 width (``Timing.spread``), drawn as ± spread / 2 error bars.
+        p10, p90: per-point percentiles (``Timing.p10``, ``Timing.p90``), with ``measured`` the
+            medians: error bars from p10 up to p90, so a lopsided spread (a few slow calls) shows.
+        spread: per-point p90 - p10 width (``Timing.spread``), drawn as ± spread / 2 error bars, for
+            when only the width is known; p10 and p90 say more.
 
     A point that cannot be drawn (None, NaN or infinite, or not positive on a log axis) is counted
     in a warning, for the measurement and for each formula: never a gap without a word.
@@ -101,6 +105,22 @@ def measured_vs_formula(ax, x: Sequence[float], measured: Sequence[float],
     order = np.argsort(x_given)  # lines and end-of-line labels assume increasing x
     x, measured = x_given[order], measured[order]
     yerr = None if spread is None else spread[order] / 2
+    if (p10 is None) != (p90 is None):
+        raise ValueError("p10 and p90 go together: an error bar needs both ends")
+    if p10 is not None:
+        if spread is not None:
+            raise ValueError("give spread or p10 and p90, not both: they draw the same error bars")
+        lo = _points("p10", p10, len(x_given))[order]
+        hi = _points("p90", p90, len(x_given))[order]
+        # matplotlib takes distances below and above each point. A median outside its own
+        # p10-p90 range means the lists do not belong together (or are in other units).
+        below, above = measured - lo, hi - measured
+        outside = np.flatnonzero((below < 0) | (above < 0))       # NaN compares False: not drawn, not refused
+        if len(outside):
+            i = outside[0]
+            raise ValueError(f"measured must lie between p10 and p90; at x={x[i]:g}: "
+                             f"p10 {lo[i]:g}, measured {measured[i]:g}, p90 {hi[i]:g}")
+        yerr = np.stack([below, above])
     _warn_hidden(f"measured_vs_formula: {label!r}", x, measured, logx, logy)
 
     ax.errorbar(x, measured, yerr=yerr, fmt="o", capsize=3, label=label, zorder=3)

@@ -72,7 +72,7 @@ def decode_throughput(model, batch_size: int = 1, prompt_len: int = 16, new_toke
                       repeats: int = 3, static: bool = False) -> measure.Timing:
     """Measured seconds per decode step (prefill excluded: the time of ``new_tokens`` generated
     minus the time of one, over new_tokens - 1) for a random prompt batch; tokens/s is
-    ``batch_size / timing.median``."""
+    ``batch_size / timing.median``. One sample per repeat: the two runs of that round's pair."""
     formulas._positive_int(batch_size=batch_size, prompt_len=prompt_len)
     formulas._integer("new_tokens", new_tokens, 2)  # the time of 1 token is taken off the time of new_tokens
     ctx = model.config.max_position_embeddings
@@ -85,9 +85,13 @@ def decode_throughput(model, batch_size: int = 1, prompt_len: int = 16, new_toke
         run = lambda n: generate_static(model, ids, n)
     else:
         run = lambda n: model.generate(ids, max_new_tokens=n, stop_token_ids=())
-    full = measure.time_fn(run, new_tokens, warmup=1, repeats=repeats, device=model.device)
-    first = measure.time_fn(run, 1, warmup=1, repeats=repeats, device=model.device)
-    per_step = [(f - first.median) / (new_tokens - 1) for f in full.samples]
+    # The two runs are timed in alternation and subtracted round by round (sample i of each comes
+    # from round i), so the prefill is taken off at the speed the machine had in that round. Timed
+    # one after the other, the two runs sat at different points of the machine's drift (10-30% on
+    # a shared machine), and the change in speed between them was read as decode time.
+    times = measure.time_interleaved({"full": lambda: run(new_tokens), "first": lambda: run(1)},
+                                     warmup=1, repeats=repeats, device=model.device)
+    per_step = [(f - o) / (new_tokens - 1) for f, o in zip(times["full"].samples, times["first"].samples)]
     return measure.Timing(per_step)
 
 

@@ -60,7 +60,8 @@ def test_time_interleaved_alternates_and_times_each():
     calls = []
     fns = {"a": lambda: calls.append("a"), "b": lambda: (calls.append("b"), time.sleep(0.004))}
     t = measure.time_interleaved(fns, warmup=1, repeats=3)
-    assert calls == ["a", "b"] * 4                      # one warm-up round, then three timed rounds
+    # one warm-up round, then three timed rounds, each starting one function later
+    assert calls == ["a", "b"] + ["a", "b"] + ["b", "a"] + ["a", "b"]
     assert set(t) == {"a", "b"} and all(len(x.samples) == 3 for x in t.values())
     assert t["b"].median > 0.003 > t["a"].median
     with pytest.raises(ValueError):
@@ -88,6 +89,95 @@ def test_time_interleaved_ratio_survives_a_machine_that_slows_down(monkeypatch):
     ta = measure.time_interleaved({"a": a}, warmup=0, repeats=5)
     tb = measure.time_interleaved({"b": b}, warmup=0, repeats=5)
     assert tb["b"].median / ta["a"].median == pytest.approx(4.0)
+
+
+def test_time_interleaved_rotates_which_function_goes_first():
+    """Round r starts at function r mod n, so over n rounds each function holds each place once."""
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    t = measure.time_interleaved(fns, warmup=1, repeats=4)
+    rounds = ["".join(calls[i:i + 3]) for i in range(0, len(calls), 3)]
+    assert rounds == ["abc", "abc", "bca", "cab", "abc"]      # warm-up in order, then rotated rounds
+    assert list(t) == ["a", "b", "c"] and all(len(x.samples) == 4 for x in t.values())
+    assert measure.time_interleaved({}, warmup=1, repeats=2) == {}
+
+
+def _fake_clock(monkeypatch):
+    import types
+    now = [0.0]
+    monkeypatch.setattr(measure, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    return now
+
+
+def _fixed_order_medians(fns, repeats):
+    """The rounds as time_interleaved timed them before rotation: the same order every round."""
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(measure._time_once(fn, (), {}, torch.device("cpu")))
+    return {name: Timing(xs).median for name, xs in samples.items()}
+
+
+def test_time_interleaved_rotation_spreads_the_cost_of_opening_a_round(monkeypatch):
+    """The first call of every round runs slow (say, after the bookkeeping between rounds). In a
+    fixed order A paid it every round; rotated, each function pays it once in three rounds."""
+    now, calls = _fake_clock(monkeypatch), [0]
+
+    def make():
+        def fn():
+            now[0] += 0.001 * (3 if calls[0] % 3 == 0 else 1)
+            calls[0] += 1
+        return fn
+    fns = {n: make() for n in "abc"}
+    t = measure.time_interleaved(fns, warmup=0, repeats=3)
+    assert [x.median for x in t.values()] == pytest.approx([0.001] * 3)
+    calls[0] = 0
+    assert list(_fixed_order_medians(fns, 3).values()) == pytest.approx([0.003, 0.001, 0.001])
+
+
+def test_time_interleaved_rotation_spreads_what_one_call_leaves_the_next(monkeypatch):
+    """Of two functions, a call right after B runs slow (B leaves the cache cold, say). In a fixed
+    order A always followed B and read 3x slower; rotated (A B, B A, ...) each follows the other as
+    often, and their medians agree."""
+    now, last = _fake_clock(monkeypatch), [None]
+
+    def make(name):
+        def fn():
+            now[0] += 0.001 * (3 if last[0] == "b" else 1)
+            last[0] = name
+        return fn
+    fns = {n: make(n) for n in "ab"}
+    t = measure.time_interleaved(fns, warmup=0, repeats=5)
+    assert t["a"].median == pytest.approx(t["b"].median)
+    last[0] = None
+    fixed = _fixed_order_medians(fns, 5)
+    assert fixed["a"] / fixed["b"] == pytest.approx(3.0)
+
+
+def test_decode_throughput_subtracts_the_one_token_run_of_the_same_round(monkeypatch):
+    """A generate call costs (prefill + n steps) times the machine's slowness, which grows every
+    round. The per-step samples must be exactly one step at that round's speed: the prefill and
+    the drift cancel within a round. Timed one run after the other and subtracting the other run's
+    median, the prefill's drift was read as decode time."""
+    import types
+
+    from llmops_lab import roofline
+    now, calls = [0.0], [0]
+    prefill, step = 0.010, 0.001
+    monkeypatch.setattr(measure, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+
+    def slowness():            # steady within a round of two calls, 50% slower each round
+        return 1.0 + 0.5 * (calls[0] // 2)
+
+    def generate(ids, max_new_tokens, stop_token_ids):
+        now[0] += slowness() * (prefill + max_new_tokens * step)
+        calls[0] += 1
+    model = types.SimpleNamespace(
+        config=types.SimpleNamespace(max_position_embeddings=64, vocab_size=32),
+        device=torch.device("cpu"), generate=generate)
+    t = roofline.decode_throughput(model, 1, prompt_len=4, new_tokens=9, repeats=3)
+    assert calls[0] == 2 + 2 * 3                                # one warm-up round, three timed
+    assert t.samples == pytest.approx([step * s for s in (1.5, 2.0, 2.5)])
 
 
 def test_time_fn_rejects_cuda_without_gpu():

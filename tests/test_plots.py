@@ -70,6 +70,45 @@ def test_measured_vs_formula_refuses_mismatched_lengths():
         plots.measured_vs_formula(ax, [], [], lambda x: x, formula_name="f")
 
 
+def _error_bars(ax):
+    """(x, bottom, top) of each drawn error bar of the first errorbar container."""
+    (bars,) = ax.containers[0].lines[2]
+    return np.array(sorted((seg[0][0], seg[0][1], seg[1][1]) for seg in bars.get_segments() if len(seg)))
+
+
+def test_measured_vs_formula_draws_p10_to_p90_around_the_median():
+    """Error bars were ± (p90 - p10) / 2 around the median, which hid a lopsided spread (a few slow
+    calls pull p90 up, not p10 down) and could reach below p10. With p10 and p90 they run from p10
+    to p90 exactly, reordered with x like the points."""
+    from llmops_lab.measure import Timing
+    _, ax = plots.new_figure()
+    slow_tail = Timing([1.0, 1.0, 1.0, 1.0, 1.1, 1.1, 1.1, 2.0, 3.0, 5.0])  # median 1.1, p10 1.0, p90 3.2
+    steady = Timing([0.9, 1.0, 1.1])
+    ts = {2: slow_tail, 1: steady}
+    plots.measured_vs_formula(ax, list(ts), [t.median for t in ts.values()],
+                              p10=[t.p10 for t in ts.values()], p90=[t.p90 for t in ts.values()])
+    np.testing.assert_allclose(_error_bars(ax), [(1, steady.p10, steady.p90), (2, slow_tail.p10, slow_tail.p90)])
+    assert slow_tail.p90 - slow_tail.median > 10 * (slow_tail.median - slow_tail.p10)   # lopsided, as drawn
+    # spread alone (a width) still draws the symmetric bars it always did
+    _, ax = plots.new_figure()
+    plots.measured_vs_formula(ax, [1, 2], [1.0, 2.0], spread=[0.2, 0.4])
+    np.testing.assert_allclose(_error_bars(ax), [(1, 0.9, 1.1), (2, 1.8, 2.2)])
+
+
+def test_measured_vs_formula_refuses_p10_p90_that_do_not_fit():
+    _, ax = plots.new_figure()
+    with pytest.raises(ValueError, match="p10 and p90 go together"):
+        plots.measured_vs_formula(ax, [1, 2], [1.0, 2.0], p10=[0.9, 1.9])
+    with pytest.raises(ValueError, match="spread or p10 and p90"):
+        plots.measured_vs_formula(ax, [1, 2], [1.0, 2.0], spread=[0.1, 0.1], p10=[0.9, 1.9], p90=[1.1, 2.1])
+    with pytest.raises(ValueError, match="2 p90 values for 3 x values"):
+        plots.measured_vs_formula(ax, [1, 2, 3], [1.0, 2.0, 3.0], p10=[0.9, 1.9, 2.9], p90=[1.1, 2.1])
+    # matplotlib's "'yerr' must not contain negative values" did not say which point or why
+    with pytest.raises(ValueError, match=r"between p10 and p90; at x=2: p10 2.5, measured 2, p90 3"):
+        plots.measured_vs_formula(ax, [1, 2], [1.0, 2.0], p10=[0.9, 2.5], p90=[1.1, 3.0])
+    assert not ax.containers                                      # refused before anything was drawn
+
+
 def test_formulas_get_the_x_values_as_given():
     """Integer x stays integer for the formula (the formulas refuse 512.0 tokens), numpy's too."""
     from llmops_lab import formulas
