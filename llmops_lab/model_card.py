@@ -1,12 +1,13 @@
 """The embedded models' card (data/models/README.md), written from measurements, never by hand."""
 from __future__ import annotations
 
+import inspect
 import json
 
 import torch
 
 from . import corpus
-from .evaluate import encode, greedy_agreement, held_out_prompts, perplexity
+from .evaluate import encode, greedy_agreement, held_out_prompts, perplexity, scored_tokens
 from .loader import DATA_DIR, load_model, load_tokenizer
 
 CARD = DATA_DIR / "models" / "README.md"
@@ -38,10 +39,22 @@ def _chain(commands: list[str]) -> str:
 
 
 def write_card() -> str:
+    """Measure the pair, write ``card.json`` and the card rendered from it; returns the card's path."""
     torch.manual_seed(0)
     runs = {w: json.loads((DATA_DIR / "models" / w / "training.json").read_text()) for w in ("target", "draft")}
-    m = measure_pair()
-    (DATA_DIR / "models" / "card.json").write_text(json.dumps({"training": runs, "measured": m}, indent=2) + "\n")
+    card = {"training": runs, "measured": measure_pair()}
+    (DATA_DIR / "models" / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    CARD.write_text(render_card(card))
+    return str(CARD)
+
+
+def render_card(card: dict) -> str:
+    """The card's text from ``card.json``'s contents (training runs and measurements) and the models'
+    config.json files; measures nothing, so the committed card can be checked against it."""
+    from .train import evaluate
+    runs, m = card["training"], card["measured"]
+    final_windows = inspect.signature(evaluate).parameters["max_windows"].default
+    ppl_scored = scored_tokens(m["validation_tokens"], window=1024)
     rows = []
     for w in ("target", "draft"):
         r = runs[w]
@@ -85,9 +98,15 @@ tokens after each of {m['n_prompts']} held-out 32-token prompts; per prompt from
 acceptance probability of greedy speculative decoding.
 
 These are small models: they write plausible-looking verse with Shakespeare's layout (speaker
-names, stage directions) and little sense. Perplexity exp(val loss) in the table above
-(training-time validation over 16 windows) and the column measured here over all
-{m['validation_tokens']} validation tokens can differ slightly.
+names, stage directions) and little sense.
+
+The table's val loss is the finished model's mean next-token cross-entropy at the end of its run
+(`evaluate()` in `llmops_lab/train.py`) over the first {final_windows} consecutive {t['seq_len']}-token
+windows ({final_windows * t['seq_len']:,} predicted tokens) of the validation works tokenized as one
+stream, *Hamlet* then *The Tempest*, each work wrapped as `<s>` text `</s>`; the validation losses
+logged during training use only the first 16 windows. The perplexity column is measured here on
+`data/corpus/validation.txt` (the two works joined by a blank line, no `<s>` or `</s>`), over its
+{ppl_scored // 1024} whole 1024-token windows ({ppl_scored:,} of its {m['validation_tokens']:,} tokens),
+so it and exp(val loss) differ slightly.
 """
-    CARD.write_text(text)
-    return str(CARD)
+    return text

@@ -80,6 +80,18 @@ def test_model_card_records_the_measurements():
     assert "python -m llmops_lab.train" in text and f"{card['measured']['greedy_acceptance']:.3f}" in text
 
 
+def test_model_card_is_what_write_card_renders():
+    """The committed card is the text rendered from card.json, so a wording fix in model_card.py
+    reaches README.md. Its val loss column is train.py's final evaluate() (64 windows: the card
+    said 16, the in-loop evaluation's count)."""
+    from llmops_lab.model_card import CARD, render_card
+    card = json.loads((llmops_lab.loader.DATA_DIR / "models" / "card.json").read_text())
+    text = render_card(card)
+    assert CARD.read_text() == text
+    assert "first 64 consecutive 1024-token" in text and "over 16 windows" not in text
+    assert "94,208 of its 94,959 tokens" in text        # perplexity scores whole windows only
+
+
 def test_generate_text_round_trip(tokenizer):
     m = llmops_lab.load_model("target", device="cpu")
     out = llmops_lab.generate_text(m, tokenizer, ["HAMLET.", "Enter"], max_new_tokens=8)

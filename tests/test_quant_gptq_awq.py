@@ -5,9 +5,7 @@ import pytest
 import torch
 
 import llmops_lab
-from llmops_lab import corpus
-from llmops_lab.evaluate import encode
-from llmops_lab.quant import awq
+from llmops_lab.quant import awq, embedded_calibration
 from llmops_lab.quant.awq import AWQConfig, awq_quantize_model, scale_layer, search_clip, search_scales
 from llmops_lab.quant.gptq import (LINEAR_NAMES, GPTQConfig, HessianAccumulator, LayerRunner,
                                    gptq_quantize_model, gptq_quantize_weight, hessian_from_inputs)
@@ -21,8 +19,7 @@ def target():
 
 @pytest.fixture(scope="module")
 def calib(target):
-    ids = encode(llmops_lab.load_tokenizer("target"), corpus.read_slice("calibration"))
-    return ids[: 8 * 128].view(8, 128)                                  # [n_seq, seq_len]
+    return embedded_calibration()          # [8, 128]: the default set, windows from across the slice
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,8 @@
 
 Both methods fit the quantized weights to the activations a few hundred sequences produce (GPTQ's
 Hessian X^T X, AWQ's per-channel activation scale). The embedded corpus ships a calibration slice
-(``data/corpus/calibration.txt``: the training distribution, never the held-out validation text).
+(``data/corpus/calibration.txt``: up to 3,000 characters from the middle of each of the 40 training
+works, in turn; the training distribution, never the held-out validation text).
 """
 from __future__ import annotations
 
@@ -12,14 +13,18 @@ DEFAULT_SEQUENCES, DEFAULT_SEQ_LEN = 8, 128
 
 
 def embedded_calibration(n_seq: int = DEFAULT_SEQUENCES, seq_len: int = DEFAULT_SEQ_LEN) -> torch.Tensor:
-    """[n_seq, seq_len] token ids of the embedded calibration slice, for the embedded models."""
-    from .. import corpus
-    from ..evaluate import encode
+    """[n_seq, seq_len] token ids of the embedded calibration slice, for the embedded models: n_seq
+    windows of seq_len tokens at seeded random places (seed 0) anywhere in the whole slice, drawn by
+    ``quality.calibration_ids`` (the sampler of the notebook's calibration study, GPTQ's own way of
+    sampling C4), so the windows come from works across the slice, not one work's excerpt. Windows
+    may overlap. The default 8 x 128 takes windows from 7 different works, from 2% to 79% of the way
+    through the file. (It used to take the slice's first n_seq x seq_len tokens: the default was
+    then all *All's Well That Ends Well* and a few lines of the next work.)"""
+    from ..formulas import _positive_int
     from ..loader import load_tokenizer
-    ids = encode(load_tokenizer("target"), corpus.read_slice("calibration"))
-    if len(ids) < n_seq * seq_len:
-        raise ValueError(f"the calibration slice has {len(ids)} tokens, fewer than {n_seq} x {seq_len}")
-    return ids[: n_seq * seq_len].view(n_seq, seq_len)
+    from .quality import calibration_ids
+    _positive_int(n_seq=n_seq, seq_len=seq_len)        # 0 windows: a ValueError, not torch.stack's error
+    return calibration_ids(load_tokenizer("target"), "calibration", n_seq, seq_len, seed=0)
 
 
 def as_calibration_ids(calibration) -> torch.Tensor:

@@ -59,10 +59,11 @@ def run_sizes(full: bool | None = None) -> QuantRunSizes:
                          (1, 4, 16, 64), (1,))
 
 
-# Calibration texts: the training distribution, then farther and farther from it.
+# Calibration texts: the training distribution, then farther and farther from it. The Folio text is
+# not unseen: it is Macbeth, a training play, in First Folio spelling and typography.
 CALIBRATION_SOURCES = {
     "calibration": "Shakespeare, modern spelling (the training distribution)",
-    "calibration_folio": "Macbeth in First Folio spelling (same author, shifted spelling)",
+    "calibration_folio": "Macbeth, a training play, in First Folio spelling (same text, shifted spelling)",
     "python_source": "this package's own Python source (code and English docstrings)",
     "random_tokens": "uniformly random token ids (no language at all)",
 }

@@ -307,7 +307,8 @@ def quantize(model: nn.Module, method: str = "rtn", bits=DEFAULT, group_size=DEF
             (``damp_percent=0.1``, ``desc_act=True``, ``w_bit=3``, ...). bnb: ``threshold``,
             ``compute_dtype``.
         calibration: token ids [n_seq, seq_len] or a list of 1-D tensors (cut to the shortest);
-            default: the embedded calibration slice (8 x 128 tokens; for the embedded models).
+            default: the embedded calibration slice (8 seeded random windows of 128 tokens across
+            it, ``calibration.embedded_calibration``; for the embedded models).
         scale_dtype: storage of the scales and zero points (rtn, gptq, awq); the codes are chosen
             against the scales rounded up to it. fp16 cannot hold scales of very large weights, nor
             (within the half-step bound) the subnormal scales of very small ones, under 6.1e-5: that
