@@ -536,7 +536,10 @@ def test_during_snapshot_of_a_request_without_output_is_its_prompt():
     has no decode step to land on, so it holds its prompt."""
     from llmops_lab.paged import simulate
     reqs = [simulate.Request(5, 0), simulate.Request(3, 4)]
+    found, lens = simulate.in_flight(reqs * 20, "during")
+    for r, n in zip(found, lens):
+        assert n == 5 if r.output_len == 0 else 4 <= n <= 7
+    assert {r.output_len for r in found} == {0, 4}   # found too, for its one step (the prefill)
     lens = simulate.current_lengths(reqs, "during")
-    assert lens[0] == 5 and 4 <= lens[1] <= 7
     assert simulate.memory_report(reqs, 100, 4, when="during")["used_tokens"] == sum(lens)
     assert simulate.parallel_sampling_blocks(10, [0], 4) == {"shared_blocks": 3, "copies": 0, "separate_blocks": 3}
