@@ -96,9 +96,18 @@ def kv(a) -> str:
                      f"bytes of scales, one per token and KV head as Int8KVCache stores them)")
     else:
         per_token = f"{b.bytes_per_token / 2**10:.1f} KiB ({a.kv_dtype}: 2 x {L} x {hkv} x {D} x {elem:g} bytes)"
-    windowed = b.blocks_per_sequence != formulas.num_blocks(b.max_model_len, b.block_size)
     chunk = (f" and a prefill chunk of up to {b.max_num_batched_tokens:,} tokens (vLLM v1's count)"
              if b.max_num_batched_tokens is not None else "")
+    if b.blocks_per_sequence == formulas.num_blocks(b.max_model_len, b.block_size):
+        window_note = ""
+    elif b.max_model_len > b.sliding_window:
+        window_note = (f"; with its sliding window of {b.sliding_window:,} tokens{chunk} it holds "
+                       f"{b.blocks_per_sequence:,} blocks ({b.blocks_per_sequence * b.bytes_per_block / gib:.3f} "
+                       f"GiB): blocks that leave the window are freed")
+    else:           # the window covers the whole request: only vLLM v1's count, one block more, differs
+        window_note = (f"; its sliding window of {b.sliding_window:,} tokens covers the whole request, "
+                       f"and vLLM v1's count gives it {b.blocks_per_sequence:,} blocks (the one a window "
+                       f"may straddle added)")
     rows = [
         ("model", f"{config.name or a.model}: {L} layers, {heads} KV heads "
                   f"of {D} (of {config.num_attention_heads} query heads)"),
@@ -110,10 +119,7 @@ def kv(a) -> str:
         ("KV cache", f"{max(b.kv_bytes_available, 0) / gib:.2f} GiB"),
         ("KV per token", per_token),
         ("KV per sequence", f"{b.bytes_per_token * b.max_model_len / gib:.3f} GiB at {b.max_model_len:,} tokens"
-         + ("" if not windowed else
-            f"; with its sliding window of {b.sliding_window:,} tokens{chunk} it holds {b.blocks_per_sequence:,} "
-            f"blocks ({b.blocks_per_sequence * b.bytes_per_block / gib:.3f} GiB): blocks that leave the window "
-            f"are freed")),
+         + window_note),
         ("blocks", f"{b.num_gpu_blocks:,} of {b.block_size} tokens"),
         ("sequences", f"{b.max_num_seqs:,} of {b.max_model_len:,} tokens at once ({b.max_concurrency:.2f}x)"),
     ]

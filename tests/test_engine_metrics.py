@@ -210,3 +210,15 @@ def test_static_batch_captures_its_graph_before_the_clock_starts(tiny, monkeypat
     monkeypatch.setattr(static_mod, "_clock", lambda dev: events.append("clock") or clock(dev))
     run_static_batch(tiny, [[5, 6, 7], [8]], [SamplingParams(**GREEDY, max_tokens=3)] * 2, static_cache=True)
     assert events[0] == "capture" and events.count("capture") == 1
+
+
+def test_the_continuous_formula_reads_each_requests_own_length():
+    """n_out counts every sample's tokens (throughput); the formulas' mean context takes the
+    request's longest sample, n_out_longest, so n > 1 does not stretch the context."""
+    from llmops_lab.engine import experiment
+    rows = [{"n_in": 10, "n_out": 40, "n_out_longest": 20, "request_id": "a", "arrival": 0.0},
+            {"n_in": 10, "n_out": 20, "n_out_longest": 20, "request_id": "b", "arrival": 0.0}]
+    run = RunResult("x", requests=rows, steps=[{"num_seqs": 2}])
+    seen = []
+    experiment.predict(run, lambda n, ctx: seen.append(ctx) or 0.01, "continuous", 2)
+    assert seen == [20.0]                              # 10 + 20 / 2 for both, not 10 + 40 / 2 for one

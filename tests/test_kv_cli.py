@@ -58,3 +58,19 @@ def test_help_states_the_differences_from_vllm(capsys):
     for phrase in ("upper bounds", "outside PyTorch", "cdiv(min(W - 1 + max_num_batched_tokens, max_model_len), "
                    "block_size) + 1", "per-tensor scales", "Int8KVCache"):
         assert phrase in text, phrase
+
+
+def test_a_window_longer_than_the_request_frees_nothing(capsys):
+    """Mistral's 4,096-token window over a 2,048-token request: nothing leaves the window, so the
+    line says so, and gives vLLM v1's count (the full blocks and the one a window may straddle)."""
+    out = run(capsys, "mistral-7b", "--max-model-len", "2048", "--max-num-batched-tokens", "8192")
+    line = next(l for l in out.splitlines() if l.startswith("KV per sequence"))
+    assert "covers the whole request" in line and "129 blocks" in line and "are freed" not in line
+
+
+def test_splitting_over_gpus_is_suggested_only_when_the_weights_do_not_fit():
+    with pytest.raises(ValueError) as e:          # 13 GB of weights fit; the non-torch memory does not
+        kv_cache_budget("llama-2-7b", GPU_MEMORY["H100 80GB"], non_torch_bytes=80 * 2**30)
+    assert "tensor_parallel_size" not in str(e.value)
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        kv_cache_budget("llama-2-70b", GPU_MEMORY["H100 80GB"])

@@ -320,10 +320,8 @@ def test_a_busy_server_snapshot_is_the_time_average():
              "contiguous, oracle": 1 - used / sum(r.total for r, _ in steps),
              "paged": 1 - used / sum(formulas.paged_reserved_tokens(s, 16) for _, s in steps)}
     snap = simulate.memory_report(reqs, 2048, 16, when="during")["waste"]
-    for name, w in exact.items():
-        assert abs(snap[name] - w) < 0.2 * w, (name, snap[name], w)
-    once = [r.prompt_len + (r.output_len + 1) / 2 for r in reqs]      # each request once, mean step
-    assert 1 - sum(once) / (2048 * len(once)) > exact["contiguous, max length"] + 0.05
+    for name, w in exact.items():     # drawing each request once gave 0.841, 0.328, 0.022
+        assert abs(snap[name] - w) < 0.005, (name, snap[name], w)
 
 
 def test_a_refused_batch_leaves_no_uncomputed_block_in_the_prefix_cache(tiny):

@@ -59,7 +59,7 @@ def decode_rows(ctx: BenchContext, bandwidth: float) -> list[dict]:
         return lambda: outs.__setitem__(label, fn())
 
     with torch.inference_mode():
-        # The eager runners are timed in alternation, one call of each per round: "ours, eager"
+        # Every runner but the compiled one is timed in alternation, one call of each per round: "ours, eager"
         # against transformers is judged against a target, and timed one after the other the
         # machine's drift (10-30% on a shared machine) went into that ratio. Each row's value keeps
         # its meaning (new tokens / the median of 3 timed calls after 1 warm-up); since the eager

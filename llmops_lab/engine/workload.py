@@ -155,6 +155,7 @@ def _row(out, t0: float) -> dict:
             "first_token": rel(m.first_token_time), "finish": rel(m.finish_time),
             "last_token": rel(m.last_token_time if m.last_token_time is not None else m.finish_time),
             "n_in": len(out.prompt_token_ids), "n_out": sum(len(c.token_ids) for c in out.outputs),
+            "n_out_longest": max(len(c.token_ids) for c in out.outputs),      # the request's own length
             "ttft": m.ttft, "tpot": m.tpot, "e2e": m.e2e, "finish_reason": out.outputs[0].finish_reason,
             "preemptions": out.outputs[0].num_preemptions}
 

@@ -191,8 +191,9 @@ def kv_cache_budget(config: ModelConfig | str, gpu_memory_bytes: float, gpu_memo
                          f"{formulas.to_gib(weight_bytes + activation_bytes + non_torch_bytes):.2f} GiB of "
                          f"weights, activations and non-torch memory; one block needs "
                          f"{per_token * block_size:,.0f} bytes more"
-                         + ("" if tp > 1 else " (a model this size is split over GPUs: tensor_parallel_size, "
-                            "-tp on the command line)"))
+                         + ("" if tp > 1 or weight_bytes < gpu_memory_bytes * gpu_memory_utilization
+                            else " (a model this size is split over GPUs: tensor_parallel_size, "
+                                 "-tp on the command line)"))
     return KVBudget(model=config.name, gpu_memory_bytes=gpu_memory_bytes,
                     gpu_memory_utilization=gpu_memory_utilization, weight_bytes=weight_bytes,
                     activation_bytes=activation_bytes, kv_bytes_available=available,

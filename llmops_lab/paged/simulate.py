@@ -23,8 +23,7 @@ from ..engine import BlockManager, Sequence
 # token states in Orca reserving each request's maximum length (20.4%) and, as an oracle, its exact
 # final length (38.2%; the rest there is reservation ahead of the tokens and external fragmentation,
 # which our oracle scheme does not have), and the waste vLLM measured with paging.
-VLLM_PAPER = {"earlier_systems_used": (0.204, 0.382), "orca_max_used": 0.204, "orca_oracle_used": 0.382,
-              "paged_waste_below": 0.04}
+VLLM_PAPER = {"orca_max_used": 0.204, "orca_oracle_used": 0.382, "paged_waste_below": 0.04}
 
 
 @dataclass(frozen=True)

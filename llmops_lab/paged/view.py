@@ -47,8 +47,8 @@ def plot_waste_vs_block_size(ax, requests, max_len: int, block_sizes, when: str 
                               xlabel="block size (tokens)", ylabel="fraction of reserved KV wasted", logx=True)
     ax.axhline(reports[0]["waste"]["contiguous, max length"], color="black", linestyle="--",
                label="contiguous, max length")
-    ax.axhspan(1 - simulate.VLLM_PAPER["earlier_systems_used"][1], 1 - simulate.VLLM_PAPER["earlier_systems_used"][0],
-               color="grey", alpha=0.2, label="earlier systems' waste (vLLM paper)")
+    ax.axhline(1 - simulate.VLLM_PAPER["orca_max_used"], color="grey", linestyle=":",
+               label="Orca (Max) waste, vLLM paper: the max-length row's peer")
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(block_sizes), labels=[str(b) for b in block_sizes])
     ax.legend(fontsize="small")
