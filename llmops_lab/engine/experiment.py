@@ -239,8 +239,8 @@ def predict(result: RunResult, step_time, kind: str, max_num_seqs: int) -> dict:
     if any(r["n_out"] < 1 for r in reqs):   # the formula's max(L_i) must be >= 1: it failed naming max_len
         raise ValueError(f"run {result.name!r} has requests with no output tokens (failed or aborted): "
                          f"the formulas predict completed requests only")
-    # a request's length is its longest sample's (n_out counts every sample's tokens; rows made
-    # before n_out_longest existed held one sample)
+    # a request's length is its longest sample's (n_out counts every sample's tokens; the rows
+    # without n_out_longest, transformers' and hand-made ones, hold one sample)
     ctx = sum(r["n_in"] + r.get("n_out_longest", r["n_out"]) / 2 for r in reqs) / len(reqs)
     if kind == "static":
         order = sorted(reqs, key=lambda r: (r["arrival"], r["request_id"]))
