@@ -239,6 +239,9 @@ class LlamaModel(nn.Module):
             else:
                 positions = torch.arange(start, start + S, device=input_ids.device).expand(B, S)
         packed = getattr(cache, "packed", False)
+        if attention_mask is not None and getattr(cache, "evicts", False):
+            raise ValueError(f"{type(cache).__name__} keeps only some positions, so an attention_mask over "
+                             f"all of them cannot apply: give it rows of equal length, without padding")
         if cache is not None and not packed:        # the engine's packed batch is built for this model
             check_cache_fits(cache, self)
         if packed and positions is None:
@@ -252,6 +255,10 @@ class LlamaModel(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(positions, x.dtype)
         mask = None if packed else build_mask(start, S, attention_mask, self.config.sliding_window, x.device)
+        if S > 1 and hasattr(cache, "prefill_mask"):  # a cache that keeps a window masks its prompt alike
+            window = cache.prefill_mask(S, x.device)
+            if window is not None:
+                mask = window if mask is None else mask & window
         is_causal = mask is None and S > 1 and not packed
         attn = get_backend(backend) if backend is not None else self.backend
         for layer in self.model.layers:

@@ -88,39 +88,46 @@ def windowed_twin(model, window):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("prefix", [1, 9, 16])       # prompts up to W long
+@pytest.mark.parametrize("prefix", [1, 9, 16, 17, 30, 45])      # prompts up to W long, and longer
 def test_sliding_window_equals_mistral_sliding_window_attention(model, prefix):
-    # A prompt of at most W tokens is inside every query's window, so prefilling it whole is what
-    # Mistral does too; after it, each decoded token attends to exactly the last W positions.
+    # A prompt of at most W tokens is inside every query's window; a longer one is windowed by the
+    # cache's prefill_mask, as Mistral windows its prompt. Each decoded token then attends to exactly
+    # the last W positions, so every logit equals Mistral's.
     ids = ids_for(2, 60)
     out = decode(model, ids, SlidingWindowKVCache.for_model(model, 2, 16), prefix=prefix)
     assert (out - windowed_twin(model, 16)(ids)).abs().max() < 1e-4
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("prefix", [17, 30, 45])     # prompts longer than W
-def test_sliding_window_prefills_a_long_prompt_with_full_attention(model, prefix):
-    """What the docstring says: a prompt longer than W attends to all of itself (the runtime's
-    causal prefill; the cache then keeps its last W tokens), and only decoded tokens are windowed.
-    The reference: the full model prefills a KVCache, the windowed twin decodes on it (its mask
-    shows each new token the last W positions of the full cache). Mistral itself windows the prompt
-    too, so from layer 1 on its keys differ and so do the logits."""
-    W, ids = 16, ids_for(2, 60)
-    windowed = windowed_twin(model, W)
-    out = decode(model, ids, SlidingWindowKVCache.for_model(model, 2, W), prefix=prefix)
-    full = KVCache.for_model(model, 2, ids.shape[1])
-    ref = [model(ids[:, :prefix], cache=full)]
-    ref += [windowed(ids[:, t:t + 1], cache=full) for t in range(prefix, ids.shape[1])]
-    assert (out - torch.cat(ref, 1)).abs().max() < 1e-4
-    assert (out - windowed(ids)).abs().max() > 1e-3      # not Mistral's (logits ~0.3): its prompt is windowed too
+@pytest.mark.parametrize("num_sinks, window", [(4, 12), (1, 5), (0, 9)])
+@pytest.mark.parametrize("prefix", [3, 16, 17, 40])  # below, at and past num_sinks + window
+def test_a_prompt_prefilled_at_once_sees_what_it_would_streamed(model, num_sinks, window, prefix):
+    """StreamingLLM streams its text token by token through the cache; a prompt prefilled in one
+    pass (prefill_mask: sinks and the last W positions) gives the same logits at every position."""
+    ids = ids_for(2, 48)
+    at_once = decode(model, ids, SinkKVCache.for_model(model, 2, window, num_sinks=num_sinks), prefix=prefix)
+    streamed = decode(model, ids, SinkKVCache.for_model(model, 2, window, num_sinks=num_sinks), prefix=1)
+    assert (at_once - streamed).abs().max() < 1e-4
+
+
+def test_prefill_mask_is_the_reach_of_a_decode_step():
+    cache = SinkKVCache(1, 1, 1, 4, window_size=3, num_sinks=2)
+    assert cache.prefill_mask(5) is None                   # 5 = num_sinks + window: all in reach
+    m = cache.prefill_mask(7)[0, 0]
+    assert m[6].tolist() == [True, True, False, False, True, True, True]   # sinks 0-1, window 4-6
+    assert m[5].tolist() == [True, True, False, True, True, True, False]
+    assert not m.triu(1).any()                             # causal
 
 
 @torch.no_grad()
-def test_h2o_without_heavy_hitters_is_a_sliding_window(model):
+@pytest.mark.parametrize("prefix", [1, 16, 30])
+def test_h2o_without_heavy_hitters_is_a_sliding_window(model, prefix):
+    """Equal while the prompt fits the window. Past it they part: H2O attends to the whole prompt,
+    as the paper's implementation prefills before it evicts, and the window masks the prompt."""
     ids = ids_for(2, 60)
-    a = decode(model, ids, HeavyHitterKVCache.for_model(model, 2, heavy_size=0, recent_size=16), prefix=30)
-    b = decode(model, ids, SlidingWindowKVCache.for_model(model, 2, 16), prefix=30)
-    assert (a - b).abs().max() < 1e-5
+    a = decode(model, ids, HeavyHitterKVCache.for_model(model, 2, heavy_size=0, recent_size=16), prefix=prefix)
+    b = decode(model, ids, SlidingWindowKVCache.for_model(model, 2, 16), prefix=prefix)
+    assert ((a - b).abs().max() < 1e-5) == (prefix <= 16)
 
 
 def h2o_reference(q, k, heavy, recent, prefix):
@@ -227,6 +234,16 @@ def test_document_class_in_the_runtime_forgets_the_prompt(model):
 def test_bad_configuration_is_a_clear_error(model, make, match):
     with pytest.raises(ValueError, match=match):
         make(model)
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_a_padding_mask_is_refused_by_an_evicting_cache(model, name):
+    # the decode step after it failed deep in the attention ("size of tensor a (10) must match ...")
+    cache, mask = FACTORIES[name](model, 2), torch.ones(2, 8, dtype=torch.long)
+    mask[1, :3] = 0
+    with pytest.raises(ValueError, match="keeps only some positions"):
+        model(ids_for(2, 8), cache=cache, attention_mask=mask)
+    assert cache.length == 0
 
 
 @pytest.mark.parametrize("name", sorted(FACTORIES))

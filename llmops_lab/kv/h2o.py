@@ -49,6 +49,7 @@ class HeavyHitterKVCache:
     """
 
     needs_query = True
+    evicts = True        # holds some positions only: a padding mask over all of them cannot apply
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int,
                  heavy_size: int, recent_size: int, dtype=torch.float32, device="cpu",

@@ -50,6 +50,8 @@ class DocumentSlidingWindowCache:
     Kept to be measured, not used.
     """
 
+    evicts = True
+
     def __init__(self, window_size: int = 2048):
         # the document's slice [..., -W:, :] keeps everything at W = 0 and drops the first 3 at W = -3
         if not is_int(window_size) or window_size < 1:
@@ -116,9 +118,12 @@ class SinkKVCache:
     Buffers are [B, Hkv, num_sinks + window_size, D] per layer: position p lives in slot p while
     p < num_sinks, and in slot num_sinks + (p - num_sinks) % window_size after, overwriting the
     token that leaves the window. Attention is order-free given RoPE'd keys, so the ring's order
-    does not matter. A prefill attends to the whole prompt; a decoded token attends to exactly the
-    tokens held (itself included), at most num_sinks + window_size.
+    does not matter. A decoded token attends to exactly the tokens held (itself included), at most
+    num_sinks + window_size; a prompt's queries are masked the same way (``prefill_mask``), so a
+    long prompt prefilled at once sees what it would have seen streamed token by token.
     """
+
+    evicts = True        # holds some positions only: a padding mask over all of them cannot apply
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int,
                  window_size: int, num_sinks: int = 4, dtype=torch.float32, device="cpu",
@@ -152,6 +157,22 @@ class SinkKVCache:
         pos = torch.arange(end)
         return pos[(pos < self.num_sinks) | (pos >= end - self.window_size)]
 
+    def prefill_mask(self, S: int, device=None) -> torch.Tensor | None:
+        """Boolean [1, 1, S, S] mask (True = attend) for a prefill of S tokens, or None when plain
+        causal attention is already right (S <= num_sinks + window_size: every query's reach holds
+        the whole prompt so far).
+
+        Query q sees key k <= q if k is a sink (k < num_sinks) or inside its window (k > q - W):
+        exactly the tokens a decode step at position q would find held. ``LlamaModel.forward`` asks
+        a cache for this mask, so a prompt prefilled in one pass gives the logits it would give fed
+        one token at a time, whatever its length.
+        """
+        if S <= self.capacity:
+            return None
+        q = torch.arange(S, device=device)[:, None]
+        k = torch.arange(S, device=device)[None, :]
+        return ((k <= q) & ((k < self.num_sinks) | (k > q - self.window_size)))[None, None]
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start):
         """Store k, v [B, Hkv, S, D] for positions start..start+S; return what to attend to."""
         S = k.shape[2]
@@ -159,7 +180,7 @@ class SinkKVCache:
         check_prefill_or_decode(start, S, self.written[layer])
         end = start + S
         self.written[layer] = end
-        if S > 1:  # a prefill: store the prompt's kept tokens, attend to the whole prompt
+        if S > 1:  # a prefill: store the prompt's kept tokens, attend to all of it (``prefill_mask`` windows)
             keep = self.kept_positions(end)
             slots, local = self.slot(keep).to(k.device), keep.to(k.device)
             self.k[layer][:, :, slots] = k[:, :, local]
@@ -190,12 +211,9 @@ class SlidingWindowKVCache(SinkKVCache):
     (``formulas.sliding_window_kv_tokens``). A decoded token at position p attends to positions
     p-W+1..p, as in Mistral's sliding-window attention.
 
-    The prompt, as with every compressing cache here, is prefilled with full causal attention: the
-    cache sees only keys and values, and the mask is the model's. So decoding through this cache is
-    exactly Mistral's sliding-window attention when the prompt is at most W tokens (every prompt
-    query's window then holds the whole prompt; a test checks it). With a longer prompt, Mistral
-    windows the prompt's queries too, and from layer 1 on the cached keys and values differ from
-    Mistral's (a test checks that as well, against a full prefill followed by windowed decoding).
+    A prompt longer than W is windowed too (``prefill_mask``: query q sees q-W+1..q), as Mistral
+    windows its prompt, so decoding through this cache is exactly Mistral's sliding-window attention
+    at every prompt length (a test checks it against the runtime's Mistral model).
     """
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int,
