@@ -168,3 +168,12 @@ def test_a_pending_block_is_a_hit_only_for_the_forward_that_computes_it():
     d = Sequence(list(range(6)))
     assert bm.allocate(d) == 4 and d.block_table[0] == c.block_table[0]
     bm.check_invariants([a, c, d])
+
+
+def test_block_hash_is_a_sha256_chain():
+    from llmops_lab.engine.block_manager import block_hash
+    a = block_hash([1, 2, 3, 4], None)
+    assert isinstance(a, bytes) and len(a) == 32 and a == block_hash((1, 2, 3, 4), None)
+    assert block_hash([5, 6, 7, 8], a) != block_hash([5, 6, 7, 8], block_hash([1, 2, 3, 5], None))
+    # a first block whose bytes begin like a digest is not a later block: lengths differ
+    assert block_hash([9] * 8, None) != block_hash([9] * 4, a)

@@ -116,6 +116,10 @@ def test_workload_rows_count_every_samples_tokens(tiny):
     assert res.output_tokens == row["n_out"]
     assert res.throughput == pytest.approx(row["n_out"] / res.makespan)
     assert row["tpot"] == pytest.approx((row["e2e"] - row["ttft"]) / (max(len(c.token_ids) for c in out.outputs) - 1))
+    # every sample's finish reason (sample 0 stopped early; the row said only that) and preemptions
+    assert out.outputs[0].finish_reason == "stop"
+    assert row["finish_reason"].split(",") == sorted({c.finish_reason for c in out.outputs})
+    assert row["preemptions"] == sum(c.num_preemptions for c in out.outputs)
 
 
 # -- the static baseline: each row stops at its own limit ---------------------------------------

@@ -16,6 +16,8 @@ Plain Python bookkeeping, no tensors: the model runner performs the copies this 
 """
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import deque
 
 from ..checks import is_int
@@ -32,13 +34,23 @@ class Block:
     def __init__(self, block_id: int):
         self.block_id = block_id
         self.ref_count = 0
-        self.hash: int | None = None          # set once the block is full (prefix caching)
+        self.hash: bytes | None = None        # set once the block is full (prefix caching)
         self.token_ids: tuple[int, ...] = ()
 
 
-def block_hash(token_ids, prefix_hash: int | None) -> int:
-    """Identity of a full block: its tokens and, through prefix_hash, every token before it."""
-    return hash((prefix_hash, tuple(token_ids)))
+def block_hash(token_ids, prefix_hash: bytes | None) -> bytes:
+    """Identity of a full block: its tokens and, through prefix_hash, every token before it.
+
+    SHA-256 of the previous block's digest and this block's token ids. A hit also compares the
+    block's own tokens, but the blocks before it are vouched for by the chain alone, so two prefixes
+    with one hash would share keys and values without a word. Python's ``hash`` of a tuple of ints
+    is 64 bits and the same in every process, so such prompts can be made on purpose; vLLM added
+    SHA-256 for that reason (v0.8.3) and made it its default (v0.10.2). A first block (no prefix)
+    hashes 8 bytes a token, a later one 32 more, so the two can never be read alike.
+    """
+    h = hashlib.sha256(prefix_hash or b"")
+    h.update(array("q", token_ids).tobytes())
+    return h.digest()
 
 
 class BlockManager:
@@ -52,7 +64,7 @@ class BlockManager:
         self.block_size = block_size
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_ids: deque[int] = deque(range(num_blocks))
-        self.cached: dict[int, int] = {}      # hash -> block id, for full blocks
+        self.cached: dict[bytes, int] = {}    # hash -> block id, for full blocks
         self.prefix_caching = enable_prefix_caching
         self.prefix_hits = 0                  # blocks reused from the cache, for the notebooks
         self.track_computed = track_computed
@@ -143,7 +155,7 @@ class BlockManager:
                 seq.last_hash = h
         return cached_tokens
 
-    def _register(self, b: Block, h: int, toks: tuple) -> None:
+    def _register(self, b: Block, h: bytes, toks: tuple) -> None:
         b.hash, b.token_ids = h, toks
         if self.prefix_caching:
             self.cached[h] = b.block_id

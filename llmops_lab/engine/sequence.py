@@ -32,7 +32,7 @@ class Sequence:
         self.token_ids = list(token_ids)
         self.num_prompt_tokens = len(token_ids)
         self.block_table: list[int] | None = []
-        self.last_hash: int | None = None     # hash of the last full block (prefix-cache chain)
+        self.last_hash: bytes | None = None   # hash of the last full block (prefix-cache chain)
         self.status = SequenceStatus.WAITING
         # -- engine state -------------------------------------------------------------------------
         self.sampling_params = sampling_params

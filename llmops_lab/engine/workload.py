@@ -148,7 +148,9 @@ class RunResult:
 
 def _row(out, t0: float) -> dict:
     """A finished request's row. ``n_out`` counts the tokens of every sample (n > 1): all were
-    generated, so throughput counts them all; the latencies are the request's (``LLMEngine._output``)."""
+    generated, so throughput counts them all; the latencies are the request's (``LLMEngine._output``).
+    ``finish_reason`` is the samples' reasons, each once, comma-separated ("length,stop");
+    ``preemptions`` the samples' preemptions added up."""
     m = out.metrics
     rel = (lambda x: None if x is None else x - t0)
     return {"request_id": out.request_id, "arrival": rel(m.arrival_time), "start": rel(m.first_scheduled_time),
@@ -156,8 +158,11 @@ def _row(out, t0: float) -> dict:
             "last_token": rel(m.last_token_time if m.last_token_time is not None else m.finish_time),
             "n_in": len(out.prompt_token_ids), "n_out": sum(len(c.token_ids) for c in out.outputs),
             "n_out_longest": max(len(c.token_ids) for c in out.outputs),      # the request's own length
-            "ttft": m.ttft, "tpot": m.tpot, "e2e": m.e2e, "finish_reason": out.outputs[0].finish_reason,
-            "preemptions": out.outputs[0].num_preemptions}
+            "ttft": m.ttft, "tpot": m.tpot, "e2e": m.e2e,
+            # every sample's: with n > 1 one may stop while another runs to its length, and each
+            # sequence is preempted on its own
+            "finish_reason": ",".join(sorted({c.finish_reason for c in out.outputs})),
+            "preemptions": sum(c.num_preemptions for c in out.outputs)}
 
 
 def _check_workload(workload) -> list[WorkloadRequest]:
