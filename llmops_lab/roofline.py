@@ -97,12 +97,19 @@ def decode_throughput(model, batch_size: int = 1, prompt_len: int = 16, new_toke
 
 def config_decode_bound(config, batch_size: int, context_len: int, bandwidth: float,
                         dtype_bytes: float = 2) -> float:
-    """The same memory-bound ceiling from a shape alone (a preset; no weights needed)."""
+    """The same memory-bound ceiling from a shape alone (a preset; no weights needed).
+
+    A model with a sliding window (Mistral's ``sliding_window``) holds and reads at most that many
+    tokens of KV per sequence (``formulas.sliding_window_kv_tokens``), however long the context.
+    """
     formulas._positive_int(batch_size=batch_size)
+    formulas._nonneg_int(context_len=context_len)
     weights = config.num_parameters() * dtype_bytes
     if not config.tie_word_embeddings:
         weights -= config.vocab_size * config.hidden_size * dtype_bytes  # one embedding row is read
-    kv = formulas.kv_cache_bytes_for(config, context_len, batch_size, dtype_bytes)
+    held = (context_len if config.sliding_window is None
+            else formulas.sliding_window_kv_tokens(context_len, config.sliding_window))
+    kv = formulas.kv_cache_bytes_for(config, held, batch_size, dtype_bytes)
     return formulas.decode_tokens_per_s_bound(bandwidth, weights + kv, batch_size)
 
 

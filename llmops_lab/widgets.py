@@ -58,6 +58,15 @@ def float_slider(description: str, min: float, max: float, step: float | None = 
                                      style=_STYLE)
 
 
+def _exponent(x: float, base: float) -> float:
+    """log_base(x), exact where x is a power of base: math.log(1000, 10) is 2.9999999999999996, and
+    a FloatLogSlider with that max clamps its value to 999.999999999999, so its own end (and a
+    default set to it) was never handed to the callback."""
+    e = math.log10(x) if base == 10 else math.log2(x) if base == 2 else math.log(x, base)
+    n = round(e)
+    return float(n) if abs(e - n) < 1e-9 and base ** n == x else e
+
+
 def log_slider(description: str, min: float, max: float, value: float | None = None,
                base: float = 10, step: float = 0.1):
     """A FloatLogSlider over [min, max].
@@ -74,7 +83,7 @@ def log_slider(description: str, min: float, max: float, value: float | None = N
     if not (is_real(step) and 0 < step < math.inf):  # ipywidgets took 0 and negative steps
         raise ValueError(f"step must be a positive number (of exponents), got {step!r}")
     return _ipywidgets().FloatLogSlider(value=min if value is None else value, base=base,
-                                        min=math.log(min, base), max=math.log(max, base),
+                                        min=_exponent(min, base), max=_exponent(max, base),
                                         step=step, description=description,
                                         continuous_update=False, style=_STYLE)
 

@@ -115,6 +115,19 @@ def test_config_decode_bound_refuses_batch_zero():
         roofline.config_decode_bound(TINY, 0, 64, 1e10)
 
 
+def test_config_decode_bound_reads_a_sliding_windows_kv_only():
+    # Mistral-7B holds and reads at most 4096 tokens of KV per sequence; the bound counted the whole
+    # context, 1.9x too low at batch 256 and context 8192
+    from llmops_lab import formulas, presets
+    c = presets.get_preset("mistral-7b")
+    weights = c.num_parameters() * 2 - c.vocab_size * c.hidden_size * 2
+    for ctx in (1024, 4096, 8192, 32768):
+        kv = formulas.kv_cache_bytes_for(c, min(ctx, c.sliding_window), 256, 2)
+        want = formulas.decode_tokens_per_s_bound(3.35e12, weights + kv, 256)
+        assert roofline.config_decode_bound(c, 256, ctx, 3.35e12) == pytest.approx(want)
+    assert roofline.config_decode_bound(c, 256, 8192, 3.35e12) == roofline.config_decode_bound(c, 256, 4096, 3.35e12)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(new_tokens=1), "new_tokens must be >= 2, got 1"),  # used to be ZeroDivisionError
     (dict(new_tokens=0), "new_tokens must be >= 2, got 0"),

@@ -380,3 +380,13 @@ def test_tiled_is_a_runtime_backend():
     q, k, v = qkv(1, 2, 2, 4, 4, 8)
     with pytest.raises(TypeError, match="fourth argument is the mask"):
         tiled_attention(q, k, v, True)
+
+
+def test_implementations_are_admitted_in_the_dtype_asked_for(monkeypatch):
+    # notebook 06 timed in fp32 the SDPA backends admitted in bf16 on CUDA: flash and cuDNN refuse fp32
+    from llmops_lab.attention import experiment
+    asked = []
+    monkeypatch.setattr(experiment, "works", lambda fn, device, dtype=None: asked.append(dtype) or dtype is None)
+    assert "SDPA math" not in experiment.implementations("cpu", include_triton=False, dtype=torch.float16)
+    assert "SDPA math" in experiment.implementations("cpu", include_triton=False)
+    assert set(asked) == {torch.float16, None}

@@ -193,6 +193,16 @@ def test_widget_helpers_return_widgets():
     assert isinstance(menu, ipywidgets.Dropdown) and menu.value == 2
 
 
+@pytest.mark.parametrize("base, lo, hi", [(10, 2, 1000), (10, 1e-3, 1), (10, 1, 1e6), (2, 1, 4096), (3, 1, 81)])
+def test_log_slider_reaches_its_ends_exactly(base, lo, hi):
+    # math.log(1000, 10) is 2.9999999999999996: the slider's top was 999.999999999999, and a value
+    # of 1000 (notebook 04's arrival rate) reached the callback as that
+    top, bottom = widgets.log_slider("f", lo, hi, value=hi, base=base), widgets.log_slider("f", lo, hi, base=base)
+    assert (top.value, bottom.value) == (hi, lo)
+    top.value = hi
+    assert top.value == hi
+
+
 @pytest.mark.parametrize("make, match", [
     (lambda: widgets.dropdown("d", {}), "at least one"), (lambda: widgets.dropdown("d", []), "at least one"),
     (lambda: widgets.log_slider("f", 1, float("nan")), "min < max"), (lambda: widgets.log_slider("f", 0, 8), "min < max"),

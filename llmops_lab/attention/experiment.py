@@ -29,12 +29,14 @@ def _sdpa(backend: str):
     return run
 
 
-def implementations(device, include_triton: bool = True) -> dict:
-    """name -> fn(q, k, v, is_causal) for everything that runs on this device."""
+def implementations(device, include_triton: bool = True, dtype=None) -> dict:
+    """name -> fn(q, k, v, is_causal) for everything that runs on this device in ``dtype`` (default:
+    bf16 on CUDA, fp32 elsewhere; SDPA's flash and cuDNN kernels take 16-bit inputs only on CUDA, so
+    a backend admitted in one dtype may refuse another: ask in the dtype you will time)."""
     impls = {"naive": lambda q, k, v, c: naive_attention(q, k, v, is_causal=c),
              "tiled (PyTorch)": lambda q, k, v, c: tiled_attention(q, k, v, is_causal=c, block_m=128, block_n=128)}
     for name in SDPA_BACKENDS:
-        if works(_sdpa(name), device):
+        if works(_sdpa(name), device, dtype):
             impls[f"SDPA {name}"] = _sdpa(name)
     if include_triton:
         from . import triton_flash
