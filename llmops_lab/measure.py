@@ -138,14 +138,13 @@ def time_interleaved(fns: dict[str, Callable], warmup: int = 1, repeats: int = 3
     seconds; timing A's repeats and then B's puts that drift into A/B. Alternating puts it into
     both, and the medians' ratio keeps only what differs between A and B.
 
-    Round r starts at the (r mod n)-th function and goes on in ``fns``' order, wrapping around
-    (A B C, then B C A, then C A B), so over n rounds each function holds each place in the round
-    once. In a fixed order, whatever carries over from one call to the next (caches, allocator
-    state, clock boosts) went one way: the round's first call always followed the previous round's
-    last, and of two functions A always ran after B, never B after A. Rotated, two functions take
-    turns at both. (With three or more, rotation keeps their cyclic order, so a function still
-    mostly follows the same one; what rotation evens out is the place in the round.) Sample i of
-    every function comes from round i, so samples with the same index can be paired.
+    The rounds' orders are the rows of a Williams design (``williams_orders``): over one cycle of
+    them (n rounds for n functions, 2n when n is odd) each function holds each place in the round
+    equally often, and each function follows each other one equally often. In a fixed order,
+    whatever carries over from one call to the next (caches, allocator state, clock boosts) went
+    one way: the round's first call always followed the previous round's last, and A always ran
+    after B, never B after A. With two functions the rounds go A B, B A, A B, ... Sample i of every
+    function comes from round i, so samples with the same index can be paired.
     """
     if not is_int(repeats) or not is_int(warmup) or repeats < 1 or warmup < 0:
         raise ValueError(f"need integers repeats >= 1 and warmup >= 0, got {repeats=} {warmup=}")
@@ -156,11 +155,34 @@ def time_interleaved(fns: dict[str, Callable], warmup: int = 1, repeats: int = 3
     synchronize(device)
     items = list(fns.items())
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(repeats):
-        start = r % len(items) if items else 0      # no functions: no rounds to time, {} back
-        for name, fn in items[start:] + items[:start]:
+    orders = williams_orders(len(items)) if items else []   # no functions: no rounds to time, {} back
+    for r in range(repeats if items else 0):
+        for i in orders[r % len(orders)]:
+            name, fn = items[i]
             samples[name].append(_time_once(fn, (), {}, device))
     return {name: Timing(xs) for name, xs in samples.items()}
+
+
+def williams_orders(n: int) -> list[list[int]]:
+    """Orders of 0..n-1, one per round, balanced for place and for what comes just before
+    (Williams 1949): row 0 is 0, 1, n-1, 2, n-2, ...; row r adds r to each entry (mod n). For even
+    n these n rows put every ordered pair (a then b) next to each other once; for odd n no n rows
+    can, and the rows reversed are added, 2n in all, each pair twice.
+
+    >>> williams_orders(4)
+    [[0, 1, 3, 2], [1, 2, 0, 3], [2, 3, 1, 0], [3, 0, 2, 1]]
+    """
+    if not is_int(n) or n < 1:
+        raise ValueError(f"need n >= 1 functions, got {n!r}")
+    first, lo, hi = [0], 1, n - 1
+    while len(first) < n:
+        first.append(lo)
+        lo += 1
+        if len(first) < n:
+            first.append(hi)
+            hi -= 1
+    rows = [[(x + r) % n for x in first] for r in range(n)]
+    return rows + [row[::-1] for row in rows] if n % 2 and n > 1 else rows
 
 
 @dataclass

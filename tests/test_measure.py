@@ -92,13 +92,13 @@ def test_time_interleaved_ratio_survives_a_machine_that_slows_down(monkeypatch):
 
 
 def test_time_interleaved_rotates_which_function_goes_first():
-    """Round r starts at function r mod n, so over n rounds each function holds each place once."""
+    """Three functions: the three rotations, then the same reversed (a Williams design for odd n)."""
     calls = []
     fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
-    t = measure.time_interleaved(fns, warmup=1, repeats=4)
+    t = measure.time_interleaved(fns, warmup=1, repeats=7)
     rounds = ["".join(calls[i:i + 3]) for i in range(0, len(calls), 3)]
-    assert rounds == ["abc", "abc", "bca", "cab", "abc"]      # warm-up in order, then rotated rounds
-    assert list(t) == ["a", "b", "c"] and all(len(x.samples) == 4 for x in t.values())
+    assert rounds == ["abc", "abc", "bca", "cab", "cba", "acb", "bac", "abc"]   # warm-up in order first
+    assert list(t) == ["a", "b", "c"] and all(len(x.samples) == 7 for x in t.values())
     assert measure.time_interleaved({}, warmup=1, repeats=2) == {}
 
 
@@ -272,3 +272,17 @@ def test_peak_memory_refuses_to_nest():
     with pytest.raises(RuntimeError, match="nested"):
         measure.peak_memory(lambda: measure.peak_memory(lambda: torch.zeros(1000)))
     assert measure.peak_memory(lambda: torch.zeros(1 << 20)).peak_bytes >= 4 << 20     # usable again
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6, 7])
+def test_williams_orders_balance_place_and_predecessor(n):
+    from collections import Counter
+    rows = measure.williams_orders(n)
+    assert len(rows) == (2 * n if n % 2 and n > 1 else n) and all(sorted(r) == list(range(n)) for r in rows)
+    places = Counter((i, p) for r in rows for p, i in enumerate(r))
+    assert set(places.values()) == {len(rows) // n}                      # each function in each place alike
+    if n > 1:
+        pairs = Counter((a, b) for r in rows for a, b in zip(r, r[1:]))
+        assert len(pairs) == n * (n - 1) and len(set(pairs.values())) == 1   # each ordered pair alike
+    with pytest.raises(ValueError):
+        measure.williams_orders(0)
