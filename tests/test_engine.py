@@ -151,7 +151,9 @@ def test_load_1000_requests(tiny, overlap):
 
 
 def test_request_too_big_for_pool_fails_alone(tiny):
-    eng = LLMEngine(tiny, config=EngineConfig(block_size=4, num_kv_blocks=6, max_num_seqs=4))
+    # said at start-up (vLLM refuses to start; the issue asks that such a request fail alone)
+    with pytest.warns(UserWarning, match=r"the KV pool holds 24 tokens \(6 blocks of 4\), fewer than max_model_len"):
+        eng = LLMEngine(tiny, config=EngineConfig(block_size=4, num_kv_blocks=6, max_num_seqs=4))
     eng.add_request("big", prompts(1, 20, 20)[0], SamplingParams(max_tokens=40, **GREEDY))  # 60 > 24 slots
     eng.add_request("ok", prompts(1, 3, 3, seed=2)[0], SamplingParams(max_tokens=4, **GREEDY))
     outs = run_all(eng, [])
@@ -288,6 +290,42 @@ def test_a_stop_string_split_across_byte_tokens_is_found(embedded):
         ids = tok(text, add_special_tokens=False).input_ids
         found = next((n for n in range(1, len(ids) + 1) if stop_string_at(tok, ids[:n], stop) >= 0), None)
         assert found is not None and tok.decode(ids[:found]).endswith(stop), (text, stop)
+
+
+def metaspace_tokenizer():
+    """A SentencePiece-style tokenizer (Llama's, Mistral's): "▁" marks a space, and a string's first
+    token is decoded without one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = ["<s>", "</s>", "<unk>", "▁The", "▁cat", "▁sat", "▁sir", "▁on"]
+    t = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    t.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_a_completion_keeps_its_leading_space_after_its_prompt():
+    """Decoded alone, " cat sat" read "cat sat" (prompt + text was not the sequence's text) and a stop
+    string " sir" was refused as if it could never appear; vLLM decodes after the prompt's tail."""
+    from llmops_lab.engine.sampling_params import completion_text, decode_completion, stop_string_at
+    tok = metaspace_tokenizer()
+    prompt = tok("The", add_special_tokens=False).input_ids
+    out = tok(" cat sat sir on", add_special_tokens=False).input_ids
+    assert tok.decode(out) == "cat sat sir on"                              # alone: the space is gone
+    assert decode_completion(tok, out, [0] + prompt) == " cat sat sir on"
+    assert tok.decode([0] + prompt + out, skip_special_tokens=True) == "The" + decode_completion(tok, out, prompt)
+    assert completion_text(tok, out, None, "length", prompt_ids=prompt) == " cat sat sir on"
+    assert completion_text(tok, out[:3], " sir", "stop", prompt_ids=prompt) == " cat sat"
+    assert completion_text(tok, out[:3], " sir", "stop", True, prompt) == " cat sat sir"
+    assert stop_string_at(tok, out[:3], " sir", prompt_ids=prompt) == len(" cat sat")
+    assert decode_completion(tok, out, []) == "cat sat sir on"              # no prompt: nothing to read after
+
+
+def test_stop_strings_are_checked_as_a_completion_decodes_them(tiny):
+    eng = LLMEngine(tiny, tokenizer=metaspace_tokenizer())
+    eng._check_stop_strings([" sir", "sir", " sat sir"])                   # " sir" was refused
+    with pytest.raises(ValueError, match="cannot appear"):
+        eng._check_stop_strings(["</s>"])                                  # a special token: skipped in the text
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
@@ -430,11 +468,13 @@ def test_llm_prompt_forms_and_bad_prompts(tiny):
     for form in forms:
         assert llm.generate(form, greedy, use_tqdm=False)[0].outputs[0].token_ids == want
     assert [o.outputs[0].token_ids for o in llm.generate(torch.tensor([p, p]), greedy, use_tqdm=False)] == [want, want]
-    bad = [None, [5.7, 6], torch.tensor([5.0, 6.0]), {"text": "x"}, {"prompt": "x", "prompt_token_ids": p}, [5, True]]
+    bad = [None, [5.7, 6], torch.tensor([5.0, 6.0]), {"text": "x"}, {"prompt": "x", "prompt_token_ids": p}, [5, True],
+           {"prompt_token_ids": p, "multi_modal_data": {"image": None}}]      # ran as a plain prompt
     with pytest.warns(UserWarning, match="refused"):
         outs = llm.generate(bad + [p], greedy, use_tqdm=False)
     assert all(o.outputs[0].finish_reason == "error" and o.error for o in outs[:-1])
     assert "integers" in outs[1].error and "1-D integer" in outs[2].error and "exactly one" in outs[3].error
+    assert "['multi_modal_data'] are not supported" in outs[6].error
     assert outs[-1].outputs[0].token_ids == want
     assert llm.engine.block_manager.num_free_blocks == 32
     with pytest.raises(ValueError, match="1 SamplingParams for 0|0 SamplingParams for 1"):

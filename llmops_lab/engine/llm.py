@@ -127,6 +127,9 @@ def _unwrap(prompt):
     keys = set(prompt) & {"prompt", "prompt_token_ids"}
     if len(keys) != 1:
         raise ValueError(f"a prompt dict needs exactly one of 'prompt' or 'prompt_token_ids', got keys {sorted(prompt)}")
+    other = sorted(map(str, set(prompt) - keys))
+    if other:   # multi_modal_data, cache_salt, ...: run without them, the prompt would mean something else
+        raise ValueError(f"prompt dict keys {other} are not supported here (only 'prompt' or 'prompt_token_ids')")
     return prompt[keys.pop()]
 
 

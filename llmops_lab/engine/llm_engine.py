@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+import warnings
 
 import torch
 
@@ -33,7 +34,7 @@ from .block_manager import BlockManager
 from .config import EngineConfig
 from .model_runner import ModelRunner, decode_graphs_possible, num_kv_blocks
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
-from .sampling_params import RequestOutputKind, SamplingParams, completion_text, stop_reason, streamed_text
+from .sampling_params import RequestOutputKind, SamplingParams, completion_text, decode_completion, stop_reason, streamed_text
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
 
@@ -90,6 +91,13 @@ class LLMEngine(AsyncScheduling):
                              f"must hold a whole sequence of max_model_len ({self.max_model_len}): raise it, "
                              f"lower max_model_len, or enable chunked prefill")
         blocks = num_kv_blocks(model, config, self.max_model_len)
+        if blocks * config.block_size < self.max_model_len:
+            # vLLM refuses to start here; a pool too small for some requests is allowed (each such
+            # request ends on its own with finish_reason "error", the others finish), but said at once
+            warnings.warn(f"the KV pool holds {blocks * config.block_size} tokens ({blocks} blocks of "
+                          f"{config.block_size}), fewer than max_model_len ({self.max_model_len}): a request "
+                          f"that outgrows it ends with finish_reason 'error'; give the cache more memory or "
+                          f"lower max_model_len", stacklevel=2)
         self.block_manager = BlockManager(blocks, config.block_size, config.enable_prefix_caching,
                                           track_computed=True)
         self.scheduler = Scheduler(config, self.block_manager)
@@ -192,7 +200,9 @@ class LLMEngine(AsyncScheduling):
         for s in stops:
             ids = self.tokenizer(s, add_special_tokens=False).input_ids
             back = self.tokenizer.decode(ids, skip_special_tokens=True)   # as the output text is decoded
-            if back != s:
+            # and after other text (itself), as a completion is: SentencePiece-style tokenizers drop
+            # the space of a string's first token, so " sir" comes back "sir" alone, " sir" after text
+            if s not in (back, decode_completion(self.tokenizer, ids, ids)):
                 raise ValueError(f"stop string {s!r} cannot appear in this tokenizer's output text "
                                  f"(it decodes back as {back!r}; a special token is left out of the text: "
                                  f"give its id in stop_token_ids)")
@@ -328,7 +338,7 @@ class LLMEngine(AsyncScheduling):
 
     def _text(self, seq: Sequence) -> str:
         text = completion_text(self.tokenizer, seq.output_token_ids, seq.stop_reason, seq.finish_reason,
-                               seq.sampling_params.include_stop_str_in_output)
+                               seq.sampling_params.include_stop_str_in_output, seq.prompt_token_ids)
         return text if seq.is_finished else streamed_text(text, seq.sampling_params)
 
     def _step_outputs(self, touched: set[str]) -> list[RequestOutput]:

@@ -141,26 +141,50 @@ def stop_reason(seq, tok: int, eos_ids, max_model_len: int, tokenizer=None):
         if tok in p.stop_token_ids:
             return "stop", tok
         if p.stop and n_out > p.min_tokens:
-            texts = _texts(tokenizer, seq.output_token_ids)        # decoded once for every stop string
+            prompt = seq.prompt_token_ids
+            texts = _texts(tokenizer, seq.output_token_ids, prompt)  # decoded once for every stop string
             for s in p.stop:
-                if stop_string_at(tokenizer, seq.output_token_ids, s, texts) >= 0:
+                if stop_string_at(tokenizer, seq.output_token_ids, s, texts, prompt) >= 0:
                     return "stop", s
     if n_out >= p.max_tokens or len(seq) >= max_model_len:
         return "length", None
     return None, None
 
 
-def _texts(tokenizer, output_ids) -> tuple[str, str]:
+DETOKENIZE_CONTEXT = 5   # prompt tokens decoded ahead of the completion (vLLM's detokenizer starts 5 back)
+
+
+def decode_completion(tokenizer, output_ids, prompt_ids=()) -> str:
+    """The completion's text as it reads after its prompt (special tokens skipped).
+
+    Decoded alone, a completion can lose its first character: SentencePiece-style tokenizers
+    (Llama's, Mistral's: a "▁" marks a space) drop the space of the first token of a string, so
+    " Paris" came back "Paris" and prompt + text was not the decoded sequence. So the last few
+    prompt tokens are decoded too, and their text taken off the front, as vLLM's detokenizer does.
+    A byte-level tokenizer (the embedded one) gives the same text either way.
+    """
+    ctx = list(prompt_ids[-DETOKENIZE_CONTEXT:]) if len(prompt_ids) else []
+    if ctx:
+        pre = tokenizer.decode(ctx, skip_special_tokens=True)
+        full = tokenizer.decode(ctx + list(output_ids), skip_special_tokens=True)
+        # a prompt ending inside a character that the completion finishes: its text is no prefix
+        if full.startswith(pre):
+            return full[len(pre):]
+    return tokenizer.decode(output_ids, skip_special_tokens=True)
+
+
+def _texts(tokenizer, output_ids, prompt_ids=()) -> tuple[str, str]:
     """The completion's text with and without its last token (special tokens skipped)."""
-    return (tokenizer.decode(output_ids, skip_special_tokens=True),
-            tokenizer.decode(output_ids[:-1], skip_special_tokens=True))
+    return (decode_completion(tokenizer, output_ids, prompt_ids),
+            decode_completion(tokenizer, output_ids[:-1], prompt_ids))
 
 
-def stop_string_at(tokenizer, output_ids, stop: str, texts: tuple[str, str] | None = None) -> int:
+def stop_string_at(tokenizer, output_ids, stop: str, texts: tuple[str, str] | None = None,
+                   prompt_ids=()) -> int:
     """Where ``stop`` starts in the completion's text (special tokens skipped, as the text
     returned), counting only an occurrence that overlaps what the last token added; -1 if none.
     ``texts``: ``_texts`` of these ids, when already decoded."""
-    text, before = texts or _texts(tokenizer, output_ids)
+    text, before = texts or _texts(tokenizer, output_ids, prompt_ids)
     # A character split across byte tokens decodes as U+FFFD until its last byte comes: the text
     # before this token may end in one where the full text has the real character, so the search
     # starts where the two texts stop agreeing, not at len(before) (which skipped a stop like "é").
@@ -186,18 +210,20 @@ def streamed_text(text: str, params: SamplingParams) -> str:
     return text
 
 
-def completion_text(tokenizer, output_ids, stop_reason, finish_reason=None, include_stop: bool = False) -> str:
+def completion_text(tokenizer, output_ids, stop_reason, finish_reason=None, include_stop: bool = False,
+                    prompt_ids=()) -> str:
     """The completion's text (special tokens skipped), cut before the stop string that ended it,
     and without the stop token (a ``stop_token_ids`` entry or end-of-sequence) that ended it, as
     vLLM leaves them out; the token ids keep it. ``include_stop`` (``include_stop_str_in_output``):
-    the text keeps the stop token's text, or runs to the end of the stop string."""
+    the text keeps the stop token's text, or runs to the end of the stop string. ``prompt_ids``:
+    the prompt, whose last tokens are decoded ahead of the completion (``decode_completion``)."""
     if tokenizer is None:
         return ""
     if finish_reason == "stop" and not isinstance(stop_reason, str) and not include_stop:
         output_ids = output_ids[:-1]
-    text = tokenizer.decode(output_ids, skip_special_tokens=True)
+    text = decode_completion(tokenizer, output_ids, prompt_ids)
     if isinstance(stop_reason, str):
-        at = stop_string_at(tokenizer, output_ids, stop_reason)
+        at = stop_string_at(tokenizer, output_ids, stop_reason, prompt_ids=prompt_ids)
         if at >= 0:
             text = text[:at + (len(stop_reason) if include_stop else 0)]
     return text

@@ -178,7 +178,7 @@ def run_static_batch(model, prompts: list[list[int]], params: list[SamplingParam
         m = RequestMetrics(s.arrival_time, t0, s.first_token_time, end, s.num_completion_tokens,
                            done or end)
         text = completion_text(tokenizer, s.output_token_ids, s.stop_reason, s.finish_reason,
-                               s.sampling_params.include_stop_str_in_output)
+                               s.sampling_params.include_stop_str_in_output, s.prompt_token_ids)
         outs.append(RequestOutput(s.request_id, None, s.prompt_token_ids,
                                   [CompletionOutput(0, text, s.output_token_ids, s.finish_reason,
                                                     s.stop_reason)], True, m))
