@@ -177,3 +177,26 @@ def test_block_hash_is_a_sha256_chain():
     assert block_hash([5, 6, 7, 8], a) != block_hash([5, 6, 7, 8], block_hash([1, 2, 3, 5], None))
     # a first block whose bytes begin like a digest is not a later block: lengths differ
     assert block_hash([9] * 8, None) != block_hash([9] * 4, a)
+
+
+def test_freeing_a_table_with_a_freed_block_changes_nothing():
+    """A table naming a block already freed and one another sequence holds: free raised only after
+    it had handed back the live block (ref 0, on the free list, its KV about to be overwritten)."""
+    bm = BlockManager(6, 4)
+    a, b = Sequence(list(range(10))), Sequence(list(range(100, 106)))
+    bm.allocate(a)
+    bm.allocate(b)
+    stale = a.block_table[0]
+    bm.free(a)
+    c = Sequence([7])
+    c.block_table = [stale, b.block_table[0]]
+    free, refs = list(bm.free_ids), [x.ref_count for x in bm.blocks]
+    with pytest.raises(RuntimeError, match=f"block {stale} freed twice.*nothing was freed"):
+        bm.free(c)
+    assert (list(bm.free_ids), [x.ref_count for x in bm.blocks]) == (free, refs)
+    bm.check_invariants([b])
+    d = Sequence([1, 2, 3])                      # a block named twice in one table counts twice
+    d.block_table = [b.block_table[1], b.block_table[1]]
+    with pytest.raises(RuntimeError, match="holds it 2 time"):
+        bm.free(d)
+    bm.check_invariants([b])

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from collections import deque
+from collections import Counter, deque
 
 from ..checks import is_int
 from .sequence import Sequence
@@ -235,6 +235,13 @@ class BlockManager:
     def free(self, seq: Sequence) -> None:
         if seq.block_table is None:
             raise RuntimeError(f"sequence {seq.seq_id} freed twice")
+        # every block checked before any is released: a table holding a block already freed used
+        # to hand back the blocks before it first, another sequence's among them, then raise
+        uses = Counter(seq.block_table)
+        over = next((bid for bid, n in uses.items() if self.blocks[bid].ref_count < n), None)
+        if over is not None:
+            raise RuntimeError(f"block {over} freed twice (sequence {seq.seq_id} holds it {uses[over]} "
+                               f"time(s), its ref count is {self.blocks[over].ref_count}); nothing was freed")
         for bid in reversed(seq.block_table):
             self._release(bid)
         seq.block_table = None   # a second free is an error, not a silent double release
