@@ -165,6 +165,36 @@ def test_backends_refuse_what_they_would_read_differently(name):
         fn(*qkv(1, 2, 2, 5, 4, 8), is_causal=True)
 
 
+@needs_triton
+def test_flash_reads_a_head_dim_that_is_not_contiguous():
+    """q, k, v whose D has a stride other than 1 (a D-major layout) were refused; the kernels take no
+    stride along D, so such a tensor is copied once and computed."""
+    d_major = lambda t: t.mT.contiguous().mT                 # the same values, D's stride not 1
+    q, k, v = qkv(2, 4, 2, 9, 13, 16, device=DEV)
+    want = naive_attention(q, k, v, is_causal=True)
+    got = triton_flash.flash_attention(d_major(q), k, d_major(v), is_causal=True)
+    assert (got - want).abs().max() < 2e-4
+    cu = torch.tensor([0, 9, 18], dtype=torch.int32, device=DEV)
+    packed = lambda t: t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3])   # [B*S, heads, D]
+    got = triton_flash.flash_attention_varlen(d_major(packed(q)), packed(k[:, :, :9]), d_major(packed(v[:, :, :9])),
+                                              cu, cu, 9)
+    want = naive_attention(q, k[:, :, :9], v[:, :, :9], is_causal=True)
+    assert (got - packed(want)).abs().max() < 2e-4
+
+
+def test_cpu_decode_answers_layouts_its_kernel_cannot_read():
+    """One fp32 query with grouped heads goes to the C kernel, which needs k and v laid out alike
+    with D consecutive: v a view of a longer cache, or a strided D, raised a ValueError where every
+    other backend answered (found by a bad-input probe). They now run SDPA."""
+    from llmops_lab.attention.backends import cpu_decode_attention
+    q, k, v = qkv(2, 4, 2, 1, 9, 32)
+    longer = torch.cat([v, torch.randn(2, 2, 7, 32)], 2)[:, :, :9]          # v's values, another layout
+    torch.testing.assert_close(cpu_decode_attention(q, k, longer), naive_attention(q, k, v), rtol=1e-5, atol=1e-5)
+    d_major = lambda t: t.mT.contiguous().mT
+    torch.testing.assert_close(cpu_decode_attention(q, d_major(k), d_major(v)), naive_attention(q, k, v),
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("bad", [0, -16, 2.5, True])
 def test_tiled_block_sizes_must_be_positive_integers(bad):
     q, k, v = qkv(1, 2, 2, 4, 4, 8)

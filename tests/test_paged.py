@@ -121,6 +121,50 @@ def test_prefill_kernel_matches_gather_reference(dtype):
     assert (paged_prefill(qs, kp, vp, tables, ctx).float() - want).abs().max() < TOL[dtype]
 
 
+@needs_kernel
+def test_kernels_read_a_head_dim_that_is_not_contiguous():
+    """The kernels take no stride along D: a D-major q or pool gave wrong numbers from the prefill
+    kernel with no error (found by a bad-input probe), and the decode kernel refused it."""
+    from llmops_lab.paged.triton_prefill import paged_prefill
+    d_major = lambda t: t.mT.contiguous().mT                 # the same values, D's stride not 1
+    q, kp, vp, tables, ctx = paged_inputs([21, 40], 4, 2, 16, 8, torch.float32, DEV)
+    qs = torch.randn(2, 4, 19, 16, device=DEV)
+    want = paged_prefill_reference(qs, kp, vp, tables, ctx)
+    assert (paged_prefill(d_major(qs), kp, vp, tables, ctx) - want).abs().max() < 2e-5
+    assert (paged_prefill(qs, d_major(kp), d_major(vp), tables, ctx) - want).abs().max() < 2e-5
+    want = paged_decode_reference(q, kp, vp, tables, ctx)
+    got = triton_paged.paged_decode(d_major(q), d_major(kp), d_major(vp), tables, ctx)
+    assert (got - want).abs().max() < 2e-5
+
+
+def test_paged_decode_on_a_cpu_reads_any_layout():
+    """The C kernel reads keys and values with one set of strides, D consecutive: other layouts
+    raised from it; they go to another path now and give the reference's numbers."""
+    from llmops_lab.paged import paged_decode
+    d_major = lambda t: t.mT.contiguous().mT
+    q, kp, vp, tables, ctx = paged_inputs([21, 40], 4, 2, 32, 8, torch.float32, "cpu")
+    want = paged_decode_reference(q, kp, vp, tables, ctx)
+    for k, v in ((d_major(kp), d_major(vp)), (kp, torch.cat([vp, vp], -1)[..., :32])):
+        assert (paged_decode(q, k, v, tables, ctx) - want).abs().max() < 2e-5
+
+
+@needs_kernel
+def test_prefill_kernel_refuses_what_it_would_misread():
+    """Found by a bad-input probe: a context shorter than the queries gave finite numbers, S = 0 an
+    IndexError, mixed dtypes an error from inside Triton, and fp64 ran."""
+    from llmops_lab.paged.triton_prefill import paged_prefill
+    _, kp, vp, tables, ctx = paged_inputs([10, 7], 4, 2, 16, 4, torch.float32, DEV)
+    for fn in (paged_prefill, paged_prefill_reference):
+        with pytest.raises(ValueError, match="must hold its 8 queries"):
+            fn(torch.randn(2, 4, 8, 16, device=DEV), kp, vp, tables, ctx.cpu())
+        with pytest.raises(ValueError, match="no query"):
+            fn(torch.randn(2, 4, 0, 16, device=DEV), kp, vp, tables, ctx)
+    q = torch.randn(2, 4, 3, 16, device=DEV)
+    for args in ((q, kp.half(), vp.half()), (q.double(), kp.double(), vp.double())):
+        with pytest.raises(TypeError, match="one dtype"):
+            paged_prefill(*args, tables, ctx)
+
+
 # -- the paged cache in the runtime --------------------------------------------------------------
 CONTIGUOUS = {}
 
@@ -237,6 +281,20 @@ def test_outgrowing_the_pool_is_a_signal_not_corruption(tiny):
     with pytest.raises(NoFreeBlocksError):
         cache.append_tokens([3])
     assert len(s) == 8 and all(torch.equal(a, b) for a, b in zip(pools, cache.k_pools))
+
+
+def test_a_prompt_longer_than_the_context_takes_no_block(tiny):
+    """The model's forward refuses it, but only after add_prompts had given it blocks, which stayed
+    held (found by a bad-input probe): a cache from for_model knows the context and refuses first."""
+    cache = PagedKVCache.for_model(tiny, 1, num_blocks=20, block_size=16)
+    with pytest.raises(ValueError, match="257 tokens exceed the model's context of 256"):
+        cache.add_prompts(prompt(1, TINY.max_position_embeddings + 1))
+    assert cache.num_free_blocks == 20 and not cache.live and not cache.seqs and not cache.block_manager.cached
+    assert cache.add_prompts(prompt(1, TINY.max_position_embeddings)) == 0   # the whole context fits
+    free = cache.num_free_blocks
+    with pytest.raises(ValueError, match="no room for another in the model's context of 256"):
+        cache.append_tokens([5])                 # a decode step past the context, likewise
+    assert cache.num_free_blocks == free and len(cache.seqs[0]) == TINY.max_position_embeddings
 
 
 def test_freeing_twice_is_an_error(tiny):

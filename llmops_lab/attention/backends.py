@@ -130,7 +130,8 @@ def cpu_decode_attention(q, k, v, mask=None, is_causal=False):
     _check(q, k, v, mask, is_causal)
     if q.shape[2] == 1 and not is_causal and q.device.type == "cpu":
         from ..paged import cpu_kernel
-        if cpu_kernel.supports(q[:, :, 0], k, k.shape[1]) and cpu_kernel.available():
+        if (cpu_kernel.same_layout(k, v) and cpu_kernel.supports(q[:, :, 0], k, k.shape[1])
+                and cpu_kernel.available()):
             starts = suffix_starts(mask, q.shape[0], k.shape[2])
             if starts is not False:
                 return cpu_kernel.contiguous_decode_cpu(q[:, :, 0], k, v, starts)[:, :, None]

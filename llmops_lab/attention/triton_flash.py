@@ -167,10 +167,14 @@ def _validate(q, k, v, is_causal):
         raise ValueError(f"head dims differ: q {D}, k {k.shape[-1]}, v {v.shape[-1]}")
     if D not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head dim {D} not supported (one of {SUPPORTED_HEAD_DIMS})")
-    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
-        raise ValueError("the head dimension must be contiguous")
     if triton is None:
         raise RuntimeError("triton is not installed")
+
+
+def head_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """t itself, or a contiguous copy where its last (head) dimension has a stride other than 1: the
+    kernels index along D as offsets 0..D-1 and take strides for the other dimensions only."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def flash_attention(q, k, v, mask=None, is_causal: bool = False, return_lse: bool = False):
@@ -195,6 +199,7 @@ def flash_attention(q, k, v, mask=None, is_causal: bool = False, return_lse: boo
         raise ValueError("empty sequence: attention needs at least one query and one key")
     if is_causal and Sq > Sk:
         raise ValueError(f"causal attention with more queries ({Sq}) than keys ({Sk}) leaves rows with no key")
+    q, k, v = head_contiguous(q), head_contiguous(k), head_contiguous(v)
     o = torch.empty_like(q)
     lse = torch.empty(B * H, Sq, device=q.device, dtype=torch.float32)
     _launch(q, k, v, o, lse, B, H, Hkv, Sq, Sk, (q.stride(0), q.stride(1), q.stride(2)),
@@ -230,6 +235,7 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
     if is_causal and bool((lens_q > lens_k).any()):
         raise ValueError("causal attention with more queries than keys in some sequence")
     B, H, Hkv = len(lens_q), q.shape[1], k.shape[1]
+    q, k, v = head_contiguous(q), head_contiguous(k), head_contiguous(v)
     o = torch.empty_like(q)
     # no log-sum-exp buffer: the kernel stores none on the packed path (o only fills the pointer slot)
     _launch(q, k, v, o, o, B, H, Hkv, max_seqlen_q, 0, (0, q.stride(1), q.stride(0)),

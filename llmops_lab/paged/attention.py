@@ -69,13 +69,9 @@ def paged_decode_reference(q, k_pool, v_pool, block_tables, context_lens, return
 def paged_prefill_reference(q, k_pool, v_pool, block_tables, context_lens):
     """Prefill (or a chunk of it) over a paged cache: q [B, H, S, D] are the last S positions of each
     row's context of context_lens[b] tokens (already stored); causal. Gather, then SDPA with a mask."""
-    if q.dim() != 4:
-        raise ValueError(f"q must be [B, H, S, D], got {tuple(q.shape)}")
-    triton_paged._check(q[:, :, 0], k_pool, v_pool, block_tables, context_lens)
-    B, H, S, D = q.shape
-    if int(context_lens.min()) < S:
-        raise ValueError(f"each row's context must hold its {S} queries; got context_lens down to "
-                         f"{int(context_lens.min())}")
+    # the lengths on the host: the gather reads them anyway, so they are checked wherever they live
+    triton_paged._check_prefill(q, k_pool, v_pool, block_tables, context_lens.cpu())
+    S = q.shape[2]
     L = int(context_lens.max())
     k, v = gather_kv(k_pool, block_tables, L), gather_kv(v_pool, block_tables, L)
     lens = context_lens.to(q.device).long()
@@ -90,7 +86,8 @@ def paged_decode(q, k_pool, v_pool, block_tables, context_lens, **kwargs):
     the Triton kernel under TRITON_INTERPRET=1; the gather reference elsewhere. ``kwargs`` are the
     Triton kernel's (the C kernel takes none but ``max_context_len``, which it has no use for)."""
     if q.device.type == "cpu" and set(kwargs) <= {"max_context_len"}:
-        if cpu_kernel.supports(q, k_pool, k_pool.shape[1]) and cpu_kernel.available():
+        if (cpu_kernel.same_layout(k_pool, v_pool) and cpu_kernel.supports(q, k_pool, k_pool.shape[1])
+                and cpu_kernel.available()):
             return cpu_kernel.paged_decode_cpu(q, k_pool, v_pool, block_tables, context_lens, heads_first=True)
     if triton_paged.available(q.device):
         return triton_paged.paged_decode(q, k_pool, v_pool, block_tables, context_lens, **kwargs)

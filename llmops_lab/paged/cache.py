@@ -42,6 +42,7 @@ class PagedKVCache:
         self.live: list[Sequence] = []      # every sequence holding blocks (for free and checks)
         self.cached_tokens: list[int] = []  # per row: leading tokens whose KV was found in the pool
         self.length = 0                     # tokens of each row already in the cache (set by the model)
+        self.max_model_len = None           # the model's context, where for_model knows it
         self._meta = None
 
     @classmethod
@@ -54,8 +55,10 @@ class PagedKVCache:
         p = next(model.parameters())
         if num_blocks is None:
             num_blocks = batch_size * -(-c.max_position_embeddings // max(block_size, 1))
-        return cls(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, num_blocks, block_size,
-                   dtype or p.dtype, device or p.device, **kwargs)
+        cache = cls(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, num_blocks, block_size,
+                    dtype or p.dtype, device or p.device, **kwargs)
+        cache.max_model_len = c.max_position_embeddings
+        return cache
 
     def check_model(self, model) -> None:
         """ValueError unless this pool holds what ``model`` writes: its layers, KV heads and head dim,
@@ -71,6 +74,10 @@ class PagedKVCache:
         rows = input_ids.tolist() if torch.is_tensor(input_ids) else [list(r) for r in input_ids]
         if not rows or len({len(r) for r in rows}) != 1:
             raise ValueError("add_prompts needs one or more rows of the same length (no padding)")
+        # the forward would refuse it after the blocks were taken, and they would stay held
+        if self.max_model_len is not None and len(rows[0]) > self.max_model_len:
+            raise ValueError(f"prompts of {len(rows[0])} tokens exceed the model's context of "
+                             f"{self.max_model_len}")
         bm = self.block_manager
         seqs = [Sequence(r) for r in rows]
         # All rows or none, checked before anything is allocated: a block that was allocated and
@@ -96,6 +103,11 @@ class PagedKVCache:
         tokens = tokens.tolist() if torch.is_tensor(tokens) else list(tokens)
         if len(tokens) != len(self.seqs):
             raise ValueError(f"{len(tokens)} tokens for {len(self.seqs)} rows")
+        longest = max((len(s) for s in self.seqs), default=0)
+        if self.max_model_len is not None and longest + 1 > self.max_model_len:
+            # as add_prompts: the forward would refuse the step after its slots were taken
+            raise ValueError(f"a row of {longest} tokens has no room for another in the model's "
+                             f"context of {self.max_model_len}")
         need = blocks_for_step(self.block_manager, self.seqs)
         if need > self.block_manager.num_free_blocks:
             raise NoFreeBlocksError(f"the next step needs {need} blocks, {self.block_manager.num_free_blocks} free")

@@ -184,6 +184,13 @@ def supports(q: torch.Tensor, k: torch.Tensor, num_kv_heads: int) -> bool:
             and supports_shape(q.shape[1], num_kv_heads, q.shape[2]))
 
 
+def same_layout(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the kernel can read these keys and values: one shape and one set of strides for both
+    (it takes the keys' strides for the values too), each head's D values consecutive. Callers
+    send other layouts (a value slice of a longer buffer, a strided head dim) to another path."""
+    return v.shape == k.shape and v.stride() == k.stride() and k.stride(-1) == 1
+
+
 def _run(q, k, v, Hkv, tables, starts, lens, window, bs, block_stride, token_stride, head_stride):
     """The C call; q [B, H, D], the rest already checked."""
     if not available():

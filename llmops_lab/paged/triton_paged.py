@@ -22,6 +22,7 @@ import os
 
 import torch
 
+from ..attention.triton_flash import head_contiguous
 from ..checks import is_int
 
 try:
@@ -197,6 +198,27 @@ def _check(q, k_pool, v_pool, block_tables, context_lens):
                              f"{block_tables.max().item()}, outside the pool's 0..{k_pool.shape[0] - 1}")
 
 
+def _check_prefill(q, k_pool, v_pool, block_tables, context_lens):
+    """``_check`` for q [B, H, S, D], the last S >= 1 positions of each row's context; where the
+    lengths are on the host, each context must hold its S queries (a shorter one gave finite
+    numbers from the kernel, with no error)."""
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, H, S, D], got {tuple(q.shape)}")
+    if q.shape[2] == 0:
+        raise ValueError(f"q {tuple(q.shape)} holds no query: a prefill needs at least one (S >= 1)")
+    _check(q[:, :, 0], k_pool, v_pool, block_tables, context_lens)
+    S = q.shape[2]
+    if q.shape[0] and context_lens.device.type == "cpu" and int(context_lens.min()) < S:
+        raise ValueError(f"each row's context must hold its {S} queries; got context_lens down to "
+                         f"{int(context_lens.min())}")
+
+
+def _check_dtypes(q, k_pool, v_pool, kernel: str) -> None:
+    if q.dtype not in SUPPORTED_DTYPES or k_pool.dtype != q.dtype or v_pool.dtype != q.dtype:
+        raise TypeError(f"paged {kernel} supports {SUPPORTED_DTYPES}, with q and pools of one dtype; "
+                        f"got {q.dtype}, {k_pool.dtype}, {v_pool.dtype}")
+
+
 def paged_decode(q, k_pool, v_pool, block_tables, context_lens, num_splits: int | None = None,
                  max_context_len: int | None = None, return_lse: bool = False, tune: bool = False):
     """Decode attention over a paged KV cache, on a GPU (or the Triton interpreter).
@@ -229,14 +251,12 @@ def paged_decode(q, k_pool, v_pool, block_tables, context_lens, num_splits: int 
         raise ValueError(f"num_splits must be an integer >= 1, got {num_splits!r}")
     if triton is None:
         raise RuntimeError("triton is not installed")
-    if q.dtype not in SUPPORTED_DTYPES or k_pool.dtype != q.dtype or v_pool.dtype != q.dtype:
-        raise TypeError(f"paged decode supports {SUPPORTED_DTYPES}, with q and pools of one dtype")
+    _check_dtypes(q, k_pool, v_pool, "decode")
     B, H, D = q.shape
     Hkv, block_size = k_pool.shape[1], k_pool.shape[2]
     if D & (D - 1) or D < 16:
         raise ValueError(f"head dim {D} not supported: the kernel needs a power of two >= 16")
-    if q.stride(-1) != 1 or k_pool.stride(-1) != 1 or v_pool.stride(-1) != 1:
-        raise ValueError("the head dimension must be contiguous")
+    q, k_pool, v_pool = head_contiguous(q), head_contiguous(k_pool), head_contiguous(v_pool)
     interpret = _interpret()
     tune = tune and not interpret
     block_n = 16 if interpret else 128 if tune else BLOCK_N     # tuned: splits fit every candidate tile

@@ -16,7 +16,8 @@ import math
 
 import torch
 
-from .triton_paged import _check, _interpret, _paged_tiles, triton
+from ..attention.triton_flash import head_contiguous
+from .triton_paged import _check_dtypes, _check_prefill, _interpret, _paged_tiles, triton
 
 if triton is not None:
     import triton.language as tl
@@ -60,14 +61,14 @@ if triton is not None:
 def paged_prefill(q, k_pool, v_pool, block_tables, context_lens):
     """Causal attention of q [B, H, S, D], the last S positions of each row's context of
     context_lens[b] (>= S) tokens, over keys and values already stored in the pools. -> [B, H, S, D]."""
-    if q.dim() != 4:
-        raise ValueError(f"q must be [B, H, S, D], got {tuple(q.shape)}")
-    _check(q[:, :, 0], k_pool, v_pool, block_tables, context_lens)
+    _check_prefill(q, k_pool, v_pool, block_tables, context_lens)
     if triton is None:
         raise RuntimeError("triton is not installed")
+    _check_dtypes(q, k_pool, v_pool, "prefill")
     B, H, S, D = q.shape
     if D & (D - 1) or D < 16:
         raise ValueError(f"head dim {D} not supported: the kernel needs a power of two >= 16")
+    q, k_pool, v_pool = head_contiguous(q), head_contiguous(k_pool), head_contiguous(v_pool)
     interpret = _interpret()
     block_m, block_n = (16, 16) if interpret else (64, 64)
     block_tables, context_lens = block_tables.to(torch.int32), context_lens.to(torch.int32)
