@@ -1,4 +1,5 @@
 """The quantization measurements of notebook 01: error histogram, perplexity and memory tables, the rebuilt table."""
+import numpy as np
 import pytest
 import torch
 
@@ -223,6 +224,11 @@ def test_quant_spec_refuses_formats_it_would_mislabel(tiny):
         nan.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         E.quantized_copy(nan, E.QuantSpec("bnb_int8", 8, -1))
+
+
+def test_quant_spec_stores_numpy_ints_as_python_ints():
+    spec = E.QuantSpec("rtn", np.int64(4), np.int32(32))
+    assert spec == E.QuantSpec("rtn", 4, 32) and (type(spec.bits), type(spec.group_size)) == (int, int)
 
 
 def test_quant_spec_pins_gguf_formats_and_float_widths():

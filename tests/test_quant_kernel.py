@@ -275,3 +275,19 @@ def test_kernel_and_quant_linear_refuse_what_they_would_misread():
     ql = QuantLinear.from_linear(lin, quantize_rtn(lin.weight.detach(), bits=4, group_size=16, sym=False, scale_dtype=torch.float16))
     with pytest.raises(TypeError, match="floating-point"):
         ql(torch.ones(2, 32, dtype=torch.long))
+
+
+@needs_kernel
+@pytest.mark.parametrize("kernel", ["gemv", "tiled"])
+def test_zeros_and_bias_laid_out_unlike_scales_match_the_reference(kernel):
+    """The kernels read zeros with scales' strides and bias as contiguous: a column-major zeros gave
+    a product off by 0.68 and a strided bias one off by 1.6, with no error (an adversarial probe)."""
+    q, s, z, g = stored(8, 32, 4, 16, False)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 32, generator=gen).to(DEV)
+    bias = torch.randn(16, generator=gen).to(DEV)[::2]                    # shape (8,), stride 2
+    want = dequant_matmul_reference(x, q, s, z, 4, g, False, bias.contiguous())
+    column_major = lambda t: t.t().contiguous().t()                       # same values, strides (1, N)
+    for scales, zeros in ((s, column_major(z)), (column_major(s), z), (s, z)):
+        got = dequant_matmul(x, q, scales, zeros, 4, g, False, bias, kernel=kernel)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -2,6 +2,7 @@
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -98,6 +99,17 @@ def test_bit_stream_layout_by_hand():
     with pytest.raises(ValueError, match="pass K"):
         unpack_codes(pack_codes(torch.tensor([[1, 2, 3]]), 3, sym=False), 3, sym=False)   # 2 bytes: 5 codes?
     assert unpack_codes(pack_codes(torch.tensor([[1, 2, 3]]), 3, sym=False), 3, sym=False, K=3).tolist() == [[1, 2, 3]]
+
+
+def test_unpack_codes_refuses_8_bit_storage_other_than_int8():
+    """At 8 bits the stored tensor was taken as it was: uint8 bytes decoded to other codes (0..255)
+    and floats were truncated, with no error (an adversarial probe)."""
+    codes = torch.tensor([[-3, 0, 5, 127]])
+    stored = pack_codes(codes, 8, sym=True)
+    assert unpack_codes(stored, 8, sym=True).tolist() == codes.tolist()
+    for bad in (stored.view(torch.uint8), stored.float(), stored.to(torch.int16)):
+        with pytest.raises(ValueError, match="8-bit codes are stored as torch.int8"):
+            unpack_codes(bad, 8, sym=True)
 
 
 def test_packing_bad_input():
@@ -315,6 +327,24 @@ def test_quantize_bad_input_leaves_model_untouched(kwargs, error, match):
     assert all(torch.equal(state[k], v) for k, v in m.state_dict().items())
 
 
+def test_quantize_takes_numpy_ints():
+    """bits=np.int64(4) was refused as "bits must be an int in 2..8, got np.int64(4)": the quant
+    modules had their own is_int, narrower than llmops_lab.checks'."""
+    m = tiny_model()
+    want = quantize(copy.deepcopy(m), bits=4, group_size=32, progress=False)
+    got = quantize(m, bits=np.int64(4), group_size=np.int32(32), progress=False)
+    ref = want.state_dict()
+    assert got.state_dict().keys() == ref.keys()
+    assert all(torch.equal(v, ref[k]) if isinstance(v, torch.Tensor) else v == ref[k]    # + format dicts
+               for k, v in got.state_dict().items())
+    q = got.model.layers[0].self_attn.q_proj
+    assert type(q.bits) is int and type(q.group_size) is int                 # stored as Python ints
+    qw = quantize_rtn(torch.randn(4, 8), bits=np.int8(3), group_size=np.int64(4))
+    assert (type(qw.bits), type(qw.group_size)) == (int, int)
+    with pytest.raises(ValueError, match="bits must be an int"):           # a bool is still no width
+        quantize_rtn(torch.randn(4, 8), bits=np.bool_(True))
+
+
 def test_quantize_nan_in_last_layer_leaves_model_untouched():
     m = tiny_model()
     with torch.no_grad():
@@ -357,6 +387,15 @@ def test_target_perplexity_after_rtn(target_and_ids, kwargs, tolerance):
     q = quantize(copy.deepcopy(model), progress=False, **kwargs)
     ppl = perplexity(q, ids, window=256, max_windows=4)
     assert abs(ppl / fp32 - 1) < tolerance, (fp32, ppl)
+
+
+def test_quant_linear_refuses_a_bias_of_the_wrong_shape():
+    """A bias of 5 for 8 outputs was accepted; forward then failed inside torch's broadcast."""
+    qw = quantize_rtn(torch.randn(8, 32), bits=4, group_size=16, scale_dtype=torch.float16)
+    for bad, got in ((torch.zeros(5), r"\(5,\)"), (torch.zeros(8, 1), r"\(8, 1\)"), ([0.0] * 8, "list")):
+        with pytest.raises(ValueError, match=rf"bias must be a tensor of shape \(8,\), got {got}"):
+            QuantLinear(qw, bias=bad)
+    assert QuantLinear(qw, bias=torch.ones(8))(torch.zeros(2, 32)).tolist() == [[1.0] * 8] * 2
 
 
 def test_quant_linear_rejects_odd_in_features_at_4_bits():

@@ -3,6 +3,7 @@ as calling them directly, configs come from objects or field names, and every ba
 group size, NaN weights, empty or too short calibration, wrong config) leaves the model untouched."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -115,6 +116,14 @@ def test_bad_input_leaves_model_untouched(small, method, kwargs, match):
 def test_configs_want_real_bools_and_ints(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_configs_take_numpy_ints_and_store_python_ints():
+    """GPTQConfig(bits=np.int64(4)) was refused as "bits must be an int in 2..8, got np.int64(4)"."""
+    g = GPTQConfig(bits=np.int64(4), group_size=np.int32(64), block_size=np.int64(32))
+    a = AWQConfig(w_bit=np.int64(4), q_group_size=np.int16(-1))
+    assert (g, a) == (GPTQConfig(bits=4, group_size=64, block_size=32), AWQConfig(w_bit=4, q_group_size=-1))
+    assert all(type(v) is int for v in (g.bits, g.group_size, g.block_size, a.w_bit, a.q_group_size))
 
 
 @pytest.mark.parametrize("direct", [gptq_quantize_model, awq_quantize_model])

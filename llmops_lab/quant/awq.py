@@ -40,11 +40,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..checks import check_float_model
+from ..checks import check_float_model, is_int
 from .gptq import (LINEAR_NAMES, LayerRunner, _progress, check_calibration, check_linears, check_skip,
                    quantized_names)
 from .rtn import quantize_rtn
-from .weights import QuantizedWeight, check_bool, is_int
+from .weights import QuantizedWeight, check_bool
 
 N_GRID = 20                 # alphas searched for the scales, and shrink steps of the clip grid
 MAX_SHRINK = 0.5            # clipping keeps at least half the range
@@ -72,6 +72,8 @@ class AWQConfig:
         check_bool("zero_point", self.zero_point)
         if not isinstance(self.version, str) or self.version.upper() not in ("GEMM", "GEMV"):
             raise ValueError(f"version must be 'GEMM' or 'GEMV' (any case), got {self.version!r}")
+        for name in ("w_bit", "q_group_size"):                 # numpy ints stored as Python's
+            object.__setattr__(self, name, int(getattr(self, name)))
 
 
 def pseudo_quantize(w: torch.Tensor, config: AWQConfig) -> torch.Tensor:

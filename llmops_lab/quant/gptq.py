@@ -38,11 +38,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..checks import check_float_model
+from ..checks import check_float_model, is_int
 from ..model import build_mask
 from .quant_linear import _skipped
 from .rtn import _check_finite_scale, quantize_rtn, resolve_group_size
-from .weights import QuantizedWeight, check_bool, is_int, round_scales_up
+from .weights import QuantizedWeight, check_bool, round_scales_up
 
 # Linears of a Llama decoder layer in execution order; each inner list shares one input.
 LINEAR_SETS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
@@ -84,6 +84,8 @@ class GPTQConfig:
             raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
         check_bool("desc_act", self.desc_act)
         check_bool("sym", self.sym)
+        for name in ("bits", "group_size", "block_size"):     # numpy ints stored as Python's
+            object.__setattr__(self, name, int(getattr(self, name)))
 
 
 class HessianAccumulator:

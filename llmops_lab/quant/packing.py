@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .weights import is_int
+from ..checks import is_int
 
 
 def _check_codes(codes: torch.Tensor, lo: int, hi: int, what: str) -> None:
@@ -118,6 +118,8 @@ def unpack_codes(stored: torch.Tensor, bits: int, sym: bool, K: int | None = Non
     more code; at 4 bits (pairs, so K = 2 x bytes) and 8 bits it may be left out."""
     _check_bits(bits)
     if bits == 8:
+        if stored.dtype != torch.int8:     # uint8 bytes would read as other codes, floats truncate
+            raise ValueError(f"8-bit codes are stored as torch.int8, got {stored.dtype}")
         raw = stored
     elif bits == 4 and (K is None or K == 2 * stored.shape[-1]):
         raw = unpack_int4(stored)

@@ -48,6 +48,10 @@ class QuantLinear(nn.Module):
         out_features, in_features = qw.shape
         if qw.bits == 4 and in_features % 2:
             raise ValueError(f"4-bit packing needs an even in_features, got {in_features}")
+        if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (out_features,)):
+            # else forward's broadcast fails inside torch, far from the mistake
+            got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"bias must be a tensor of shape ({out_features},), got {got}")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.sym = qw.bits, qw.group_size, qw.sym
         self.dtype = dtype                                  # the compute dtype of the forward pass

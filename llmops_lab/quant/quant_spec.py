@@ -35,6 +35,7 @@ class QuantSpec:
         for name in ("bits", "group_size"):
             if not is_int(getattr(self, name)):
                 raise TypeError(f"{name} must be an integer, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, int(getattr(self, name)))     # numpy ints as Python's
         if not self.method.startswith("gguf_") and self.method not in SPEC_METHODS:
             # a typo ("GPTQ", "rtn4") showed as a "not measured" row, as if a library were missing
             raise ValueError(f"unknown method {self.method!r}; known: {SPEC_METHODS} or gguf_<type>")

@@ -27,7 +27,8 @@ import math
 import torch
 
 from .. import formulas
-from .weights import QuantizedWeight, check_bool, is_int, round_scales_up, stored_step_factor
+from ..checks import is_int
+from .weights import QuantizedWeight, check_bool, round_scales_up, stored_step_factor
 
 # Float rounding in scale * (code - zero): a few ulps of the group's magnitude, not a bound failure.
 _ULPS = 8
@@ -41,7 +42,7 @@ def resolve_group_size(in_features: int, group_size: int | None) -> int:
         raise ValueError(f"group_size must be a positive int, None or -1 (per channel), got {group_size!r}")
     if in_features % group_size:
         raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
-    return group_size
+    return int(group_size)
 
 
 def validate_weight(w: torch.Tensor, bits: int, group_size: int | None = None) -> int:

@@ -383,6 +383,11 @@ def dequant_matmul(x, qweight, scales, zeros, bits: int, group_size: int, sym: b
         raise ValueError(f"bias must be [{N}], got {tuple(bias.shape)}")
     if split_k is not None and (not is_int(split_k) or split_k < 1):
         raise ValueError(f"split_k must be an integer >= 1, got {split_k!r}")
+    # the kernels read zeros with scales' strides and bias as contiguous: copies when they are not
+    if not sym and zeros.stride() != scales.stride():
+        scales, zeros = scales.contiguous(), zeros.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)                                           # [M, K]
     M = x2.shape[0]

@@ -18,16 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import is_int
+
 
 def check_bool(name: str, value) -> None:
     """Raise ValueError unless ``value`` is True or False (a string like "no" is truthy)."""
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be True or False, got {value!r}")
-
-
-def is_int(value) -> bool:
-    """A real int: True and False are ints to Python but never a bit width or a size."""
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_scale_dtype(dtype) -> None:
@@ -88,6 +85,7 @@ class QuantizedWeight:
             raise ValueError(f"bits must be an int in 2..8, got {self.bits!r}")
         if not is_int(self.group_size) or self.group_size <= 0:
             raise ValueError(f"group_size must be a positive int, got {self.group_size!r}")
+        self.bits, self.group_size = int(self.bits), int(self.group_size)     # numpy ints too
         out, cols = self.codes.shape
         if cols % self.group_size:
             raise ValueError(f"group_size {self.group_size} does not divide {cols} input columns")
