@@ -366,6 +366,15 @@ def test_flash_refuses_zero_key_value_heads():
 
 
 @pytest.mark.parametrize("name", ["naive", "sdpa", "cpu_decode", "tiled"])
+def test_backends_refuse_an_empty_sequence(name):
+    """No queries: naive, SDPA and cpu_decode gave an empty tensor, tiled and flash refused it."""
+    from llmops_lab.attention.backends import get_backend
+    q, k, v = qkv(1, 2, 2, 4, 4, 16)
+    with pytest.raises(ValueError, match="empty sequence"):
+        get_backend(name)(q[:, :, :0], k, v, None, False)
+
+
+@pytest.mark.parametrize("name", ["naive", "sdpa", "cpu_decode", "tiled"])
 def test_backends_refuse_mixed_and_integer_dtypes(name):
     """fp16 q against fp32 k, v came back in fp16 from the naive and tiled backends (SDPA refused),
     and integer inputs were truncated to nonsense: every backend now wants one floating dtype."""

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, is_causal: bool = False) -> None:
     """Shapes, and what every backend must agree on: a boolean mask (True = attend; SDPA would read
     a float one as an additive bias, the naive backend could not read it at all), a mask or
-    ``is_causal``, not both, one floating dtype for q, k and v, at least one key, and a causal pass
+    ``is_causal``, not both, one floating dtype for q, k and v, at least one query and one key, and a causal pass
     with no more queries than keys (aligned bottom right: query i sees the keys up to i + Sk - Sq;
     more queries would leave rows with no key at all). Shapes and dtypes only: the engine's steps
     call this, so it never reads a tensor's values (on a GPU that would wait for the device). A mask
@@ -43,6 +43,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, is_caus
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
     if k.shape[-2] == 0:
         raise ValueError("attention needs at least one key")
+    if q.shape[-2] == 0:     # naive and SDPA gave an empty tensor back, tiled and flash refused it
+        raise ValueError("empty sequence: attention needs at least one query")
     if mask is not None and (not torch.is_tensor(mask) or mask.dtype != torch.bool):
         raise TypeError(f"mask must be a boolean tensor (True = attend), got "
                         f"{mask.dtype if torch.is_tensor(mask) else type(mask).__name__}")
