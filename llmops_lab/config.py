@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -123,12 +124,14 @@ class ModelConfig:
         rope = {} if rope is None else rope
         if not isinstance(rope, dict):
             raise ValueError(f"rope_parameters must be a JSON object, got {rope!r}")
-        rope_theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
-        if not is_real(rope_theta):     # float() took true as 1.0 and failed on null
-            raise ValueError(f"rope_theta must be a positive number, got {rope_theta!r}")
         scaling = cfg.get("rope_scaling")
         if scaling is not None and not isinstance(scaling, dict):
             raise ValueError(f"rope_scaling must be a JSON object or null, got {scaling!r}")
+        # transformers' order: the RoPE dict in use (rope_scaling if given, else rope_parameters), then
+        # the top-level key, then 10000; the top-level one first put 1234 where transformers had 10000
+        rope_theta = (scaling or rope).get("rope_theta", cfg.get("rope_theta", 10000.0))
+        if not is_real(rope_theta):     # float() took true as 1.0 and failed on null
+            raise ValueError(f"rope_theta must be a positive number, got {rope_theta!r}")
         if not scaling:
             scaling = rope if set(rope) - {"rope_theta"} else None
         if scaling is not None:
@@ -138,15 +141,32 @@ class ModelConfig:
             if kind is None:
                 raise ValueError(f"rope_scaling {scaling} lacks 'rope_type' (or 'type'): say which scaling "
                                  f"(default, linear, llama3)")
-            if kind not in ("default", "linear", "llama3"):
-                raise ValueError(f"RoPE scaling {kind!r} is not supported (default, linear, llama3 are)")
-            if kind == "default":
+            if kind not in ("default", "dynamic", "linear", "llama3"):
+                raise ValueError(f"RoPE scaling {kind!r} is not supported (default, dynamic, linear, llama3 are)")
+            if kind in ("default", "dynamic"):
+                # dynamic NTK rescales only past max_position_embeddings, which the forward refuses:
+                # inside the context it is plain RoPE (transformers' logits agree to 2e-6)
                 scaling = None
+            elif kind == "llama3":
+                # transformers 5 fills a missing pretraining length with the config's own context (a
+                # top-level key first); the 8192 of Llama 3.1 moved 47 of 200 greedy tokens
+                old = cfg.get("original_max_position_embeddings")
+                if old is not None:
+                    scaling["original_max_position_embeddings"] = old
+                scaling.setdefault("original_max_position_embeddings", cfg.get(
+                    "max_position_embeddings", HF_DEFAULT_CONTEXT.get(model_type, 2048)))
         act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
+        if act == "swish":      # transformers' name for the same function (nn.SiLU)
+            act = "silu"
         if act != "silu":       # the MLP is SwiGLU; another activation would be silently replaced
             raise ValueError(f"hidden_act {act!r} is not supported: this runtime's MLP is SwiGLU (silu)")
         # transformers' Mistral and Qwen2 configs default the window to 4096 tokens when the key is absent
         sliding = cfg.get("sliding_window", 4096 if model_type in ("mistral", "qwen2") else None)
+        if model_type not in ("mistral", "qwen2") and is_int(sliding) and sliding >= 1:   # a bad value: refused below
+            # transformers' Llama never reads the key (it attends over the whole prefix), so neither do we
+            warnings.warn(f"config has sliding_window {sliding} but model_type {model_type!r} does not window "
+                          f"its attention (transformers ignores the key there too): ignored", stacklevel=3)
+            sliding = None
         if model_type == "qwen2":
             sliding = _qwen2_window(cfg, sliding)
         # Llama's attention_bias puts biases on q, k, v and o_proj; this runtime has Qwen2's (q, k, v only)
@@ -169,7 +189,8 @@ class ModelConfig:
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta),
             rope_scaling=scaling,
-            attention_bias=cfg.get("attention_bias", model_type == "qwen2"),
+            # transformers' Qwen2 always has q/k/v biases and never reads the key
+            attention_bias=True if model_type == "qwen2" else cfg.get("attention_bias", False),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             sliding_window=sliding,
             model_type=model_type,
@@ -189,6 +210,16 @@ class ModelConfig:
             cfg = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
+        gen = path.parent / "generation_config.json"
+        if isinstance(cfg, dict) and gen.exists():
+            # transformers' generate stops at generation_config's eos_token_id (Llama-3-Instruct adds its
+            # end-of-turn token there only); vLLM reads it too
+            try:
+                eos = json.loads(gen.read_text()).get("eos_token_id")
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+                raise ValueError(f"{gen} is not a valid JSON object: {e}") from None
+            if eos is not None:
+                cfg = {**cfg, "eos_token_id": eos}
         try:
             return cls.from_hf_dict(cfg, name=path.parent.name)
         except (ValueError, TypeError) as e:    # a value of the wrong type, named with its file

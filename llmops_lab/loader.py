@@ -5,6 +5,7 @@ huggingface_hub where the network allows; the embedded models under ``data/model
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -156,6 +157,14 @@ def load_model(path_or_id="target", device=None, dtype=None, backend="sdpa") -> 
     if dtype is None and len(kinds) > 1:        # the model would load, then fail in its first matmul
         raise ValueError(f"checkpoint at {folder} mixes {sorted(map(str, kinds))}: pass dtype= to load it "
                          f"in one of them")
+    head, emb = state.get("lm_head.weight"), state.get("model.embed_tokens.weight")
+    if config.tie_word_embeddings and head is not None and emb is not None and (
+            head.shape != emb.shape or not torch.equal(head, emb.to(head.dtype))):
+        # transformers keeps a trained head that differs from the embeddings (and warns) rather than
+        # tie it away: dropping it changed every logit
+        warnings.warn(f"{folder}: config.json ties the embeddings but the checkpoint has its own lm_head.weight; "
+                      f"keeping the two apart, as transformers does", stacklevel=2)
+        config = dataclasses.replace(config, tie_word_embeddings=False)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     with torch.device("meta"):

@@ -4,6 +4,7 @@ that disagree, and what the CLI prints for each."""
 import dataclasses
 import json
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -273,3 +274,75 @@ def test_cli_prints_one_line_for_each_bad_checkpoint(tmp_path, capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1 and match in err, (folder.name, err)
         assert err.startswith("llmops-lab perplexity: error:") and str(folder) in err
+
+
+# -- read as transformers 5 reads it: logits against its own, on configs edited by hand ----------
+def against_transformers(folder):
+    from transformers import AutoModelForCausalLM
+    ours = load(folder)
+    theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return ours, (theirs(IDS).logits - ours(IDS)).abs().max().item()
+
+
+@pytest.mark.parametrize("fields", [
+    # Llama 3 RoPE without its pretraining length: transformers takes the config's context, not 8192
+    {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0}, "max_position_embeddings": 16},
+    # ... and a top-level original_max_position_embeddings before the one in the dict
+    {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+     "original_max_position_embeddings": 8},
+    {"rope_theta": 1234.0, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},  # the dict's wins
+    {"rope_scaling": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1234.0}},          # theta in rope_scaling
+    {"sliding_window": 4},                       # transformers' Llama never windows: the key is ignored
+    {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},   # the same as plain RoPE inside the context
+    {"hidden_act": "swish"},                     # transformers' other name for SiLU
+])
+def test_rope_and_config_keys_are_read_as_transformers_reads_them(tmp_path, fields):
+    """Each of these loaded here and gave other logits than transformers' (or was refused)."""
+    checkpoint(tmp_path)
+    edit_config(tmp_path, **fields)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # the ignored sliding_window says so
+        _, gap = against_transformers(tmp_path)
+    assert gap < 1e-4
+
+
+def test_a_llama_sliding_window_is_ignored_with_a_warning():
+    with pytest.warns(UserWarning, match="sliding_window 4 but model_type 'llama'"):
+        assert ModelConfig.from_hf_dict({**SMALL.to_hf_dict(), "sliding_window": 4}).sliding_window is None
+    mistral = {**dataclasses.replace(SMALL, model_type="mistral").to_hf_dict(), "sliding_window": 4}
+    assert ModelConfig.from_hf_dict(mistral).sliding_window == 4
+
+
+def test_a_head_that_differs_from_the_tied_embeddings_is_kept(tmp_path):
+    """config.json says tie, the checkpoint has its own trained lm_head: it was dropped without a
+    word and every logit changed; transformers keeps it (and warns), and so does this loader now."""
+    checkpoint(tmp_path)
+    edit_config(tmp_path, tie_word_embeddings=True)
+    with pytest.warns(UserWarning, match="own lm_head.weight"):
+        ours, gap = against_transformers(tmp_path)
+    assert gap < 1e-4 and not ours.config.tie_word_embeddings
+    assert ours.lm_head.weight.data_ptr() != ours.model.embed_tokens.weight.data_ptr()
+
+
+def test_generation_config_eos_is_where_generate_stops(tmp_path):
+    """Llama-3-Instruct's end-of-turn token is in generation_config.json only; transformers stops there."""
+    checkpoint(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 5], "bos_token_id": 0}))
+    assert load(tmp_path).config.eos_token_ids == (1, 5)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False}))   # no eos: config.json's
+    assert load(tmp_path).config.eos_token_ids == (1,)
+    (tmp_path / "generation_config.json").write_text("[1, 5]")
+    with pytest.raises(ValueError, match="generation_config.json"):
+        load(tmp_path)
+
+
+def test_qwen2_has_its_biases_whatever_attention_bias_says(tmp_path):
+    """transformers' Qwen2 always has q/k/v biases; attention_bias false made this loader refuse the
+    checkpoint ("unexpected ['...k_proj.bias']")."""
+    checkpoint(tmp_path, dataclasses.replace(SMALL, model_type="qwen2", attention_bias=True))
+    edit_config(tmp_path, attention_bias=False)
+    ours, gap = against_transformers(tmp_path)
+    assert ours.config.attention_bias and gap < 1e-4
