@@ -78,7 +78,10 @@ def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int |
 
 def _probs(logits, temperature, top_k, top_p):
     """``logits_to_probs`` on arguments already checked."""
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # the max taken off first (softmax does not change): a tiny temperature (1e-39) divided the
+    # logits to inf and softmax gave NaN; now the largest is 0 and the others run to -inf at worst
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

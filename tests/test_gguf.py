@@ -244,3 +244,43 @@ def test_bound_holds_for_blocks_whose_fp16_scale_is_subnormal(qtype, largest_cod
     ratio = np.abs(back - w) / error_bound(w, qtype)
     assert ratio.max() <= 1.0
     assert ratio.max() > 0.9                                                   # and not loose
+
+
+def test_bos_and_eos_are_written_as_the_tokenizer_and_model_use_them(draft, tmp_path):
+    """add_bos_token was always true, and BOS/EOS ids came from the tokenizer object alone: a
+    tokenizer that adds no BOS, or names none, passed check_gguf while llama.cpp put its own BOS
+    (id 11 there, ")") before every prompt and stopped at it."""
+    import json
+
+    from transformers import PreTrainedTokenizerFast
+
+    from llmops_lab.loader import embedded_model_path
+    from llmops_lab.quant.gguf import check_gguf, export_gguf, read_gguf_metadata
+    model, tok = draft
+    tj = json.loads((embedded_model_path("draft") / "tokenizer.json").read_text())
+    plain = dict(tj, post_processor=None)                      # GPT-2 style: no BOS added
+    (tmp_path / "plain.json").write_text(json.dumps(plain))
+    no_bos = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "plain.json"), bos_token="<s>", eos_token="</s>")
+    nameless = PreTrainedTokenizerFast(tokenizer_file=str(embedded_model_path("draft") / "tokenizer.json"))
+    assert nameless.bos_token_id is None and nameless("a").input_ids[0] == model.config.bos_token_id
+    for t, add_bos, bos, eos in ((tok, True, tok.bos_token_id, tok.eos_token_id), (no_bos, False, 0, 1),
+                                 (nameless, True, model.config.bos_token_id, model.config.eos_token_ids[0])):
+        path = export_gguf(model, t, tmp_path / "m.gguf", "F32")
+        meta = read_gguf_metadata(path)
+        assert (meta["tokenizer.ggml.add_bos_token"], meta["tokenizer.ggml.bos_token_id"],
+                meta["tokenizer.ggml.eos_token_id"]) == (add_bos, bos, eos)
+        assert meta["tokenizer.ggml.add_eos_token"] is False
+        assert check_gguf(path, model, t)["mismatches"] == []
+    report = check_gguf(path, model, no_bos)                    # a file that says otherwise is caught
+    assert "tokenizer.ggml.add_bos_token differs from the tokenizer's" in report["mismatches"]
+
+
+@needs_llama_cpp
+def test_llama_cpp_generate_at_the_context_gives_what_generate_gives(draft, peers):
+    """It gave n_ctx - S tokens (none for a prompt of the whole context) and said nothing;
+    LlamaModel.generate gives n_ctx - S + 1 and warns."""
+    ids = torch.arange(3, 3 + 256)[None] % draft[0].config.vocab_size
+    for S, want in ((250, 7), (256, 1)):
+        with pytest.warns(UserWarning, match=f"truncated at the context: {want} new tokens, not 10"):
+            out = peers["F32"].generate(ids[:, :S], max_new_tokens=10, stop_token_ids=())
+        assert out.shape[1] - S == want

@@ -240,6 +240,17 @@ def test_sampling_helpers_check_their_arguments():
     assert sample(logits, 0.0).tolist() == [1]
 
 
+def test_a_tiny_temperature_is_the_argmax_not_nan():
+    """logits / 1e-39 overflowed to inf and softmax gave NaN ("probability tensor contains inf/nan")."""
+    from llmops_lab.generation import logits_to_probs, sample
+    logits = torch.tensor([[1.0, 3.0, 2.0], [4.0, 4.0, -1.0]])
+    for t in (1e-39, 1e-45, 1e-6):
+        p = logits_to_probs(logits, t)
+        assert torch.equal(p, torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.5, 0.0]]))   # a tie stays a tie
+        assert sample(logits[:1], t).tolist() == [1]
+    assert torch.allclose(logits_to_probs(logits, 0.7), (logits / 0.7).softmax(-1))
+
+
 def test_generate_takes_integer_ids_and_one_stop_token():
     m = LlamaModel(TINY).eval()
     with pytest.raises(TypeError, match="integer tensor"):

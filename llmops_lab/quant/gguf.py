@@ -115,8 +115,12 @@ def _tokenizer_json(tokenizer) -> dict:
     return json.loads(backend.to_str())
 
 
-def tokenizer_metadata(tokenizer) -> dict:
-    """Tokens (by id), token types, merges and special ids of a byte-level BPE tokenizer."""
+def tokenizer_metadata(tokenizer, config=None) -> dict:
+    """Tokens (by id), token types, merges and special ids of a byte-level BPE tokenizer, and
+    whether it adds BOS / EOS to a text (llama.cpp adds them to every prompt as the file says).
+
+    A tokenizer that names no BOS or EOS takes the model ``config``'s: with none in the file,
+    llama.cpp falls back to ids of its own (11, ")" here) and starts and stops every text there."""
     tj = _tokenizer_json(tokenizer)
     model = tj["model"]
     if model.get("type") != "BPE" or (tj.get("pre_tokenizer") or {}).get("type") != "ByteLevel":
@@ -131,8 +135,14 @@ def tokenizer_metadata(tokenizer) -> dict:
         tokens[i] = tok
         types[i] = 3 if i in special else 1   # CONTROL or NORMAL
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return {"tokens": tokens, "token_types": types, "merges": merges,
-            "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if config is not None:
+        bos = config.bos_token_id if bos is None else bos
+        eos = (config.eos_token_ids or (None,))[0] if eos is None else eos
+    # what the tokenizer's own post-processor does to a text, not what we expect of it
+    plain, full = (tokenizer("a", add_special_tokens=flag).input_ids for flag in (False, True))
+    return {"tokens": tokens, "token_types": types, "merges": merges, "bos": bos, "eos": eos,
+            "pad": tokenizer.pad_token_id, "add_bos": full[:1] != plain[:1], "add_eos": full[-1:] != plain[-1:]}
 
 
 def _quantize(gguf, w: np.ndarray, qtype: str) -> tuple[np.ndarray, object]:
@@ -167,7 +177,7 @@ def export_gguf(model, tokenizer, path: str | Path, qtype: str = "F32", name: st
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"path {path} is a folder; pass the .gguf file to write")
-    tok = tokenizer_metadata(tokenizer)
+    tok = tokenizer_metadata(tokenizer, c)
     if len(tok["tokens"]) != c.vocab_size:
         raise ValueError(f"tokenizer has {len(tok['tokens'])} tokens, the model {c.vocab_size} rows")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -201,8 +211,8 @@ def _write_gguf(gguf, model, tok: dict, path: Path, qtype: str, name: str) -> No
     for key, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("pad", w.add_pad_token_id)):
         if tok[key] is not None:
             add(tok[key])
-    w.add_add_bos_token(True)       # our post-processor prepends <s>
-    w.add_add_eos_token(False)
+    w.add_add_bos_token(tok["add_bos"])   # as the tokenizer does: llama.cpp adds it to every prompt
+    w.add_add_eos_token(tok["add_eos"])
 
     for tname, data in gguf_tensors(model).items():
         enc, t = _quantize(gguf, data, qtype)
@@ -305,9 +315,11 @@ def check_gguf(path: str | Path, model, tokenizer=None) -> dict:
         if not np.isclose(meta.get(k, np.nan), v, rtol=1e-6):
             mismatches.append(f"{k}: {meta.get(k)!r} != {v!r}")
     if tokenizer is not None:
-        tok = tokenizer_metadata(tokenizer)
+        tok = tokenizer_metadata(tokenizer, c)
         for k, ours in (("tokenizer.ggml.tokens", tok["tokens"]), ("tokenizer.ggml.merges", tok["merges"]),
-                        ("tokenizer.ggml.bos_token_id", tok["bos"]), ("tokenizer.ggml.eos_token_id", tok["eos"])):
+                        ("tokenizer.ggml.bos_token_id", tok["bos"]), ("tokenizer.ggml.eos_token_id", tok["eos"]),
+                        ("tokenizer.ggml.add_bos_token", tok["add_bos"]),
+                        ("tokenizer.ggml.add_eos_token", tok["add_eos"])):
             if meta.get(k) != ours:
                 mismatches.append(f"{k} differs from the tokenizer's")
     ours = gguf_tensors(model)

@@ -9,6 +9,8 @@ exported to GGUF at each format, against our own runtime.
 """
 from __future__ import annotations
 
+import warnings
+
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -117,15 +119,21 @@ class LlamaCppPeer:
                 raise ValueError("the llama.cpp peer runs each row unpadded: attention_mask must be all ones "
                                  "(generate each padded prompt separately without its padding)")
         stops = set(self.config.eos_token_ids if stop_token_ids is None else stop_token_ids)
+        ctx = self.config.max_position_embeddings
+        # as LlamaModel.generate: the last new token is sampled, never fed back, so a row gets
+        # ctx - S + 1 at most (a prompt of the whole context still gets one), and a cut is said
+        if input_ids.shape[1] + max_new_tokens - 1 > ctx:
+            warnings.warn(f"generation truncated at the context: {ctx - input_ids.shape[1] + 1} new tokens, "
+                          f"not {max_new_tokens}", stacklevel=2)
         out = []
         for row in input_ids.tolist():
-            room = self.config.max_position_embeddings - len(row)
+            n = min(max_new_tokens, ctx - len(row) + 1)
             logits = self._run(row)[-1]
             new = []
-            for step in range(min(max_new_tokens, room)):
+            for step in range(n):
                 tok = int(np.argmax(logits))
                 new.append(tok)
-                if tok in stops or step == max_new_tokens - 1:
+                if tok in stops or step == n - 1:
                     break
                 self.llm.eval([tok])
                 logits = self.llm.scores[self.llm.n_tokens - 1]
