@@ -151,6 +151,8 @@ def generate_static(model, input_ids, max_new_tokens: int = 32, temperature: flo
     static cache; pass a ``decoder`` to reuse its captured graph across calls of the same shape."""
     B, S = check_fixed_length(model, input_ids, max_new_tokens, temperature, top_k, top_p, attention_mask)
     dec = decoder or StaticDecoder(model, B, S + max_new_tokens - 1, cuda_graph)
+    if dec.model is not model:      # it decodes with its own model's weights: another's tokens came back
+        raise ValueError("the decoder was built for another model; build one with StaticDecoder(model, ...)")
     if dec.cache.batch_size != B or dec.cache.max_seq_len < S + max_new_tokens - 1:
         raise ValueError(f"the decoder holds {dec.cache.batch_size} rows of {dec.cache.max_seq_len} tokens; this "
                          f"generation needs {B} of {S + max_new_tokens - 1}")

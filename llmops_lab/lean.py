@@ -223,6 +223,8 @@ def generate_lean(model, input_ids, max_new_tokens: int = 32, temperature: float
     a ``LeanModel``; pass ``lean`` to reuse its fused weights across calls."""
     B, S = check_fixed_length(model, input_ids, max_new_tokens, temperature, top_k, top_p, attention_mask)
     lean = lean or LeanModel(model)
+    if lean.model is not model:     # it runs its own model's fused weights: another's tokens came back
+        raise ValueError("lean was built from another model; build one with LeanModel(model)")
     cache = lean.new_cache(B, S + max_new_tokens - 1)      # the last new token is never fed back
     mask = None
     if attention_mask is not None and not bool(attention_mask.all()):

@@ -1285,6 +1285,12 @@ def test_static_batch_refuses_mismatched_lists(tiny, kw, match):
         run_static_batch(tiny, [[2, 3], [4, 5, 6]], **kw)
 
 
+def test_static_batch_refuses_float_token_ids(tiny):
+    # left_pad made 5.7 the token 5 before anything checked it; the engine refuses it
+    with pytest.raises(ValueError, match="token ids must be integers, got 5.7"):
+        run_static_batch(tiny, [[2, 5.7], [4, 5, 6]], [SamplingParams(max_tokens=3)] * 2)
+
+
 @pytest.mark.parametrize("batch_size", [0, -1])
 def test_run_static_refuses_a_batch_of_none(tiny, batch_size):
     wl = make_workload(WORKLOAD_TOKENS, 2, prompt_len=(2, 8), mean_output=2, max_output=4)

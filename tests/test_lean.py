@@ -80,6 +80,8 @@ def test_errors():
         generate_lean(m, torch.zeros(1, 100, dtype=torch.long), 40)
     with pytest.raises(ValueError, match="sliding"):
         LeanModel(tiny(7, sliding_window=8))
+    with pytest.raises(ValueError, match="built from another model"):   # it gave the other's tokens
+        generate_lean(m, torch.zeros(1, 4, dtype=torch.long), 2, lean=LeanModel(tiny(8)))
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 9])

@@ -172,6 +172,9 @@ def test_the_last_new_token_may_pass_the_context():
         m.generate(torch.zeros(1, ctx + 1, dtype=torch.long), max_new_tokens=1)
     with pytest.raises(ValueError, match="prompt \\+ new tokens - 1 <= context"):
         generate_static(m, ids, max_new_tokens=3, cuda_graph=False)
+    from llmops_lab.fast_decode import StaticDecoder
+    with pytest.raises(ValueError, match="built for another model"):     # it gave the other's tokens
+        generate_static(m, ids[:, :4], 2, decoder=StaticDecoder(LlamaModel(TINY).eval(), 1, 5, False))
 
 
 def test_sampling_is_seeded_and_respects_top_k():
