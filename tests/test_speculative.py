@@ -453,3 +453,33 @@ def test_sweep_batch_refuses_batches_it_cannot_fill(pair, ids, batch_sizes, matc
         experiment.sweep_batch(target, draft, ids, batch_sizes=batch_sizes, k=2, new_tokens=2, repeats=1)
     with pytest.raises(TypeError, match="prompts_ids must be a"):
         experiment.sweep_batch(target, draft, [[0, 4, 6]], batch_sizes=(1,), k=2, new_tokens=2, repeats=1)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_a_batch_goes_on_after_a_row_reaches_the_context(k):
+    """Row 0 reaches the context's last position, which caps the step at k = 0 while row 1 still
+    needs tokens; the draft, not fed in that step, was rolled back as if it had been ("cannot
+    truncate a cache of length 38 to 39", 9 of 180 seeded runs). Every row is its greedy self."""
+    target, draft = make_pair(max_position_embeddings=40)
+    for seed in range(12):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.full((2, 31), 2)
+        mask = torch.ones(2, 31, dtype=torch.long)
+        ids[0] = torch.randint(2, 64, (31,), generator=g)            # 31 + 10 new = the context + 1
+        ids[1, -4:] = torch.randint(2, 64, (4,), generator=g)
+        mask[1, :-4] = 0
+        got, _ = SpeculativeDecoder(target, draft, k).generate(ids, 10, attention_mask=mask, stop_token_ids=())
+        for b, row in enumerate((ids[0], ids[1, -4:])):
+            alone = target.generate(row[None], max_new_tokens=10, stop_token_ids=())
+            assert got[b, 31:].tolist() == alone[0, len(row):].tolist(), (seed, b)
+
+
+def test_tokens_per_step_counts_only_tokens_kept(pair):
+    """A row that stops at its first token kept 1 token in its 1 step; the 4 drafts accepted after
+    the stop were counted too (5.0)."""
+    target, _ = pair
+    ids = torch.tensor([[0, 4, 9]])
+    first = target.generate(ids, max_new_tokens=1, stop_token_ids=())[0, -1].item()
+    got, st = SpeculativeDecoder(target, target, 4).generate(ids, 12, stop_token_ids=first)
+    assert got.shape[1] == 4 and st.steps == 1
+    assert st.accepted == [4] and st.mean_tokens_per_step == 1.0

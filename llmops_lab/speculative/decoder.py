@@ -31,6 +31,8 @@ class SpeculativeStats:
     k: int
     steps: int = 0
     accepted: list = field(default_factory=list)       # per step and row: drafts accepted (0..k)
+    gained: list = field(default_factory=list)         # per step and row: tokens it kept (<= accepted + 1:
+                                                         # none past a stop token or max_new_tokens)
     position_tries: list = None                         # per draft position: times it was verified
     position_accepts: list = None                       # ... and accepted
     drafts: int = 0                                      # draft tokens made, summed over steps (the last
@@ -55,8 +57,10 @@ class SpeculativeStats:
 
     @property
     def mean_tokens_per_step(self) -> float:
-        """Tokens each row gains per target pass: accepted drafts + the corrected/bonus token."""
-        return sum(self.accepted) / len(self.accepted) + 1 if self.accepted else float("nan")
+        """Tokens each row gains per target pass: accepted drafts + the corrected/bonus token, of
+        which it keeps those before a stop token and within max_new_tokens (accepted drafts past
+        them were counted: 5.0 for a row that stopped at its first token)."""
+        return sum(self.gained) / len(self.gained) if self.gained else float("nan")
 
     @property
     def draft_time_per_step(self) -> float:
@@ -256,7 +260,7 @@ class SpeculativeDecoder:
                 d_in, d_valid = pending, None
             d_start = dft.cache.length
             qs, drafts = [], []
-            if k > 0:     # a plain target step leaves the draft alone: nothing follows it
+            if k > 0:     # a plain target step leaves the draft alone (what it skipped is carried)
                 logits = dft.feed(d_in, d_valid, last_only=True)[:, -1]
             for j in range(k):
                 if temperature == 0:
@@ -292,6 +296,7 @@ class SpeculativeDecoder:
                     if len(new[b]) < max_new_tokens and not done[b]:
                         new[b].append(tok)
                         done[b] = tok in stops or len(new[b]) >= max_new_tokens
+                stats.gained.append(len(new[b]) - before)
                 if b == 0:   # a bonus (after k accepted drafts) only if it was drafted for and kept
                     kept_fix = len(new[0]) - before == a + 1
                     stats.trace.append({"drafts": d_tok[0], "accepted": a, "fix": fix[0],
@@ -301,8 +306,15 @@ class SpeculativeDecoder:
             n_in = d_in.shape[1]
             live = [not d for d in done]                                  # finished rows keep nothing more
             tgt.rollback(t_start, [(a + 1) * v for a, v in zip(n_acc, live)], k + 1)   # pending + accepted drafts
-            dft.rollback(d_start, [(min(a, k - 1) + n_in) * v for a, v in zip(n_acc, live)], n_in + k - 1)
             pend_pos = [p + (a + 1) * v for p, a, v in zip(pend_pos, n_acc, live)]
+            if k == 0:
+                # The draft was not fed (a row at the context capped the step; the batch goes on): all
+                # it skipped is committed and waits for its next feed. Rolling it back as if fed cut
+                # its cache one slot past its length ("cannot truncate a cache of length 38 to 39").
+                carry = (d_in, d_valid)
+                pending = torch.tensor(fix, device=dev)[:, None]
+                continue
+            dft.rollback(d_start, [(min(a, k - 1) + n_in) * v for a, v in zip(n_acc, live)], n_in + k - 1)
             full = [a == k for a in n_acc]
             if any(full):
                 carry = (drafts[:, -1:], None if all(full) else torch.tensor(full, device=dev).long()[:, None])

@@ -217,8 +217,8 @@ def sweep_k(target, draft, prompts, ks=(1, 2, 3, 4, 5, 6, 8), new_tokens: int = 
     for k in ks:
         runs = stats[k]
         alpha = sum(sum(st.position_accepts) for st in runs) / sum(sum(st.position_tries) for st in runs)
-        steps = sum(len(st.accepted) for st in runs)
-        tokens = sum(sum(st.accepted) for st in runs) + steps      # accepted drafts + one token per step
+        steps = sum(len(st.gained) for st in runs)
+        tokens = sum(sum(st.gained) for st in runs)                # accepted drafts + one token, as kept
         v = step_time(target, k + 1, context) / t_step
         # The same two costs as the decoder met them inside its loop (its own clocks: the draft
         # after each target pass has evicted its weights from cache), in units of the target
