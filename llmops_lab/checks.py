@@ -13,6 +13,15 @@ def is_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
+def integer_ids(ids) -> list[int]:
+    """Token ids as Python ints; a float (or a bool) is a ValueError, never truncated: int(5.7)
+    would be another prompt."""
+    bad = next((t for t in ids if not is_int(t)), None)
+    if bad is not None:
+        raise ValueError(f"token ids must be integers, got {bad!r} ({type(bad).__name__})")
+    return [int(t) for t in ids]
+
+
 def quantized_layers(model) -> list[str]:
     """Names of ``model``'s modules that hold quantized weights: our ``QuantLinear`` (its ``qweight``)
     and bitsandbytes' modules."""

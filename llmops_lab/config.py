@@ -119,6 +119,8 @@ class ModelConfig:
         if need:
             raise ValueError(f"config lacks {need}")
         model_type = cfg.get("model_type", "llama")
+        # a key that is absent reads as transformers' own config class reads it
+        context = cfg.get("max_position_embeddings", HF_DEFAULT_CONTEXT.get(model_type, 2048))
         # transformers 5 moved rope_theta/rope_scaling into rope_parameters; read both spellings.
         rope = cfg.get("rope_parameters")
         rope = {} if rope is None else rope
@@ -153,8 +155,7 @@ class ModelConfig:
                 old = cfg.get("original_max_position_embeddings")
                 if old is not None:
                     scaling["original_max_position_embeddings"] = old
-                scaling.setdefault("original_max_position_embeddings", cfg.get(
-                    "max_position_embeddings", HF_DEFAULT_CONTEXT.get(model_type, 2048)))
+                scaling.setdefault("original_max_position_embeddings", context)
         act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
         if act == "swish":      # transformers' name for the same function (nn.SiLU)
             act = "silu"
@@ -183,8 +184,7 @@ class ModelConfig:
             num_hidden_layers=cfg["num_hidden_layers"],
             num_attention_heads=cfg["num_attention_heads"],
             num_key_value_heads=cfg["num_attention_heads"] if heads_kv is None else heads_kv,
-            # a key that is absent reads as transformers' own config class reads it
-            max_position_embeddings=cfg.get("max_position_embeddings", HF_DEFAULT_CONTEXT.get(model_type, 2048)),
+            max_position_embeddings=context,
             head_dim=cfg.get("head_dim"),
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta),

@@ -26,7 +26,7 @@ import warnings
 
 import torch
 
-from ..checks import is_int, is_real
+from ..checks import integer_ids, is_int, is_real
 from ..generation import logits_to_probs
 from ..measure import synchronize
 from .async_scheduling import AsyncScheduling, InFlight
@@ -189,10 +189,7 @@ class LLMEngine(AsyncScheduling):
         if not isinstance(prompt, (list, tuple, range)):
             raise ValueError(f"a prompt must be a string, a list of token ids or a 1-D tensor, got "
                              f"{type(prompt).__name__}")
-        bad = next((t for t in prompt if not is_int(t)), None)
-        if bad is not None:
-            raise ValueError(f"token ids must be integers, got {bad!r} ({type(bad).__name__})")
-        return [int(t) for t in prompt]
+        return integer_ids(prompt)
 
     def _check_stop_strings(self, stops) -> None:
         if self.tokenizer is None:

@@ -163,9 +163,18 @@ def decode_completion(tokenizer, output_ids, prompt_ids=()) -> str:
     prompt tokens are decoded too, and their text taken off the front, as vLLM's detokenizer does.
     A byte-level tokenizer (the embedded one) gives the same text either way.
     """
+    return _after(tokenizer, output_ids, *_tail(tokenizer, prompt_ids))
+
+
+def _tail(tokenizer, prompt_ids) -> tuple[list[int], str | None]:
+    """The prompt's last DETOKENIZE_CONTEXT tokens and their text (None without a prompt)."""
     ctx = list(prompt_ids[-DETOKENIZE_CONTEXT:]) if len(prompt_ids) else []
+    return ctx, (tokenizer.decode(ctx, skip_special_tokens=True) if ctx else None)
+
+
+def _after(tokenizer, output_ids, ctx: list[int], pre: str | None) -> str:
+    """``decode_completion`` with the prompt's tail ``ctx`` already decoded as ``pre``."""
     if ctx:
-        pre = tokenizer.decode(ctx, skip_special_tokens=True)
         full = tokenizer.decode(ctx + list(output_ids), skip_special_tokens=True)
         # a prompt ending inside a character that the completion finishes: its text is no prefix
         if full.startswith(pre):
@@ -174,9 +183,10 @@ def decode_completion(tokenizer, output_ids, prompt_ids=()) -> str:
 
 
 def _texts(tokenizer, output_ids, prompt_ids=()) -> tuple[str, str]:
-    """The completion's text with and without its last token (special tokens skipped)."""
-    return (decode_completion(tokenizer, output_ids, prompt_ids),
-            decode_completion(tokenizer, output_ids[:-1], prompt_ids))
+    """The completion's text with and without its last token (special tokens skipped); the prompt's
+    tail is decoded once for both (this runs at every step of a request with stop strings)."""
+    tail = _tail(tokenizer, prompt_ids)
+    return _after(tokenizer, output_ids, *tail), _after(tokenizer, output_ids[:-1], *tail)
 
 
 def stop_string_at(tokenizer, output_ids, stop: str, texts: tuple[str, str] | None = None,

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from ..checks import is_int
+from ..checks import integer_ids
 from ..kv import KVCache
 from ..measure import synchronize
 from .llm_engine import ban_tokens, sample_token
@@ -30,9 +30,7 @@ from .sequence import Sequence
 def left_pad(prompts: list[list[int]], pad_token_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts as one left-padded batch: ids [B, S] and attention mask [B, S] (1 = token), as in
     transformers."""
-    bad = next((t for p in prompts for t in p if not is_int(t)), None)
-    if bad is not None:              # torch.tensor([5.7]) into a long tensor is 5, without a word
-        raise ValueError(f"token ids must be integers, got {bad!r} ({type(bad).__name__})")
+    prompts = [integer_ids(p) for p in prompts]    # torch.tensor([5.7]) into a long tensor is 5
     S = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), S), pad_token_id, dtype=torch.long)
     mask = torch.zeros(len(prompts), S, dtype=torch.long)
